@@ -1,0 +1,326 @@
+"""The training loop shared by every family. It knows nothing about methods: it calls `model(batch)` (a
+method's `forward` returns `(loss, logs)`), steps the optimiser and schedule, evaluates and checkpoints.
+
+Features: epochs or steps; SGD/Adam/AdamW; none/step/cosine-with-warmup schedules; bf16 autocast, fp16 with a
+GradScaler; channels_last; optional torch.compile; grad clipping; evaluation every N epochs or steps; atomic
+checkpoints with automatic resume (weights, optimiser, schedule, step, RNG states) that is bit-exact on CPU;
+SIGTERM/SIGUSR1 -> finish the step, checkpoint, raise Preempted; DDP when torch.distributed is initialised."""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import shutil
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import Preempted, UserError, check
+from ..io_utils import atomic_path, load_state_dict, safe_torch_load, save_safetensors, torch_save
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def build_optimizer(cfg, param_groups, batch_size: int = 256, world_size: int = 1):
+    check(cfg.lr > 0, f"optimizer.lr={cfg.lr} must be > 0: use e.g. optimizer.lr=0.1")
+    check(cfg.weight_decay >= 0, f"optimizer.weight_decay={cfg.weight_decay} must be >= 0")
+    lr = cfg.lr * (batch_size * world_size / 256.0 if cfg.scale_lr else 1.0)
+    groups = []
+    for g in param_groups:
+        g = dict(g)
+        g["lr"] = g.get("lr", lr) * (batch_size * world_size / 256.0 if (cfg.scale_lr and "lr" in g) else 1.0)
+        g["params"] = [p for p in g["params"] if p.requires_grad]
+        if g["params"]:
+            groups.append(g)
+    check(len(groups) > 0, "nothing to train: every parameter is frozen")
+    name = cfg.name.lower()
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    if name in ("adam", "adamw"):
+        cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+        return cls(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    raise UserError(f"optimizer.name='{cfg.name}' is unknown: use sgd, adam or adamw")
+
+
+def lr_lambda(cfg, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
+    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+    name = cfg.name.lower()
+    if name not in ("none", "step", "cosine"):
+        raise UserError(f"scheduler.name='{cfg.name}' is unknown: use none, step or cosine")
+    step_size = max(1, int(round(cfg.step_size * steps_per_epoch)))
+
+    def f(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        if name == "cosine":
+            t = (s - warm) / max(1, total_steps - warm)
+            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        if name == "step":
+            return cfg.gamma ** (s // step_size)
+        return 1.0
+
+    return f
+
+
+def _rng_state() -> Dict[str, object]:
+    npst = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
+          "numpy": (npst[0], torch.from_numpy(npst[1].astype(np.int64)), int(npst[2]), int(npst[3]),
+                    float(npst[4]))}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    n = st["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+class CheckpointDir:
+    """`<run_dir>/checkpoints/step_XXXXXXXX/{model.safetensors,state.pt}` + an atomically replaced `latest`
+    pointer: a crash while saving leaves the previous checkpoint and pointer intact."""
+
+    def __init__(self, root, keep: int = 1):
+        self.root, self.keep = Path(root), max(1, keep)
+
+    def latest(self) -> Optional[Path]:
+        ptr = self.root / "latest"
+        if not ptr.is_file():
+            return None
+        d = self.root / ptr.read_text().strip()
+        return d if (d / "state.pt").is_file() else None
+
+    def save(self, step: int, weights: Dict[str, torch.Tensor], state: dict) -> Path:
+        d = self.root / f"step_{step:08d}"
+        tmp = self.root / f".tmp_step_{step:08d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_safetensors(weights, tmp / "model.safetensors")
+        torch_save(state, tmp / "state.pt")
+        shutil.rmtree(d, ignore_errors=True)
+        tmp.rename(d)
+        with atomic_path(self.root / "latest") as p:
+            p.write_text(d.name)
+        olds = sorted(x for x in self.root.glob("step_*") if x.is_dir() and x != d)
+        for old in olds[: max(0, len(olds) - (self.keep - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
+        return d
+
+    @staticmethod
+    def load(d: Path):
+        return load_state_dict(d / "model.safetensors"), safe_torch_load(d / "state.pt")
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, loader, cfg, optim_cfg, sched_cfg, run_dir, tracker=None,
+                 evaluate: Optional[Callable[[nn.Module], Dict[str, float]]] = None, device="cpu",
+                 name: str = "", rank: int = 0, world_size: int = 1):
+        self.method = model
+        self.loader, self.cfg, self.device = loader, cfg, torch.device(device)
+        self.run_dir, self.tracker, self.evaluate = Path(run_dir), tracker, evaluate
+        self.name = name
+        self.rank, self.world_size = rank, world_size
+        self.ckpt = CheckpointDir(self.run_dir / "checkpoints" / (name or "train"), cfg.keep_checkpoints)
+        self.steps_per_epoch = len(loader)
+        check(self.steps_per_epoch > 0, f"the training split yields no batch (batch size {loader.batch_size}, "
+                                        f"{loader.num_samples} samples, drop_last): lower loader.batch_size")
+        if cfg.max_steps is not None:
+            check(cfg.max_steps > 0, f"trainer.max_steps={cfg.max_steps} must be > 0")
+            self.total_steps = int(cfg.max_steps)
+        else:
+            check(cfg.epochs > 0, f"trainer.epochs={cfg.epochs} must be > 0")
+            self.total_steps = max(1, int(math.ceil(cfg.epochs * self.steps_per_epoch)))
+        if cfg.amp not in ("none", "bf16", "fp16"):
+            raise UserError(f"trainer.amp='{cfg.amp}' is unknown: use none, bf16 or fp16")
+        if cfg.grad_clip is not None:
+            check(cfg.grad_clip > 0, f"trainer.grad_clip={cfg.grad_clip} must be > 0 or null")
+        self.method.to(self.device)
+        if cfg.channels_last:
+            self.method.to(memory_format=torch.channels_last)
+        if hasattr(self.method, "compile_models") and (cfg.compile or cfg.compile_frozen):
+            self.method.compile_models(trained=cfg.compile, frozen=cfg.compile_frozen)
+        self.forward = self.method
+        if world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.forward = DDP(self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                               broadcast_buffers=False, find_unused_parameters=False)
+        groups = self.method.param_groups() if hasattr(self.method, "param_groups") else \
+            [{"params": list(self.method.parameters())}]
+        self.optimizer = build_optimizer(optim_cfg, groups, loader.batch_size, world_size)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(sched_cfg, self.total_steps, self.steps_per_epoch))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.step = 0
+        self._stop = False
+        self.history = []
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def _trainable_state(self) -> Dict[str, torch.Tensor]:
+        sd = self.method.state_dict()
+        return sd
+
+    def save(self) -> Path:
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "rng": _rng_state(), "wandb_id": getattr(self.tracker, "run_id", None),
+                 "total_steps": self.total_steps}
+        d = self.ckpt.save(self.step, self._trainable_state(), state)
+        log.debug("checkpoint saved: %s", d)
+        return d
+
+    def try_resume(self) -> bool:
+        d = self.ckpt.latest() if self.cfg.resume else None
+        if d is None:
+            return False
+        weights, state = CheckpointDir.load(d)
+        missing, unexpected = self.method.load_state_dict(weights, strict=False)
+        own = set(self.method.state_dict())
+        if unexpected or [k for k in missing if k in own]:
+            raise UserError(f"checkpoint {d} does not match this run's models (missing {missing[:2]}, unexpected "
+                            f"{unexpected[:2]}): use a new run dir or trainer.resume=false")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        if self.tracker is not None:
+            self.tracker.truncate_after(self.step)
+        log.info("resumed from %s at step %d/%d", d, self.step, self.total_steps)
+        return True
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def _handler(self, signum, frame):
+        log.warning("signal %d received: finishing the current step, then checkpointing", signum)
+        self._stop = True
+
+    def request_stop(self) -> None:
+        self._stop = True
+
+    def _eval_due(self) -> bool:
+        if self.step >= self.total_steps:
+            return True
+        if self.cfg.eval_every_steps:
+            return self.step % self.cfg.eval_every_steps == 0
+        return self.step % self.steps_per_epoch == 0 and (self.step // self.steps_per_epoch) % \
+            max(1, self.cfg.eval_every) == 0
+
+    def _ckpt_due(self, evaluated: bool) -> bool:
+        if self.cfg.ckpt_every_steps:
+            return self.step % self.cfg.ckpt_every_steps == 0 or self.step >= self.total_steps
+        return evaluated
+
+    def _autocast(self):
+        if self.cfg.amp == "none":
+            return torch.autocast(self.device.type, enabled=False)
+        dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def fit(self) -> Dict[str, float]:
+        self.try_resume()
+        use_signals = threading.current_thread() is threading.main_thread()
+        old = {}
+        if use_signals:
+            for s in (signal.SIGTERM, signal.SIGUSR1):
+                old[s] = signal.signal(s, self._handler)
+        try:
+            return self._loop()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _progress(self):
+        p = self.cfg.progress
+        on = p == "on" or (p == "auto" and sys.stdout.isatty())
+        if not on or self.rank != 0:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.step, desc=self.name or "train", dynamic_ncols=True)
+
+    def _loop(self) -> Dict[str, float]:
+        bar = self._progress()
+        sums: Dict[str, torch.Tensor] = {}
+        count = 0
+        last = {}
+        while self.step < self.total_steps:
+            epoch, start = divmod(self.step, self.steps_per_epoch)
+            self.method.train()
+            for x, y, idx in self.loader.iter_epoch(epoch, start):
+                if self.cfg.channels_last and x.ndim == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with self._autocast():
+                    loss, logs = self.forward((x, y, idx))
+                if not torch.isfinite(loss.detach()).all():
+                    latest = self.ckpt.latest()
+                    raise UserError(
+                        f"non-finite loss ({loss.item()}) at step {self.step}: lower optimizer.lr or use "
+                        f"trainer.grad_clip / trainer.amp=none; last good checkpoint: {latest or 'none'}")
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                if self.cfg.grad_clip:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
+                self.step += 1
+                if hasattr(self.method, "after_step"):
+                    self.method.after_step(self.step)
+                sums["loss"] = sums.get("loss", 0) + loss.detach().float()
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0) + (v.detach().float() if torch.is_tensor(v) else float(v))
+                count += 1
+                if bar is not None:
+                    bar.update(1)
+                evaluated = False
+                if self._eval_due():
+                    train = {f"train/{k}": float(v) / count for k, v in sums.items()}
+                    train["train/lr"] = self.optimizer.param_groups[0]["lr"]
+                    sums, count = {}, 0
+                    last = self._do_eval(train)
+                    evaluated = True
+                if self.rank == 0 and self._ckpt_due(evaluated):
+                    self.save()
+                if self._stop:
+                    if self.rank == 0 and not self._ckpt_due(evaluated):
+                        self.save()
+                    raise Preempted(f"stopped at step {self.step}/{self.total_steps}; rerun the same command "
+                                    f"(same run dir) to resume")
+                if self.step >= self.total_steps:
+                    break
+        if bar is not None:
+            bar.close()
+        return last
+
+    def _do_eval(self, train_logs: Dict[str, float]) -> Dict[str, float]:
+        metrics = dict(train_logs)
+        metrics["epoch"] = self.step / self.steps_per_epoch
+        if self.evaluate is not None and self.rank == 0:
+            model = self.method.eval_model() if hasattr(self.method, "eval_model") else self.method
+            metrics.update(self.evaluate(model))
+        if self.tracker is not None:
+            self.tracker.log(metrics, self.step)
+        self.history.append({"step": self.step, **metrics})
+        if self.world_size > 1:
+            torch.distributed.barrier()
+        return metrics

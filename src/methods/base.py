@@ -1,0 +1,130 @@
+"""Base class of every training method. A method is a small nn.Module:
+
+- constructor arguments: the student (trained), the frozen models it needs (teacher, frozen initial student) and
+  its hyper-parameters; extra trainable modules (projection heads, memory banks) are submodules;
+- `loss(batch) -> (loss, logs)`; `forward` is `loss`, so DDP can wrap the method;
+- `eval_model()`: the weights to evaluate (MCL evaluates its slow EMA weights);
+- `after_step(step)`: per-step updates outside autograd (EMA);
+- frozen models are excluded from `state_dict()` (checkpoints hold what training changes) and stay in eval mode.
+
+Frozen models answer through `FrozenOutputs`, which serves logits/features from a per-sample cache (keyed by the
+batch's sample index) when the training inputs are not randomly augmented, and runs the model otherwise.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import check
+
+
+class FrozenOutputs(nn.Module):
+    """A frozen model plus an optional cache of its outputs over the training split, indexed by sample id."""
+
+    def __init__(self, model: nn.Module, cache: Optional[Dict[str, torch.Tensor]] = None):
+        super().__init__()
+        self.model = model
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.model.eval()
+        self.cache = cache or {}
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def _cached(self, key: str, idx, use_cache: bool):
+        if use_cache and key in self.cache and idx is not None:
+            t = self.cache[key]
+            return t.index_select(0, idx.to(t.device)).to(idx.device)
+        return None
+
+    @torch.no_grad()
+    def logits(self, x, idx=None, use_cache: bool = True) -> torch.Tensor:
+        z = self._cached("logits", idx, use_cache)
+        return z if z is not None else self.model(x).float()
+
+    @torch.no_grad()
+    def features_and_logits(self, x, idx=None, use_cache: bool = True):
+        f, z = self._cached("features", idx, use_cache), self._cached("logits", idx, use_cache)
+        if f is None or z is None:
+            f, z = self.model.features_and_logits(x)
+        return f.float(), z.float()
+
+
+class Method(nn.Module):
+    def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None,
+                 frozen_student: Optional[nn.Module] = None, teacher_cache=None, frozen_student_cache=None,
+                 mixup_alpha: float = 0.0):
+        super().__init__()
+        self.student = student
+        self.teacher = FrozenOutputs(teacher, teacher_cache) if teacher is not None else None
+        self.frozen_student = (FrozenOutputs(frozen_student, frozen_student_cache)
+                               if frozen_student is not None else None)
+        check(mixup_alpha >= 0, f"method.mixup_alpha={mixup_alpha} must be >= 0 (0 disables mixup)")
+        self.mixup_alpha = float(mixup_alpha)
+
+    _FROZEN = ("teacher.", "frozen_student.")
+
+    # ------------------------------------------------------------------ plumbing
+    def forward(self, batch):
+        return self.loss(batch)
+
+    def loss(self, batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def eval_model(self) -> nn.Module:
+        return self.student
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def state_dict(self, *args, **kwargs):
+        sd = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        for k in [k for k in sd if k[len(prefix):].startswith(self._FROZEN)]:
+            del sd[k]
+        return sd
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        res = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in res.missing_keys if not k.startswith(self._FROZEN)]
+        if strict and (missing or res.unexpected_keys):
+            raise RuntimeError(f"state dict mismatch: missing {missing[:3]}, unexpected {res.unexpected_keys[:3]}")
+        return type(res)(missing, res.unexpected_keys)
+
+    def frozen_modules(self) -> List[FrozenOutputs]:
+        return [m for m in (self.teacher, self.frozen_student) if m is not None]
+
+    def compile_models(self, trained: bool = True, frozen: bool = False) -> None:
+        if trained:
+            self.student.compile()
+        if frozen:
+            for m in self.frozen_modules():
+                m.model.compile()
+
+    # ------------------------------------------------------------------ distillation inputs
+    def mix(self, x: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+        """Mixup of the distillation inputs (gnosis): one lambda ~ Beta(a, a) per batch, inputs mixed with a
+        permutation of themselves; the teacher relabels them, so caches are bypassed. Returns (x, mixed)."""
+        if self.mixup_alpha <= 0 or not self.training:
+            return x, False
+        lam = torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample().to(x.device)
+        perm = torch.randperm(x.shape[0], device=x.device)
+        return lam * x + (1 - lam) * x[perm], True
+
+
+class CrossEntropy(Method):
+    """Supervised training (pretraining / fine-tuning the zoo), with optional label smoothing."""
+
+    def __init__(self, student: nn.Module, label_smoothing: float = 0.0, **kw):
+        super().__init__(student, **kw)
+        self.label_smoothing = label_smoothing
+
+    def loss(self, batch):
+        x, y, _ = batch
+        z = self.student(x)
+        loss = F.cross_entropy(z, y, label_smoothing=self.label_smoothing)
+        return loss, {"acc": (z.detach().argmax(1) == y).float().mean()}

@@ -1,0 +1,4 @@
+"""Pure functions on predictions (logits tensors, labels). They import nothing else from the suite."""
+from .classification import accuracy, agreement, ece, kl_divergence, nll  # noqa: F401
+from .flips import class_concentration, flips, per_class_flips, transfer_metrics, ensemble_accuracy  # noqa: F401
+from .cka import cka, linear_cka, rbf_cka  # noqa: F401

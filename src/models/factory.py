@@ -1,0 +1,142 @@
+"""One model namespace: every timm name plus our small nets (registered in timm), each wrapped so that it
+normalises its own [0, 1] input and exposes features and logits uniformly."""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..errors import UserError, closest
+from ..io_utils import load_state_dict
+from . import nets  # noqa: F401  (registers our models in timm)
+
+log = logging.getLogger(__name__)
+
+
+class Normalized(nn.Module):
+    """`net` behind its own input normalisation. Inputs are raw images in [0, 1].
+
+    - `forward(x)` -> logits
+    - `features_and_logits(x)` -> (penultimate features, logits) in one pass
+    - `intermediates(x)` -> list of stage outputs (models that implement timm's `forward_intermediates`)
+    """
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], arch: str = ""):
+        super().__init__()
+        self.net = net
+        self.arch = arch
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.net, "num_classes"))
+
+    @property
+    def num_features(self) -> int:
+        return int(getattr(self.net, "num_features"))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_head(self.net.forward_features(self.normalize(x)), pre_logits=True)
+
+    def features_and_logits(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        f = self.features(x)
+        return f, self.net.get_classifier()(f)
+
+    def intermediates(self, x: torch.Tensor) -> List[torch.Tensor]:
+        if not hasattr(self.net, "forward_intermediates"):
+            raise UserError(f"model '{self.arch}' exposes no intermediate stages (forward_intermediates)")
+        return self.net.forward_intermediates(self.normalize(x), intermediates_only=True)
+
+
+def _classifier_keys(net: nn.Module) -> List[str]:
+    head = net.get_classifier() if hasattr(net, "get_classifier") else None
+    if head is None or not isinstance(head, nn.Module):
+        return []
+    ids = {id(p) for p in head.parameters()}
+    return [n for n, p in net.named_parameters() if id(p) in ids]
+
+
+def load_weights(net: nn.Module, state: Dict[str, torch.Tensor], source: str) -> str:
+    """Load `state` into `net`; a classifier whose class count differs is re-initialised (and said so). Any
+    other mismatch is a different architecture: UserError naming the first bad key."""
+    own = net.state_dict()
+    head_keys = set(_classifier_keys(net))
+    state = dict(state)
+    dropped = []
+    for k in list(state):
+        if k in head_keys and k in own and state[k].shape != own[k].shape:
+            dropped.append(k)
+            del state[k]
+    missing = [k for k in own if k not in state and k not in dropped]
+    unexpected = [k for k in state if k not in own]
+    bad_shape = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or bad_shape:
+        k = (bad_shape or missing or unexpected)[0]
+        detail = (f"shape {tuple(state[k].shape)} vs {tuple(own[k].shape)}" if k in bad_shape else
+                  "missing from the checkpoint" if k in missing else "not in the model")
+        raise UserError(f"checkpoint {source} does not fit this architecture ({len(missing)} missing, "
+                        f"{len(unexpected)} unexpected, {len(bad_shape)} mis-shaped keys; first: '{k}' {detail}): "
+                        f"pick the model/arch the checkpoint was trained with")
+    net.load_state_dict(state, strict=False)
+    if dropped:
+        msg = f"re-initialised the classifier ({', '.join(dropped)}): {source} has a different class count"
+        log.warning(msg)
+        return msg
+    return ""
+
+
+def create_model(arch: str, num_classes: int, in_chans: int, mean: Sequence[float], std: Sequence[float],
+                 pretrained: bool = False, checkpoint: Optional[str] = None, kwargs: Optional[dict] = None,
+                 img_size: Optional[int] = None) -> Normalized:
+    """Any timm name or one of ours. `pretrained` takes timm's hub weights (GPU nodes with internet or a warm
+    HF cache) and their mean/std; `checkpoint` loads a local weight file (safetensors or torch weights-only),
+    re-initialising the head when the class count differs; otherwise the dataset's mean/std are used."""
+    import timm
+
+    kwargs = dict(kwargs or {})
+    if not timm.is_model(arch):
+        raise UserError(f"unknown model '{arch}'{closest(arch, timm.list_models() + nets.OUR_MODELS)}; any timm "
+                        f"name or one of {', '.join(nets.OUR_MODELS)} works")
+    if arch == "mlp" and img_size:
+        kwargs.setdefault("img_size", img_size)
+    try:
+        net = timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    except TypeError as e:
+        raise UserError(f"model '{arch}' does not accept kwargs {sorted(kwargs)}: {e}") from e
+    if pretrained:
+        cfg = getattr(net, "pretrained_cfg", {}) or {}
+        if cfg.get("mean") is not None:
+            mean, std = _fit_channels(cfg["mean"], in_chans), _fit_channels(cfg["std"], in_chans)
+    model = Normalized(net, mean, std, arch)
+    if checkpoint:
+        state = load_state_dict(checkpoint)
+        if any(k.startswith("net.") for k in state) and "mean" in state:
+            # one of our Normalized checkpoints: take its statistics too
+            model.mean.copy_(state.pop("mean").view_as(model.mean))
+            model.std.copy_(state.pop("std").view_as(model.std))
+            state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+        load_weights(net, state, str(checkpoint))
+    return model
+
+
+def _fit_channels(v, c):
+    v = list(v)
+    if len(v) == c:
+        return v
+    return [sum(v) / len(v)] * c
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

@@ -1,0 +1,132 @@
+"""Tracking: always `metrics.jsonl` (one flushed line per evaluation) and `summary.json` in the run dir; wandb
+(online | offline | disabled) gets the same numbers, the resolved config, figures and tables. wandb is never
+required for a result to exist, and a resumed run continues the same wandb run (the id lives in the run dir and
+in the checkpoint)."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from ..errors import UserError
+from ..io_utils import write_json
+
+log = logging.getLogger(__name__)
+
+
+def _clean(v):
+    if hasattr(v, "item") and getattr(v, "numel", lambda: 1)() == 1:
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else (1e308 if v > 0 else -1e308)
+    return v
+
+
+def versions() -> Dict[str, str]:
+    out = {"python": platform.python_version()}
+    for mod in ("torch", "torchvision", "timm", "numpy", "hydra", "omegaconf", "wandb"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # pragma: no cover - optional
+            pass
+    return out
+
+
+class Tracker:
+    def __init__(self, run_dir, wandb_cfg=None, config: Optional[dict] = None, rank: int = 0,
+                 job_type: str = "train"):
+        self.run_dir = Path(run_dir)
+        self.rank = rank
+        self.active = rank == 0
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.summary_path = self.run_dir / "summary.json"
+        self._wandb = None
+        self.run_id = None
+        if not self.active:
+            return
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / ".write_test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"output dir {self.run_dir} is not writable ({e.strerror}): set hydra.run.dir "
+                            f"(or hydra.sweep.dir) to a writable folder") from e
+        id_file = self.run_dir / ".tracker.json"
+        state = json.loads(id_file.read_text()) if id_file.is_file() else {}
+        mode = getattr(wandb_cfg, "mode", "disabled") if wandb_cfg is not None else "disabled"
+        if mode not in ("online", "offline", "disabled"):
+            raise UserError(f"wandb.mode='{mode}' is unknown: use online, offline or disabled")
+        if mode != "disabled":
+            import wandb
+
+            self.run_id = state.get("wandb_id") or wandb.util.generate_id()
+            write_json(id_file, {"wandb_id": self.run_id})
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self._wandb = wandb.init(
+                project=wandb_cfg.project, entity=wandb_cfg.entity, group=wandb_cfg.group,
+                tags=list(wandb_cfg.tags or []), name=wandb_cfg.name, notes=wandb_cfg.notes, config=config,
+                dir=str(self.run_dir), mode=mode, id=self.run_id, resume="allow", job_type=job_type,
+                reinit="finish_previous")
+
+    # ------------------------------------------------------------------ metrics
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop lines logged after the checkpoint's step so nothing is duplicated."""
+        if not self.active or not self.metrics_path.is_file():
+            return
+        keep = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", -1) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line from a crash
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(l + "\n" for l in keep))
+        os.replace(tmp, self.metrics_path)
+
+    def log(self, metrics: Dict[str, Any], step: int) -> None:
+        if not self.active:
+            return
+        row = {"step": int(step), **{k: _clean(v) for k, v in metrics.items()}}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=int(step))
+
+    def read_metrics(self) -> List[dict]:
+        if not self.metrics_path.is_file():
+            return []
+        return [json.loads(l) for l in self.metrics_path.read_text().splitlines() if l.strip()]
+
+    def summary(self, values: Dict[str, Any]) -> Dict[str, Any]:
+        values = {k: _clean(v) for k, v in values.items()}
+        values.setdefault("versions", versions())
+        if self.active:
+            write_json(self.summary_path, values)
+            if self._wandb is not None:
+                self._wandb.summary.update({k: v for k, v in values.items() if not isinstance(v, (dict, list))})
+        return values
+
+    def log_figure(self, name: str, path) -> None:
+        if self.active and self._wandb is not None:
+            import wandb
+
+            self._wandb.log({name: wandb.Image(str(path))})
+
+    def log_table(self, name: str, rows: List[dict]) -> None:
+        if self.active and self._wandb is not None and rows:
+            import wandb
+
+            cols = list(rows[0])
+            self._wandb.log({name: wandb.Table(columns=cols, data=[[_clean(r.get(c)) for c in cols] for r in rows])})
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self._wandb is not None:
+            self._wandb.finish(exit_code=exit_code)
+            self._wandb = None

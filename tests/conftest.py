@@ -1,0 +1,55 @@
+"""Shared fixtures: compose the real configs with Hydra's compose API (in-process, no subprocess cost), isolated
+paths per test session, and a digits zoo trained once per session."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import src.schema  # noqa: E402,F401  (registers schemas/resolvers)
+
+CONFIG_DIR = str(ROOT / "config")
+
+
+def compose(config_name: str, overrides=()):
+    """Compose `config_name` (e.g. 'transfer/transfer') from config/ with overrides, like the entry scripts."""
+    from hydra import compose as hcompose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hcompose(config_name=config_name, overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def kt_paths(tmp_path_factory):
+    """Overrides that point checkpoints and caches at a per-session temp folder."""
+    base = tmp_path_factory.mktemp("kt")
+    return [f"paths.checkpoints={base / 'checkpoints'}", f"paths.cache={base / 'cache'}",
+            f"paths.data={base / 'data'}"]
+
+
+@pytest.fixture(scope="session")
+def digits_zoo(kt_paths, tmp_path_factory):
+    """The digits zoo, trained once per session (about a minute on 2 cores); returns the path overrides."""
+    from src.experiments import pretrain
+
+    cfg = compose("pretrain/pretrain", ["name=all", "skip_existing=true", *kt_paths])
+    pretrain.run(cfg, run_dir=tmp_path_factory.mktemp("zoo_run"))
+    return kt_paths
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
