@@ -1,1 +1,3 @@
 from .base import CrossEntropy, FrozenOutputs, Method  # noqa: F401
+from .feature import CD, CRD, similarity_kl  # noqa: F401
+from .kd import KL, KLDP, MCL, PARTITIONS, dp_route, kl_to_target, topk_restrict  # noqa: F401

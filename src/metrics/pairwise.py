@@ -1,0 +1,335 @@
+"""All-pairs prediction statistics for N models on one split, from their cached predictions (REFERENCE §1, §5).
+
+Every function takes the predictions of all models at once and returns N x N matrices indexed [teacher, student],
+computed with matrix operations (no loop over pairs):
+
+- correctness C (N, n) bool; positive flips pos[t, s] = #(t right, s wrong) = C[t] @ (1 - C[s]), one matmul;
+  negative flips are its transpose (neg[t, s] = pos[s, t]).
+- per-class positive flips (N, N, K) from one batched matmul per chunk of classes (samples grouped by label);
+  their mean, std and entropy over classes, and how many classes hold p% of the positive flips.
+- top-1 agreement from chunked comparisons of the (N, n) predicted-class matrix.
+- predictive KL(teacher || student) = sum_k p_t log p_t - p_t @ log p_s^T over chunks of samples (needs logits).
+
+Pure functions: torch only, nothing else from the suite. They run on the device of their inputs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, Optional, Sequence
+
+import torch
+
+CONCENTRATION_PS = (2, 5, 20, 50)
+
+
+def _exact_float(n: int) -> torch.dtype:
+    """float32 holds every integer count up to 2**24 exactly; beyond that count in float64."""
+    return torch.float32 if n < (1 << 24) else torch.float64
+
+
+def predictions(logits: torch.Tensor) -> torch.Tensor:
+    """Predicted classes (..., n) from logits (..., n, K), as the smallest integer type that holds them."""
+    k = logits.shape[-1]
+    return logits.argmax(-1).to(torch.int16 if k <= 32767 else torch.int32)
+
+
+def correctness(preds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N, n) bool: model m is right on sample i."""
+    return preds == labels.to(preds.device, preds.dtype).view(1, -1)
+
+
+def accuracies(correct: torch.Tensor) -> torch.Tensor:
+    """(N,) top-1 accuracy in % of every model."""
+    return 100.0 * correct.double().mean(1)
+
+
+def flip_counts(correct: torch.Tensor) -> torch.Tensor:
+    """(N, N) int64 positive flips pos[t, s] = #samples teacher t gets right and student s gets wrong.
+    Negative flips are the transpose: neg[t, s] = pos[s, t]."""
+    c = correct.to(_exact_float(correct.shape[1]))
+    return torch.round(c @ (1.0 - c).T).long()
+
+
+def entropy_of_counts(counts: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Shannon entropy (nats) of the distribution given by non-negative counts along `dim`; 0 where all are 0."""
+    c = counts.double()
+    tot = c.sum(dim, keepdim=True)
+    plogp = torch.xlogy(c, c).sum(dim, keepdim=True)
+    h = torch.where(tot > 0, torch.log(tot.clamp_min(1)) - plogp / tot.clamp_min(1), torch.zeros_like(tot))
+    return h.squeeze(dim).clamp_min(0.0)
+
+
+def _class_chunks(correct: torch.Tensor, labels: torch.Tensor, num_classes: int, class_chunk: int = 64):
+    """Yield (k0, k1, counts) with counts (k1 - k0, N, N) float: positive flips per class of every ordered pair.
+
+    Samples are grouped by label and padded to the largest class of the chunk (padding is neither right nor
+    wrong), so each chunk of classes is one batched matmul (k, N, m) @ (k, m, N)."""
+    N, n = correct.shape
+    dev = correct.device
+    labels = labels.to(dev).long()
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
+    counts = torch.bincount(labels, minlength=num_classes)
+    order = torch.argsort(labels, stable=True)
+    sorted_labels = labels[order]
+    ends = torch.cumsum(counts, 0)
+    starts = ends - counts
+    slot = torch.arange(n, device=dev) - starts[sorted_labels]  # position of each sample inside its class
+    right_sorted = correct[:, order]
+    for k0 in range(0, num_classes, class_chunk):
+        k1 = min(num_classes, k0 + class_chunk)
+        a, b = int(starts[k0]), int(ends[k1 - 1])
+        m = int(counts[k0:k1].max())
+        fdt = _exact_float(m)
+        if m == 0:
+            yield k0, k1, torch.zeros((k1 - k0, N, N), dtype=fdt, device=dev)
+            continue
+        lab, pos = sorted_labels[a:b] - k0, slot[a:b]
+        right = torch.zeros((k1 - k0, m, N), dtype=fdt, device=dev)
+        valid = torch.zeros((k1 - k0, m, 1), dtype=fdt, device=dev)
+        right[lab, pos] = right_sorted[:, a:b].T.to(fdt)
+        valid[lab, pos] = 1.0
+        wrong = valid - right
+        yield k0, k1, torch.bmm(right.transpose(1, 2), wrong)
+
+
+def per_class_flip_counts(correct: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                          class_chunk: int = 64) -> torch.Tensor:
+    """(N, N, K) positive flips of every ordered pair per class: out[t, s, k] = #samples of class k that t gets
+    right and s wrong. The negative flips per class are out.transpose(0, 1)."""
+    N, n = correct.shape
+    m = int(torch.bincount(labels.long(), minlength=num_classes).max()) if n else 0
+    dt = torch.int16 if m <= 32767 else torch.int32
+    out = torch.zeros((num_classes, N, N), dtype=dt, device=correct.device)
+    for k0, k1, c in _class_chunks(correct, labels, num_classes, class_chunk):
+        out[k0:k1] = torch.round(c).to(dt)
+    return out.permute(1, 2, 0).contiguous()
+
+
+def class_flip_histogram(correct: torch.Tensor, labels: torch.Tensor, num_classes: int, class_chunk: int = 64
+                         ) -> torch.Tensor:
+    """(N, N, m + 1) int64: hist[t, s, v] = #classes in which t has exactly v positive flips over s (m = largest
+    class). Everything `class_stats` needs, without holding the (N, N, K) per-class counts."""
+    N, n = correct.shape
+    m = int(torch.bincount(labels.long(), minlength=num_classes).max()) if n else 0
+    V = m + 1
+    base = (torch.arange(N * N, device=correct.device) * V).view(N, N)
+    hist = torch.zeros(N * N * V, dtype=torch.long, device=correct.device)
+    for _, _, c in _class_chunks(correct, labels, num_classes, class_chunk):
+        # classes innermost, so consecutive indices fall into the same pair's bins (cache-friendly)
+        idx = (torch.round(c).long().permute(1, 2, 0) + base.unsqueeze(-1)).flatten()
+        hist += torch.bincount(idx, minlength=N * N * V)
+    return hist.view(N, N, V)
+
+
+def histogram_of_counts(per_class: torch.Tensor, max_count: Optional[int] = None) -> torch.Tensor:
+    """(N, N, m + 1) histogram over the last axis of non-negative integer counts (N, N, K)."""
+    N1, N2, K = per_class.shape
+    m = int(per_class.max()) if max_count is None and per_class.numel() else int(max_count or 0)
+    V = m + 1
+    base = (torch.arange(N1 * N2, device=per_class.device) * V).view(N1, N2, 1)
+    idx = (per_class.long() + base).flatten()
+    return torch.bincount(idx, minlength=N1 * N2 * V).view(N1, N2, V)
+
+
+def stats_from_histogram(hist: torch.Tensor, num_classes: int, ps: Sequence[float] = CONCENTRATION_PS
+                         ) -> Dict[str, torch.Tensor]:
+    """Mean, std (population) and entropy over classes of the counts, and for each p the fewest classes
+    (largest first) that hold p% of them (0 where there are none), from the (..., V) histogram of the counts.
+    Matches `flips.per_class_flips` / `flips.class_concentration` pair by pair."""
+    h = hist.double()
+    V = h.shape[-1]
+    v = torch.arange(V, dtype=torch.float64, device=h.device)
+    tot = (h * v).sum(-1)
+    mean = tot / num_classes
+    var = ((h * v * v).sum(-1) / num_classes - mean * mean).clamp_min(0.0)
+    vlogv = torch.xlogy(v, v)
+    safe = tot.clamp_min(1.0)
+    ent = torch.where(tot > 0, torch.log(safe) - (h * vlogv).sum(-1) / safe, torch.zeros_like(tot)).clamp_min(0)
+    out = {"mean": mean, "std": var.sqrt(), "entropy": ent}
+    # classes with count >= v, and their flips, for every level v (one zero column appended for v = V)
+    cnt_ge = torch.flip(torch.cumsum(torch.flip(h, [-1]), -1), [-1])
+    sum_ge = torch.flip(torch.cumsum(torch.flip(h * v, [-1]), -1), [-1])
+    zero = torch.zeros_like(h[..., :1])
+    cnt_ge, sum_ge = torch.cat([cnt_ge, zero], -1), torch.cat([sum_ge, zero], -1)
+    for p in ps:
+        thr = tot * (p / 100.0) - 1e-9
+        vstar = (sum_ge[..., :V] >= thr.unsqueeze(-1)).sum(-1) - 1  # largest level whose classes reach thr
+        vstar = vstar.clamp(min=0)
+        above = (vstar + 1).unsqueeze(-1)
+        s_above = sum_ge.gather(-1, above).squeeze(-1)
+        c_above = cnt_ge.gather(-1, above).squeeze(-1)
+        extra = torch.ceil((thr - s_above) / vstar.clamp(min=1).double())
+        need = (c_above + extra).round().long()
+        out[f"classes_for_{p:g}pct"] = torch.where(tot > 0, need, torch.zeros_like(need))
+    return out
+
+
+def class_stats(per_class: torch.Tensor, ps: Sequence[float] = CONCENTRATION_PS, row_chunk: int = 16
+                ) -> Dict[str, torch.Tensor]:
+    """Per-pair statistics of (N, N, K) per-class counts (see `stats_from_histogram`). Small counts go through
+    their histogram; counts larger than the class count (few, large classes) through a sort, in row chunks."""
+    N1, N2, K = per_class.shape
+    if per_class.numel() == 0 or int(per_class.max()) + 1 <= 2 * K:
+        return stats_from_histogram(histogram_of_counts(per_class), K, ps)
+    out: Dict[str, torch.Tensor] = {}
+    for r0 in range(0, N1, row_chunk):
+        c = per_class[r0:r0 + row_chunk].double()
+        part = {"mean": c.mean(-1), "std": c.std(-1, unbiased=False) if K > 1 else torch.zeros_like(c[..., 0]),
+                "entropy": entropy_of_counts(c, -1)}
+        cum = torch.cumsum(torch.sort(c, -1, descending=True).values, -1)
+        tot = cum[..., -1]
+        for p in ps:
+            need = (cum < (tot * (p / 100.0) - 1e-9).unsqueeze(-1)).sum(-1) + 1
+            part[f"classes_for_{p:g}pct"] = torch.where(tot > 0, need, torch.zeros_like(need))
+        for k, v in part.items():
+            out.setdefault(k, []).append(v)
+    return {k: torch.cat(v, 0) for k, v in out.items()}
+
+
+def agreement_counts(preds: torch.Tensor, small_group: int = 16, col_chunk: int = 1 << 15) -> torch.Tensor:
+    """(N, N) int64: #samples on which models a and b predict the same class (symmetric; diagonal = n).
+
+    Per sample, the models that predict the same class form a group (one sort of the (n, N) predictions);
+    agreement[a, b] = #groups holding both a and b. Large groups (the true class on most samples, a shared
+    confusion) are the columns of a 0/1 matrix M and add M @ M^T (chunked over columns); small groups (the
+    scattered mistakes) add their few pairs directly. No loop over model pairs."""
+    N, n = preds.shape
+    dev = preds.device
+    out = torch.zeros((N, N), dtype=torch.long, device=dev)
+    if N == 0 or n == 0:
+        return out
+    sv, model = torch.sort(preds.T.contiguous(), dim=1, stable=True)  # (n, N): models grouped by prediction
+    new = torch.ones((n, N), dtype=torch.bool, device=dev)
+    new[:, 1:] = sv[:, 1:] != sv[:, :-1]
+    new, model = new.flatten(), model.flatten()
+    starts = torch.nonzero(new).flatten()
+    lengths = torch.diff(starts, append=torch.tensor([n * N], device=dev))
+    run = torch.cumsum(new, 0) - 1  # group id of every entry
+    run_len = lengths[run]
+    # small groups (2 <= size <= small_group): pairs at offsets o = 1 .. small_group - 1 inside the group
+    small = (run_len >= 2) & (run_len <= small_group)
+    if bool(small.any()):
+        pos = torch.arange(n * N, device=dev) - starts[run]  # position inside the group
+        idx = torch.nonzero(small).flatten()
+        pairs = torch.zeros(N * N, dtype=torch.long, device=dev)
+        for o in range(1, small_group):
+            j = idx[pos[idx] + o < run_len[idx]]
+            if j.numel() == 0:
+                break
+            pairs += torch.bincount(model[j] * N + model[j + o], minlength=N * N)
+        pairs = pairs.view(N, N)
+        out += pairs + pairs.T
+    # large groups: dense membership columns, M @ M^T
+    big_run = lengths > small_group
+    G = int(big_run.sum())
+    if G:
+        gid_of_run = torch.cumsum(big_run, 0) - 1
+        keep = big_run[run]
+        gid, mem = gid_of_run[run[keep]], model[keep]  # gid is sorted
+        bounds = torch.searchsorted(gid, torch.arange(0, G + col_chunk, col_chunk, device=dev))
+        fdt = _exact_float(n)
+        acc = torch.zeros((N, N), dtype=fdt, device=dev)
+        for j, g0 in enumerate(range(0, G, col_chunk)):
+            a, b = int(bounds[j]), int(bounds[j + 1])
+            M = torch.zeros((N, min(G, g0 + col_chunk) - g0), dtype=fdt, device=dev)
+            M[mem[a:b], gid[a:b] - g0] = 1.0
+            acc += M @ M.T
+        out += torch.round(acc).long()
+    out.fill_diagonal_(n)
+    return out
+
+
+def _log_probs(chunk: torch.Tensor, T: float) -> torch.Tensor:
+    return torch.log_softmax(chunk.float() / T, dim=-1)
+
+
+def kl_matrix(logits, T: float = 1.0, sample_chunk: Optional[int] = None, max_elems: int = 1 << 26
+              ) -> torch.Tensor:
+    """(N, N) float64 mean predictive KL(p_t || p_s) over samples, at temperature T.
+
+    `logits`: a (N, n, K) tensor, or an iterable of (N, b, K) chunks (so callers can stream logits that do not
+    fit in memory). Per chunk: KL_sum[t, s] += sum_i sum_k p_t log p_t - (p_t flattened) @ (log p_s flattened)^T.
+    """
+    if isinstance(logits, torch.Tensor):
+        N, n, K = logits.shape
+        b = sample_chunk or max(1, max_elems // max(1, N * K))
+        chunks: Iterable[torch.Tensor] = (logits[:, i:i + b] for i in range(0, n, b))
+    else:
+        chunks = logits
+    total, count = None, 0
+    for z in chunks:
+        N, b, K = z.shape
+        lp = _log_probs(z, T)
+        p = lp.exp()
+        neg_ent = (p * lp).sum((1, 2)).double()  # (N,)
+        cross = (p.reshape(N, b * K) @ lp.reshape(N, b * K).T).double()  # (N, N): sum_i p_t . log p_s
+        part = neg_ent[:, None] - cross
+        total = part if total is None else total + part
+        count += b
+    if total is None:
+        raise ValueError("kl_matrix got no samples")
+    kl = total / count
+    kl.fill_diagonal_(0.0)
+    return kl.clamp_min(0.0)
+
+
+def pairwise_stats(preds: torch.Tensor, labels: torch.Tensor, num_classes: int, logits=None,
+                   ps: Sequence[float] = CONCENTRATION_PS, T: float = 1.0, per_class: bool = True,
+                   keep_per_class: bool = False) -> Dict[str, torch.Tensor]:
+    """Every N x N statistic of REFERENCE §1/§5 from the (N, n) predicted classes (and (N, n, K) logits for KL).
+
+    Keys (all [teacher, student]): pos_flips, neg_flips, pos_flips_pct, neg_flips_pct, acc_diff (teacher -
+    student, %), agreement (%), pos/neg_class_{mean,std,entropy}, classes_for_{p}pct, kl (when logits are given),
+    and pos_per_class (N, N, K) when `keep_per_class` (else the per-class
+    statistics come from a histogram of the counts and the (N, N, K) tensor is never held). Also acc (N,) in %."""
+    N, n = preds.shape
+    correct = correctness(preds, labels)
+    acc = accuracies(correct)
+    pos = flip_counts(correct)
+    out: Dict[str, torch.Tensor] = {
+        "acc": acc,
+        "pos_flips": pos,
+        "neg_flips": pos.T.contiguous(),
+        "pos_flips_pct": 100.0 * pos.double() / max(1, n),
+        "neg_flips_pct": 100.0 * pos.T.double() / max(1, n),
+        "acc_diff": acc[:, None] - acc[None, :],
+        "agreement": 100.0 * agreement_counts(preds).double() / max(1, n),
+    }
+    if per_class:
+        m = int(torch.bincount(labels.long(), minlength=num_classes).max()) if n else 0
+        if keep_per_class or m + 1 > 2 * num_classes:
+            pc = per_class_flip_counts(correct, labels, num_classes)
+            st = class_stats(pc, ps)
+            if keep_per_class:
+                out["pos_per_class"] = pc
+        else:
+            st = stats_from_histogram(class_flip_histogram(correct, labels, num_classes), num_classes, ps)
+        for k in ("mean", "std", "entropy"):
+            out[f"pos_class_{k}"] = st[k]
+        for p in ps:
+            out[f"classes_for_{p:g}pct"] = st[f"classes_for_{p:g}pct"]
+        # negative flips per class of (t, s) are the positive flips per class of (s, t)
+        for k in ("mean", "std", "entropy"):
+            out[f"neg_class_{k}"] = st[k].T.contiguous()
+    if logits is not None:
+        out["kl"] = kl_matrix(logits, T)
+    return out
+
+
+def lower_envelope(x, y, bins: int = 20):
+    """Minimum of y within equal-width bins of x: (bin centres, minima) for the non-empty bins (Figure 1's
+    envelope of positive flips against the accuracy difference)."""
+    x = torch.as_tensor(x, dtype=torch.float64).flatten()
+    y = torch.as_tensor(y, dtype=torch.float64).flatten()
+    if x.numel() == 0:
+        return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+    lo, hi = float(x.min()), float(x.max())
+    if hi <= lo:
+        return torch.tensor([lo]), y.min().view(1)
+    edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
+    idx = torch.bucketize(x, edges[1:-1], right=True)
+    mins = torch.full((bins,), math.inf, dtype=torch.float64).scatter_reduce(0, idx, y, reduce="amin")
+    centres = (edges[:-1] + edges[1:]) / 2
+    keep = torch.isfinite(mins)
+    return centres[keep], mins[keep]

@@ -1,0 +1,394 @@
+"""Data: the digits split (seeded, stratified, disjoint, complete), subsets, CIFAR-10/100 in torchvision's python
+format and ImageFolder trees written here in the real formats, both loader backends, and the errors for missing
+or unsafe data."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import compose
+
+from src.data import build_dataset, build_loader, training_split
+from src.data.datasets import stratified_partition, subset_positions
+from src.errors import UserError
+
+DIGITS_N = 1797
+
+
+def _ds(overrides=()):
+    cfg = compose("pretrain/pretrain", list(overrides))
+    return cfg, build_dataset(cfg.dataset, cfg.paths)
+
+
+def _sk_digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (np.round(d.images * (255.0 / 16.0)).astype(np.uint8), d.target.astype(np.int64))
+
+
+# ------------------------------------------------------------------------------------------------ digits
+
+
+def test_digits_split_is_deterministic_disjoint_complete_and_stratified():
+    _, labels = _sk_digits()
+    fr = {"train": 0.4, "transfer": 0.3, "val": 0.1, "test": 0.2}
+    a = stratified_partition(labels, fr, seed=0)
+    b = stratified_partition(labels, fr, seed=0)
+    c = stratified_partition(labels, fr, seed=1)
+    assert list(a) == list(fr)
+    for k in fr:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert any(not np.array_equal(a[k], c[k]) for k in fr), "another seed gives the same split"
+    allpos = np.concatenate(list(a.values()))
+    assert len(allpos) == DIGITS_N and len(np.unique(allpos)) == DIGITS_N  # disjoint and complete
+    assert set(allpos.tolist()) == set(range(DIGITS_N))
+    for k, f in fr.items():
+        for cls in range(10):
+            n_cls = int((labels == cls).sum())
+            got = int((labels[a[k]] == cls).sum())
+            assert abs(got - f * n_cls) < 1.0, (k, cls, got, f * n_cls)
+
+
+def test_digits_dataset_matches_sklearn_images_at_the_split_positions():
+    cfg, ds = _ds()
+    images, labels = _sk_digits()
+    parts = stratified_partition(labels, dict(cfg.dataset.splits), cfg.dataset.split_seed)
+    assert set(ds.splits) == {"train", "transfer", "val", "test"}
+    assert sum(len(s) for s in ds.splits.values()) == DIGITS_N
+    info = ds.info
+    assert (info.num_classes, info.channels, info.image_size) == (10, 1, 8)
+    assert info.classes == [str(i) for i in range(10)] and info.mean == [0.3] and info.std == [0.38]
+    for name, s in ds.splits.items():
+        pos = parts[name]
+        assert s.images.dtype == torch.uint8 and s.images.shape == (len(pos), 1, 8, 8)
+        torch.testing.assert_close(s.labels, torch.from_numpy(labels[pos]))
+        assert torch.equal(s.images[:, 0], torch.from_numpy(images[pos]))
+        assert torch.equal(s.ids, torch.arange(len(pos)))
+        assert s.full_size == len(pos)
+
+
+def test_digits_same_seed_same_split_other_seed_other_split():
+    _, a = _ds()
+    _, b = _ds()
+    _, c = _ds(["dataset.split_seed=7"])
+    for k in a.splits:
+        assert torch.equal(a.splits[k].images, b.splits[k].images)
+        assert torch.equal(a.splits[k].labels, b.splits[k].labels)
+        assert len(a.splits[k]) == len(c.splits[k])  # same sizes (stratified, same fractions)
+    assert not torch.equal(a.splits["train"].images, c.splits["train"].images)
+
+
+def test_digits_fractions_image_size_and_channels_are_configurable():
+    _, ds = _ds(["dataset.splits.train=0.5", "dataset.splits.transfer=0.2", "dataset.image_size=16",
+                 "dataset.channels=3", "dataset.mean=[0.3,0.3,0.3]", "dataset.std=[0.4,0.4,0.4]"])
+    tr = ds.splits["train"]
+    assert tr.images.shape[1:] == (3, 16, 16)
+    assert abs(len(tr) - 0.5 * DIGITS_N) <= 10  # per-class rounding: within 1 image per class
+    assert torch.equal(tr.images[:, 0], tr.images[:, 2])  # grey replicated into 3 channels
+
+
+def test_digits_bad_fractions_are_user_errors():
+    with pytest.raises(UserError, match="sum to"):
+        _ds(["dataset.splits.train=0.6"])
+
+
+def test_subset_fraction_and_per_class_are_seeded_and_per_class():
+    _, ds = _ds()
+    train = ds.splits["train"]
+    from omegaconf import OmegaConf
+
+    from src.schema import SubsetConfig
+
+    sub = OmegaConf.structured(SubsetConfig(per_class=5, seed=3))
+    s1, s2 = training_split(ds, "train", sub), training_split(ds, "train", sub)
+    assert len(s1) == 50 and torch.bincount(s1.labels, minlength=10).tolist() == [5] * 10
+    assert torch.equal(s1.ids, s2.ids)
+    s3 = training_split(ds, "train", OmegaConf.structured(SubsetConfig(per_class=5, seed=4)))
+    assert not torch.equal(s1.ids, s3.ids)
+    # ids are kept: a subset's samples are still keyed by their id in the full split
+    assert torch.equal(s1.images, train.images[s1.ids])
+    frac = subset_positions(train.labels, 0.25, None, 0)
+    counts = torch.bincount(train.labels[frac], minlength=10)
+    full = torch.bincount(train.labels, minlength=10)
+    assert torch.all((counts.float() - 0.25 * full.float()).abs() <= 0.5 + 1e-6)
+    assert training_split(ds, "train", OmegaConf.structured(SubsetConfig())) is train
+
+
+# ------------------------------------------------------------------------------------------------- CIFAR
+
+
+def _write_cifar10(root, n_per_batch=4, n_test=6, protocol=2, seed=0):
+    """torchvision's python format: cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}."""
+    rng = np.random.default_rng(seed)
+    sub = root / "cifar-10-batches-py"
+    sub.mkdir(parents=True)
+    train_x, train_y = [], []
+    for i in range(1, 6):
+        x = rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)
+        y = rng.integers(0, 10, n_per_batch).tolist()
+        with open(sub / f"data_batch_{i}", "wb") as f:
+            pickle.dump({"batch_label": f"training batch {i} of 5", "labels": y, "data": x,
+                         "filenames": [f"img_{i}_{j}.png" for j in range(n_per_batch)]}, f, protocol=protocol)
+        train_x.append(x)
+        train_y += y
+    tx = rng.integers(0, 256, (n_test, 3072), dtype=np.uint8)
+    ty = rng.integers(0, 10, n_test).tolist()
+    with open(sub / "test_batch", "wb") as f:
+        pickle.dump({"batch_label": "testing batch 1 of 1", "labels": ty, "data": tx}, f, protocol=protocol)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    with open(sub / "batches.meta", "wb") as f:
+        pickle.dump({"num_cases_per_batch": n_per_batch, "label_names": names, "num_vis": 3072}, f,
+                    protocol=protocol)
+    return np.concatenate(train_x), np.array(train_y), tx, np.array(ty), names
+
+
+def _write_cifar100(root, n_train=12, n_test=5, seed=1):
+    rng = np.random.default_rng(seed)
+    sub = root / "cifar-100-python"
+    sub.mkdir(parents=True)
+    out = []
+    for name, n in (("train", n_train), ("test", n_test)):
+        x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        y = rng.integers(0, 100, n).tolist()
+        with open(sub / name, "wb") as f:
+            pickle.dump({"filenames": [f"{j}.png" for j in range(n)], "batch_label": name, "fine_labels": y,
+                         "coarse_labels": [v // 5 for v in y], "data": x}, f, protocol=2)
+        out += [x, np.array(y)]
+    names = [f"class_{i:02d}" for i in range(100)]
+    with open(sub / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": names, "coarse_label_names": [f"c{i}" for i in range(20)]}, f,
+                    protocol=2)
+    return (*out, names)
+
+
+def _as_images(flat):
+    return torch.from_numpy(flat.reshape(-1, 3, 32, 32))
+
+
+def _check_loader_batches(loader, split, exact: bool, size):
+    seen_ids = []
+    for x, y, idx in loader.iter_epoch(0):
+        assert x.dtype == torch.float32 and x.ndim == 4 and x.shape[1:] == (split.info.channels, size, size)
+        assert y.dtype == torch.int64 and idx.dtype == torch.int64
+        assert x.shape[0] == y.shape[0] == idx.shape[0] <= loader.batch_size
+        assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+        pos = idx  # ids == positions here (no subset)
+        assert torch.equal(y, split.labels[pos])
+        if exact:
+            assert torch.equal((x * 255).round().to(torch.uint8), split.images[pos])
+        seen_ids.append(idx)
+    ids = torch.cat(seen_ids)
+    return ids
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_cifar10_round_trip_and_loaders(tmp_path, protocol):
+    trx, try_, tex, tey, names = _write_cifar10(tmp_path / "cifar10", protocol=protocol)
+    cfg, ds = _ds(["dataset=cifar10", f"paths.data={tmp_path}", "dataset.val_fraction=0"])
+    assert set(ds.splits) == {"train", "test"}
+    assert ds.info.classes == names and ds.info.num_classes == 10 and ds.info.image_size == 32
+    tr, te = ds.split("train"), ds.split("test")
+    assert torch.equal(tr.images, _as_images(trx)) and torch.equal(tr.labels, torch.from_numpy(try_))
+    assert torch.equal(te.images, _as_images(tex)) and torch.equal(te.labels, torch.from_numpy(tey))
+    for backend in ("tensor", "torch"):
+        lcfg = compose("pretrain/pretrain", [f"loader={backend}", "loader.batch_size=8", "loader.eval_batch_size=4",
+                                             "loader.num_workers=0", "loader.augment=crop_flip",
+                                             "loader.crop_padding=2", "loader.flip=true"]).loader
+        ev = build_loader(lcfg, te, train=False, device="cpu")
+        ids = _check_loader_batches(ev, te, exact=True, size=32)
+        assert torch.equal(ids, torch.arange(len(te)))  # evaluation: every sample once, in order
+        trl = build_loader(lcfg, tr, train=True, seed=0, device="cpu")
+        assert len(trl) == 3  # 20 images, batch 8, no drop_last
+        ids = _check_loader_batches(trl, tr, exact=False, size=32)
+        assert sorted(ids.tolist()) == list(range(len(tr)))  # a permutation of the epoch
+        assert not torch.equal(ids, torch.arange(len(tr)))  # shuffled
+
+
+def test_cifar10_val_holdout_partitions_train(tmp_path):
+    trx, _, _, _, _ = _write_cifar10(tmp_path / "cifar10", n_per_batch=8)
+    _, ds = _ds(["dataset=cifar10", f"paths.data={tmp_path}", "dataset.val_fraction=0.25"])
+    tr, va = ds.split("train"), ds.split("val")
+    assert len(tr) + len(va) == 40 and 6 <= len(va) <= 14
+    rows = {bytes(r) for r in trx}
+    got = [bytes(x.reshape(-1).numpy()) for x in torch.cat([tr.images, va.images])]
+    assert set(got) == rows and len(got) == len(rows)  # disjoint, complete
+    assert torch.equal(va.ids, torch.arange(len(va)))
+
+
+def test_cifar100_round_trip(tmp_path):
+    trx, try_, tex, tey, names = _write_cifar100(tmp_path / "cifar100")
+    _, ds = _ds(["dataset=cifar100", f"paths.data={tmp_path}", "dataset.val_fraction=0"])
+    assert ds.info.num_classes == 100 and ds.info.classes == names
+    assert torch.equal(ds.split("train").images, _as_images(trx))
+    assert torch.equal(ds.split("train").labels, torch.from_numpy(try_))
+    assert torch.equal(ds.split("test").images, _as_images(tex))
+    assert torch.equal(ds.split("test").labels, torch.from_numpy(tey))
+    lcfg = compose("pretrain/pretrain", ["loader.batch_size=5"]).loader
+    x, y, idx = next(iter(build_loader(lcfg, ds.split("train"), train=True, device="cpu")))
+    assert x.shape == (5, 3, 32, 32) and y.shape == (5,) and idx.shape == (5,)
+
+
+@pytest.mark.parametrize("name,expected", [("cifar10", "cifar10/cifar-10-batches-py/data_batch_1"),
+                                           ("cifar100", "cifar100/cifar-100-python/train")])
+def test_missing_cifar_names_the_expected_path(tmp_path, name, expected):
+    with pytest.raises(UserError) as e:
+        _ds([f"dataset={name}", f"paths.data={tmp_path}"])
+    assert str(tmp_path / expected) in str(e.value)
+    assert "nothing is downloaded" in str(e.value)
+
+
+def test_cifar_root_override_is_used(tmp_path):
+    _write_cifar10(tmp_path / "elsewhere")
+    _, ds = _ds(["dataset=cifar10", f"paths.data={tmp_path / 'nothing'}", f"dataset.root={tmp_path / 'elsewhere'}",
+                 "dataset.val_fraction=0"])
+    assert len(ds.split("train")) == 20
+
+
+def test_cifar_batch_that_would_run_code_is_refused(tmp_path):
+    _write_cifar10(tmp_path / "cifar10")
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    with open(tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
+        pickle.dump({"labels": [0], "data": Evil()}, f, protocol=2)
+    with pytest.raises(UserError, match="data_batch_3"):
+        _ds(["dataset=cifar10", f"paths.data={tmp_path}"])
+    assert not marker.exists()
+
+
+def test_truncated_cifar_batch_is_a_user_error(tmp_path):
+    _write_cifar10(tmp_path / "cifar10")
+    p = tmp_path / "cifar10" / "cifar-10-batches-py" / "test_batch"
+    p.write_bytes(p.read_bytes()[:100])
+    with pytest.raises(UserError, match="test_batch"):
+        _ds(["dataset=cifar10", f"paths.data={tmp_path}"])
+
+
+# ------------------------------------------------------------------------------------------- ImageFolder
+
+
+def _write_imagefolder(root, classes=("cat", "dog"), n_train=3, n_val=2, size=16, seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True)
+            for j in range(n):
+                a = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(a).save(d / f"img{j}.png")
+                arrays[(split, c, j)] = a
+            (d / "notes.txt").write_text("not an image")
+    return arrays
+
+
+IF_OVERRIDES = ["dataset=imagefolder", "dataset.num_classes=2", "dataset.image_size=16", "dataset.val_fraction=0"]
+
+
+def test_imagefolder_round_trip_and_loaders(tmp_path):
+    arrays = _write_imagefolder(tmp_path / "tiny")
+    _, ds = _ds(IF_OVERRIDES + [f"dataset.root={tmp_path / 'tiny'}", "dataset.crop_pct=1.0"])
+    assert ds.info.classes == ["cat", "dog"] and ds.info.num_classes == 2
+    tr, te = ds.split("train"), ds.split("test")
+    assert len(tr) == 6 and len(te) == 4  # the .txt files are not images
+    assert tr.labels.tolist() == [0, 0, 0, 1, 1, 1] and te.labels.tolist() == [0, 0, 1, 1]
+    assert tr.files[0].endswith("train/cat/img0.png")
+    # materialised pixels equal the PNGs (same size: no resampling)
+    m = tr.materialize()
+    for i, (c, j) in enumerate([(c, j) for c in ("cat", "dog") for j in range(3)]):
+        assert torch.equal(m.images[i], torch.from_numpy(arrays[("train", c, j)]).permute(2, 0, 1))
+    for backend in ("tensor", "torch"):
+        lcfg = compose("pretrain/pretrain", [f"loader={backend}", "loader.batch_size=4", "loader.eval_batch_size=3",
+                                             "loader.num_workers=0", "loader.augment=crop_flip",
+                                             "loader.flip=true"]).loader
+        ev = build_loader(lcfg, te, train=False, device="cpu")
+        seen = []
+        for x, y, idx in ev.iter_epoch(0):
+            assert x.dtype == torch.float32 and x.shape[1:] == (3, 16, 16) and 0 <= x.min() and x.max() <= 1
+            assert torch.equal(y, te.labels[idx])
+            for xi, k in zip(x, idx.tolist()):
+                c, j = ("cat", "dog")[int(te.labels[k])], k % 2
+                ref = torch.from_numpy(arrays[("val", c, j)]).permute(2, 0, 1)
+                assert torch.equal((xi * 255).round().to(torch.uint8), ref), (backend, k)
+            seen.append(idx)
+        assert torch.cat(seen).tolist() == [0, 1, 2, 3]
+        trl = build_loader(lcfg, tr, train=True, seed=1, device="cpu")
+        batches = list(trl.iter_epoch(0))
+        assert [b[0].shape[0] for b in batches] == [4, 2]
+        ids = torch.cat([b[2] for b in batches])
+        assert sorted(ids.tolist()) == list(range(6))
+        for x, y, idx in batches:
+            assert x.shape[1:] == (3, 16, 16) and 0 <= x.min() and x.max() <= 1 and torch.equal(y, tr.labels[idx])
+
+
+def test_imagefolder_resizes_and_uses_workers(tmp_path):
+    _write_imagefolder(tmp_path / "tiny", size=20)
+    _, ds = _ds(IF_OVERRIDES + [f"dataset.root={tmp_path / 'tiny'}"])  # crop_pct 0.875: resize 18, crop 16
+    lcfg = compose("pretrain/pretrain", ["loader=torch", "loader.num_workers=1", "loader.eval_batch_size=8"]).loader
+    x, y, idx = next(iter(build_loader(lcfg, ds.split("test"), train=False, device="cpu")))
+    assert x.shape == (4, 3, 16, 16) and idx.tolist() == [0, 1, 2, 3]
+    assert ds.split("train").materialize().images.shape == (6, 3, 16, 16)
+
+
+def test_imagefolder_errors_name_the_expected_layout(tmp_path):
+    with pytest.raises(UserError) as e:
+        _ds(IF_OVERRIDES + [f"dataset.root={tmp_path / 'missing'}"])
+    assert str(tmp_path / "missing" / "train") in str(e.value) and "<class>" in str(e.value)
+    (tmp_path / "empty" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "empty" / "val" / "a").mkdir(parents=True)
+    with pytest.raises(UserError, match="no images"):
+        _ds(IF_OVERRIDES + [f"dataset.root={tmp_path / 'empty'}"])
+    _write_imagefolder(tmp_path / "three", classes=("a", "b", "c"), n_train=1, n_val=1)
+    with pytest.raises(UserError, match="num_classes=3"):
+        _ds(IF_OVERRIDES + [f"dataset.root={tmp_path / 'three'}"])
+
+
+def test_missing_imagenet_names_the_expected_path(tmp_path):
+    with pytest.raises(UserError) as e:
+        _ds(["dataset=imagenet", f"paths.data={tmp_path}"])
+    assert str(tmp_path / "imagenet" / "train") in str(e.value)
+
+
+# -------------------------------------------------------------------------------------------- loaders
+
+
+def test_tensor_loader_order_is_seeded_per_epoch_and_resumable():
+    _, ds = _ds()
+    lcfg = compose("pretrain/pretrain", ["loader.batch_size=100", "loader.drop_last=true"]).loader
+    tr = ds.split("train")
+    a = build_loader(lcfg, tr, train=True, seed=5, device="cpu")
+    b = build_loader(lcfg, tr, train=True, seed=5, device="cpu")
+    assert len(a) == len(tr) // 100
+    e0 = list(a.iter_epoch(0))
+    e0b = list(b.iter_epoch(0))
+    for (x1, y1, i1), (x2, y2, i2) in zip(e0, e0b):
+        assert torch.equal(x1, x2) and torch.equal(i1, i2)  # same seed: same order and augmentation
+    e1 = list(a.iter_epoch(1))
+    assert not torch.equal(e0[0][2], e1[0][2])  # a fresh order every epoch
+    tail = list(a.iter_epoch(1, start_batch=2))  # resume inside an epoch
+    assert len(tail) == len(e1) - 2
+    for (x1, _, i1), (x2, _, i2) in zip(e1[2:], tail):
+        assert torch.equal(i1, i2) and torch.equal(x1, x2)
+    assert all(x.shape[0] == 100 for x, _, _ in e0)  # drop_last
+
+
+def test_loader_bad_settings_are_user_errors():
+    _, ds = _ds()
+    with pytest.raises(UserError, match="augment"):
+        build_loader(compose("pretrain/pretrain", ["loader.augment=cutout"]).loader, ds.split("train"), train=True)
+    with pytest.raises(UserError, match="backend"):
+        build_loader(compose("pretrain/pretrain", ["loader.backend=jax"]).loader, ds.split("train"), train=True)
+    with pytest.raises(UserError, match="batch_size"):
+        build_loader(compose("pretrain/pretrain", ["loader.batch_size=5000", "loader.drop_last=true"]).loader,
+                     ds.split("train"), train=True)

@@ -1,0 +1,228 @@
+"""FFCV backend: betons written by scripts/write_ffcv.py from digits and from a tiny ImageFolder, read back through
+build_loader(loader=ffcv) and compared with the tensor loader.
+
+FFCV compiles every new loader's pipeline with numba on its first batch (seconds each on 2 cores), so the loaders
+are built once per module (fixtures below) and shared by the tests; loader.num_workers=1 keeps numba from compiling
+parallel variants, which is several times slower to compile.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import ROOT, compose
+
+pytest.importorskip("ffcv")  # safety net only: `make install` installs ffcv, CI runs these tests
+
+# numba's dispatcher finalizer raises a harmless KeyError when FFCV's per-loader compiled pipelines are garbage
+# collected ("Exception ignored in: <finalize object ...>"); pytest would turn it into a warning per loader.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+from src.data import build_dataset, build_loader  # noqa: E402
+from src.data.ffcv_loader import FFCVLoader  # noqa: E402
+from src.errors import UserError  # noqa: E402
+
+IMG_SIZE = 16  # tiny ImageFolder: image_size; every image has short side 16, so crops need no resize
+
+
+def _write_ffcv_main():
+    spec = importlib.util.spec_from_file_location("write_ffcv", ROOT / "scripts" / "write_ffcv.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+def _collect(loader, epoch=0, start_batch=0):
+    xs, ys, ids = [], [], []
+    for x, y, i in loader.iter_epoch(epoch, start_batch):
+        xs.append(x)
+        ys.append(y)
+        ids.append(i)
+    return torch.cat(xs), torch.cat(ys), torch.cat(ids)
+
+
+def _make_image_folder(root):
+    """3 classes, smooth colour gradients (JPEG-friendly), sizes 16x16, 20x16 (landscape) and 16x24 (portrait)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    sizes = [(16, 16), (20, 16), (16, 24)]  # (w, h)
+    for sub, n in (("train", 6), ("val", 3)):
+        for c in range(3):
+            d = root / sub / f"class{c}"
+            d.mkdir(parents=True)
+            for k in range(n):
+                w, h = sizes[k % 3]
+                yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+                base = rng.uniform(40, 200, size=3)
+                img = np.stack([base[0] + 3 * xx, base[1] + 2 * yy, base[2] + (xx + yy)], axis=-1)
+                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(d / f"img{k}.png")
+
+
+@pytest.fixture(scope="module")
+def ffcv_env(tmp_path_factory):
+    """Betons for digits (test split, raw pixels) and a tiny ImageFolder (train/test, JPEG), written with the
+    command-line tool; returns the composed configs and datasets."""
+    base = tmp_path_factory.mktemp("ffcv")
+    out = base / "betons"
+    write = _write_ffcv_main()
+
+    common = [f"paths.data={base / 'data'}", f"paths.cache={base / 'cache'}",
+              f"paths.checkpoints={base / 'ckpt'}"]
+    loader = ["loader=ffcv", f"loader.ffcv_dir={out}", "loader.num_workers=1", "loader.device=cpu",
+              "loader.eval_batch_size=128", "loader.batch_size=64"]
+    assert write([*common, "--splits", "test", "--out-dir", str(out), "--num-workers", "1"]) == 0
+    digits_cfg = compose("pretrain/pretrain", [*common, *loader, "loader.augment=crop_flip",
+                                               "loader.crop_padding=2"])
+
+    _make_image_folder(base / "folder")
+    folder = [f"dataset=imagefolder", f"dataset.root={base / 'folder'}", "dataset.num_classes=3",
+              f"dataset.image_size={IMG_SIZE}", "dataset.crop_pct=1.0", "dataset.val_fraction=0"]
+    assert write([*common, *folder, "--out-dir", str(out), "--num-workers", "1", "--write-mode", "jpg",
+                  "--jpeg-quality", "90", "--max-res", "64"]) == 0
+    folder_cfg = compose("pretrain/pretrain", [*common, *folder, *loader, "loader.augment=rrc_flip",
+                                               "loader.batch_size=8"])
+    return {
+        "out": out,
+        "digits_cfg": digits_cfg,
+        "digits": build_dataset(digits_cfg.dataset, digits_cfg.paths),
+        "folder_cfg": folder_cfg,
+        "folder": build_dataset(folder_cfg.dataset, folder_cfg.paths),
+    }
+
+
+@pytest.fixture(scope="module")
+def digits_eval(ffcv_env):
+    split = ffcv_env["digits"].split("test")
+    loader = build_loader(ffcv_env["digits_cfg"].loader, split, train=False)
+    return split, loader, _collect(loader)
+
+
+def test_writer_files_and_help(ffcv_env, capsys):
+    names = sorted(p.name for p in ffcv_env["out"].glob("*.beton"))
+    assert names == ["digits_test.beton", "imagefolder_test.beton", "imagefolder_train.beton"]
+    with pytest.raises(SystemExit) as e:
+        _write_ffcv_main()(["--help"])
+    assert e.value.code == 0
+    assert "--compress-probability" in capsys.readouterr().out
+
+
+def test_digits_eval_exact(ffcv_env, digits_eval):
+    """Raw storage: pixels, labels and ids are exactly those of the tensor loader; 1 channel comes back."""
+    split, loader, (x, y, idx) = digits_eval
+    assert isinstance(loader, FFCVLoader) and not loader.augmented
+    assert loader.num_samples == len(split) == 359 and len(loader) == 3  # 128 + 128 + 103, never dropped
+    assert x.shape == (len(split), 1, 8, 8) and x.dtype == torch.float32 and x.is_contiguous()
+    assert y.dtype == torch.int64 and idx.dtype == torch.int64
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    cfg = ffcv_env["digits_cfg"]
+    ref = build_loader(compose("pretrain/pretrain", ["loader=tensor", "loader.device=cpu"]).loader, split,
+                       train=False)
+    rx, ry, ridx = _collect(ref)
+    assert torch.equal(idx, ridx) and torch.equal(y, ry)
+    assert torch.equal(x, rx)
+    assert cfg.loader.backend == "ffcv"
+
+
+def test_resume_skips_batches(digits_eval):
+    split, loader, (x, y, idx) = digits_eval
+    tx, ty, tidx = _collect(loader, epoch=0, start_batch=1)
+    assert torch.equal(tidx, idx[128:]) and torch.equal(tx, x[128:])
+    assert list(loader.iter_epoch(0, start_batch=len(loader))) == []
+
+
+def test_subset_maps_ids_to_rows(ffcv_env, digits_eval):
+    """A subset (shuffled positions, as dataset.subset or a caller may give) reads the right beton rows."""
+    split, _, (x, y, idx) = digits_eval
+    pos = torch.from_numpy(np.random.default_rng(1).permutation(len(split))[:50])
+    sub = split.select(pos)
+    loader = build_loader(ffcv_env["digits_cfg"].loader, sub, train=False)
+    assert loader.num_samples == 50 and len(loader) == 1
+    sx, sy, sidx = _collect(loader)
+    # eval order follows the beton rows: compare per sample id
+    by_id = {int(i): k for k, i in enumerate(idx)}
+    rows = torch.tensor([by_id[int(i)] for i in sidx])
+    assert sorted(sidx.tolist()) == sorted(sub.ids.tolist())
+    assert torch.equal(sx, x[rows]) and torch.equal(sy, y[rows])
+    assert torch.equal(sy, split.labels[torch.as_tensor([int((split.ids == i).nonzero()) for i in sidx])])
+
+
+def test_digits_train_crop_flip(ffcv_env):
+    """Shuffled, augmented (padding 2 + flip) batches: shapes, range, every id once per epoch, seeded order."""
+    split = ffcv_env["digits"].split("test")
+    loader = build_loader(ffcv_env["digits_cfg"].loader, split, train=True, seed=3)
+    assert loader.augmented and loader.order_name == "quasi_random"
+    assert len(loader) == 6  # ceil(359 / 64), drop_last=false
+    shapes = []
+    ids = []
+    for x, y, i in loader.iter_epoch(0):
+        shapes.append(tuple(x.shape))
+        ids.append(i)
+        assert x.dtype == torch.float32 and 0 <= float(x.min()) and float(x.max()) <= 1
+        assert y.dtype == torch.int64 and torch.equal(y, split.labels[i])  # ids are positions in this split
+    assert shapes == [(64, 1, 8, 8)] * 5 + [(39, 1, 8, 8)]
+    ids = torch.cat(ids)
+    assert sorted(ids.tolist()) == split.ids.tolist()
+    assert not torch.equal(ids, split.ids)  # shuffled
+    again = torch.cat([i for _, _, i in loader.iter_epoch(0)])
+    other = torch.cat([i for _, _, i in loader.iter_epoch(1)])
+    assert torch.equal(ids, again) and not torch.equal(ids, other)  # order = f(seed, epoch)
+
+
+def test_distributed_shards_are_disjoint(ffcv_env):
+    """world_size=2: each rank reads half of every epoch's order, together all samples (no pipeline run)."""
+    split = ffcv_env["digits"].split("test")
+    cfg = ffcv_env["digits_cfg"].loader
+    shards = [build_loader(cfg, split, train=True, seed=0, rank=r, world_size=2) for r in (0, 1)]
+    orders = [set(s._epoch_order(0).tolist()) for s in shards]
+    assert len(orders[0]) == 180 and len(orders[1]) >= 179 and orders[0] | orders[1] == set(range(len(split)))
+    assert all(s.order_name == "random" for s in shards) and len(shards[0]) == 3  # ceil(180 / 64)
+
+
+def test_imagefolder_eval_jpeg_tolerance(ffcv_env):
+    """JPEG-stored PNGs of three shapes: centre crops match the tensor loader's within JPEG error."""
+    split = ffcv_env["folder"].split("test")
+    loader = build_loader(ffcv_env["folder_cfg"].loader, split, train=False)
+    x, y, idx = _collect(loader)
+    assert x.shape == (9, 3, IMG_SIZE, IMG_SIZE) and x.dtype == torch.float32
+    assert 0 <= float(x.min()) and float(x.max()) <= 1
+    ref = build_loader(compose("pretrain/pretrain", ["loader=tensor", "loader.device=cpu"]).loader, split,
+                       train=False)
+    rx, ry, ridx = _collect(ref)
+    assert torch.equal(idx, ridx) and torch.equal(y, ry)
+    err = (x - rx).abs()
+    assert float(err.mean()) < 0.02 and float(err.max()) < 0.2, (float(err.mean()), float(err.max()))
+
+
+def test_imagefolder_train_rrc_flip(ffcv_env):
+    split = ffcv_env["folder"].split("train")
+    loader = build_loader(ffcv_env["folder_cfg"].loader, split, train=True, seed=0)
+    assert loader.augmented and len(loader) == 3  # 18 images, batch 8
+    got = [(tuple(x.shape), x.dtype, float(x.min()) >= 0 and float(x.max()) <= 1) for x, _, _ in
+           loader.iter_epoch(0)]
+    assert got == [((8, 3, IMG_SIZE, IMG_SIZE), torch.float32, True)] * 2 + \
+        [((2, 3, IMG_SIZE, IMG_SIZE), torch.float32, True)]
+
+
+def test_missing_beton_and_dir_are_user_errors(ffcv_env, tmp_path):
+    split = ffcv_env["digits"].split("val")  # no beton was written for it
+    cfg = ffcv_env["digits_cfg"].loader
+    with pytest.raises(UserError) as e:
+        build_loader(cfg, split, train=False)
+    msg = str(e.value)
+    assert str(ffcv_env["out"] / "digits_val.beton") in msg and "scripts/write_ffcv.py" in msg
+    cfg2 = compose("pretrain/pretrain", ["loader=ffcv", "loader.ffcv_dir=null"]).loader
+    with pytest.raises(UserError, match="ffcv_dir"):
+        build_loader(cfg2, split, train=False)
+
+
+def test_stale_beton_is_a_user_error(ffcv_env):
+    """A split whose ids are not in the beton (written from another split/config) is named, not misread."""
+    split = ffcv_env["digits"].split("test")
+    other = split.select(torch.arange(10))
+    other.ids = other.ids + 10_000
+    with pytest.raises(UserError, match="lacks 10 of the 10 sample ids"):
+        build_loader(ffcv_env["digits_cfg"].loader, other, train=False)

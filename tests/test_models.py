@@ -1,0 +1,262 @@
+"""Models: the factory for a timm name and each of our nets, the features/logits API, WRN intermediates, local
+checkpoints with and without a head mismatch, zoo checkpoints, refusal of unsafe pickles, and the normalisation
+wrapper."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+from src.errors import UserError
+from src.io_utils import file_hash, load_state_dict, save_safetensors
+from src.models import (OUR_MODELS, Normalized, create_model, freeze, load_checkpoint, load_weights, read_meta,
+                        save_checkpoint)
+
+GREY = dict(in_chans=1, mean=[0.3], std=[0.38])
+RGB = dict(in_chans=3, mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26])
+
+
+def _make(arch, num_classes=10, rgb=False, seed=0, **kw):
+    torch.manual_seed(seed)
+    stats = RGB if rgb else GREY
+    return create_model(arch, num_classes, stats["in_chans"], stats["mean"], stats["std"], **kw)
+
+
+def test_our_models_are_the_advertised_ones():
+    assert set(OUR_MODELS) == {"mlp", "lenet", "resnet8", "resnet20", "resnet56", "wrn_16_1", "wrn_16_2",
+                               "wrn_40_2"}
+    import timm
+
+    assert all(timm.is_model(n) for n in OUR_MODELS)
+
+
+def test_timm_model_by_name_without_hub_weights():
+    m = _make("resnet18", num_classes=7, rgb=True)
+    assert isinstance(m, Normalized) and m.arch == "resnet18" and m.num_classes == 7
+    assert m.mean.flatten().tolist() == pytest.approx(RGB["mean"]) and m.std.flatten().tolist() == pytest.approx(
+        RGB["std"])
+    m.eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        z = m(x)
+        f, z2 = m.features_and_logits(x)
+    assert z.shape == (2, 7) and f.shape == (2, m.num_features) and m.num_features == 512
+    torch.testing.assert_close(z, z2)
+
+
+@pytest.mark.parametrize("arch", OUR_MODELS)
+def test_each_of_our_nets_on_digits_and_cifar_shapes(arch):
+    for rgb, shape in ((False, (2, 1, 8, 8)), (True, (2, 3, 32, 32))):
+        m = _make(arch, num_classes=10, rgb=rgb, img_size=shape[-1])
+        m.eval()
+        x = torch.rand(*shape)
+        with torch.no_grad():
+            z = m(x)
+            f, z2 = m.features_and_logits(x)
+        assert z.shape == (2, 10) and torch.isfinite(z).all()
+        assert f.shape == (2, m.num_features)
+        torch.testing.assert_close(z, z2)
+        assert m.net.get_classifier().in_features == m.num_features
+
+
+@pytest.mark.parametrize("arch,widths", [("wrn_16_1", (16, 32, 64)), ("wrn_16_2", (32, 64, 128)),
+                                         ("resnet8", (16, 32, 64))])
+def test_intermediates_give_three_stages(arch, widths):
+    m = _make(arch, rgb=True).eval()
+    with torch.no_grad():
+        inter = m.intermediates(torch.rand(2, 3, 32, 32))
+    assert len(inter) == 3
+    assert [t.shape for t in inter] == [(2, widths[0], 32, 32), (2, widths[1], 16, 16), (2, widths[2], 8, 8)]
+
+
+def test_intermediates_unavailable_is_a_user_error():
+    with pytest.raises(UserError, match="intermediate"):
+        _make("mlp").intermediates(torch.rand(1, 1, 8, 8))
+
+
+def test_kwargs_are_passed_and_bad_names_are_user_errors():
+    m = _make("mlp", kwargs={"hidden": [7, 5]}, img_size=8)
+    assert m.num_features == 5 and m.net.body[1].out_features == 7
+    assert _make("lenet", kwargs={"width": 2}).num_features == 168
+    with pytest.raises(UserError, match="unknown model 'resnet21'.*closest"):
+        _make("resnet21")
+
+
+def test_normalized_applies_mean_and_std():
+    class Capture(nn.Module):
+        def forward(self, x):
+            self.seen = x
+            return x.flatten(1)[:, :3]
+
+    net = Capture()
+    m = Normalized(net, mean=[0.5, 0.2, 0.1], std=[0.25, 0.5, 2.0])
+    x = torch.rand(4, 3, 5, 5)
+    out = m(x)
+    mean = torch.tensor([0.5, 0.2, 0.1]).view(1, 3, 1, 1)
+    std = torch.tensor([0.25, 0.5, 2.0]).view(1, 3, 1, 1)
+    torch.testing.assert_close(net.seen, (x - mean) / std)
+    torch.testing.assert_close(m.normalize(x), (x - mean) / std)
+    assert out.shape == (4, 3)
+    # the statistics are buffers: saved with the weights, moved with .to()
+    assert set(m.state_dict()) == {"mean", "std"}
+    assert m.double().mean.dtype == torch.float64
+
+
+def test_normalized_follows_the_input_dtype():
+    m = _make("mlp", img_size=8).eval()
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(m.to(torch.float64)(x.double()).float(), m.float()(x), rtol=1e-4, atol=1e-5)
+
+
+def _outputs(m, x):
+    m.eval()
+    with torch.no_grad():
+        return m(x)
+
+
+def test_local_checkpoint_same_classes_loads_everything(tmp_path):
+    a = _make("resnet8", seed=1)
+    b_init = _make("resnet8", seed=2)
+    path = tmp_path / "net.safetensors"
+    save_safetensors(a.net.state_dict(), path)  # a plain timm-style state dict of the network
+    b = _make("resnet8", seed=2, checkpoint=str(path))
+    for k, v in a.net.state_dict().items():
+        assert torch.equal(b.net.state_dict()[k], v), k
+    assert not torch.equal(b_init.net.fc.weight, a.net.fc.weight)
+    x = torch.rand(3, 1, 8, 8)
+    torch.testing.assert_close(_outputs(a, x), _outputs(b, x))
+
+
+def test_local_checkpoint_with_other_class_count_reinitialises_only_the_head(tmp_path, caplog):
+    src = _make("resnet8", num_classes=10, seed=1)
+    path = tmp_path / "net.pt"
+    # a torch file with the usual wrappers: {'state_dict': {'module.<key>': ...}}
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.net.state_dict().items()}, "epoch": 3}, path)
+    torch.manual_seed(5)
+    fresh = _make("resnet8", num_classes=4, seed=5)
+    with caplog.at_level(logging.WARNING):
+        m = _make("resnet8", num_classes=4, seed=5, checkpoint=str(path))
+    assert "re-initialised the classifier" in caplog.text
+    assert m.num_classes == 4 and m.net.fc.weight.shape == (4, m.num_features)
+    sd, ref = m.net.state_dict(), src.net.state_dict()
+    body = [k for k in sd if not k.startswith("fc.")]
+    assert len(body) > 10
+    for k in body:
+        assert torch.equal(sd[k], ref[k]), k
+    # the head is the fresh model's initialisation, not the checkpoint's
+    assert torch.equal(m.net.fc.weight, fresh.net.fc.weight)
+    assert m(torch.rand(2, 1, 8, 8)).shape == (2, 4)
+
+
+def test_load_weights_returns_a_message_only_on_head_mismatch():
+    a, b = _make("mlp", 10, img_size=8), _make("mlp", 3, img_size=8)
+    assert load_weights(b.net, a.net.state_dict(), "a") != ""
+    assert load_weights(a.net, _make("mlp", 10, seed=3, img_size=8).net.state_dict(), "c") == ""
+
+
+def test_checkpoint_of_another_architecture_is_a_user_error(tmp_path):
+    path = tmp_path / "lenet.safetensors"
+    save_safetensors(_make("lenet").net.state_dict(), path)
+    with pytest.raises(UserError, match="does not fit this architecture"):
+        _make("resnet8", checkpoint=str(path))
+    # same family, other depth: mis-shaped / missing keys are not mistaken for a head mismatch
+    save_safetensors(_make("resnet8").net.state_dict(), path)
+    with pytest.raises(UserError, match="does not fit"):
+        _make("resnet20", checkpoint=str(path))
+
+
+def test_missing_and_corrupt_checkpoints_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_state_dict(tmp_path / "nope.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    save_safetensors({"w": torch.ones(100)}, bad)
+    bad.write_bytes(bad.read_bytes()[:60])
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        load_state_dict(bad)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(UserError):
+        load_state_dict(junk)
+    notensors = tmp_path / "list.pt"
+    torch.save([1, 2, 3], notensors)
+    with pytest.raises(UserError, match="no state dict"):
+        load_state_dict(notensors)
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("how", ["torch_save", "raw_pickle"])
+def test_malicious_pickle_is_refused_and_not_executed(tmp_path, how):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    payload = {"state_dict": {"fc.weight": torch.zeros(2, 2)}, "hook": _Evil(marker)}
+    if how == "torch_save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    assert not marker.exists()
+    with pytest.raises(UserError, match="refusing to load"):
+        load_state_dict(path)
+    assert not marker.exists(), "the pickle's command was executed"
+    with pytest.raises(UserError):
+        _make("mlp", checkpoint=str(path))
+    assert not marker.exists()
+
+
+def test_zoo_checkpoint_round_trip(tmp_path):
+    m = create_model("wrn_16_1", 10, 3, [0.1, 0.2, 0.3], [0.9, 0.8, 0.7], kwargs={"drop_rate": 0.1})
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.01)
+    folder = tmp_path / "digits" / "w"
+    meta = save_checkpoint(m, folder, {"name": "w", "kwargs": {"drop_rate": 0.1},
+                                       "dataset": {"channels": 3, "image_size": 32}, "test_acc": 0.5})
+    assert meta["arch"] == "wrn_16_1" and meta["num_classes"] == 10
+    assert meta["hash"] == file_hash(folder / "model.safetensors")
+    assert json.loads((folder / "meta.json").read_text())["hash"] == meta["hash"]
+    assert read_meta(folder)["test_acc"] == 0.5
+    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "model.safetensors"]  # no temp files left
+    for target in (folder, folder / "model.safetensors"):
+        loaded, lmeta = load_checkpoint(target, expect_classes=10, expect_channels=3)
+        assert lmeta["name"] == "w"
+        sd = m.state_dict()
+        assert set(loaded.state_dict()) == set(sd)
+        for k, v in sd.items():
+            assert torch.equal(loaded.state_dict()[k], v), k  # includes the normalisation statistics
+        x = torch.rand(2, 3, 32, 32)
+        torch.testing.assert_close(_outputs(loaded, x), _outputs(m, x))
+    with pytest.raises(UserError, match="classes"):
+        load_checkpoint(folder, expect_classes=100)
+    with pytest.raises(UserError, match="channel"):
+        load_checkpoint(folder, expect_channels=1)
+    with pytest.raises(UserError, match="holds no model"):
+        load_checkpoint(tmp_path / "empty")
+
+
+def test_normalized_checkpoint_loads_through_create_model(tmp_path):
+    m = create_model("lenet", 10, 1, [0.25], [0.5])
+    path = tmp_path / "m.safetensors"
+    save_safetensors(m.state_dict(), path)  # keys net.* + mean/std
+    m2 = create_model("lenet", 10, 1, [0.0], [1.0], checkpoint=str(path))
+    assert m2.mean.item() == 0.25 and m2.std.item() == 0.5
+    x = torch.rand(2, 1, 8, 8)
+    torch.testing.assert_close(_outputs(m2, x), _outputs(m, x))
+
+
+def test_freeze():
+    m = freeze(_make("mlp", img_size=8).train())
+    assert not m.training and not any(p.requires_grad for p in m.parameters())

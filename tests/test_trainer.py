@@ -1,0 +1,289 @@
+"""Trainer: the loss falls on digits; a run interrupted after k steps (stop request, signal, or crash) and resumed in
+the same run dir ends with exactly the weights of an uninterrupted run; atomic checkpoints survive a failing
+write; schedules."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import compose
+
+from src.data import build_dataset, build_loader
+from src.engine import CheckpointDir, Trainer, lr_lambda, predict
+from src.errors import Preempted, UserError
+from src.io_utils import load_state_dict, save_safetensors
+from src.methods import CrossEntropy
+from src.models import create_model
+from src.schema import OptimizerConfig, SchedulerConfig, TrainerConfig
+from src.tracking import Tracker
+
+
+@pytest.fixture(scope="module")
+def digits():
+    cfg = compose("pretrain/pretrain")
+    return build_dataset(cfg.dataset, cfg.paths)
+
+
+def _loader(ds, batch_size=128, augment="crop_flip", seed=0):
+    lcfg = compose("pretrain/pretrain", [f"loader.batch_size={batch_size}", f"loader.augment={augment}",
+                                         "loader.crop_padding=1", "loader.flip=true", "loader.shuffle=true"]).loader
+    return build_loader(lcfg, ds.split("train"), train=True, seed=seed, device="cpu")
+
+
+def _typed(schema, **kw):
+    return OmegaConf.merge(OmegaConf.structured(schema), kw)
+
+
+def _model(arch, ds, seed, **kwargs):
+    torch.manual_seed(seed)
+    i = ds.info
+    return create_model(arch, i.num_classes, i.channels, i.mean, i.std, kwargs=kwargs, img_size=i.image_size)
+
+
+def _trainer(ds, run_dir, arch="mlp", init_seed=0, optim=None, sched=None, tracker=None, evaluate=None,
+             model_kwargs=None, batch_size=128, **tcfg):
+    tcfg = {"seed": 0, "progress": "off", **tcfg}
+    method = CrossEntropy(_model(arch, ds, init_seed, **(model_kwargs or {})))
+    return Trainer(method, _loader(ds, batch_size), _typed(TrainerConfig, **tcfg),
+                   _typed(OptimizerConfig, **(optim or {"name": "sgd", "lr": 0.05})),
+                   _typed(SchedulerConfig, **(sched or {"name": "cosine", "warmup_epochs": 1})),
+                   run_dir, tracker=tracker, evaluate=evaluate, device="cpu")
+
+
+def _assert_same_state(a: dict, b: dict):
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def _optimizer_tensors(opt):
+    out = {}
+    for pid, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                out[f"{pid}.{k}"] = v
+    return out
+
+
+def test_loss_falls_and_the_model_learns_digits(tmp_path, digits):
+    val = build_loader(compose("pretrain/pretrain").loader, digits.split("val"), train=False, device="cpu")
+
+    def evaluate(m):
+        out = predict(m, val)
+        return {"val/acc": float((out["logits"].argmax(1) == out["labels"]).float().mean())}
+
+    t = _trainer(digits, tmp_path, epochs=3, optim={"name": "adam", "lr": 0.01, "weight_decay": 0.0},
+                 sched={"name": "none"}, evaluate=evaluate, model_kwargs={"hidden": [64]}, batch_size=32)
+    before = evaluate(t.method.student)["val/acc"]
+    last = t.fit()
+    losses = [h["train/loss"] for h in t.history]
+    assert [h["step"] for h in t.history] == [23, 46, 69]  # 719 images / 32 -> 23 steps per epoch
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert last["val/acc"] > 0.85 and before < 0.3, (before, last)
+    assert t.step == t.total_steps == 69
+    assert CheckpointDir(tmp_path / "checkpoints" / "train").latest().name == "step_00000069"
+
+
+CASES = {
+    # model with dropout (global torch RNG), AdamW state, cosine with warmup, stop request mid-epoch 0
+    "mlp-dropout-adamw-cosine-stop": dict(arch="mlp", model_kwargs={"hidden": [32], "drop_rate": 0.3},
+                                          optim={"name": "adamw", "lr": 0.005, "weight_decay": 0.01},
+                                          sched={"name": "cosine", "warmup_epochs": 0.5}, stop_at=5,
+                                          how="request_stop"),
+    # BatchNorm buffers, SGD momentum, step schedule; SIGUSR1 in epoch 1 (preemption signal)
+    "resnet8-sgd-step-sigusr1": dict(arch="resnet8", model_kwargs={},
+                                     optim={"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True},
+                                     sched={"name": "step", "step_size": 1, "gamma": 0.5}, stop_at=8,
+                                     how="signal"),
+}
+TOTAL = 12  # 2 epochs of 6 steps
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, digits, case):
+    c = CASES[case]
+    common = dict(arch=c["arch"], model_kwargs=c["model_kwargs"], optim=c["optim"], sched=c["sched"],
+                  max_steps=TOTAL, eval_every_steps=4)
+
+    ref = _trainer(digits, tmp_path / "ref", init_seed=0, **common)
+    ref.fit()
+    assert ref.step == TOTAL
+
+    run = tmp_path / "run"
+    first = _trainer(digits, run, init_seed=0, **common)
+    k = c["stop_at"]
+
+    def after_step(step):
+        if step == k:
+            if c["how"] == "signal":
+                os.kill(os.getpid(), signal.SIGUSR1)
+            else:
+                first.request_stop()
+
+    first.method.after_step = after_step
+    with pytest.raises(Preempted, match=f"step {k}/{TOTAL}"):
+        first.fit()
+    assert first.step == k
+    ckpt = CheckpointDir(run / "checkpoints" / "train")
+    assert ckpt.latest().name == f"step_{k:08d}"
+    assert len(list((run / "checkpoints" / "train").glob("step_*"))) == 1  # keep_checkpoints=1
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler is restored
+
+    # a fresh process would start with other weights and another RNG state: the checkpoint must restore both
+    torch.manual_seed(1234)
+    resumed = _trainer(digits, run, init_seed=99, **common)
+    resumed.fit()
+    assert resumed.step == TOTAL
+    assert [h["step"] for h in resumed.history] == [s for s in (4, 8, 12) if s > k]
+    _assert_same_state(resumed.method.state_dict(), ref.method.state_dict())
+    _assert_same_state(_optimizer_tensors(resumed.optimizer), _optimizer_tensors(ref.optimizer))
+    assert resumed.scheduler.get_last_lr() == ref.scheduler.get_last_lr()
+    # and the interruption really changed something: a run that restarted from scratch would not match
+    assert not torch.equal(_model(c["arch"], digits, 99, **c["model_kwargs"]).net.fc.weight,
+                           ref.method.student.net.fc.weight)
+
+
+def test_crash_resumes_from_last_checkpoint_and_metrics_are_not_duplicated(tmp_path, digits):
+    common = dict(arch="mlp", model_kwargs={"hidden": [32], "drop_rate": 0.2}, max_steps=TOTAL,
+                  eval_every_steps=2, ckpt_every_steps=3)
+    ref = _trainer(digits, tmp_path / "ref", tracker=Tracker(tmp_path / "ref"), **common)
+    ref.fit()
+
+    run = tmp_path / "run"
+    first = _trainer(digits, run, tracker=Tracker(run), **common)
+
+    def crash(step):
+        if step == 5:
+            raise RuntimeError("node died")
+
+    first.method.after_step = crash
+    with pytest.raises(RuntimeError, match="node died"):
+        first.fit()
+    tr = Tracker(run)
+    assert [r["step"] for r in tr.read_metrics()] == [2, 4]
+    assert CheckpointDir(run / "checkpoints" / "train").latest().name == "step_00000003"
+
+    resumed = _trainer(digits, run, init_seed=7, tracker=tr, **common)
+    resumed.fit()
+    _assert_same_state(resumed.method.state_dict(), ref.method.state_dict())
+    steps = [r["step"] for r in Tracker(run).read_metrics()]
+    assert steps == [2, 4, 6, 8, 10, 12]  # line 4 (after the step-3 checkpoint) was dropped and re-logged
+    assert [r["step"] for r in Tracker(tmp_path / "ref").read_metrics()] == steps
+
+
+def test_resume_false_starts_over(tmp_path, digits):
+    t = _trainer(digits, tmp_path, max_steps=3)
+    t.fit()
+    t2 = _trainer(digits, tmp_path, max_steps=3, resume=False)
+    assert t2.try_resume() is False and t2.step == 0
+
+
+def test_resume_into_another_model_is_a_user_error(tmp_path, digits):
+    _trainer(digits, tmp_path, arch="mlp", max_steps=2).fit()
+    with pytest.raises(UserError, match="does not match"):
+        _trainer(digits, tmp_path, arch="lenet", max_steps=2).fit()
+
+
+def test_non_finite_loss_is_a_user_error(tmp_path, digits):
+    t = _trainer(digits, tmp_path, max_steps=3, optim={"name": "sgd", "lr": 1e30, "momentum": 0.0})
+    with pytest.raises(UserError, match="non-finite loss"):
+        t.fit()
+
+
+def test_bad_trainer_settings_are_user_errors(tmp_path, digits):
+    with pytest.raises(UserError, match="amp"):
+        _trainer(digits, tmp_path, amp="fp8")
+    with pytest.raises(UserError, match="optimizer.name"):
+        _trainer(digits, tmp_path, optim={"name": "lion"})
+    with pytest.raises(UserError, match="scheduler.name"):
+        _trainer(digits, tmp_path, sched={"name": "poly"})
+
+
+def test_schedules():
+    cos = lr_lambda(_typed(SchedulerConfig, name="cosine", warmup_epochs=1, min_lr_ratio=0.1), 100, 10)
+    assert [cos(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])  # linear warmup over one epoch
+    assert cos(10) == pytest.approx(1.0) and cos(55) == pytest.approx(0.55) and cos(100) == pytest.approx(0.1)
+    step = lr_lambda(_typed(SchedulerConfig, name="step", step_size=2, gamma=0.1), 100, 10)
+    assert [step(s) for s in (0, 19, 20, 45)] == pytest.approx([1.0, 1.0, 0.1, 0.01])
+    none = lr_lambda(_typed(SchedulerConfig, name="none"), 100, 10)
+    assert none(0) == none(99) == 1.0
+
+
+# ------------------------------------------------------------------------------------------ atomic saves
+
+
+def _weights(v):
+    return {"w": torch.full((4, 4), float(v)), "b": torch.arange(3.0) + v}
+
+
+@pytest.mark.parametrize("fail_in", ["safetensors", "torch_save"])
+def test_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch, fail_in):
+    ck = CheckpointDir(tmp_path / "ck")
+    ck.save(1, _weights(1), {"step": 1})
+    assert ck.latest().name == "step_00000001"
+
+    if fail_in == "safetensors":
+        import safetensors.torch
+
+        real = safetensors.torch.save_file
+
+        def broken(tensors, filename, metadata=None):
+            real({"w": tensors["w"]}, filename)  # half a file on disk, then the disk is full
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    else:
+        real = torch.save
+
+        def broken(obj, f, *a, **kw):
+            with open(f, "wb") as fh:
+                fh.write(b"PK\x03\x04 truncated")
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(OSError, match="No space"):
+        ck.save(2, _weights(2), {"step": 2})
+    monkeypatch.undo()
+
+    d = ck.latest()
+    assert d.name == "step_00000001"
+    weights, state = CheckpointDir.load(d)
+    _assert_same_state(weights, _weights(1))
+    assert state["step"] == 1
+    assert not (tmp_path / "ck" / "step_00000002").exists()
+    # the next save succeeds and moves the pointer
+    ck.save(3, _weights(3), {"step": 3})
+    assert ck.latest().name == "step_00000003"
+    _assert_same_state(CheckpointDir.load(ck.latest())[0], _weights(3))
+    assert [p.name for p in (tmp_path / "ck").glob("step_*")] == ["step_00000003"]
+
+
+def test_failed_file_write_leaves_the_old_file_and_no_temp_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    path = tmp_path / "model.safetensors"
+    save_safetensors(_weights(1), path)
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(KeyboardInterrupt):
+        save_safetensors(_weights(2), path)
+    monkeypatch.undo()
+    _assert_same_state(load_state_dict(path), _weights(1))
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_keep_checkpoints(tmp_path):
+    ck = CheckpointDir(tmp_path, keep=2)
+    for s in (1, 2, 3):
+        ck.save(s, _weights(s), {"step": s})
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000003"]
+    assert ck.latest().name == "step_00000003"
