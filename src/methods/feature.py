@@ -24,6 +24,19 @@ def similarity_kl(fs: torch.Tensor, ft: torch.Tensor, gamma: float) -> torch.Ten
     return (torch.special.xlogy(pt, pt) - pt * ss.log_softmax(1)).masked_fill(eye, 0).sum(1).mean()
 
 
+def logit_terms(loss, logs, zs, zt, y, T: float, kd_weight: float, ce_weight: float):
+    """Add the optional logit terms of the feature methods: kd_weight * T^2 KL(p_t || p_s) + ce_weight * CE."""
+    if kd_weight:
+        kd = kl_to_target(zs, (zt / T).softmax(1), T).mean()
+        loss = loss + kd_weight * kd
+        logs["kl"] = kd.detach()
+    if ce_weight:
+        ce = F.cross_entropy(zs.float(), y)
+        loss = loss + ce_weight * ce
+        logs["ce"] = ce.detach()
+    return loss, logs
+
+
 class CD(Method):
     """beta * KL between the in-batch feature-similarity distributions of teacher and student (temperature
     gamma), plus `kd_weight` * logit KL and `ce_weight` * CE (both 0 by default)."""
@@ -41,15 +54,7 @@ class CD(Method):
         fs, zs = self.student.features_and_logits(x)
         ft, zt = self.teacher.features_and_logits(x, idx, use_cache=not mixed)
         cd = similarity_kl(fs, ft, self.gamma)
-        loss = self.beta * cd
-        logs = {"cd": cd.detach()}
-        if self.kd_w:
-            kd = kl_to_target(zs, (zt / self.T).softmax(1), self.T).mean()
-            loss = loss + self.kd_w * kd
-            logs["kl"] = kd.detach()
-        if self.ce_w:
-            loss = loss + self.ce_w * F.cross_entropy(zs.float(), y)
-        return loss, logs
+        return logit_terms(self.beta * cd, {"cd": cd.detach()}, zs, zt, y, self.T, self.kd_w, self.ce_w)
 
 
 class _Embed(nn.Module):
@@ -118,12 +123,4 @@ class CRD(Method):
         with torch.no_grad():
             for mem, v in ((self.memory_s, vs), (self.memory_t, vt)):
                 mem[idx] = F.normalize(mem[idx] * self.m + v.detach() * (1 - self.m), dim=1)
-        loss = self.crd_w * crd
-        logs = {"crd": crd.detach()}
-        if self.kd_w:
-            kd = kl_to_target(zs, (zt / self.T).softmax(1), self.T).mean()
-            loss = loss + self.kd_w * kd
-            logs["kl"] = kd.detach()
-        if self.ce_w:
-            loss = loss + self.ce_w * F.cross_entropy(zs.float(), y)
-        return loss, logs
+        return logit_terms(self.crd_w * crd, {"crd": crd.detach()}, zs, zt, y, self.T, self.kd_w, self.ce_w)

@@ -92,6 +92,16 @@ class KL(Method):
         kl = self.per_sample_kl(zs, zt)
         return self.combine(kl, zs, y, mixed)
 
+    def three_logits(self, batch):
+        """Student, teacher and frozen-student logits of one (possibly mixed) batch; frozen outputs come from
+        the per-sample caches unless the inputs were mixed."""
+        x, _, idx = batch
+        x, mixed = self.mix(x)
+        zs = self.student(x)
+        zt = self.teacher.logits(x, idx, use_cache=not mixed)
+        zf = self.frozen_student.logits(x, idx, use_cache=not mixed)
+        return zs, zt, zf, mixed
+
     def combine(self, kl, zs, y, mixed, mask=None):
         logs = {"kl": kl.detach().mean()}
         if mask is None:
@@ -120,11 +130,8 @@ class KLDP(KL):
         self.partition = partition
 
     def loss(self, batch):
-        x, y, idx = batch
-        x, mixed = self.mix(x)
-        zs = self.student(x)
-        zt = self.teacher.logits(x, idx, use_cache=not mixed)
-        zf = self.frozen_student.logits(x, idx, use_cache=not mixed)
+        y = batch[1]
+        zs, zt, zf, mixed = self.three_logits(batch)
         w = dp_route(zt, zf, None if (mixed or self.partition == "most-conf_u") else y,
                      "most-conf_u" if mixed and self.partition == "most-conf" else self.partition)
         target = w[:, None] * (zt / self.T).softmax(1) + (1 - w[:, None]) * (zf / self.T).softmax(1)
@@ -150,11 +157,8 @@ class MCL(KL):
             p.requires_grad_(False)
 
     def loss(self, batch):
-        x, y, idx = batch
-        x, mixed = self.mix(x)
-        zs = self.student(x)
-        zt = self.teacher.logits(x, idx, use_cache=not mixed)
-        zf = self.frozen_student.logits(x, idx, use_cache=not mixed)
+        y = batch[1]
+        zs, zt, zf, mixed = self.three_logits(batch)
         neg = (zf.argmax(1) == y) & (zt.argmax(1) != y)
         mask = (~neg).float()
         loss, logs = self.combine(self.per_sample_kl(zs, zt), zs, y, mixed, mask=mask)
