@@ -6,8 +6,10 @@ computed with matrix operations (no loop over pairs):
 - correctness C (N, n) bool; positive flips pos[t, s] = #(t right, s wrong) = C[t] @ (1 - C[s]), one matmul;
   negative flips are its transpose (neg[t, s] = pos[s, t]).
 - per-class positive flips (N, N, K) from one batched matmul per chunk of classes (samples grouped by label);
-  their mean, std and entropy over classes, and how many classes hold p% of the positive flips.
-- top-1 agreement from chunked comparisons of the (N, n) predicted-class matrix.
+  their mean, std and entropy over classes, and how many classes hold p% of the positive flips, from the
+  histogram of the per-class counts (so the (N, N, K) tensor need not be held).
+- top-1 agreement from the per-sample groups of models predicting the same class (one sort): large groups as
+  0/1 columns of a matmul, small groups pair by pair.
 - predictive KL(teacher || student) = sum_k p_t log p_t - p_t @ log p_s^T over chunks of samples (needs logits).
 
 Pure functions: torch only, nothing else from the suite. They run on the device of their inputs.
@@ -84,13 +86,18 @@ def _class_chunks(correct: torch.Tensor, labels: torch.Tensor, num_classes: int,
         if m == 0:
             yield k0, k1, torch.zeros((k1 - k0, N, N), dtype=fdt, device=dev)
             continue
-        lab, pos = sorted_labels[a:b] - k0, slot[a:b]
-        right = torch.zeros((k1 - k0, m, N), dtype=fdt, device=dev)
-        valid = torch.zeros((k1 - k0, m, 1), dtype=fdt, device=dev)
-        right[lab, pos] = right_sorted[:, a:b].T.to(fdt)
-        valid[lab, pos] = 1.0
-        wrong = valid - right
-        yield k0, k1, torch.bmm(right.transpose(1, 2), wrong)
+        if int(counts[k0:k1].min()) == m:  # balanced chunk (ImageNet val): a view, no padding
+            right = right_sorted[:, a:b].to(fdt).view(N, k1 - k0, m).transpose(0, 1)
+            wrong = 1.0 - right
+        else:
+            lab, pos = sorted_labels[a:b] - k0, slot[a:b]
+            right = torch.zeros((N, k1 - k0, m), dtype=fdt, device=dev)
+            valid = torch.zeros((1, k1 - k0, m), dtype=fdt, device=dev)
+            right[:, lab, pos] = right_sorted[:, a:b].to(fdt)
+            valid[:, lab, pos] = 1.0
+            wrong = (valid - right).transpose(0, 1)
+            right = right.transpose(0, 1)
+        yield k0, k1, torch.bmm(right, wrong.transpose(1, 2))  # exact integer counts
 
 
 def per_class_flip_counts(correct: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -108,59 +115,58 @@ def per_class_flip_counts(correct: torch.Tensor, labels: torch.Tensor, num_class
 
 def class_flip_histogram(correct: torch.Tensor, labels: torch.Tensor, num_classes: int, class_chunk: int = 64
                          ) -> torch.Tensor:
-    """(N, N, m + 1) int64: hist[t, s, v] = #classes in which t has exactly v positive flips over s (m = largest
-    class). Everything `class_stats` needs, without holding the (N, N, K) per-class counts."""
+    """(m + 1, N, N) int64, level first: hist[v, t, s] = #classes in which t has exactly v positive flips over s
+    (m = largest class). Everything `class_stats` needs, without holding the (N, N, K) per-class counts."""
     N, n = correct.shape
     m = int(torch.bincount(labels.long(), minlength=num_classes).max()) if n else 0
-    V = m + 1
-    base = (torch.arange(N * N, device=correct.device) * V).view(N, N)
-    hist = torch.zeros(N * N * V, dtype=torch.long, device=correct.device)
+    V, P = m + 1, N * N
+    fdt = _exact_float(V * P)
+    base = torch.arange(P, dtype=fdt, device=correct.device).view(N, N)
+    hist = torch.zeros(V * P, dtype=torch.long, device=correct.device)
     for _, _, c in _class_chunks(correct, labels, num_classes, class_chunk):
-        # classes innermost, so consecutive indices fall into the same pair's bins (cache-friendly)
-        idx = (torch.round(c).long().permute(1, 2, 0) + base.unsqueeze(-1)).flatten()
-        hist += torch.bincount(idx, minlength=N * N * V)
-    return hist.view(N, N, V)
+        # bin = count * P + pair: neighbouring pairs of one class fall into neighbouring bins (cache-friendly)
+        idx = torch.addcmul(base, c.to(fdt), torch.tensor(float(P), dtype=fdt, device=c.device)).long()
+        hist += torch.bincount(idx.flatten(), minlength=V * P)
+    return hist.view(V, N, N)
 
 
 def histogram_of_counts(per_class: torch.Tensor, max_count: Optional[int] = None) -> torch.Tensor:
-    """(N, N, m + 1) histogram over the last axis of non-negative integer counts (N, N, K)."""
+    """(m + 1, N, N) histogram (level first) over the last axis of non-negative integer counts (N, N, K)."""
     N1, N2, K = per_class.shape
     m = int(per_class.max()) if max_count is None and per_class.numel() else int(max_count or 0)
-    V = m + 1
-    base = (torch.arange(N1 * N2, device=per_class.device) * V).view(N1, N2, 1)
-    idx = (per_class.long() + base).flatten()
-    return torch.bincount(idx, minlength=N1 * N2 * V).view(N1, N2, V)
+    V, P = m + 1, N1 * N2
+    base = torch.arange(P, device=per_class.device).view(N1, N2, 1)
+    idx = (per_class.long() * P + base).flatten()
+    return torch.bincount(idx, minlength=P * V).view(V, N1, N2)
 
 
 def stats_from_histogram(hist: torch.Tensor, num_classes: int, ps: Sequence[float] = CONCENTRATION_PS
                          ) -> Dict[str, torch.Tensor]:
     """Mean, std (population) and entropy over classes of the counts, and for each p the fewest classes
-    (largest first) that hold p% of them (0 where there are none), from the (..., V) histogram of the counts.
+    (largest first) that hold p% of them (0 where there are none), from the level-first (V, ...) histogram.
     Matches `flips.per_class_flips` / `flips.class_concentration` pair by pair."""
     h = hist.double()
-    V = h.shape[-1]
-    v = torch.arange(V, dtype=torch.float64, device=h.device)
-    tot = (h * v).sum(-1)
+    V = h.shape[0]
+    v = torch.arange(V, dtype=torch.float64, device=h.device).view(V, *([1] * (h.ndim - 1)))
+    hv = h * v
+    tot = hv.sum(0)
     mean = tot / num_classes
-    var = ((h * v * v).sum(-1) / num_classes - mean * mean).clamp_min(0.0)
-    vlogv = torch.xlogy(v, v)
+    var = ((hv * v).sum(0) / num_classes - mean * mean).clamp_min(0.0)
     safe = tot.clamp_min(1.0)
-    ent = torch.where(tot > 0, torch.log(safe) - (h * vlogv).sum(-1) / safe, torch.zeros_like(tot)).clamp_min(0)
-    out = {"mean": mean, "std": var.sqrt(), "entropy": ent}
-    # classes with count >= v, and their flips, for every level v (one zero column appended for v = V)
-    cnt_ge = torch.flip(torch.cumsum(torch.flip(h, [-1]), -1), [-1])
-    sum_ge = torch.flip(torch.cumsum(torch.flip(h * v, [-1]), -1), [-1])
-    zero = torch.zeros_like(h[..., :1])
-    cnt_ge, sum_ge = torch.cat([cnt_ge, zero], -1), torch.cat([sum_ge, zero], -1)
+    ent = torch.where(tot > 0, torch.log(safe) - (h * torch.xlogy(v, v)).sum(0) / safe, torch.zeros_like(tot))
+    out = {"mean": mean, "std": var.sqrt(), "entropy": ent.clamp_min(0.0)}
+    # classes with count >= v, and their flips, for every level v (one zero level appended for v = V)
+    # suffix sums as total - prefix + own level (exact: integer values in float64)
+    zero = torch.zeros_like(h[:1])
+    cnt_ge = torch.cat([h.sum(0, keepdim=True) - torch.cumsum(h, 0) + h, zero], 0)
+    sum_ge = torch.cat([tot.unsqueeze(0) - torch.cumsum(hv, 0) + hv, zero], 0)
     for p in ps:
         thr = tot * (p / 100.0) - 1e-9
-        vstar = (sum_ge[..., :V] >= thr.unsqueeze(-1)).sum(-1) - 1  # largest level whose classes reach thr
-        vstar = vstar.clamp(min=0)
-        above = (vstar + 1).unsqueeze(-1)
-        s_above = sum_ge.gather(-1, above).squeeze(-1)
-        c_above = cnt_ge.gather(-1, above).squeeze(-1)
-        extra = torch.ceil((thr - s_above) / vstar.clamp(min=1).double())
-        need = (c_above + extra).round().long()
+        vstar = ((sum_ge[:V] >= thr).sum(0) - 1).clamp(min=0)  # the largest level whose classes reach thr
+        above = (vstar + 1).unsqueeze(0)
+        s_above = sum_ge.gather(0, above).squeeze(0)
+        c_above = cnt_ge.gather(0, above).squeeze(0)
+        need = (c_above + torch.ceil((thr - s_above) / vstar.clamp(min=1).double())).round().long()
         out[f"classes_for_{p:g}pct"] = torch.where(tot > 0, need, torch.zeros_like(need))
     return out
 
@@ -210,11 +216,12 @@ def agreement_counts(preds: torch.Tensor, small_group: int = 16, col_chunk: int 
     # small groups (2 <= size <= small_group): pairs at offsets o = 1 .. small_group - 1 inside the group
     small = (run_len >= 2) & (run_len <= small_group)
     if bool(small.any()):
-        pos = torch.arange(n * N, device=dev) - starts[run]  # position inside the group
-        idx = torch.nonzero(small).flatten()
+        j = torch.nonzero(small).flatten()
+        left = run_len[j] - (j - starts[run[j]]) - 1  # members after this one in its group
         pairs = torch.zeros(N * N, dtype=torch.long, device=dev)
         for o in range(1, small_group):
-            j = idx[pos[idx] + o < run_len[idx]]
+            keep = left >= o
+            j, left = j[keep], left[keep]
             if j.numel() == 0:
                 break
             pairs += torch.bincount(model[j] * N + model[j + o], minlength=N * N)
