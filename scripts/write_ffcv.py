@@ -57,6 +57,10 @@ def parse_args(argv=None):
                    help="--write-mode smart: JPEG-compress images whose raw size exceeds this many bytes")
     p.add_argument("--num-workers", type=int, default=4,
                    help="writer processes (default: %(default)s)")
+    p.add_argument("--page-size-mib", type=int, default=8,
+                   help="FFCV page size in MiB, a power of two >= 2 holding the largest stored image; every writer "
+                        "process fills its own pages, so small datasets take about num-workers x page size "
+                        "(default: %(default)s)")
     p.add_argument("--chunksize", type=int, default=100, help="samples per worker task (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of --write-mode proportion (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="rewrite files that already exist")
@@ -98,7 +102,8 @@ def main(argv=None) -> int:
         print(f"writing {path}: {len(split)} samples, write_mode={mode}, max_res={args.max_res}", flush=True)
         write_beton(split, path, write_mode=mode, max_resolution=args.max_res, jpeg_quality=args.jpeg_quality,
                     compress_probability=args.compress_probability, smart_threshold=args.smart_threshold,
-                    num_workers=args.num_workers, chunksize=args.chunksize, seed=args.seed)
+                    num_workers=args.num_workers, chunksize=args.chunksize, seed=args.seed,
+                    page_size_mib=args.page_size_mib)
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) in {time.time() - t0:.1f}s", flush=True)
     return 0
 

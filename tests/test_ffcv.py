@@ -7,7 +7,9 @@ parallel variants, which is several times slower to compile.
 """
 from __future__ import annotations
 
+import gc
 import importlib.util
+import os
 
 import numpy as np
 import pytest
@@ -15,6 +17,9 @@ import torch
 
 from tests.conftest import ROOT, compose
 
+# Unoptimised numba code compiles ~25% faster; these tests decode a few hundred tiny images, so speed is moot.
+# Set before ffcv imports numba (only FFCV uses numba in this suite).
+os.environ.setdefault("NUMBA_OPT", "0")
 pytest.importorskip("ffcv")  # safety net only: `make install` installs ffcv, CI runs these tests
 
 # numba's dispatcher finalizer raises a harmless KeyError when FFCV's per-loader compiled pipelines are garbage
@@ -74,24 +79,25 @@ def ffcv_env(tmp_path_factory):
               f"paths.checkpoints={base / 'ckpt'}"]
     loader = ["loader=ffcv", f"loader.ffcv_dir={out}", "loader.num_workers=1", "loader.device=cpu",
               "loader.eval_batch_size=128", "loader.batch_size=64"]
-    assert write([*common, "--splits", "test", "--out-dir", str(out), "--num-workers", "1"]) == 0
+    small = ["--out-dir", str(out), "--num-workers", "1", "--page-size-mib", "2"]
+    assert write([*common, "--splits", "test", *small]) == 0
     digits_cfg = compose("pretrain/pretrain", [*common, *loader, "loader.augment=crop_flip",
                                                "loader.crop_padding=2"])
 
     _make_image_folder(base / "folder")
-    folder = [f"dataset=imagefolder", f"dataset.root={base / 'folder'}", "dataset.num_classes=3",
+    folder = ["dataset=imagefolder", f"dataset.root={base / 'folder'}", "dataset.num_classes=3",
               f"dataset.image_size={IMG_SIZE}", "dataset.crop_pct=1.0", "dataset.val_fraction=0"]
-    assert write([*common, *folder, "--out-dir", str(out), "--num-workers", "1", "--write-mode", "jpg",
-                  "--jpeg-quality", "90", "--max-res", "64"]) == 0
+    assert write([*common, *folder, *small, "--write-mode", "jpg", "--jpeg-quality", "90", "--max-res", "64"]) == 0
     folder_cfg = compose("pretrain/pretrain", [*common, *folder, *loader, "loader.augment=rrc_flip",
                                                "loader.batch_size=8"])
-    return {
+    yield {
         "out": out,
         "digits_cfg": digits_cfg,
         "digits": build_dataset(digits_cfg.dataset, digits_cfg.paths),
         "folder_cfg": folder_cfg,
         "folder": build_dataset(folder_cfg.dataset, folder_cfg.paths),
     }
+    gc.collect()  # free the compiled pipelines here, under this module's warning filter (see pytestmark)
 
 
 @pytest.fixture(scope="module")
