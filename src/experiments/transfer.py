@@ -121,6 +121,8 @@ def transfer(ctx: Context, teacher: ModelRef, student: ModelRef, cfg_method, run
     trainer = Trainer(method, loader, cfg.trainer, cfg.optimizer, cfg.scheduler, run_dir, tracker=tracker,
                       evaluate=evaluate, device=ctx.device, name=name, rank=ctx.rank, world_size=ctx.world_size)
     last = trainer.fit()
+    if not last:  # resumed from a checkpoint of a finished run: nothing left to train, evaluate what it holds
+        last = evaluate(method.eval_model())
     final_model = method.eval_model()
     if final_model is not student.model:  # e.g. MCL's slow weights: they are the result
         student.model.load_state_dict(final_model.state_dict())
