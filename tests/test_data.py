@@ -392,3 +392,25 @@ def test_loader_bad_settings_are_user_errors():
     with pytest.raises(UserError, match="batch_size"):
         build_loader(compose("pretrain/pretrain", ["loader.batch_size=5000", "loader.drop_last=true"]).loader,
                      ds.split("train"), train=True)
+
+
+def test_crop_flip_is_a_zero_padded_shift_with_optional_mirror():
+    from src.data.loaders import random_crop_flip
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 2, 6, 6) + 0.5  # no zeros inside the images
+    out = random_crop_flip(x, padding=2, flip=True, g=g)
+    assert out.shape == x.shape
+    kinds = set()
+    for i in range(len(x)):
+        padded = torch.nn.functional.pad(x[i], (2, 2, 2, 2))
+        found = None
+        for flip in (False, True):
+            for oy in range(5):
+                for ox in range(5):
+                    crop = padded[:, oy:oy + 6, ox:ox + 6]
+                    if torch.equal(crop.flip(2) if flip else crop, out[i]):
+                        found = (flip, oy, ox)
+        assert found is not None, f"sample {i} is not a padded crop (+ mirror) of its input"
+        kinds.add(found)
+    assert len(kinds) > 10 and {k[0] for k in kinds} == {False, True}  # varied offsets, both orientations

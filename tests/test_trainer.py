@@ -45,10 +45,10 @@ def _model(arch, ds, seed, **kwargs):
 
 
 def _trainer(ds, run_dir, arch="mlp", init_seed=0, optim=None, sched=None, tracker=None, evaluate=None,
-             model_kwargs=None, batch_size=128, **tcfg):
+             model_kwargs=None, batch_size=128, augment="crop_flip", **tcfg):
     tcfg = {"seed": 0, "progress": "off", **tcfg}
     method = CrossEntropy(_model(arch, ds, init_seed, **(model_kwargs or {})))
-    return Trainer(method, _loader(ds, batch_size), _typed(TrainerConfig, **tcfg),
+    return Trainer(method, _loader(ds, batch_size, augment), _typed(TrainerConfig, **tcfg),
                    _typed(OptimizerConfig, **(optim or {"name": "sgd", "lr": 0.05})),
                    _typed(SchedulerConfig, **(sched or {"name": "cosine", "warmup_epochs": 1})),
                    run_dir, tracker=tracker, evaluate=evaluate, device="cpu")
@@ -77,7 +77,8 @@ def test_loss_falls_and_the_model_learns_digits(tmp_path, digits):
         return {"val/acc": float((out["logits"].argmax(1) == out["labels"]).float().mean())}
 
     t = _trainer(digits, tmp_path, epochs=3, optim={"name": "adam", "lr": 0.01, "weight_decay": 0.0},
-                 sched={"name": "none"}, evaluate=evaluate, model_kwargs={"hidden": [64]}, batch_size=32)
+                 sched={"name": "none"}, evaluate=evaluate, model_kwargs={"hidden": [64]}, batch_size=32,
+                 augment="none")
     before = evaluate(t.method.student)["val/acc"]
     last = t.fit()
     losses = [h["train/loss"] for h in t.history]
@@ -95,19 +96,19 @@ CASES = {
                                           sched={"name": "cosine", "warmup_epochs": 0.5}, stop_at=5,
                                           how="request_stop"),
     # BatchNorm buffers, SGD momentum, step schedule; SIGUSR1 in epoch 1 (preemption signal)
-    "resnet8-sgd-step-sigusr1": dict(arch="resnet8", model_kwargs={},
+    "resnet8-sgd-step-sigusr1": dict(arch="resnet8", model_kwargs={}, batch_size=32,
                                      optim={"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True},
-                                     sched={"name": "step", "step_size": 1, "gamma": 0.5}, stop_at=8,
+                                     sched={"name": "step", "step_size": 0.25, "gamma": 0.5}, stop_at=8,
                                      how="signal"),
 }
-TOTAL = 12  # 2 epochs of 6 steps
+TOTAL = 12  # mlp: 2 epochs of 6 steps (batch 128); resnet8: within epoch 0 (batch 32, 23 steps per epoch)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, digits, case):
     c = CASES[case]
     common = dict(arch=c["arch"], model_kwargs=c["model_kwargs"], optim=c["optim"], sched=c["sched"],
-                  max_steps=TOTAL, eval_every_steps=4)
+                  max_steps=TOTAL, eval_every_steps=4, batch_size=c.get("batch_size", 128))
 
     ref = _trainer(digits, tmp_path / "ref", init_seed=0, **common)
     ref.fit()

@@ -49,7 +49,10 @@ def train_classifier(ctx: Context, r: DictConfig, run_dir: Path, name: str) -> D
                                                                       "crop_padding") if k in r})
     trainer_cfg = _typed(TrainerConfig, cfg.trainer, {"epochs": r.get("epochs", cfg.trainer.epochs),
                                                       "seed": r.get("seed", cfg.trainer.seed),
-                                                      "max_steps": None})
+                                                      # a zoo recipe counts epochs; a plain model run keeps
+                                                      # the run's trainer.max_steps
+                                                      "max_steps": None if "epochs" in r else
+                                                      cfg.trainer.max_steps})
     from ..engine import seed_everything
 
     seed_everything(trainer_cfg.seed)
