@@ -1,0 +1,322 @@
+"""FFCV backend: `.beton` files written by `scripts/write_ffcv.py`, read with FFCV's JIT-compiled pipelines.
+
+File layout: ``<loader.ffcv_dir>/<dataset name>_<split name>.beton`` with three fields, in this order:
+``image`` (RGBImageField; grayscale data is stored as 3 equal channels), ``label`` (IntField) and ``index``
+(IntField, the split's sample ids). Subsets of a split (``dataset.subset``) read the beton of the full split and
+select its rows by matching their ids against the ``index`` field.
+
+Pipelines (all image work happens in FFCV's decoders and numba ops, on CPU threads):
+- train, ``augment=rrc_flip``: RandomResizedCropRGBImageDecoder(image_size) [+ RandomHorizontalFlip]
+- train, ``augment=crop_flip``: CenterCropRGBImageDecoder(image_size, ratio=1) + RandomTranslate(crop_padding)
+  (random crop of the zero-padded image) [+ RandomHorizontalFlip]
+- eval (or ``augment=none``): CenterCropRGBImageDecoder(image_size, ratio=crop_pct), i.e. the centre crop of
+  ``crop_pct`` x the short side resized to image_size (= resize to image_size / crop_pct, centre crop)
+then ToTensor -> ToDevice (when the device is not the CPU) -> ToTorchImage; the uint8 batch is turned into
+float32 in [0, 1] on the device (no normalisation: models normalise themselves) and, for 1-channel datasets,
+averaged back to one channel.
+
+Ordering: ``loader.ffcv_order`` = random | quasi_random | sequential for shuffled (train) loaders, seeded with
+the loader's seed; evaluation loaders are sequential. With ``world_size > 1`` the loader is distributed: every
+rank reads a disjoint share like torch's DistributedSampler (FFCV's own distributed orders take the rank from
+torch.distributed and do not support quasi_random; we pass rank/world_size explicitly and use random instead of
+quasi_random there).
+
+Resume: ``iter_epoch(epoch, start_batch)`` recomputes the epoch's sample order, a function of (seed, epoch) for
+every ffcv_order (FFCV's QuasiRandom shuffles its page table in place, so we restore that table before each
+draw), and starts FFCV's epoch iterator at batch ``start_batch``: skipped batches are neither read nor decoded.
+FFCV's augmentations draw from numba's per-thread random state, which is not seeded: augmented pixels are not
+bit-reproducible across runs (the sample order is).
+
+`num_workers` is the number of FFCV decoding threads (0 = all cores). The first batch of every new loader costs
+a numba JIT compilation (about 15 s on a laptop-class CPU).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..errors import UserError, check
+
+FIELDS = ("image", "label", "index")
+ORDERS = ("random", "quasi_random", "sequential")
+WRITE_COMMAND = "python scripts/write_ffcv.py dataset={dataset} --splits {split} --out-dir {dir}"
+
+
+def _import_ffcv():
+    try:
+        import ffcv  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise UserError(
+            f"loader.backend=ffcv needs the ffcv package ({e}); install it with `make install` (root installs "
+            f"libopencv-dev libturbojpeg0-dev with apt, then `pip install ffcv`) or use loader=tensor/torch") from e
+
+
+def beton_path(ffcv_dir: Optional[str], dataset: str, split: str) -> Path:
+    if not ffcv_dir:
+        raise UserError("loader.ffcv_dir is not set: point it at the folder of .beton files written by "
+                        f"scripts/write_ffcv.py (e.g. loader.ffcv_dir=data/ffcv)")
+    return Path(ffcv_dir) / f"{dataset}_{split}.beton"
+
+
+def read_beton_columns(path: Path) -> Tuple[np.ndarray, np.ndarray]:
+    """(labels, ids) of every row of a beton, read from its metadata table (no decoding, no JIT)."""
+    from ffcv.reader import Reader
+
+    reader = Reader(str(path))
+    names = list(reader.field_names)
+    if names[:3] != list(FIELDS):
+        raise UserError(f"{path} has fields {names}, expected {list(FIELDS)}: rewrite it with scripts/write_ffcv.py")
+    meta = reader.metadata
+    labels = np.asarray(meta[meta.dtype.names[1]], dtype=np.int64)
+    ids = np.asarray(meta[meta.dtype.names[2]], dtype=np.int64)
+    return labels, ids
+
+
+# ------------------------------------------------------------------------------------------------- writing
+
+
+class _SplitSource:
+    """Indexed dataset for ffcv's DatasetWriter: (HWC uint8 RGB image, label, id) per row of a split."""
+
+    def __init__(self, split):
+        self.split = split
+        self.labels = split.labels.numpy().astype(np.int64)
+        self.ids = split.ids.numpy().astype(np.int64)
+        self.hwc = None
+        if split.images is not None:
+            self.hwc = split.images.permute(0, 2, 3, 1).numpy()  # (N, H, W, C) view
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        if self.hwc is not None:
+            img = self.hwc[i]
+        else:
+            from PIL import Image
+
+            with Image.open(self.split.files[i]) as im:
+                img = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        if img.shape[2] == 1:
+            img = np.repeat(img, 3, axis=2)
+        return np.ascontiguousarray(img), int(self.labels[i]), int(self.ids[i])
+
+
+def write_beton(split, path, write_mode: str = "raw", max_resolution: Optional[int] = None,
+                jpeg_quality: int = 90, compress_probability: float = 0.5, smart_threshold: Optional[int] = None,
+                num_workers: int = 1, chunksize: int = 100, seed: int = 0, page_size_mib: int = 8) -> Path:
+    """Write one split (in-memory or file-backed) to `path` with fields image, label, index. Written to a temporary
+    file first, then renamed, so an interrupted write never leaves a truncated beton behind.
+
+    Every writer process fills its own pages of `page_size_mib` (FFCV's default 8 MiB; a power of two >= 2 that
+    holds the largest stored image), so a tiny dataset still takes about num_workers x page size on disk."""
+    _import_ffcv()
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    check(write_mode in ("raw", "jpg", "proportion", "smart"),
+          f"write_mode='{write_mode}' is unknown: use raw, jpg, proportion or smart")
+    check(0 <= compress_probability <= 1, f"compress_probability={compress_probability} is outside [0, 1]")
+    check(1 <= jpeg_quality <= 100, f"jpeg_quality={jpeg_quality} is outside [1, 100]")
+    check(len(split) > 0, f"split '{split.name}' is empty: nothing to write")
+    check(page_size_mib >= 2 and page_size_mib & (page_size_mib - 1) == 0,
+          f"page_size_mib={page_size_mib} must be a power of two >= 2 (FFCV's default is 8)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fields = {
+        "image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality,
+                               compress_probability=compress_probability, smart_threshold=smart_threshold),
+        "label": IntField(),
+        "index": IntField(),
+    }
+    np.random.seed(seed)  # write_mode=proportion draws with np.random (in forked workers: same seed each)
+    try:
+        writer = DatasetWriter(str(tmp), fields, page_size=int(page_size_mib) << 20,
+                               num_workers=max(1, int(num_workers)))
+        writer.from_indexed_dataset(_SplitSource(split), chunksize=chunksize)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- reading
+
+
+def _sharded_order_class():
+    from ffcv.traversal_order.base import TraversalOrder
+    from torch.utils.data import DistributedSampler
+
+    class ShardedOrder(TraversalOrder):
+        """FFCV's distributed Random/Sequential order with an explicit rank and world size (FFCV's own read them
+        from torch.distributed)."""
+
+        def __init__(self, loader, shuffle: bool, seed: int, rank: int, world_size: int):
+            super().__init__(loader)
+            self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
+
+        def sample_order(self, epoch: int):
+            s = DistributedSampler(self.indices, num_replicas=self.world_size, rank=self.rank,
+                                   shuffle=self.shuffle, seed=self.seed, drop_last=False)
+            s.set_epoch(epoch)
+            return self.indices[np.array(list(s), dtype=np.int64)]
+
+    return ShardedOrder
+
+
+class FFCVLoader:
+    """Batches `(x, y, index)` from `<ffcv_dir>/<dataset>_<split>.beton`; same interface as TensorLoader."""
+
+    def __init__(self, cfg, split, train: bool, batch_size: int, shuffle: bool, drop_last: bool,
+                 augment: str = "none", crop_padding: int = 0, flip: bool = False, seed: int = 0, device="cpu",
+                 rank: int = 0, world_size: int = 1, dtype=torch.float32):
+        _import_ffcv()
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, Squeeze, ToDevice, ToTensor, \
+            ToTorchImage
+
+        info = split.info
+        check(info is not None, f"split '{split.name}' has no DatasetInfo: build it with src.data.build_dataset")
+        self.path = beton_path(cfg.ffcv_dir, info.name, split.name)
+        if not self.path.is_file():
+            raise UserError(
+                f"FFCV file {self.path} not found; write it with `"
+                f"{WRITE_COMMAND.format(dataset=info.name, split=split.name, dir=self.path.parent)}` "
+                f"(plus the dataset options of this run, e.g. paths.data=...), or use loader=tensor/torch")
+        order_name = str(cfg.ffcv_order)
+        if order_name not in ORDERS:
+            raise UserError(f"loader.ffcv_order='{order_name}' is unknown: use {', '.join(ORDERS)}")
+        check(augment in ("none", "crop_flip", "rrc_flip"),
+              f"loader.augment='{augment}' is unknown: use none, crop_flip or rrc_flip")
+
+        self.split_name, self.n, self.batch_size = split.name, len(split), int(batch_size)
+        self.shuffle, self.drop_last, self.seed = bool(shuffle), bool(drop_last), int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.device, self.dtype = torch.device(device), dtype
+        self.augment = augment if train else "none"
+        self.channels, self.image_size = info.channels, info.image_size
+
+        # rows of the beton that hold this split's samples (the split may be a subset of the written split)
+        labels, ids = read_beton_columns(self.path)
+        self.indices = self._rows_for(split, labels, ids)
+
+        size = (info.image_size, info.image_size)
+        if self.augment == "rrc_flip":
+            image = [RandomResizedCropRGBImageDecoder(size)]
+        elif self.augment == "crop_flip":
+            image = [CenterCropRGBImageDecoder(size, ratio=1.0)]
+            if crop_padding > 0:
+                image.append(RandomTranslate(padding=int(crop_padding)))
+        else:
+            image = [CenterCropRGBImageDecoder(size, ratio=float(info.crop_pct))]
+        if self.augment != "none" and flip:
+            image.append(RandomHorizontalFlip())
+        on_device = [ToDevice(self.device, non_blocking=True)] if self.device.type != "cpu" else []
+        image += [ToTensor(), *on_device, ToTorchImage(channels_last=True)]
+        scalar = lambda: [IntDecoder(), ToTensor(), Squeeze(), *on_device]  # noqa: E731
+
+        if not self.shuffle or order_name == "sequential":
+            order = OrderOption.SEQUENTIAL
+        elif order_name == "quasi_random" and self.world_size == 1:
+            order = OrderOption.QUASI_RANDOM
+        else:
+            order = OrderOption.RANDOM
+        self.order_name = order.name.lower()
+        self._loader = Loader(
+            str(self.path), batch_size=self.batch_size, num_workers=int(cfg.num_workers),
+            os_cache=bool(cfg.ffcv_os_cache), order=order, distributed=False, seed=self.seed,
+            indices=self.indices, pipelines={"image": image, "label": scalar(), "index": scalar()},
+            drop_last=self.drop_last)
+        self._qr_pages = None
+        to = self._loader.traversal_order
+        if hasattr(to, "page_to_samples_array"):
+            # QuasiRandom shuffles its page table in place, so its order depends on how often it was drawn before
+            # (Loader.__init__ already drew once). Restore a pristine table before every draw: the order of an
+            # epoch is then a function of (seed, epoch), which exact resume needs.
+            to.prepare_data_structures()
+            self._qr_pages = to.page_to_samples_array.copy()
+        if self.world_size > 1:
+            self._loader.distributed = True
+            self._loader.traversal_order = _sharded_order_class()(
+                self._loader, self.shuffle, self.seed, self.rank, self.world_size)
+            self._loader.first_traversal_order = self._loader.traversal_order.sample_order(0)
+
+    def _rows_for(self, split, labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        want = split.ids.numpy().astype(np.int64)
+        order = np.argsort(ids, kind="stable")
+        pos = np.searchsorted(ids[order], want)
+        pos = np.clip(pos, 0, len(ids) - 1)
+        rows = order[pos]
+        found = ids[rows] == want
+        hint = (f"the beton was written from a different split or dataset config: rewrite it with "
+                f"`{WRITE_COMMAND.format(dataset=split.info.name, split=split.name, dir=self.path.parent)}`")
+        if not found.all():
+            missing = want[~found]
+            raise UserError(f"{self.path} lacks {len(missing)} of the {len(want)} sample ids of split "
+                            f"'{split.name}' (e.g. id {int(missing[0])}); {hint}")
+        bad = labels[rows] != split.labels.numpy()
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise UserError(f"{self.path}: sample id {int(want[i])} has label {int(labels[rows[i]])} in the beton "
+                            f"but {int(split.labels[i])} in the dataset; {hint}")
+        return rows.astype(np.uint64) if len(rows) else rows
+
+    # interface shared with TensorLoader / TorchLoader ------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    @property
+    def num_samples(self) -> int:
+        return self.n
+
+    @property
+    def augmented(self) -> bool:
+        return self.augment != "none"
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self._qr_pages is not None:
+            self._loader.traversal_order.page_to_samples_array[...] = self._qr_pages
+        return np.asarray(self._loader.traversal_order.sample_order(int(epoch)))
+
+    def iter_epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[Tuple[torch.Tensor, ...]]:
+        from ffcv.loader.epoch_iterator import EpochIterator
+
+        ld = self._loader
+        nb = len(self)
+        if start_batch >= nb:
+            return
+        # What Loader.__iter__ does, with an explicit epoch and the skipped batches cut from the order.
+        from ffcv.pipeline.compiler import Compiler
+
+        Compiler.set_num_threads(ld.num_workers)
+        order = self._epoch_order(epoch)[start_batch * self.batch_size:nb * self.batch_size]
+        ld.next_epoch = int(epoch) + 1
+        if ld.code is None:
+            ld.generate_code()
+        it = EpochIterator(ld, order)
+        done = False
+        try:
+            for img, y, idx in it:
+                # FFCV reuses its output buffers a few batches later: copy everything out.
+                x = img.to(self.dtype, memory_format=torch.contiguous_format)
+                if self.channels == 1 and x.shape[1] != 1:
+                    x = x.mean(1, keepdim=True)
+                x = x.div_(255.0)
+                yield x, y.reshape(-1).to(torch.long).clone(), idx.reshape(-1).to(torch.long).clone()
+            done = True  # the iterator closed itself
+        finally:
+            if not done:  # abandoned mid-epoch: stop FFCV's producer thread
+                it.close()
+
+    def __iter__(self):
+        return self.iter_epoch(0)
+
