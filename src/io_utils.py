@@ -90,8 +90,12 @@ def load_state_dict(path) -> Dict[str, torch.Tensor]:
 
 
 def safe_torch_load(path, map_location="cpu"):
+    import warnings
+
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses anyway
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*", category=UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         msg = str(e).splitlines()[0][:200]
         if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):

@@ -26,6 +26,23 @@ from ..io_utils import atomic_path, load_state_dict, safe_torch_load, save_safet
 
 log = logging.getLogger(__name__)
 
+# Set by the process-wide SIGTERM/SIGUSR1 handler of the entry point (src/experiments/entry.py), so a signal that
+# arrives between two trainers (multi-stage runs, zoo models trained on the fly) still stops the next one at once.
+STOP_REQUESTED = threading.Event()
+
+
+def _plain(v):
+    """A value torch.load(weights_only=True) reads back: numpy / 0-d tensor scalars become Python numbers."""
+    if torch.is_tensor(v) and v.numel() == 1 or isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _finite(tensors) -> bool:
+    """True when every floating-point tensor is finite (one host sync)."""
+    flags = [t.detach().isfinite().all() for t in tensors if torch.is_tensor(t) and t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -172,6 +189,11 @@ class Trainer:
         self.step = 0
         self._stop = False
         self.history = []
+        # running sums of the train logs since the last evaluation and the last evaluation's numbers: part of the
+        # checkpoint, so a resumed run logs and returns exactly what an uninterrupted one does
+        self._sums: Dict[str, torch.Tensor] = {}
+        self._count = 0
+        self._last: Dict[str, float] = {}
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def _trainable_state(self) -> Dict[str, torch.Tensor]:
@@ -179,11 +201,18 @@ class Trainer:
         return sd
 
     def save(self) -> Path:
+        weights = self._trainable_state()
+        if not _finite(weights.values()):  # never replace the last good checkpoint with NaN/inf weights
+            raise UserError(
+                f"non-finite weights at step {self.step}: lower optimizer.lr or use trainer.grad_clip / "
+                f"trainer.amp=none; last good checkpoint kept: {self.ckpt.latest() or 'none'}")
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                  "rng": _rng_state(), "wandb_id": getattr(self.tracker, "run_id", None),
-                 "total_steps": self.total_steps}
-        d = self.ckpt.save(self.step, self._trainable_state(), state)
+                 "total_steps": self.total_steps,
+                 "train_sums": {k: torch.as_tensor(v).detach().float().cpu() for k, v in self._sums.items()},
+                 "train_count": self._count, "last_eval": {k: _plain(v) for k, v in self._last.items()}}
+        d = self.ckpt.save(self.step, weights, state)
         log.debug("checkpoint saved: %s", d)
         return d
 
@@ -192,8 +221,13 @@ class Trainer:
         if d is None:
             return False
         weights, state = CheckpointDir.load(d)
+        own_sd = self.method.state_dict()
+        own = set(own_sd)
+        bad = [k for k, v in weights.items() if k in own_sd and v.shape != own_sd[k].shape]
+        if bad:  # load_state_dict raises a bare RuntimeError on shape mismatches, even with strict=False
+            raise UserError(f"checkpoint {d} does not match this run's models (mis-shaped {bad[:2]}): use a new "
+                            f"run dir or trainer.resume=false")
         missing, unexpected = self.method.load_state_dict(weights, strict=False)
-        own = set(self.method.state_dict())
         if unexpected or [k for k in missing if k in own]:
             raise UserError(f"checkpoint {d} does not match this run's models (missing {missing[:2]}, unexpected "
                             f"{unexpected[:2]}): use a new run dir or trainer.resume=false")
@@ -202,6 +236,9 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         self.step = int(state["step"])
+        self._sums = {k: v.to(self.device) for k, v in state.get("train_sums", {}).items()}
+        self._count = int(state.get("train_count", 0))
+        self._last = dict(state.get("last_eval", {}))
         if self.tracker is not None:
             self.tracker.truncate_after(self.step)
         log.info("resumed from %s at step %d/%d", d, self.step, self.total_steps)
@@ -211,6 +248,9 @@ class Trainer:
     def _handler(self, signum, frame):
         log.warning("signal %d received: finishing the current step, then checkpointing", signum)
         self._stop = True
+
+    def _stop_requested(self) -> bool:
+        return self._stop or STOP_REQUESTED.is_set()
 
     def request_stop(self) -> None:
         self._stop = True
@@ -257,10 +297,12 @@ class Trainer:
         return tqdm(total=self.total_steps, initial=self.step, desc=self.name or "train", dynamic_ncols=True)
 
     def _loop(self) -> Dict[str, float]:
+        if self._stop_requested() and self.step < self.total_steps:  # signalled before this trainer started
+            if self.rank == 0 and self.step > 0:
+                self.save()
+            raise Preempted(f"stopped at step {self.step}/{self.total_steps}; rerun the same command "
+                            f"(same run dir) to resume")
         bar = self._progress()
-        sums: Dict[str, torch.Tensor] = {}
-        count = 0
-        last = {}
         while self.step < self.total_steps:
             epoch, start = divmod(self.step, self.steps_per_epoch)
             self.method.train()
@@ -286,22 +328,23 @@ class Trainer:
                 self.step += 1
                 if hasattr(self.method, "after_step"):
                     self.method.after_step(self.step)
+                sums = self._sums
                 sums["loss"] = sums.get("loss", 0) + loss.detach().float()
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0) + (v.detach().float() if torch.is_tensor(v) else float(v))
-                count += 1
+                self._count += 1
                 if bar is not None:
                     bar.update(1)
                 evaluated = False
                 if self._eval_due():
-                    train = {f"train/{k}": float(v) / count for k, v in sums.items()}
+                    train = {f"train/{k}": v / self._count for k, v in self._reduce(self._sums).items()}
                     train["train/lr"] = self.optimizer.param_groups[0]["lr"]
-                    sums, count = {}, 0
-                    last = self._do_eval(train)
+                    self._sums, self._count = {}, 0
+                    self._last = self._do_eval(train)
                     evaluated = True
                 if self.rank == 0 and self._ckpt_due(evaluated):
                     self.save()
-                if self._stop:
+                if self._stop_requested():
                     if self.rank == 0 and not self._ckpt_due(evaluated):
                         self.save()
                     raise Preempted(f"stopped at step {self.step}/{self.total_steps}; rerun the same command "
@@ -310,7 +353,18 @@ class Trainer:
                     break
         if bar is not None:
             bar.close()
-        return last
+        return self._last
+
+    def _reduce(self, sums: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        """Running sums of the train logs as floats (one host sync per evaluation, not per step); under DDP
+        averaged over ranks (every rank has the same keys: same method, same number of steps)."""
+        if not sums:
+            return {}
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device) for v in sums.values()])
+        if self.world_size > 1:
+            torch.distributed.all_reduce(t)
+            t = t / self.world_size
+        return dict(zip(sums, t.tolist()))
 
     def _do_eval(self, train_logs: Dict[str, float]) -> Dict[str, float]:
         metrics = dict(train_logs)
@@ -318,9 +372,11 @@ class Trainer:
         if self.evaluate is not None and self.rank == 0:
             model = self.method.eval_model() if hasattr(self.method, "eval_model") else self.method
             metrics.update(self.evaluate(model))
+        if self.world_size > 1:  # rank 0 evaluated: every rank returns (and reports) its numbers
+            box = [metrics if self.rank == 0 else None]
+            torch.distributed.broadcast_object_list(box, src=0)
+            metrics = box[0]
         if self.tracker is not None:
             self.tracker.log(metrics, self.step)
         self.history.append({"step": self.step, **metrics})
-        if self.world_size > 1:
-            torch.distributed.barrier()
         return metrics

@@ -103,9 +103,83 @@ def dataset_key(dcfg) -> str:
     return f"{dcfg.name}-{dcfg.image_size}px-{digest(sorted(parts.items()))}"
 
 
+def _num(node, key):
+    v = node.get(key) if node is not None and hasattr(node, "get") else None
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Cheap checks of the values every family shares, run by `setup` before any data, model or training work:
+    numeric ranges, temperatures, and the model names in `teacher` / `student` / `teachers` / `models` (so a
+    typo fails in a second, not after the zoo models were trained). Each failure is one UserError naming the
+    value and the fix. Families with keys of their own add their checks at the top of their `run`."""
+    o, ld, t = cfg.get("optimizer"), cfg.get("loader"), cfg.get("trainer")
+    rules = [
+        (o, "optimizer", "lr", lambda v: v > 0, "must be > 0: use e.g. optimizer.lr=0.1"),
+        (o, "optimizer", "weight_decay", lambda v: v >= 0, "must be >= 0: use e.g. optimizer.weight_decay=5e-4"),
+        (o, "optimizer", "momentum", lambda v: 0 <= v < 1, "must be in [0, 1): use e.g. optimizer.momentum=0.9"),
+        (ld, "loader", "batch_size", lambda v: v > 0, "must be > 0: use e.g. loader.batch_size=128"),
+        (ld, "loader", "eval_batch_size", lambda v: v > 0, "must be > 0: use e.g. loader.eval_batch_size=512"),
+        (t, "trainer", "max_steps", lambda v: v > 0, "must be > 0 (or null to train for trainer.epochs)"),
+        (t, "trainer", "seed", lambda v: v >= 0, "must be >= 0: use e.g. trainer.seed=0"),
+        (cfg, "", "top_p", lambda v: 0 < v <= 100, "must be in (0, 100]: use e.g. top_p=20"),
+        (cfg, "", "temperature", lambda v: v > 0, "must be > 0: use e.g. temperature=1.0"),
+    ]
+    if t is not None and t.get("max_steps") is None:
+        rules.append((t, "trainer", "epochs", lambda v: v > 0, "must be > 0: use e.g. trainer.epochs=10"))
+    sub = cfg.get("dataset", {}).get("subset") if cfg.get("dataset") is not None else None
+    rules += [(sub, "dataset.subset", "fraction", lambda v: 0 < v <= 1, "is outside (0, 1]: use e.g. 0.1"),
+              (sub, "dataset.subset", "per_class", lambda v: v > 0, "must be > 0: use e.g. 128")]
+    for key in cfg:  # method-like nodes (method, parallel_method, ...): temperatures must be positive
+        node = cfg.get(key)
+        if isinstance(node, DictConfig) and "_target_" in node:
+            for k in ("temperature", "nce_t"):
+                rules.append((node, str(key), k, lambda v: v > 0, f"must be > 0: use e.g. {key}.{k}=1.0"))
+    for node, prefix, key, ok, fix in rules:
+        v = _num(node, key)
+        if v is not None and not ok(v):
+            raise UserError(f"{prefix + '.' if prefix else ''}{key}={v} {fix}")
+    for role in ("teacher", "student", "teachers", "models"):
+        spec = cfg.get(role)
+        for i, s in enumerate(spec if OmegaConf.is_list(spec) or isinstance(spec, (list, tuple)) else [spec]):
+            if isinstance(s, str):
+                check_model_spec(s, cfg, role if role not in ("teachers", "models") else f"{role}[{i}]")
+
+
+def check_model_spec(name: str, cfg, role: str = "model") -> None:
+    """UserError unless `name` can be resolved by `resolve_model` (without loading or training anything)."""
+    import timm
+
+    if name in zoo_names(cfg) or Path(name).exists():
+        return
+    if "@" in name:
+        arch, path = name.split("@", 1)
+        if not timm.is_model(arch):
+            from ..models import nets
+
+            raise UserError(f"unknown architecture '{arch}' in {role}={name}"
+                            f"{closest(arch, timm.list_models() + list(nets.OUR_MODELS))}: use arch@weights_file "
+                            f"with a timm name or one of ours")
+        if not Path(path).is_file():
+            raise UserError(f"weights file {path} (from {role}={name}) does not exist: check the path")
+        return
+    if timm.is_model(name):
+        return
+    raise UserError(f"unknown {role} '{name}'{closest(name, zoo_names(cfg) + timm.list_models())}: use a zoo name "
+                    f"({', '.join(zoo_names(cfg)) or 'none configured'}), a timm model name, a checkpoint folder "
+                    f"or arch@weights_file")
+
+
 def setup(cfg: DictConfig, run_dir=None, job_type: str = "train", tracker: bool = True) -> Context:
     run_dir = run_dir_from_hydra(run_dir)
+    preflight(cfg)
     rank, world, device = init_distributed(cfg.trainer.device)
+    if world > 1:  # every rank resumes from and reports into rank 0's run dir (Hydra's default dir has a pid)
+        import torch.distributed as dist
+
+        box = [str(run_dir)]
+        dist.broadcast_object_list(box, src=0)
+        run_dir = Path(box[0])
     seed_everything(cfg.trainer.seed)
     if cfg.trainer.seed < 0:
         raise UserError(f"trainer.seed={cfg.trainer.seed} must be >= 0")
@@ -159,7 +233,7 @@ def resolve_model(spec, ctx: Context, role: str = "model") -> ModelRef:
         if not Path(path).is_file():
             raise UserError(f"weights file {path} (from '{name}') does not exist: check the path")
         m = create_model(arch, info.num_classes, info.channels, info.mean, info.std, checkpoint=path,
-                         img_size=info.image_size)
+                         img_size=info.image_size, reinit_head=not role.startswith("teacher"))
         return ModelRef(name, m, f"{arch}-{file_hash(path)}", {"arch": arch, "checkpoint": path})
     p = Path(name)
     if p.exists():

@@ -1,9 +1,22 @@
-"""What every `main_*.py` calls: run the family, turning bad input into one clear line and an exit code."""
+"""What every `main_*.py` calls: run the family, turning bad input into one clear line and an exit code.
+
+- UserError: one line `error: ...` on stderr, exit code 2 (traceback too with KT_DEBUG=1); `error.json` in the run
+  dir. In a multirun the job fails (logged, error.json) and the other jobs still run.
+- SIGTERM / SIGUSR1 (SLURM's warning signal): while a Trainer runs, it finishes the step, checkpoints and raises
+  Preempted; between trainers (stages, on-the-fly zoo models, evaluation) Preempted is raised at once. Either way:
+  `preempted.json`, exit code 124, and rerunning the same command in the same run dir resumes.
+- `OutputDirCheck` (a Hydra callback in config/hydra/default.yaml): an unwritable run/sweep dir is one clear line
+  and exit code 2 before Hydra tries to create it.
+"""
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
+import threading
 import traceback
+from contextlib import contextmanager
 
 from ..errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, Preempted, UserError, debug_enabled
 from ..io_utils import write_json
@@ -22,25 +35,111 @@ def _mode():
         return False, None
 
 
+def _objective(summary, cfg):
+    """`objective: <summary key>` makes the task return that number (what Hydra's Optuna sweeper optimises);
+    unset, the summary dict is returned."""
+    key = cfg.get("objective") if hasattr(cfg, "get") else None
+    if not key:
+        return summary
+    if summary.get(key) is None:
+        raise UserError(f"objective='{key}' is not a number in this run's summary (status "
+                        f"{summary.get('status')}); use one of "
+                        f"{', '.join(k for k, v in summary.items() if isinstance(v, (int, float)))}")
+    return float(summary[key])
+
+
+def _on_signal(signum, frame):
+    """Entry-level handler: a Trainer installs its own while it runs (finish the step, checkpoint, Preempted);
+    reaching this one means no step is in flight, so stop right away (the next trainer would stop too)."""
+    from ..engine.trainer import STOP_REQUESTED
+
+    STOP_REQUESTED.set()
+    log.warning("signal %d received outside a training step: stopping now", signum)
+    raise Preempted(f"signal {signum} received; rerun the same command (same run dir) to resume")
+
+
+@contextmanager
+def preemptible():
+    """SIGTERM/SIGUSR1 -> Preempted for the duration of a run (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from ..engine.trainer import STOP_REQUESTED
+
+    STOP_REQUESTED.clear()
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        STOP_REQUESTED.clear()
+
+
+def _check_dir(path, key: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.unlink(probe)
+    except OSError as e:
+        if debug_enabled():
+            raise
+        print(f"error: output dir {path} is not writable ({e.strerror or e}): set {key}=<a writable folder>",
+              file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)
+
+
+try:
+    from hydra.experimental.callback import Callback as _Callback
+except Exception:  # pragma: no cover - hydra without callbacks
+    _Callback = object
+
+
+class OutputDirCheck(_Callback):
+    """Hydra callback: fail with one line (exit 2) when the run or sweep dir cannot be written, before Hydra
+    itself tries to create it (which would end in a traceback)."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        _check_dir(str(config.hydra.run.dir), "hydra.run.dir")
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        _check_dir(str(config.hydra.sweep.dir), "hydra.sweep.dir")
+
+
 def entry(run, cfg):
     multirun, out = _mode()
     try:
-        return run(cfg)
-    except (UserError, Preempted) as e:
-        if out is not None:
-            status = "preempted" if isinstance(e, Preempted) else "failed"
+        with preemptible():
+            result = _objective(run(cfg), cfg)
+        for stale in ("preempted.json", "error.json"):  # markers of earlier attempts in this run dir
+            if out is not None and os.path.isfile(os.path.join(out, stale)):
+                os.unlink(os.path.join(out, stale))
+        return result
+    except Exception as e:
+        known = isinstance(e, (UserError, Preempted))
+        if out is not None:  # the failure is visible in the job's dir (never touches an earlier summary.json)
+            status = "preempted" if isinstance(e, Preempted) else "failed" if known else "crashed"
             try:
-                write_json(f"{out}/error.json" if status == "failed" else f"{out}/preempted.json",
-                           {"status": status, "error": str(e)})
+                write_json(f"{out}/preempted.json" if status == "preempted" else f"{out}/error.json",
+                           {"status": status, "error": f"{type(e).__name__}: {e}"})
             except OSError:
                 pass
+        if not known:
+            raise  # a bug: keep its traceback
         if debug_enabled():
             traceback.print_exc()
+        log.log(logging.WARNING if isinstance(e, Preempted) else logging.ERROR, "%s: %s", type(e).__name__, e)
         if multirun:
-            log.error("%s: %s", type(e).__name__, e)
             raise  # the sweeper records the failure; other jobs are not lost
         if isinstance(e, Preempted):
             print(f"preempted: {e}", file=sys.stderr)
             sys.exit(PREEMPTED_EXIT_CODE)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT_CODE)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # torchrun: leave the process group cleanly
+            dist.destroy_process_group()

@@ -65,12 +65,13 @@ def _classifier_keys(net: nn.Module) -> List[str]:
     return [n for n, p in net.named_parameters() if id(p) in ids]
 
 
-def load_weights(net: nn.Module, state: Dict[str, torch.Tensor], source: str) -> str:
-    """Load `state` into `net`; a classifier whose class count differs is re-initialised (and said so). Any
-    other mismatch is a different architecture: UserError naming the first bad key."""
+def load_weights(net: nn.Module, state: Dict[str, torch.Tensor], source: str, reinit_head: bool = True) -> str:
+    """Load `state` into `net`; a classifier whose class count differs is re-initialised (and said so), or with
+    `reinit_head=False` (a teacher: its head is its knowledge) refused as another label space. Any other mismatch
+    is a different architecture: UserError naming the first bad key."""
     own = net.state_dict()
     head_keys = set(_classifier_keys(net))
-    state = dict(state)
+    state_orig, state = state, dict(state)
     dropped = []
     for k in list(state):
         if k in head_keys and k in own and state[k].shape != own[k].shape:
@@ -86,6 +87,11 @@ def load_weights(net: nn.Module, state: Dict[str, torch.Tensor], source: str) ->
         raise UserError(f"checkpoint {source} does not fit this architecture ({len(missing)} missing, "
                         f"{len(unexpected)} unexpected, {len(bad_shape)} mis-shaped keys; first: '{k}' {detail}): "
                         f"pick the model/arch the checkpoint was trained with")
+    if dropped and not reinit_head:
+        k = dropped[0]
+        raise UserError(f"checkpoint {source} predicts another number of classes ('{k}' has shape "
+                        f"{tuple(dict(state_orig)[k].shape)}, this dataset needs {tuple(own[k].shape)}): teacher "
+                        f"and student must share the label space; use a checkpoint trained on this dataset")
     net.load_state_dict(state, strict=False)
     if dropped:
         msg = f"re-initialised the classifier ({', '.join(dropped)}): {source} has a different class count"
@@ -96,7 +102,7 @@ def load_weights(net: nn.Module, state: Dict[str, torch.Tensor], source: str) ->
 
 def create_model(arch: str, num_classes: int, in_chans: int, mean: Sequence[float], std: Sequence[float],
                  pretrained: bool = False, checkpoint: Optional[str] = None, kwargs: Optional[dict] = None,
-                 img_size: Optional[int] = None) -> Normalized:
+                 img_size: Optional[int] = None, reinit_head: bool = True) -> Normalized:
     """Any timm name or one of ours. `pretrained` takes timm's hub weights (GPU nodes with internet or a warm
     HF cache) and their mean/std; `checkpoint` loads a local weight file (safetensors or torch weights-only),
     re-initialising the head when the class count differs; otherwise the dataset's mean/std are used."""
@@ -124,7 +130,7 @@ def create_model(arch: str, num_classes: int, in_chans: int, mean: Sequence[floa
             model.mean.copy_(state.pop("mean").view_as(model.mean))
             model.std.copy_(state.pop("std").view_as(model.std))
             state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
-        load_weights(net, state, str(checkpoint))
+        load_weights(net, state, str(checkpoint), reinit_head=reinit_head)
     return model
 
 

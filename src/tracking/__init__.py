@@ -26,6 +26,14 @@ def _clean(v):
     return v
 
 
+def _new_run_id() -> str:
+    """A wandb-style run id (8 lowercase alphanumerics); `wandb.util.generate_id` is gone in wandb >= 0.2x."""
+    import secrets
+    import string
+
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
 def versions() -> Dict[str, str]:
     out = {"python": platform.python_version()}
     for mod in ("torch", "torchvision", "timm", "numpy", "hydra", "omegaconf", "wandb"):
@@ -46,6 +54,8 @@ class Tracker:
         self.summary_path = self.run_dir / "summary.json"
         self._wandb = None
         self.run_id = None
+        self._seen = None  # (step, keys) of the lines in metrics.jsonl, read on first use
+        self._seed = ((config or {}).get("trainer") or {}).get("seed") if isinstance(config, dict) else None
         if not self.active:
             return
         try:
@@ -64,7 +74,7 @@ class Tracker:
         if mode != "disabled":
             import wandb
 
-            self.run_id = state.get("wandb_id") or wandb.util.generate_id()
+            self.run_id = state.get("wandb_id") or _new_run_id()
             write_json(id_file, {"wandb_id": self.run_id})
             os.environ.setdefault("WANDB_SILENT", "true")
             self._wandb = wandb.init(
@@ -88,14 +98,35 @@ class Tracker:
         tmp = self.metrics_path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(l + "\n" for l in keep))
         os.replace(tmp, self.metrics_path)
+        self._seen = None
+
+    @staticmethod
+    def _line_key(row: dict):
+        return int(row.get("step", -1)), tuple(sorted(row))
+
+    def _already_logged(self, row: dict) -> bool:
+        """True when metrics.jsonl already holds a line with this step and these keys: a resumed run re-logs what
+        it logs before its trainer resumes (e.g. the step-0 'before' evaluation), and that is not a new line."""
+        if self._seen is None:
+            self._seen = set()
+            lines = self.metrics_path.read_text().splitlines() if self.metrics_path.is_file() else []
+            for line in lines:
+                try:
+                    self._seen.add(self._line_key(json.loads(line)))
+                except (json.JSONDecodeError, AttributeError):
+                    continue  # a torn last line from a crash
+        return self._line_key(row) in self._seen
 
     def log(self, metrics: Dict[str, Any], step: int) -> None:
         if not self.active:
             return
         row = {"step": int(step), **{k: _clean(v) for k, v in metrics.items()}}
+        if self._already_logged(row):
+            return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
+        self._seen.add(self._line_key(row))
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=int(step))
 
@@ -106,6 +137,8 @@ class Tracker:
 
     def summary(self, values: Dict[str, Any]) -> Dict[str, Any]:
         values = {k: _clean(v) for k, v in values.items()}
+        if self._seed is not None:  # every summary says which seed made it (and with which library versions)
+            values.setdefault("seed", self._seed)
         values.setdefault("versions", versions())
         if self.active:
             write_json(self.summary_path, values)
@@ -126,7 +159,18 @@ class Tracker:
             cols = list(rows[0])
             self._wandb.log({name: wandb.Table(columns=cols, data=[[_clean(r.get(c)) for c in cols] for r in rows])})
 
-    def finish(self, exit_code: int = 0) -> None:
+    def finish(self, exit_code: Optional[int] = None) -> None:
+        """Finish the wandb run (always, also on failure). Called from a `finally:` while an exception propagates,
+        the run is marked failed (exit code 1; 124 for a preemption, which the rerun resumes)."""
         if self._wandb is not None:
-            self._wandb.finish(exit_code=exit_code)
-            self._wandb = None
+            if exit_code is None:
+                import sys
+
+                from ..errors import PREEMPTED_EXIT_CODE, Preempted
+
+                err = sys.exc_info()[1]
+                exit_code = 0 if err is None else PREEMPTED_EXIT_CODE if isinstance(err, Preempted) else 1
+            try:
+                self._wandb.finish(exit_code=exit_code)
+            finally:
+                self._wandb = None

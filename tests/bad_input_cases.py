@@ -1,0 +1,148 @@
+"""The bad-input table: every entry script answers bad input with exit code != 0 and ONE clear line naming the bad
+value and the fix, before any long work starts, without touching earlier runs' outputs.
+
+One row per case; `tests/test_bad_input.py` turns each row into a test. A new entry script adds itself to
+`SCRIPTS` and appends its rows to `CASES` (or extends `CASES` from its own module) -- nothing else to write.
+
+Row fields
+- id: unique test id, `<script>-<what is wrong>`.
+- script: a key of SCRIPTS.
+- overrides: Hydra overrides. Placeholders: `{art}` = a folder of prepared bad/good files (see ARTIFACTS below),
+  `{tmp}` = the test's own tmp dir. Paths (checkpoints/cache/data) point at an EMPTY zoo unless `zoo=True`, so a
+  case that reached zoo training would be caught (nothing may be trained before the error).
+- expect: substrings that must all appear in the one-line message (bad value + fix / closest valid names).
+- kind: "user" (our UserError -> `error: ...`, exit 2) or "hydra" (composition error printed by Hydra, exit != 0;
+  the message must name the key and the value).
+- subprocess: also run it as a real `python main_<script>.py ...` (slow: ~8-10 s of imports; keep these few).
+  Rows that only fail through Hydra's machinery (e.g. an unwritable run dir, caught by a Hydra callback) have
+  `inprocess=False`.
+
+ARTIFACTS (written once per session by the `artifacts` fixture in test_bad_input.py):
+  teacher10/            a valid 10-class mlp checkpoint folder (model.safetensors + meta.json)
+  teacher5/             the same for a 5-class mlp (another label space)
+  corrupt/              teacher10 with a truncated model.safetensors
+  badmeta/              teacher10 with a corrupt meta.json
+  mlp5.safetensors      a 5-class mlp's weights (Normalized state dict)
+  resnet8.safetensors   a 10-class resnet8's weights
+  trunc.safetensors     a truncated safetensors file
+  evil.pt               a pickle that would run `touch {art}/PWNED` when unpickled
+  emptyfolder/          an ImageFolder root whose class folders hold no images
+  afile                 a regular file (a run dir below it cannot be created)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+
+@dataclass(frozen=True)
+class Script:
+    main: str  # the entry script
+    config: str  # its primary config (config_name)
+    module: str  # the family module with run(cfg, run_dir=None)
+
+
+SCRIPTS = {
+    "pretrain": Script("main_pretrain.py", "pretrain/pretrain", "src.experiments.pretrain"),
+    "transfer": Script("main_transfer.py", "transfer/transfer", "src.experiments.transfer"),
+    "flips": Script("main_flips.py", "prediction_flips/flips", "src.experiments.flips"),
+    "multi_teacher": Script("main_multi_teacher.py", "multi_teacher/multi_teacher", "src.experiments.multi_teacher"),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    script: str
+    overrides: Tuple[str, ...]
+    expect: Tuple[str, ...]
+    kind: str = "user"  # user | hydra
+    subprocess: bool = False
+    inprocess: bool = True
+
+
+def C(id, script, overrides, expect, **kw) -> Case:  # noqa: N802  (short row constructor)
+    return Case(id, script, tuple(overrides), tuple(expect), **kw)
+
+
+T10 = "teacher={art}/teacher10"  # a teacher that needs no zoo training
+CASES = [
+    # ---------------------------------------------------------------- unknown names (with the closest valid ones)
+    C("pretrain-unknown-zoo-name", "pretrain", ["name=mlp_smal"], ["'mlp_smal'", "mlp_small"]),
+    C("pretrain-unknown-model", "pretrain", ["name=null", "model.arch=resnet9"], ["'resnet9'", "closest"]),
+    C("pretrain-unknown-dataset", "pretrain", ["dataset.name=digitz"], ["'digitz'", "digits"]),
+    C("pretrain-unknown-model-group", "pretrain", ["model=resnet9"], ["resnet9", "resnet8"], kind="hydra"),
+    C("transfer-unknown-teacher", "transfer", ["teacher=mlp_smal"], ["'mlp_smal'", "mlp_small"]),
+    C("transfer-unknown-student", "transfer", ["student=resnet21"], ["'resnet21'", "resnet20"]),
+    C("transfer-unknown-arch-in-weights-spec", "transfer", [T10, "student=resnet9@{art}/resnet8.safetensors"],
+      ["'resnet9'", "arch@weights_file"]),
+    C("transfer-unknown-method", "transfer", ["method=nope"], ["nope", "kl_dp"], kind="hydra"),
+    C("transfer-unknown-zoo", "transfer", ["zoo=nope"], ["nope", "digits"], kind="hydra"),
+    # ------------------------------------------------------------------------------ missing / malformed data
+    C("pretrain-missing-data-dir", "pretrain", ["dataset=cifar100"],
+      ["cifar-100-python", "paths.data", "nothing is downloaded"]),
+    C("pretrain-malformed-data-dir", "pretrain", ["dataset=imagefolder", "dataset.root={art}/emptyfolder"],
+      ["no images", "emptyfolder"]),
+    # ------------------------------------------------------------------------------------------ checkpoints
+    C("transfer-truncated-weights", "transfer", [T10, "student=resnet8@{art}/trunc.safetensors"],
+      ["trunc.safetensors", "corrupt or truncated"]),
+    C("transfer-corrupt-checkpoint-folder", "transfer", ["teacher={art}/corrupt"],
+      ["corrupt", "model.safetensors"]),
+    C("transfer-corrupt-meta", "transfer", ["teacher={art}/badmeta"], ["meta.json", "corrupt"]),
+    C("transfer-missing-weights-file", "transfer", [T10, "student=resnet8@{art}/nope.safetensors"],
+      ["nope.safetensors", "does not exist"]),
+    C("transfer-malicious-pickle", "transfer", [T10, "student=resnet8@{art}/evil.pt"],
+      ["refusing to load", "evil.pt"], subprocess=True),
+    C("transfer-other-architecture", "transfer", [T10, "student=resnet20@{art}/resnet8.safetensors"],
+      ["resnet8.safetensors", "does not fit this architecture"]),
+    # ------------------------------------------------------------------------------ label spaces / classes
+    C("transfer-teacher-other-class-count", "transfer", ["teacher={art}/teacher5"],
+      ["predicts 5 classes", "label space"]),
+    C("transfer-teacher-weights-other-class-count", "transfer", ["teacher=mlp@{art}/mlp5.safetensors"],
+      ["mlp5.safetensors", "label space"]),
+    C("pretrain-num-classes-mismatch", "pretrain", ["dataset.num_classes=7"],
+      ["dataset.num_classes=7", "dataset.num_classes=10"]),
+    # ------------------------------------------------------------------------------- types and value ranges
+    C("pretrain-lr-not-a-number", "pretrain", ["optimizer.lr=abc"], ["optimizer.lr", "abc"], kind="hydra",
+      subprocess=True),
+    C("pretrain-batch-size-float", "pretrain", ["loader.batch_size=1.5"], ["batch_size", "1.5"], kind="hydra"),
+    C("pretrain-negative-lr", "pretrain", ["name=null", "model=mlp", "optimizer.lr=-0.1"],
+      ["optimizer.lr=-0.1", "> 0"]),
+    C("pretrain-zero-batch-size", "pretrain", ["name=null", "model=mlp", "loader.batch_size=0"],
+      ["loader.batch_size=0", "> 0"]),
+    C("pretrain-batch-larger-than-split", "pretrain", ["name=null", "model=mlp", "loader.batch_size=5000"],
+      ["loader.batch_size=5000", "larger than", "'train'"]),
+    C("pretrain-empty-subset-fraction", "pretrain", ["name=null", "model=mlp", "dataset.subset.fraction=0"],
+      ["dataset.subset.fraction=0", "(0, 1]"]),
+    C("pretrain-empty-subset-per-class", "pretrain", ["name=null", "model=mlp", "dataset.subset.per_class=0"],
+      ["dataset.subset.per_class=0", "> 0"]),
+    C("pretrain-zero-epochs", "pretrain", ["name=null", "model=mlp", "trainer.epochs=0"],
+      ["trainer.epochs=0", "> 0"]),
+    C("pretrain-negative-seed", "pretrain", ["trainer.seed=-1"], ["trainer.seed=-1", ">= 0"]),
+    C("transfer-negative-lr", "transfer", ["optimizer.lr=-1"], ["optimizer.lr=-1", "> 0"]),
+    C("transfer-temperature-zero", "transfer", ["method=kl", "method.temperature=0"],
+      ["method.temperature=0", "> 0"]),
+    C("transfer-temperature-negative", "transfer", ["method=crd", "method.temperature=-4"],
+      ["method.temperature=-4", "> 0"]),
+    C("transfer-top-p-zero", "transfer", ["top_p=0"], ["top_p=0", "(0, 100]"], subprocess=True),
+    C("transfer-top-p-above-100", "transfer", ["top_p=150"], ["top_p=150", "(0, 100]"]),
+    C("transfer-batch-larger-than-split", "transfer", [T10, "student=resnet8@{art}/resnet8.safetensors",
+                                                       "loader.batch_size=100000"],
+      ["loader.batch_size=100000", "larger than", "'transfer'"]),
+    # ------------------------------------------------------------------------------------- output directory
+    C("pretrain-unwritable-output-dir", "pretrain", ["hydra.run.dir={art}/afile/run"],
+      ["afile/run", "not writable", "hydra.run.dir"], subprocess=True, inprocess=False),
+    # -------------------------------------------------------------------------------------- training itself
+    C("pretrain-non-finite-loss", "pretrain", ["name=null", "model=mlp", "optimizer.lr=1e30",
+                                               "trainer.max_steps=20"],
+      ["non-finite", "optimizer.lr", "last good checkpoint"]),
+    # ------------------------------------------------------------------------------------------------ flips
+    C("flips-unknown-model", "flips", ["models=[mlp_small,lenett]"], ["'lenett'", "lenet"]),
+    C("flips-temperature-zero", "flips", ["temperature=0"], ["temperature=0", "> 0"]),
+    # ---------------------------------------------------------------------------------------- multi-teacher
+    C("multi_teacher-unknown-teacher", "multi_teacher", ["teachers=[mlp_small,lenat]"],
+      ["teachers[1]", "'lenat'", "lenet"], subprocess=True),
+    C("multi_teacher-top-p-zero", "multi_teacher", ["top_p=0"], ["top_p=0", "(0, 100]"]),
+    C("multi_teacher-teacher-other-class-count", "multi_teacher", ["teachers=[{art}/teacher10,{art}/teacher5]"],
+      ["predicts 5 classes", "label space"]),
+]

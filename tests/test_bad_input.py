@@ -1,0 +1,184 @@
+"""Each row of tests/bad_input_cases.py as a test: bad input -> exit code != 0 and one clear line naming the bad
+value and the fix, before any long work (nothing is trained into the empty zoo), and an earlier run's outputs in
+the same run dir are left untouched. Rows run in-process through `entry()` (the same code path as the scripts,
+minus ~8 s of imports); rows marked `subprocess` also run as a real `python main_*.py`."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bad_input_cases import CASES, SCRIPTS, Case
+from conftest import ROOT, compose
+
+SENTINEL_SUMMARY = {"status": "ok", "student_acc_after": 12.5, "note": "an earlier run's result"}
+SENTINEL_METRICS = '{"step": 3, "eval/student_acc": 12.5}\n'
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory):
+    """The files the table's `{art}` placeholders point at (see the docstring of bad_input_cases.py)."""
+    from src.io_utils import save_safetensors
+    from src.models import create_model, save_checkpoint
+
+    art = tmp_path_factory.mktemp("bad_input_art")
+
+    def model(arch, classes, **kw):
+        torch.manual_seed(0)
+        return create_model(arch, classes, 1, [0.3], [0.38], img_size=8, kwargs=kw)
+
+    digits = {"name": "digits", "image_size": 8, "channels": 1}
+    save_checkpoint(model("mlp", 10, hidden=[8]), art / "teacher10",
+                    {"name": "teacher10", "kwargs": {"hidden": [8]}, "dataset": digits})
+    save_checkpoint(model("mlp", 5, hidden=[8]), art / "teacher5",
+                    {"name": "teacher5", "kwargs": {"hidden": [8]}, "dataset": digits})
+    for name in ("corrupt", "badmeta"):
+        save_checkpoint(model("mlp", 10, hidden=[8]), art / name, {"name": name, "kwargs": {"hidden": [8]},
+                                                                  "dataset": digits})
+    f = art / "corrupt" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    (art / "badmeta" / "meta.json").write_text('{"name": "badmeta", "arch": ')
+    save_safetensors(model("mlp", 5).state_dict(), art / "mlp5.safetensors")
+    save_safetensors(model("resnet8", 10).state_dict(), art / "resnet8.safetensors")
+    save_safetensors(model("resnet8", 10).state_dict(), art / "trunc.safetensors")
+    t = art / "trunc.safetensors"
+    t.write_bytes(t.read_bytes()[:-500])
+    (art / "evil.pt").write_bytes(pickle.dumps({"state_dict": {"w": torch.zeros(2)}, "x": _Evil(art / "PWNED")}))
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (art / "emptyfolder" / split / c).mkdir(parents=True)
+        (art / "emptyfolder" / split / "a" / "notes.txt").write_text("not an image")
+    (art / "afile").write_text("a file, not a folder")
+    return art
+
+
+def _overrides(case: Case, art: Path, tmp: Path):
+    paths = [f"paths.checkpoints={tmp / 'empty_zoo'}", f"paths.cache={tmp / 'cache'}", f"paths.data={tmp / 'data'}"]
+    return [o.format(art=art, tmp=tmp) for o in case.overrides] + paths
+
+
+def _earlier_run(run: Path) -> dict:
+    """An earlier run's outputs in the run dir the bad command points at; returns their bytes."""
+    (run / "checkpoints" / "train" / "step_00000003").mkdir(parents=True)
+    (run / "checkpoints" / "train" / "latest").write_text("step_00000003")
+    (run / "summary.json").write_text(json.dumps(SENTINEL_SUMMARY))
+    (run / "metrics.jsonl").write_text(SENTINEL_METRICS)
+    (run / "model").mkdir()
+    (run / "model" / "model.safetensors").write_bytes(b"earlier weights")
+    return _snapshot(run)
+
+
+def _snapshot(run: Path) -> dict:
+    keep = ("summary.json", "metrics.jsonl", "checkpoints/train/latest", "model/model.safetensors")
+    return {k: (run / k).read_bytes() if (run / k).exists() else None for k in keep}
+
+
+def _check_message(case: Case, line: str):
+    for s in case.expect:
+        assert s in line, f"{case.id}: {s!r} not in the message {line!r}"
+
+
+def _assert_nothing_trained(tmp: Path, case: Case):
+    zoo = tmp / "empty_zoo"
+    trained = sorted(str(p.parent.relative_to(zoo)) for p in zoo.rglob("meta.json")) if zoo.exists() else []
+    assert not trained, f"{case.id}: zoo models were trained before the error: {trained}"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.inprocess], ids=lambda c: c.id)
+def test_bad_input_in_process(case: Case, artifacts, tmp_path, capsys):
+    from src.experiments.entry import entry
+
+    script = SCRIPTS[case.script]
+    overrides = _overrides(case, artifacts, tmp_path)
+    if case.kind == "hydra":  # composition fails inside Hydra, before our code: it must name key and value
+        with pytest.raises(Exception) as ei:
+            compose(script.config, overrides)
+        _check_message(case, str(ei.value))
+        return
+    cfg = compose(script.config, overrides)
+    run_dir = tmp_path / "run"
+    before = _earlier_run(run_dir)
+    family = importlib.import_module(script.module)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ei:
+        entry(lambda c: family.run(c, run_dir=run_dir), cfg)
+    assert ei.value.code == 2, f"{case.id}: exit code {ei.value.code}"
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: "), f"{case.id}: stderr is not one line: {err}"
+    _check_message(case, err[0])
+    assert _snapshot(run_dir) == before, f"{case.id}: an earlier run's outputs were modified"
+    _assert_nothing_trained(tmp_path, case)
+    assert not (artifacts / "PWNED").exists(), "a checkpoint's pickle was executed"
+
+
+def _run_script(script: str, args, timeout=300, env_extra=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for k in ("KT_DATA", "KT_CHECKPOINTS", "KT_CACHE", "KT_DEBUG", "HYDRA_FULL_ERROR"):
+        env.pop(k, None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c for c in CASES if c.subprocess], ids=lambda c: c.id)
+def test_bad_input_subprocess(case: Case, artifacts, tmp_path):
+    script = SCRIPTS[case.script]
+    overrides = _overrides(case, artifacts, tmp_path)
+    run_dir = tmp_path / "run"
+    before = _earlier_run(run_dir)
+    if not any(o.startswith("hydra.run.dir=") for o in overrides):
+        overrides.append(f"hydra.run.dir={run_dir}")
+    res = _run_script(script.main, overrides)
+    assert res.returncode != 0, f"{case.id}: exit code 0\n{res.stdout[-2000:]}"
+    if case.kind == "hydra":
+        _check_message(case, res.stderr)
+    else:
+        assert res.returncode == 2, f"{case.id}: exit {res.returncode}\n{res.stderr[-3000:]}"
+        err = [line for line in res.stderr.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("error: "), f"{case.id}: stderr is not one line: {err}"
+        assert "Traceback" not in res.stderr
+        _check_message(case, err[0])
+    assert _snapshot(run_dir) == before, f"{case.id}: an earlier run's outputs were modified"
+    _assert_nothing_trained(tmp_path, case)
+    assert not (artifacts / "PWNED").exists(), "a checkpoint's pickle was executed"
+
+
+def test_debug_flag_shows_the_traceback(artifacts, tmp_path, capsys, monkeypatch):
+    """KT_DEBUG=1: the same exit code and line, plus the full traceback."""
+    from src.experiments import pretrain
+    from src.experiments.entry import entry
+
+    cfg = compose("pretrain/pretrain", ["name=null", "model=mlp", "optimizer.lr=-0.1",
+                                        f"paths.checkpoints={tmp_path / 'ck'}", f"paths.cache={tmp_path / 'c'}"])
+    monkeypatch.setenv("KT_DEBUG", "1")
+    with pytest.raises(SystemExit) as ei:
+        entry(lambda c: pretrain.run(c, run_dir=tmp_path / "run"), cfg)
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "UserError" in err
+    assert err.strip().splitlines()[-1] == "error: optimizer.lr=-0.1 must be > 0: use e.g. optimizer.lr=0.1"
+
+
+def test_every_script_has_rows():
+    """A new entry script registers itself in SCRIPTS and brings rows (at least an unknown name and a range)."""
+    for name, script in SCRIPTS.items():
+        assert (ROOT / script.main).is_file(), f"{script.main} does not exist"
+        assert sum(c.script == name for c in CASES) >= 2, f"no bad-input rows for {name}"
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids)), "duplicate case ids"
