@@ -156,7 +156,9 @@ def _register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("kt_pid"):
-        OmegaConf.register_new_resolver("kt_pid", lambda: str(os.getpid()))
+        # under torchrun every rank is a child of the same agent: its pid names one run dir for all ranks
+        OmegaConf.register_new_resolver(
+            "kt_pid", lambda: str(os.getppid() if "LOCAL_RANK" in os.environ else os.getpid()))
 
 
 _register_resolvers()

@@ -1,0 +1,395 @@
+"""Speed benchmark of the suite's hot paths, in one run, as ratios (higher is better, target in brackets):
+
+1. Trainer step throughput / a hand-written minimal PyTorch loop doing the same maths, for KL (KD) and KL+DP
+   (same models, same pre-built batches, same optimiser)                                            [>= 0.97]
+2. `tensor` loader (uint8 split on the device, batched crop/flip) / torch DataLoader + torchvision transforms on
+   CIFAR-shaped data (random crop 4 px + flip)                                                   [>= 10x on CPU]
+3. FFCV loader / DataLoader on a JPEG ImageFolder (only when ffcv imports; the row says why it is skipped)
+4. KL+DP step (in the Trainer) / the sum of its parts measured alone: student fwd+bwd+SGD step, teacher fwd,
+   frozen-student fwd                                                                                [>= 0.9]
+
+Fairness: warmup first, then `--repeats` timed windows per arm, arms interleaved (A B A B ...) so that a noisy,
+shared CPU slows both alike; medians reported. On CUDA, timings synchronise at window boundaries only.
+
+    python scripts/benchmark.py                                  # CPU here: small models, writes bench_results/
+    python scripts/benchmark.py --device cuda --amp bf16 --channels-last --compile
+Prints a table and writes bench_results/benchmark_<device>.json (+ .md)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from src.data.datasets import DatasetInfo, Split  # noqa: E402
+from src.data.loaders import TensorLoader, TorchLoader  # noqa: E402
+from src.engine import Trainer  # noqa: E402
+from src.methods import KL, KLDP  # noqa: E402
+from src.models import create_model  # noqa: E402
+from src.schema import LoaderConfig, OptimizerConfig, SchedulerConfig, TrainerConfig  # noqa: E402
+
+CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.247, 0.243, 0.261]
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def cifar_split(n, size=32, seed=0, name="train"):
+    g = torch.Generator().manual_seed(seed)
+    info = DatasetInfo("synthetic", 10, [str(i) for i in range(10)], 3, size, CIFAR_MEAN, CIFAR_STD)
+    return Split(name=name, labels=torch.randint(0, 10, (n,), generator=g), ids=torch.arange(n),
+                 images=torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g), info=info,
+                 full_size=n)
+
+
+class ListLoader:
+    """Pre-built device batches behind the loader interface: both arms of a comparison see the same tensors."""
+
+    def __init__(self, batches):
+        self.batches, self.batch_size = batches, batches[0][0].shape[0]
+        self.num_samples = self.batch_size * len(batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+    def iter_epoch(self, epoch=0, start=0):
+        return iter(self.batches[start:])
+
+
+def make_models(args, dev, seed=0):
+    torch.manual_seed(seed)
+    mk = lambda arch: create_model(arch, 10, 3, CIFAR_MEAN, CIFAR_STD, img_size=32).to(dev)  # noqa: E731
+    student, teacher = mk(args.student), mk(args.teacher)
+    frozen = mk(args.student)
+    frozen.load_state_dict(student.state_dict())
+    for m in (teacher, frozen):
+        m.eval().requires_grad_(False)
+    if args.channels_last:
+        for m in (student, teacher, frozen):
+            m.to(memory_format=torch.channels_last)
+    return student, teacher, frozen
+
+
+def autocast(args, dev):
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
+
+
+# ------------------------------------------------------------------------------------- the minimal loops
+
+
+def kl_loss(zs, target_probs):
+    """Per-sample KL(target || softmax(zs)) averaged (T = 1): the maths of src.methods.kd.kl_to_target."""
+    log_ps = F.log_softmax(zs.float(), 1)
+    return (torch.special.xlogy(target_probs, target_probs).sum(1) - (target_probs * log_ps).sum(1)).mean()
+
+
+def minimal_step_fn(kind, student, teacher, frozen, opt, args, dev):
+    def step(x, y):
+        with autocast(args, dev):
+            zs = student(x)
+            with torch.no_grad():
+                pt = teacher(x).float().softmax(1)
+                if kind == "kldp":
+                    pf = frozen(x).float().softmax(1)
+                    w = (pt.gather(1, y[:, None]) > pf.gather(1, y[:, None])).float()
+                    pt = w * pt + (1 - w) * pf
+            loss = kl_loss(zs, pt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+def time_loop(step, batches, n, dev):
+    sync(dev)
+    t0 = time.perf_counter()
+    for i in range(n):
+        x, y, _ = batches[i % len(batches)]
+        step(x, y)
+    sync(dev)
+    return time.perf_counter() - t0
+
+
+def tcfg(args, steps):
+    return OmegaConf.merge(OmegaConf.structured(TrainerConfig), {
+        "max_steps": steps, "progress": "off", "resume": False, "amp": args.amp,
+        "channels_last": args.channels_last, "compile": args.compile, "compile_frozen": args.compile,
+        "device": str(args.device),
+        # the 8-batch "epoch" here is artificial: evaluate / checkpoint only at the end, outside the windows
+        "eval_every_steps": 10 ** 9, "ckpt_every_steps": 10 ** 9})
+
+
+def paired_windows(method, batches, other, args, dev, run_dir):
+    """Run the real Trainer for warmup + repeats x steps; after every window of `steps` trainer steps (timed
+    between two calls of the method's after_step hook), run the other arm once (`other()` returns its time):
+    A B A B ..., so both arms see the same machine load. The trainer's final evaluation and checkpoint lie
+    outside the windows."""
+    w, n, reps = args.warmup, args.steps, args.repeats
+    a, b, mark = [], [], {}
+
+    def after_step(step):
+        if step < w or (step - w) % n:
+            return
+        sync(dev)
+        if step > w:
+            a.append(time.perf_counter() - mark["t"])
+        if len(b) < reps:
+            b.append(other())
+        sync(dev)
+        mark["t"] = time.perf_counter()
+
+    method.after_step = after_step
+    t = Trainer(method, ListLoader(batches), tcfg(args, w + n * reps + 1),
+                OmegaConf.merge(OmegaConf.structured(OptimizerConfig), {"name": "sgd", "lr": 0.01,
+                                                                         "weight_decay": 5e-4}),
+                OmegaConf.merge(OmegaConf.structured(SchedulerConfig), {"name": "none"}), run_dir, device=dev)
+    t.fit()
+    del method.after_step
+    return a[:reps], b[:reps]
+
+
+def bench_trainer_vs_minimal(kind, batches, args, dev, tmp):
+    student, teacher, frozen = make_models(args, dev)
+    s2, t2, f2 = make_models(args, dev)
+    cls = KL if kind == "kl" else KLDP
+    method = cls(student, teacher, **({"frozen_student": frozen} if kind == "kldp" else {}))
+    if args.compile:
+        for m in (s2, t2, f2):
+            m.compile()
+    opt = torch.optim.SGD([p for p in s2.parameters()], lr=0.01, momentum=0.9, weight_decay=5e-4)
+    step = minimal_step_fn(kind, s2, t2, f2, opt, args, dev)
+    time_loop(step, batches, args.warmup, dev)
+    tr, mn = paired_windows(method, batches, lambda: time_loop(step, batches, args.steps, dev), args, dev,
+                            Path(tmp) / kind)
+    bs = batches[0][0].shape[0]
+    t_ips, m_ips = bs * args.steps / statistics.median(tr), bs * args.steps / statistics.median(mn)
+    # the ratio: median over the paired (adjacent, interleaved) windows, robust to load that changes over time
+    paired = statistics.median(m / t for t, m in zip(tr, mn))
+    return {"row": f"trainer/minimal loop, {'KD (KL)' if kind == 'kl' else 'KL+DP'}", "ratio": paired,
+            "ratio_of_medians": t_ips / m_ips,
+            "target": 0.97, "a": f"trainer {t_ips:,.0f} img/s", "b": f"minimal {m_ips:,.0f} img/s",
+            "trainer_s": tr, "minimal_s": mn}, method
+
+
+def bench_parts(method, batches, args, dev, tmp):
+    """KL+DP step in the Trainer vs student fwd+bwd+SGD step, teacher fwd, frozen fwd, each timed alone."""
+    s, t, f = method.student, method.teacher.model, method.frozen_student.model
+    s_copy, _, _ = make_models(args, dev)  # a twin student, so the parts do not change the trained one
+    if args.compile:
+        s_copy.compile()
+    opt = torch.optim.SGD(s_copy.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def student_part(x, y):
+        with autocast(args, dev):
+            loss = F.cross_entropy(s_copy(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def fwd(m):
+        def step(x, y):
+            with torch.no_grad(), autocast(args, dev):
+                m(x)
+        return step
+
+    parts = {"student fwd+bwd+step": student_part, "teacher fwd": fwd(t), "frozen-student fwd": fwd(f)}
+    for p in parts.values():
+        time_loop(p, batches, args.warmup, dev)
+    times = {k: [] for k in parts}
+
+    def other():
+        tot = 0.0
+        for k, p in parts.items():
+            times[k].append(time_loop(p, batches, args.steps, dev))
+            tot += times[k][-1]
+        return tot
+
+    step_t, _ = paired_windows(method, batches, other, args, dev, Path(tmp) / "parts")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    total, st = sum(med.values()), statistics.median(step_t)
+    sums = [sum(v[i] for v in times.values()) for i in range(len(step_t))]
+    paired = statistics.median(p / t for t, p in zip(step_t, sums))
+    return {"row": "KL+DP step / sum of its parts", "ratio": paired, "ratio_of_medians": total / st, "target": 0.9,
+            "a": f"step {1e3 * st / args.steps:.2f} ms",
+            "b": "parts " + " + ".join(f"{1e3 * v / args.steps:.2f}" for v in med.values()) + " ms",
+            "parts_ms": {k: 1e3 * v / args.steps for k, v in med.items()}, "step_s": step_t}
+
+
+# ------------------------------------------------------------------------------------------------- loaders
+
+
+def time_epoch(loader, dev, max_batches):
+    sync(dev)
+    t0, n = time.perf_counter(), 0
+    for b, (x, y, i) in enumerate(loader.iter_epoch(0)):
+        n += x.shape[0]
+        if b + 1 >= max_batches:
+            break
+    sync(dev)
+    return n / (time.perf_counter() - t0)
+
+
+def bench_loaders(args, dev):
+    split = cifar_split(args.loader_samples)
+    common = dict(batch_size=256, shuffle=True, drop_last=True, augment="crop_flip", crop_padding=4, flip=True,
+                  seed=0, device=dev)
+    tl = TensorLoader(split, **common)
+    dl = TorchLoader(split, num_workers=args.workers, train=True, **common)
+    nb = len(tl)
+    time_epoch(tl, dev, 2)
+    time_epoch(dl, dev, 2)
+    a, b = [], []
+    for _ in range(args.repeats):
+        a.append(time_epoch(tl, dev, nb))
+        b.append(time_epoch(dl, dev, args.dl_batches))
+    ma, mb = statistics.median(a), statistics.median(b)
+    return {"row": "tensor loader / DataLoader+torchvision (CIFAR-shaped, crop+flip)", "ratio": ma / mb,
+            "target": 10.0 if dev.type == "cpu" else None, "a": f"tensor {ma:,.0f} img/s",
+            "b": f"DataLoader {mb:,.0f} img/s ({args.workers} workers)"}
+
+
+def bench_ffcv(args, dev, tmp):
+    try:
+        import ffcv  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return {"row": "FFCV / DataLoader (JPEG ImageFolder)", "ratio": None, "target": None,
+                "a": "skipped", "b": f"ffcv does not import ({type(e).__name__}: {e})"}
+    try:
+        from PIL import Image
+
+        from src.data.ffcv_loader import FFCVLoader, write_beton
+
+        n, size = args.ffcv_samples, 64
+        src = cifar_split(n, size=size, seed=1)
+        folder = Path(tmp) / "imagefolder"
+        files = []
+        for i in range(n):
+            p = folder / str(int(src.labels[i])) / f"{i:05d}.jpg"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(src.images[i].permute(1, 2, 0).numpy()).save(p, quality=90)
+            files.append(str(p))
+        info = DatasetInfo("jpegfolder", 10, [str(i) for i in range(10)], 3, size, CIFAR_MEAN, CIFAR_STD)
+        split = Split("train", src.labels, src.ids, files=files, info=info, full_size=n)
+        beton = Path(tmp) / "ffcv"
+        write_beton(split, beton / "jpegfolder_train.beton", write_mode="jpg", num_workers=args.workers or 1)
+        lcfg = OmegaConf.merge(OmegaConf.structured(LoaderConfig), {"ffcv_dir": str(beton), "backend": "ffcv",
+                                                                    "num_workers": max(1, args.workers)})
+        common = dict(batch_size=128, shuffle=True, drop_last=True, augment="rrc_flip", flip=True, seed=0,
+                      device=dev)
+        fl = FFCVLoader(lcfg, split, train=True, **common)
+        dl = TorchLoader(split, num_workers=args.workers, train=True, **common)
+        time_epoch(fl, dev, 2)
+        time_epoch(dl, dev, 2)
+        a, b = [], []
+        for _ in range(args.repeats):
+            a.append(time_epoch(fl, dev, len(fl)))
+            b.append(time_epoch(dl, dev, len(dl)))
+        ma, mb = statistics.median(a), statistics.median(b)
+        return {"row": "FFCV / DataLoader (JPEG ImageFolder 64px, rrc+flip)", "ratio": ma / mb, "target": None,
+                "a": f"FFCV {ma:,.0f} img/s", "b": f"DataLoader {mb:,.0f} img/s ({args.workers} workers)"}
+    except Exception as e:  # noqa: BLE001
+        return {"row": "FFCV / DataLoader (JPEG ImageFolder)", "ratio": None, "target": None, "a": "skipped",
+                "b": f"FFCV failed: {type(e).__name__}: {str(e)[:200]}"}
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    p.add_argument("--amp", default=None, choices=["none", "bf16"], help="default: bf16 on CUDA, none on CPU")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile student and frozen models (both arms)")
+    p.add_argument("--student", default=None, help="default: resnet8 on CPU, resnet20 on CUDA")
+    p.add_argument("--teacher", default=None, help="default: wrn_16_1 on CPU, wrn_16_2 on CUDA")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 64 on CPU, 256 on CUDA")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per window (default 10 CPU, 50 CUDA)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: cpu_count // 2)")
+    p.add_argument("--loader-samples", type=int, default=10000)
+    p.add_argument("--dl-batches", type=int, default=8, help="DataLoader batches per timed window")
+    p.add_argument("--ffcv-samples", type=int, default=2048)
+    p.add_argument("--skip", nargs="*", default=[], choices=["trainer", "loader", "ffcv", "parts"])
+    p.add_argument("--out", default=str(ROOT / "bench_results"))
+    args = p.parse_args(argv)
+    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if args.device == "auto" else args.device))
+    cuda = dev.type == "cuda"
+    args.device = dev
+    args.amp = args.amp or ("bf16" if cuda else "none")
+    args.student = args.student or ("resnet20" if cuda else "resnet8")
+    args.teacher = args.teacher or ("wrn_16_2" if cuda else "wrn_16_1")
+    args.batch_size = args.batch_size or (256 if cuda else 64)
+    args.steps = args.steps or (50 if cuda else 10)
+    args.warmup = args.warmup if args.warmup is not None else (20 if args.compile else 5 if cuda else 3)
+    args.workers = args.workers if args.workers is not None else max(0, (os.cpu_count() or 2) // 2)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    split = cifar_split(args.batch_size * 8, seed=2)
+    tl = TensorLoader(split, args.batch_size, shuffle=True, drop_last=True, augment="crop_flip", crop_padding=4,
+                      flip=True, device=dev)
+    batches = [(x.contiguous(memory_format=torch.channels_last) if args.channels_last else x, y, i)
+               for x, y, i in tl.iter_epoch(0)]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if "trainer" not in args.skip:
+            for kind in ("kl", "kldp"):
+                row, method = bench_trainer_vs_minimal(kind, batches, args, dev, tmp)
+                rows.append(row)
+                print(f"  {row['row']}: {row['ratio']:.3f}", flush=True)
+                if kind == "kldp" and "parts" not in args.skip:
+                    rows.append(bench_parts(method, batches, args, dev, tmp))
+                    print(f"  {rows[-1]['row']}: {rows[-1]['ratio']:.3f}", flush=True)
+        if "loader" not in args.skip:
+            rows.append(bench_loaders(args, dev))
+            print(f"  {rows[-1]['row']}: {rows[-1]['ratio']:.1f}", flush=True)
+        if "ffcv" not in args.skip:
+            rows.append(bench_ffcv(args, dev, tmp))
+    name = torch.cuda.get_device_name(dev) if cuda else (platform.processor() or platform.machine())
+    head = (f"device {dev.type} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
+            f"amp {args.amp}, channels_last {args.channels_last}, compile {args.compile}, student {args.student}, "
+            f"teacher {args.teacher}, batch {args.batch_size}, {args.repeats} repeats x {args.steps} steps "
+            f"(median), warmup {args.warmup}")
+    lines = [head, "", "| comparison | ratio | target | ok | arm A | arm B |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        ok = "" if r["ratio"] is None or r["target"] is None else ("yes" if r["ratio"] >= r["target"] else "NO")
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
+        target = "-" if r["target"] is None else f">= {r['target']}"
+        lines.append(f"| {r['row']} | {ratio} | {target} | {ok} | {r['a']} | {r['b']} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = dev.type + ("_compile" if args.compile else "")
+    cfg = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}
+    (out / f"benchmark_{tag}.json").write_text(json.dumps({"header": head, "device_name": name, "args": cfg,
+                                                           "rows": rows}, indent=2) + "\n")
+    (out / f"benchmark_{tag}.md").write_text(table + "\n")
+    print(f"\nwritten: {out}/benchmark_{tag}.json, .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Scale and speed: output caches (hit/miss, cached == recomputed), precision / memory-format / compile flags
+(one short training each on CPU), DDP with 2 gloo processes == 1 process with the same global batch."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import ROOT, compose
+
+from src.data import build_dataset, build_loader
+from src.engine import OutputCache, Trainer, predict
+from src.experiments.common import ModelRef, setup
+from src.experiments.transfer import train_caches
+from src.io_utils import load_state_dict
+from src.methods import KL, CrossEntropy
+from src.models import create_model
+from src.schema import OptimizerConfig, SchedulerConfig, TrainerConfig
+
+
+@pytest.fixture(scope="module")
+def digits():
+    cfg = compose("pretrain/pretrain")
+    return build_dataset(cfg.dataset, cfg.paths)
+
+
+def _model(ds, seed=0, arch="mlp", **kw):
+    torch.manual_seed(seed)
+    i = ds.info
+    return create_model(arch, i.num_classes, i.channels, i.mean, i.std, kwargs=kw, img_size=i.image_size)
+
+
+def _loader(ds, split="train", augment="none", batch_size=64, train=True):
+    lcfg = compose("pretrain/pretrain", [f"loader.batch_size={batch_size}", f"loader.augment={augment}"]).loader
+    return build_loader(lcfg, ds.split(split), train=train, seed=0, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------------------ caches
+
+
+def test_output_cache_hit_miss_and_equality(tmp_path, digits, caplog):
+    caplog.set_level("INFO")
+    model = _model(digits, hidden=[16])
+    split = digits.split("val")
+    cache = OutputCache(tmp_path)
+    first = cache.get(model, "mlp-abc", "digits-key", split, _loader(digits, "val", train=False), label="m")
+    assert (cache.computed, cache.hits) == (1, 0)
+    again = cache.get(model, "mlp-abc", "digits-key", split, _loader(digits, "val", train=False), label="m")
+    assert (cache.computed, cache.hits) == (1, 1)
+    assert any("output cache hit" in r.message for r in caplog.records)
+    fresh = predict(model, _loader(digits, "val", train=False))
+    for k in ("logits", "labels", "ids"):
+        assert torch.equal(first[k], again[k]) and torch.allclose(again[k].float(), fresh[k].float(), atol=1e-6)
+    # another model key, another dataset/transform key, another split, no key: each a miss
+    cache.get(model, "mlp-other", "digits-key", split, _loader(digits, "val", train=False))
+    cache.get(model, "mlp-abc", "digits-otherkey", split, _loader(digits, "val", train=False))
+    cache.get(model, "mlp-abc", "digits-key", digits.split("test"), _loader(digits, "test", train=False))
+    cache.get(model, None, "digits-key", split, _loader(digits, "val", train=False))
+    cache.get(model, None, "digits-key", split, _loader(digits, "val", train=False))
+    assert (cache.computed, cache.hits) == (6, 1)
+
+
+def test_frozen_logits_from_the_training_cache_equal_recomputed(tmp_path, kt_paths, caplog):
+    cfg = compose("transfer/transfer", [*kt_paths, "trainer.device=cpu", "loader.augment=none"])
+    ctx = setup(cfg, run_dir=tmp_path, tracker=False)
+    split = ctx.ds.split("transfer")
+    teacher = ModelRef("t", _model(ctx.ds, 1, hidden=[24]), "mlp-test-teacher")
+    caplog.set_level("INFO")
+    loader = ctx.train_loader(split)
+    (table,) = train_caches(ctx, [teacher], split, loader, features=False)
+    assert table is not None and any("using cached outputs" in r.message for r in caplog.records)
+    method = KL(_model(ctx.ds, 2, hidden=[32]), teacher.model, teacher_cache=table)
+    n = 0
+    for x, y, idx in loader.iter_epoch(0):
+        cached = method.teacher.logits(x, idx)
+        recomputed = method.teacher.logits(x, idx, use_cache=False)
+        assert torch.allclose(cached, recomputed, atol=1e-5), (cached - recomputed).abs().max()
+        n += 1
+    assert n == len(loader)
+    # a second transfer run with the same model key reads the disk cache instead of evaluating again
+    before = ctx.cache.computed
+    train_caches(ctx, [teacher], split, ctx.train_loader(split), features=False)
+    assert ctx.cache.computed == before and ctx.cache.hits >= 1
+    # randomly augmented inputs: no cache, and the log says so
+    caplog.clear()
+    aug = ctx.train_loader(split, OmegaConf.merge(cfg.loader, {"augment": "crop_flip"}))
+    assert train_caches(ctx, [teacher], split, aug, features=False) == [None]
+    assert any("augmented" in r.message for r in caplog.records)
+
+
+# ----------------------------------------------------------------------------------- precision / format / compile
+
+
+def _fit(ds, run_dir, method, **tcfg):
+    tcfg = {"seed": 0, "progress": "off", "device": "cpu", "max_steps": 3, **tcfg}
+    t = Trainer(method, _loader(ds, augment="crop_flip", batch_size=32),
+                OmegaConf.merge(OmegaConf.structured(TrainerConfig), tcfg),
+                OmegaConf.merge(OmegaConf.structured(OptimizerConfig), {"name": "sgd", "lr": 0.05}),
+                OmegaConf.merge(OmegaConf.structured(SchedulerConfig), {"name": "none"}), run_dir, device="cpu")
+    last = t.fit()
+    return t, last
+
+
+@pytest.mark.parametrize("amp,channels_last", [("bf16", False), ("fp16", False), ("none", True), ("bf16", True)])
+def test_precision_and_memory_format_flags_train_on_cpu(tmp_path, digits, amp, channels_last):
+    model = _model(digits, 0, arch="lenet")
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    t, last = _fit(digits, tmp_path, CrossEntropy(model), amp=amp, channels_last=channels_last)
+    assert t.step == 3 and last["train/loss"] == last["train/loss"]  # finite, not NaN
+    assert any(not torch.equal(w0[k], v) for k, v in model.state_dict().items())  # it trained
+    if amp == "fp16":
+        assert t.scaler.is_enabled()
+    if channels_last:
+        conv = next(p for p in model.parameters() if p.ndim == 4)
+        assert conv.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_compile_student_and_frozen_models_on_cpu(tmp_path, digits):
+    pytest.importorskip("torch._inductor")
+    student, teacher = _model(digits, 0, hidden=[16]), _model(digits, 1, hidden=[8])
+    t, last = _fit(digits, tmp_path, KL(student, teacher), compile=True, compile_frozen=True, max_steps=2)
+    assert t.step == 2 and last["train/loss"] == last["train/loss"]
+    assert student._compiled_call_impl is not None and teacher._compiled_call_impl is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_cuda_amp_channels_last_compile(tmp_path, digits, amp):
+    model = _model(digits, 0, arch="resnet8")
+    lcfg = compose("pretrain/pretrain", ["loader.batch_size=64", "loader.augment=crop_flip"]).loader
+    loader = build_loader(lcfg, digits.split("train"), train=True, seed=0, device="cuda")
+    assert loader.images.is_cuda and loader.images.dtype == torch.uint8  # the split is moved once
+    t = Trainer(CrossEntropy(model), loader,
+                OmegaConf.merge(OmegaConf.structured(TrainerConfig),
+                                {"seed": 0, "progress": "off", "max_steps": 4, "amp": amp, "channels_last": True,
+                                 "compile": True}),
+                OmegaConf.merge(OmegaConf.structured(OptimizerConfig), {"name": "sgd", "lr": 0.05}),
+                OmegaConf.merge(OmegaConf.structured(SchedulerConfig), {"name": "none"}), tmp_path, device="cuda")
+    last = t.fit()
+    assert t.step == 4 and last["train/loss"] == last["train/loss"]
+
+
+# ---------------------------------------------------------------------------------------------------------- DDP
+
+
+def _run(args, cwd, timeout=420):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def test_ddp_two_gloo_processes_equal_one_process(tmp_path, kt_paths):
+    """MLP student (no BatchNorm), random-init MLP teacher, KL+DP, drop_last: 2 ranks x 16 == 1 rank x 32."""
+    common = ["method=kl_dp", "teacher={arch:mlp,kwargs:{hidden:[16]},name:t}",
+              "student={arch:mlp,kwargs:{hidden:[32]},name:s}", "trainer.device=cpu", "trainer.epochs=1",
+              "trainer.max_steps=6", "trainer.eval_every_steps=3", "loader.drop_last=true", "optimizer.lr=0.1",
+              "optimizer.name=sgd", "optimizer.momentum=0.9", *kt_paths]
+    one = tmp_path / "one"
+    r1 = _run([str(ROOT / "main_transfer.py"), "loader.batch_size=32", f"hydra.run.dir={one}", *common], ROOT)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    ddp_cwd = tmp_path / "ddp"
+    ddp_cwd.mkdir()
+    # no hydra.run.dir: each rank's default dir has its own pid; rank 0's is used by both (broadcast)
+    r2 = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "main_transfer.py"),
+               "loader.batch_size=16", *common], ddp_cwd)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    summaries = list(ddp_cwd.glob("outputs/**/summary.json"))
+    assert len(summaries) == 1, summaries  # only rank 0 writes
+    two = summaries[0].parent
+    assert len(list(ddp_cwd.glob("outputs/**/student/model.safetensors"))) == 1
+    assert len(list(ddp_cwd.glob("outputs/**/checkpoints/*/latest"))) == 1
+    lines = [json.loads(l) for l in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [0, 3, 6]  # logged once, not once per rank
+    ref = [json.loads(l) for l in (one / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(ref[1:], lines[1:]):  # train loss averaged over ranks == the 1-process global batch mean
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4, abs=1e-6)
+        assert a["eval/student_acc"] == pytest.approx(b["eval/student_acc"], abs=1e-6)
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    for k in ("student_acc_after", "agreement_after", "knowledge_gain", "steps"):
+        assert s1[k] == pytest.approx(s2[k], abs=1e-6), k
+    w1, w2 = (load_state_dict(d / "student" / "model.safetensors") for d in (one, two))
+    assert set(w1) == set(w2)
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
