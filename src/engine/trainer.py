@@ -26,6 +26,8 @@ from ..io_utils import atomic_path, load_state_dict, safe_torch_load, save_safet
 
 log = logging.getLogger(__name__)
 
+FINITE_CHECK_EVERY = 50  # CUDA: steps between host reads of the non-finite-loss flag
+
 # Set by the process-wide SIGTERM/SIGUSR1 handler of the entry point (src/experiments/entry.py), so a signal that
 # arrives between two trainers (multi-stage runs, zoo models trained on the fly) still stops the next one at once.
 STOP_REQUESTED = threading.Event()
@@ -255,17 +257,19 @@ class Trainer:
     def request_stop(self) -> None:
         self._stop = True
 
-    def _eval_due(self) -> bool:
-        if self.step >= self.total_steps:
+    def _eval_due(self, step: Optional[int] = None) -> bool:
+        step = self.step if step is None else step
+        if step >= self.total_steps:
             return True
         if self.cfg.eval_every_steps:
-            return self.step % self.cfg.eval_every_steps == 0
-        return self.step % self.steps_per_epoch == 0 and (self.step // self.steps_per_epoch) % \
+            return step % self.cfg.eval_every_steps == 0
+        return step % self.steps_per_epoch == 0 and (step // self.steps_per_epoch) % \
             max(1, self.cfg.eval_every) == 0
 
-    def _ckpt_due(self, evaluated: bool) -> bool:
+    def _ckpt_due(self, evaluated: bool, step: Optional[int] = None) -> bool:
+        step = self.step if step is None else step
         if self.cfg.ckpt_every_steps:
-            return self.step % self.cfg.ckpt_every_steps == 0 or self.step >= self.total_steps
+            return step % self.cfg.ckpt_every_steps == 0 or step >= self.total_steps
         return evaluated
 
     def _autocast(self):
@@ -303,6 +307,8 @@ class Trainer:
             raise Preempted(f"stopped at step {self.step}/{self.total_steps}; rerun the same command "
                             f"(same run dir) to resume")
         bar = self._progress()
+        lazy = self.device.type == "cuda"
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         while self.step < self.total_steps:
             epoch, start = divmod(self.step, self.steps_per_epoch)
             self.method.train()
@@ -311,11 +317,16 @@ class Trainer:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with self._autocast():
                     loss, logs = self.forward((x, y, idx))
-                if not torch.isfinite(loss.detach()).all():
+                # on CUDA the finiteness flag accumulates on the device and is read every FINITE_CHECK_EVERY
+                # steps and before any eval/checkpoint (no host sync per step); on CPU it is read every step
+                nonfinite = nonfinite | ~torch.isfinite(loss.detach()).all()
+                if (not lazy or self.step % FINITE_CHECK_EVERY == 0 or self._eval_due(self.step + 1)
+                        or self._ckpt_due(False, self.step + 1) or self._stop_requested()) and nonfinite.item():
                     latest = self.ckpt.latest()
+                    where = f"at step {self.step}" if not lazy else f"by step {self.step}"
                     raise UserError(
-                        f"non-finite loss ({loss.item()}) at step {self.step}: lower optimizer.lr or use "
-                        f"trainer.grad_clip / trainer.amp=none; last good checkpoint: {latest or 'none'}")
+                        f"non-finite loss {where}: lower optimizer.lr or use trainer.grad_clip / "
+                        f"trainer.amp=none; last good checkpoint: {latest or 'none'}")
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 if self.cfg.grad_clip:
