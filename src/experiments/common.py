@@ -180,9 +180,7 @@ def setup(cfg: DictConfig, run_dir=None, job_type: str = "train", tracker: bool 
         box = [str(run_dir)]
         dist.broadcast_object_list(box, src=0)
         run_dir = Path(box[0])
-    seed_everything(cfg.trainer.seed)
-    if cfg.trainer.seed < 0:
-        raise UserError(f"trainer.seed={cfg.trainer.seed} must be >= 0")
+    seed_everything(cfg.trainer.seed)  # preflight() refused a negative seed
     ds = build_dataset(cfg.dataset, cfg.paths)
     trk = None
     if tracker:
@@ -215,6 +213,7 @@ def resolve_model(spec, ctx: Context, role: str = "model") -> ModelRef:
             key = f"timm-{spec.arch}"
         return ModelRef(spec.get("name") or spec.arch, m, key, {})
     name = str(spec)
+    check_model_spec(name, cfg, role)  # unknown names and missing weight files fail here, before any loading
     if name in zoo_names(cfg):
         folder = zoo_dir(cfg.paths.checkpoints, info.name, name)
         meta = read_meta(folder)
@@ -230,8 +229,6 @@ def resolve_model(spec, ctx: Context, role: str = "model") -> ModelRef:
         return ModelRef(name, model, meta["hash"], meta)
     if "@" in name:
         arch, path = name.split("@", 1)
-        if not Path(path).is_file():
-            raise UserError(f"weights file {path} (from '{name}') does not exist: check the path")
         m = create_model(arch, info.num_classes, info.channels, info.mean, info.std, checkpoint=path,
                          img_size=info.image_size, reinit_head=not role.startswith("teacher"))
         return ModelRef(name, m, f"{arch}-{file_hash(path)}", {"arch": arch, "checkpoint": path})
@@ -239,18 +236,13 @@ def resolve_model(spec, ctx: Context, role: str = "model") -> ModelRef:
     if p.exists():
         model, meta = load_checkpoint(p, info.num_classes, info.channels)
         return ModelRef(meta.get("name", p.name), model, meta["hash"], meta)
-    import timm
-
-    if timm.is_model(name):
-        try:
-            m = create_model(name, info.num_classes, info.channels, info.mean, info.std, pretrained=True)
-        except UserError:
-            raise
-        except Exception as e:
-            raise UserError(f"could not load pretrained weights for timm model '{name}' ({type(e).__name__}); "
-                            f"offline, use '{name}@/path/to/weights.safetensors' or pre-fill the HF cache") from e
-        tag = getattr(m.net, "pretrained_cfg", {}).get("tag") or ""
-        return ModelRef(name, m, f"timm-{name}-{tag}", {"arch": name})
-    raise UserError(f"unknown {role} '{name}'{closest(name, zoo_names(cfg) + timm.list_models())}: use a zoo name "
-                    f"({', '.join(zoo_names(cfg)) or 'none configured'}), a timm model name, a checkpoint folder "
-                    f"or arch@weights_file")
+    # what is left is a timm name (check_model_spec accepted it): its pretrained hub weights
+    try:
+        m = create_model(name, info.num_classes, info.channels, info.mean, info.std, pretrained=True)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"could not load pretrained weights for timm model '{name}' ({type(e).__name__}); "
+                        f"offline, use '{name}@/path/to/weights.safetensors' or pre-fill the HF cache") from e
+    tag = getattr(m.net, "pretrained_cfg", {}).get("tag") or ""
+    return ModelRef(name, m, f"timm-{name}-{tag}", {"arch": name})
