@@ -101,13 +101,13 @@ def kl_loss(zs, target_probs):
 def minimal_step_fn(kind, student, teacher, frozen, opt, args, dev):
     def step(x, y):
         with autocast(args, dev):
-            zs = student(x)
-            with torch.no_grad():
+            with torch.no_grad():  # frozen forwards first, as the methods do (src/methods/kd.py three_logits)
                 pt = teacher(x).float().softmax(1)
                 if kind == "kldp":
                     pf = frozen(x).float().softmax(1)
                     w = (pt.gather(1, y[:, None]) > pf.gather(1, y[:, None])).float()
                     pt = w * pt + (1 - w) * pf
+            zs = student(x)
             loss = kl_loss(zs, pt)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -156,9 +156,11 @@ def _register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("kt_pid"):
-        # under torchrun every rank is a child of the same agent: its pid names one run dir for all ranks
+        # under torchrun every rank is a child of the same agent: its pid names one run dir for all ranks.
+        # Cached like Hydra's `now`: Hydra copies the launching process's resolver cache into every job's config,
+        # so a submitit job (another process, and again after a requeue) resolves the same sweep dir.
         OmegaConf.register_new_resolver(
-            "kt_pid", lambda: str(os.getppid() if "LOCAL_RANK" in os.environ else os.getpid()))
+            "kt_pid", lambda: str(os.getppid() if "LOCAL_RANK" in os.environ else os.getpid()), use_cache=True)
 
 
 _register_resolvers()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -172,14 +173,21 @@ PRETRAIN = ["name=null", "model=mlp", "+model.kwargs.hidden=[256,256]", "+model.
             "loader.batch_size=32", "trainer.epochs=12", "trainer.eval_every_steps=10", "trainer.progress=off"]
 
 
-def test_pretrain_sigterm_resume_is_bit_identical(tmp_path):
-    """mlp with dropout and crop augmentation: data order, augmentation and dropout RNG, cosine schedule."""
+@pytest.fixture(scope="module")
+def pretrain_ref(tmp_path_factory):
+    """The uninterrupted PRETRAIN run (in-process, one thread) and the paths it used."""
     from src.experiments import pretrain
 
-    paths = [f"paths.checkpoints={tmp_path / 'ck'}", f"paths.cache={tmp_path / 'cache'}"]
-    ref = tmp_path / "ref"
+    base = tmp_path_factory.mktemp("pretrain_ref")
+    paths = [f"paths.checkpoints={base / 'ck'}", f"paths.cache={base / 'cache'}"]
     with one_thread():
-        pretrain.run(compose("pretrain/pretrain", [*PRETRAIN, *paths]), run_dir=ref)
+        pretrain.run(compose("pretrain/pretrain", [*PRETRAIN, *paths]), run_dir=base / "ref")
+    return base / "ref", paths
+
+
+def test_pretrain_sigterm_resume_is_bit_identical(pretrain_ref, tmp_path):
+    """mlp with dropout and crop augmentation: data order, augmentation and dropout RNG, cosine schedule."""
+    ref, paths = pretrain_ref
     total = json.loads((ref / "summary.json").read_text())["models"]["mlp"]
     run = tmp_path / "run"
     wid = _preempt_and_resume("main_pretrain.py", [*PRETRAIN, *paths], run, tmp_path,
@@ -187,6 +195,62 @@ def test_pretrain_sigterm_resume_is_bit_identical(tmp_path):
                               ckpt_glob="checkpoints/mlp/step_*")
     _check_resumed(run, ref, wid, "model/model.safetensors")
     assert json.loads((run / "summary.json").read_text())["models"]["mlp"]["test_acc"] == total["test_acc"]
+
+
+def _submitit_workers(marker: str):
+    """pids of submitit job processes (`python -m submitit.core._submit <folder>`) whose folder contains marker."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "submitit.core._submit" in cmd and marker in cmd:
+                pids.append(int(d.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the submitit job through /proc")
+def test_submitit_preemption_signal_checkpoints_then_requeues_into_the_same_sweep_dir(pretrain_ref, tmp_path):
+    """A `-m hydra/launcher=local` sweep (submitit, as on SLURM) gets submitit's USR2 mid-training: the step
+    finishes, a checkpoint is saved, submitit requeues the job, and the requeued job resumes in the same sweep
+    sub-dir (default-style sweep dir with ${now:} and ${kt_pid:}) and ends bit-identical to an uninterrupted run."""
+    ref, paths = pretrain_ref
+    sweep_root = tmp_path / "sweep"
+    args = ["-m", "hydra/launcher=local", f"hydra.sweep.dir={sweep_root}/${{now:%H-%M-%S}}_${{kt_pid:}}",
+            "wandb=offline", *PRETRAIN, *paths]
+    log = open(tmp_path / "sweep.log", "w")
+    p = subprocess.Popen([sys.executable, "main_pretrain.py", *args], cwd=ROOT, env=_env(tmp_path), stdout=log,
+                         stderr=subprocess.STDOUT, text=True)
+    t0, signalled = time.time(), []
+    try:
+        while p.poll() is None and time.time() - t0 < 300:
+            if not signalled and any(any(r["step"] >= 10 for r in _rows(m))
+                                     for m in sweep_root.glob("*/0/metrics.jsonl")):
+                signalled = _submitit_workers(str(sweep_root))
+                for pid in signalled:
+                    os.kill(pid, signal.SIGUSR2)
+            time.sleep(0.02)
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=60)
+    finally:
+        log.close()
+    out = (tmp_path / "sweep.log").read_text()
+    assert len(signalled) == 1, f"expected one submitit job process to signal, found {signalled}: {out[-3000:]}"
+    assert p.returncode == 0, f"sweep exit {p.returncode}: {out[-3000:]}"
+    sweeps = list(sweep_root.iterdir())
+    assert len(sweeps) == 1, f"the requeued job used another sweep dir: {sweeps}"
+    job = sweeps[0] / "0"
+    logs = "".join(f.read_text(errors="replace") for f in sweeps[0].rglob("*") if f.suffix in (".log", ".out", ".err"))
+    assert "handing signal" in logs and "Requeued job" in logs, logs[-3000:]
+    assert "resumed from" in logs, logs[-3000:]
+    resumed = re.findall(r"resumed from \S+ at step (\d+)/(\d+)", logs)
+    resumed = set(resumed)  # the same line in the job log and in submitit's stdout/stderr files
+    assert len(resumed) == 1 and 0 < int(min(resumed)[0]) < int(min(resumed)[1]), resumed
+    wid = json.loads((job / ".tracker.json").read_text())["wandb_id"]
+    _check_resumed(job, ref, wid, "model/model.safetensors")
 
 
 TRANSFER = ["teacher=mlp_small", "student=resnet8", "loader.batch_size=16", "trainer.epochs=6",

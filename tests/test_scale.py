@@ -188,3 +188,34 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path, kt_paths):
     assert set(w1) == set(w2)
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["pretrain", "multi_teacher"])
+def test_torchrun_other_training_families(family, tmp_path, kt_paths):
+    """`torchrun --nproc_per_node=2 main_pretrain.py / main_multi_teacher.py`: one run dir, rank 0 alone writes
+    the summary, the metrics (one line per logged step) and the checkpoints; every stage trains its full steps."""
+    mlp = "{arch:mlp,kwargs:{hidden:[16]},name:%s}"
+    args = {"pretrain": ["name=null", "model=mlp", "+model.kwargs.hidden=[16]", "trainer.max_steps=4",
+                         "trainer.eval_every_steps=2"],
+            "multi_teacher": ["mode=sequential", f"teachers=[{mlp % 't1'},{mlp % 't2'}]", f"student={mlp % 's'}",
+                              "order=listed", "trainer.max_steps=4", "trainer.eval_every_steps=2"]}[family]
+    r = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / f"main_{family}.py"),
+              "trainer.device=cpu", "trainer.epochs=1", "loader.batch_size=16", "loader.drop_last=true",
+              *args, *kt_paths], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summaries = list(tmp_path.glob("outputs/**/summary.json"))
+    assert len(summaries) == 1, summaries  # only rank 0 writes
+    run = summaries[0].parent
+    summary = json.loads(summaries[0].read_text())
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    keys = [(r.get("stage"), r["step"], tuple(sorted(r))) for r in rows]
+    assert len(keys) == len(set(keys)), f"lines logged once per rank: {keys}"
+    if family == "pretrain":
+        assert 0.0 <= summary["models"]["mlp"]["test_acc"] <= 1.0
+        assert max(r["step"] for r in rows) == 4
+        assert len(list(run.glob("checkpoints/*/latest"))) == 1
+    else:
+        assert summary["status"] == "ok"
+        assert [s["stage"] for s in summary["stages"]] == [1, 2]
+        assert all(s["steps"] == 4 for s in summary["stages"]), summary["stages"]
+        assert len(list(run.glob("checkpoints/stage*/latest"))) == 2

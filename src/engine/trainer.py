@@ -4,16 +4,14 @@ method's `forward` returns `(loss, logs)`), steps the optimiser and schedule, ev
 Features: epochs or steps; SGD/Adam/AdamW; none/step/cosine-with-warmup schedules; bf16 autocast, fp16 with a
 GradScaler; channels_last; optional torch.compile; grad clipping; evaluation every N epochs or steps; atomic
 checkpoints with automatic resume (weights, optimiser, schedule, step, RNG states) that is bit-exact on CPU;
-SIGTERM/SIGUSR1 -> finish the step, checkpoint, raise Preempted; DDP when torch.distributed is initialised."""
+SIGTERM/SIGUSR1 (+ submitit's USR2, src/engine/preemption.py) -> finish the step, checkpoint, raise Preempted; DDP when torch.distributed is initialised."""
 from __future__ import annotations
 
 import logging
 import math
 import random
 import shutil
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -22,15 +20,14 @@ import torch
 import torch.nn as nn
 
 from ..errors import Preempted, UserError, check
+from . import preemption
+from .preemption import STOP_REQUESTED
 from ..io_utils import atomic_path, load_state_dict, safe_torch_load, save_safetensors, torch_save
 
 log = logging.getLogger(__name__)
 
 FINITE_CHECK_EVERY = 50  # CUDA: steps between host reads of the non-finite-loss flag
 
-# Set by the process-wide SIGTERM/SIGUSR1 handler of the entry point (src/experiments/entry.py), so a signal that
-# arrives between two trainers (multi-stage runs, zoo models trained on the fly) still stops the next one at once.
-STOP_REQUESTED = threading.Event()
 
 
 def _plain(v):
@@ -249,6 +246,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ loop
     def _handler(self, signum, frame):
         log.warning("signal %d received: finishing the current step, then checkpointing", signum)
+        preemption.record(signum)
         self._stop = True
 
     def _stop_requested(self) -> bool:
@@ -280,16 +278,8 @@ class Trainer:
 
     def fit(self) -> Dict[str, float]:
         self.try_resume()
-        use_signals = threading.current_thread() is threading.main_thread()
-        old = {}
-        if use_signals:
-            for s in (signal.SIGTERM, signal.SIGUSR1):
-                old[s] = signal.signal(s, self._handler)
-        try:
+        with preemption.handling(self._handler):
             return self._loop()
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
 
     def _progress(self):
         p = self.cfg.progress

@@ -4,7 +4,9 @@
   dir. In a multirun the job fails (logged, error.json) and the other jobs still run.
 - SIGTERM / SIGUSR1 (SLURM's warning signal): while a Trainer runs, it finishes the step, checkpoints and raises
   Preempted; between trainers (stages, on-the-fly zoo models, evaluation) Preempted is raised at once. Either way:
-  `preempted.json`, exit code 124, and rerunning the same command in the same run dir resumes.
+  `preempted.json`, exit code 124, and rerunning the same command in the same run dir resumes. Inside a submitit
+  job, its preemption signal (USR2) is handled the same way and then handed to submitit, which requeues the job;
+  the requeued job resumes in the same sweep sub-dir (src/engine/preemption.py).
 - `OutputDirCheck` (a Hydra callback in config/hydra/default.yaml): an unwritable run/sweep dir is one clear line
   and exit code 2 before Hydra tries to create it.
 """
@@ -12,12 +14,11 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
-import threading
 import traceback
 from contextlib import contextmanager
 
+from ..engine import preemption
 from ..errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, Preempted, UserError, debug_enabled
 from ..io_utils import write_json
 
@@ -51,29 +52,22 @@ def _objective(summary, cfg):
 def _on_signal(signum, frame):
     """Entry-level handler: a Trainer installs its own while it runs (finish the step, checkpoint, Preempted);
     reaching this one means no step is in flight, so stop right away (the next trainer would stop too)."""
-    from ..engine.trainer import STOP_REQUESTED
-
-    STOP_REQUESTED.set()
+    preemption.record(signum)
+    preemption.STOP_REQUESTED.set()
     log.warning("signal %d received outside a training step: stopping now", signum)
     raise Preempted(f"signal {signum} received; rerun the same command (same run dir) to resume")
 
 
 @contextmanager
 def preemptible():
-    """SIGTERM/SIGUSR1 -> Preempted for the duration of a run (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    from ..engine.trainer import STOP_REQUESTED
-
-    STOP_REQUESTED.clear()
-    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    """SIGTERM/SIGUSR1 (+ submitit's USR2) -> Preempted for the duration of a run (main thread only); yields the
+    handlers it replaced (submitit's requeue handler among them inside a submitit job)."""
+    preemption.reset()
     try:
-        yield
+        with preemption.handling(_on_signal) as previous:
+            yield previous
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        STOP_REQUESTED.clear()
+        preemption.STOP_REQUESTED.clear()
 
 
 def _check_dir(path, key: str) -> None:
@@ -110,8 +104,9 @@ class OutputDirCheck(_Callback):
 
 def entry(run, cfg):
     multirun, out = _mode()
+    previous = {}
     try:
-        with preemptible():
+        with preemptible() as previous:
             result = _objective(run(cfg), cfg)
         for stale in ("preempted.json", "error.json"):  # markers of earlier attempts in this run dir
             if out is not None and os.path.isfile(os.path.join(out, stale)):
@@ -131,6 +126,8 @@ def entry(run, cfg):
         if debug_enabled():
             traceback.print_exc()
         log.log(logging.WARNING if isinstance(e, Preempted) else logging.ERROR, "%s: %s", type(e).__name__, e)
+        if isinstance(e, Preempted):
+            preemption.hand_over(previous)  # inside submitit: it requeues the job (and exits) from here
         if multirun:
             raise  # the sweeper records the failure; other jobs are not lost
         if isinstance(e, Preempted):

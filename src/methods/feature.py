@@ -51,8 +51,8 @@ class CD(Method):
     def loss(self, batch):
         x, y, idx = batch
         x, mixed = self.mix(x)
+        ft, zt = self.teacher.features_and_logits(x, idx, use_cache=not mixed)  # frozen first (KL.three_logits)
         fs, zs = self.student.features_and_logits(x)
-        ft, zt = self.teacher.features_and_logits(x, idx, use_cache=not mixed)
         cd = similarity_kl(fs, ft, self.gamma)
         return logit_terms(self.beta * cd, {"cd": cd.detach()}, zs, zt, y, self.T, self.kd_w, self.ce_w)
 
@@ -115,8 +115,8 @@ class CRD(Method):
 
     def loss(self, batch):
         x, y, idx = batch
+        ft, zt = self.teacher.features_and_logits(x, idx)  # frozen first (KL.three_logits)
         fs, zs = self.student.features_and_logits(x)
-        ft, zt = self.teacher.features_and_logits(x, idx)
         vs, vt = self.embed_s(fs), self.embed_t(ft)
         neg = torch.randint(0, self.n, (x.shape[0], self.k), device=x.device)
         crd = self._nce(vs, self.memory_t, idx, neg, self.z_s) + self._nce(vt, self.memory_s, idx, neg, self.z_t)

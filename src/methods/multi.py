@@ -91,9 +91,9 @@ class MultiKLDP(KL):
     def loss(self, batch):
         x, y, idx = batch
         x, mixed = self.mix(x)
-        zs = self.student(x)
         zt = torch.stack([t.logits(x, idx, use_cache=not mixed) for t in self.teachers])  # (M, B, K)
         zf = self.frozen_student.logits(x, idx, use_cache=not mixed)
+        zs = self.student(x)  # after the frozen forwards (see KL.three_logits)
         partition = "most-conf_u" if mixed else self.partition  # mixed inputs have no single label
         src = multi_route(zt, zf, None if partition == "most-conf_u" else y, partition)
         cand = torch.cat([zf[None], zt])  # (M+1, B, K)
