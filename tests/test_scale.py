@@ -219,3 +219,65 @@ def test_torchrun_other_training_families(family, tmp_path, kt_paths):
         assert [s["stage"] for s in summary["stages"]] == [1, 2]
         assert all(s["steps"] == 4 for s in summary["stages"]), summary["stages"]
         assert len(list(run.glob("checkpoints/stage*/latest"))) == 2
+
+
+def _rank_pid(marker: str, rank: int):
+    """pid of the torchrun worker with RANK=rank whose command line contains marker (None while not started)."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            env = (d / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if "main_transfer.py" in cmd and marker in cmd and f"RANK={rank}".encode() in env:
+            return int(d.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank-1 worker through /proc")
+def test_ddp_preemption_of_one_rank_stops_all_ranks_after_the_same_step(tmp_path, kt_paths):
+    """SIGTERM to rank 1 only: the ranks agree to stop after the same step, rank 0 checkpoints it, both exit 124;
+    the same torchrun command then resumes from that step and finishes."""
+    import re
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "main_transfer.py"), "method=kl_dp", "teacher={arch:mlp,kwargs:{hidden:[16]},name:t}",
+           "student={arch:mlp,kwargs:{hidden:[32]},name:s}", "trainer.device=cpu", "trainer.epochs=1",
+           "trainer.max_steps=1500", "trainer.eval_every_steps=10", "loader.batch_size=16", "loader.drop_last=true",
+           "trainer.progress=off", f"hydra.run.dir={run}", *kt_paths]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    err_path = tmp_path / "first.err"
+    with open(err_path, "w") as err:
+        p = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                             start_new_session=True)  # its own process group: a hang is killed with the workers
+        t0, sent = time.time(), False
+        while p.poll() is None and time.time() - t0 < 150:
+            rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()] \
+                if (run / "metrics.jsonl").is_file() else []
+            if not sent and any(r["step"] >= 10 for r in rows):
+                pid = _rank_pid(str(run), 1)
+                if pid is not None:
+                    os.kill(pid, signal.SIGTERM)
+                    sent = True
+            time.sleep(0.02)
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=60)
+    first = err_path.read_text()
+    assert sent, first[-3000:]
+    assert p.returncode != 0, "a preempted torchrun job must not report success"
+    stops = re.findall(r"stopped at step (\d+)/1500", first)
+    assert len(stops) == 2 and len(set(stops)) == 1, f"the ranks did not stop together: {stops}\n{first[-3000:]}"
+    k = int(stops[0])
+    assert 10 <= k < 1500
+    latest = (run / "checkpoints" / "train" / "latest").read_text().strip()
+    assert latest.endswith(f"step_{k:08d}") or latest.endswith(f"step_{k}"), (latest, k)
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"at step {k}/1500" in r.stderr + r.stdout
+    assert json.loads((run / "summary.json").read_text())["steps"] == 1500

@@ -252,6 +252,24 @@ class Trainer:
     def _stop_requested(self) -> bool:
         return self._stop or STOP_REQUESTED.is_set()
 
+    def _stop_agreed(self, sync_point: bool) -> bool:
+        """Stop after this step? One process: when signalled. DDP: the ranks agree (MAX of their flags) at sync
+        points (every step on CPU; on CUDA every FINITE_CHECK_EVERY steps and after an evaluation), so that all
+        stop after the same step even when the signal reaches them in different steps (a rank that stopped alone
+        would leave the others blocked in the next gradient all-reduce and rank 0 without its checkpoint)."""
+        if self.world_size == 1:
+            return self._stop_requested()
+        if not sync_point:
+            return False
+        flag = torch.tensor([float(self._stop_requested())], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        # only the reduced value counts: a signal whose handler runs while this rank waits in the all_reduce
+        # sets self._stop here but not on the other ranks; it is agreed at the next sync point
+        agreed = flag.item() > 0
+        if agreed:
+            self._stop = True
+        return agreed
+
     def request_stop(self) -> None:
         self._stop = True
 
@@ -345,9 +363,11 @@ class Trainer:
                     evaluated = True
                 if self.rank == 0 and self._ckpt_due(evaluated):
                     self.save()
-                if self._stop_requested():
+                if self._stop_agreed(not lazy or self.step % FINITE_CHECK_EVERY == 0 or evaluated):
                     if self.rank == 0 and not self._ckpt_due(evaluated):
                         self.save()
+                    if self.world_size > 1:
+                        torch.distributed.barrier()  # nobody exits before rank 0's checkpoint is on disk
                     raise Preempted(f"stopped at step {self.step}/{self.total_steps}; rerun the same command "
                                     f"(same run dir) to resume")
                 if self.step >= self.total_steps:
