@@ -233,9 +233,11 @@ class Killed(Exception):
 
 
 class KilledInStage2(Trainer):
+    """Dies right after its first mid-run checkpoint in the second stage (sequential `stage2_*`, soup `soup2_*`)."""
+
     def save(self):
         d = super().save()
-        if self.name.startswith("stage2") and self.step < self.total_steps:
+        if self.name.startswith(("stage2", "soup2")) and self.step < self.total_steps:
             raise Killed(f"killed at step {self.step}")
         return d
 
@@ -267,6 +269,26 @@ def test_sequential_resumes_in_the_stage_it_was_killed_in(digits_zoo, tmp_path, 
     name, ok, step = ResumeSpy.resumed[0]
     assert name == "stage2_lenet" and ok and 0 < step < s["stages"][1]["steps"]
     assert s["stages"][0] == row1 and [r["stage"] for r in s["stages"]] == [1, 2]
+
+
+def test_soup_resumes_in_the_member_it_was_killed_in(digits_zoo, tmp_path, monkeypatch):
+    import src.experiments.transfer as tr
+
+    cfg = _cfg(digits_zoo, "soup", "trainer.epochs=2")
+    monkeypatch.setattr(tr, "Trainer", KilledInStage2)
+    with pytest.raises(Killed):
+        mtx.run(cfg, run_dir=tmp_path)
+    done = list((tmp_path / "stages").glob("1_*"))
+    assert len(done) == 1 and (done[0] / "row.json").is_file() and not list((tmp_path / "stages").glob("2_*"))
+    row1 = json.loads((done[0] / "row.json").read_text())
+    ResumeSpy.resumed = []
+    monkeypatch.setattr(tr, "Trainer", ResumeSpy)
+    s = mtx.run(cfg, run_dir=tmp_path)
+    # member 1 is not trained again; member 2 continues from its own checkpoint
+    assert len(ResumeSpy.resumed) == 1
+    name, ok, step = ResumeSpy.resumed[0]
+    assert name.startswith("soup2_") and ok and 0 < step < s["stages"][1]["steps"]
+    assert s["stages"][0] == row1 and s["soup_members"] == 2
 
 
 @pytest.mark.parametrize("mode", ["parallel", "ensemble", "soup"])
