@@ -293,6 +293,51 @@ def test_multi_teacher_sequential_sigterm_in_stage_2_resumes_in_stage_2(zoo, tmp
     assert [s["stage"] for s in json.loads((run / "summary.json").read_text())["stages"]] == [1, 2]
 
 
+class _FakeSubmititHandler:
+    """Stands in for submitit's SignalHandler (recognised by its module), recording the signals handed to it."""
+    __module__ = "submitit.core.job_environment"
+
+    def __init__(self):
+        self.calls = []
+
+    def checkpoint_and_try_requeue(self, signum, frame=None):
+        self.calls.append(signum)
+
+
+@pytest.mark.parametrize("sig_name", ["USR2", "USR1"])
+def test_preemption_takes_over_submitits_signal_and_hands_it_back(sig_name, monkeypatch):
+    """The signal submitit requeues on (USR2, or SUBMITIT_PREEMPT_SIGNAL) is held by our handlers, also nested
+    ones, restored afterwards, and handed back to submitit after a preemption by it (not by SIGTERM)."""
+    from src.engine import preemption
+
+    monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", sig_name)
+    sig = getattr(signal, f"SIG{sig_name}")
+    fake = _FakeSubmititHandler()
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    signal.signal(sig, fake.checkpoint_and_try_requeue)
+    try:
+        assert preemption.signals() == ((signal.SIGTERM, signal.SIGUSR1) if sig == signal.SIGUSR1 else
+                                        (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2))
+        outer, inner = (lambda *a: None), (lambda *a: None)
+        with preemption.handling(outer) as previous:
+            assert previous[sig] == fake.checkpoint_and_try_requeue and signal.getsignal(sig) is outer
+            with preemption.handling(inner):  # a Trainer inside the entry point
+                assert signal.getsignal(sig) is inner
+            assert signal.getsignal(sig) is outer
+        assert signal.getsignal(sig) == fake.checkpoint_and_try_requeue
+        preemption.reset()
+        preemption.record(signal.SIGTERM)
+        preemption.hand_over(previous)
+        assert fake.calls == []  # SIGTERM: our exit code, no requeue
+        preemption.record(sig)
+        preemption.hand_over(previous)
+        assert fake.calls == [sig]
+    finally:
+        preemption.reset()
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
 def test_signal_outside_a_training_step_stops_at_once(tmp_path, capsys):
     """Between trainers (stages, evaluation, on-the-fly zoo models) there is no step to finish: exit 124 now."""
     from src.experiments.entry import entry

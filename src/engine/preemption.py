@@ -41,8 +41,9 @@ _taken: set = set()  # submitit signals that one of our handlers holds right now
 
 
 def signals() -> tuple:
-    extra = submitit_signal()
-    return (signal.SIGTERM, signal.SIGUSR1) + tuple(sorted(_taken | ({extra} if extra is not None else set())))
+    extra = submitit_signal()  # may be SIGUSR1 itself (SUBMITIT_PREEMPT_SIGNAL=USR1): listed once
+    extras = (_taken | ({extra} if extra is not None else set())) - {signal.SIGTERM, signal.SIGUSR1}
+    return (signal.SIGTERM, signal.SIGUSR1) + tuple(sorted(extras))
 
 
 def record(signum: int) -> None:
