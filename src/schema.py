@@ -64,6 +64,7 @@ class LoaderConfig:
     crop_padding: int = 1
     flip: bool = True
     device: str = "auto"  # where batches are delivered: auto = cuda if available else cpu
+    dtype: str = "float32"  # dtype of the delivered images in [0, 1]: float32 | bfloat16 | float16
     pin_memory: bool = True
     ffcv_dir: Optional[str] = None  # folder with <dataset>_<split>.beton files (ffcv backend)
     ffcv_order: str = "quasi_random"  # random | quasi_random | sequential

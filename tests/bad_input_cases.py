@@ -129,6 +129,8 @@ CASES = [
     C("transfer-batch-larger-than-split", "transfer", [T10, "student=resnet8@{art}/resnet8.safetensors",
                                                        "loader.batch_size=100000"],
       ["loader.batch_size=100000", "larger than", "'transfer'"]),
+    C("transfer-unknown-loader-dtype", "transfer", ["loader.dtype=float64"],
+      ["loader.dtype='float64'", "float32, bfloat16, float16"]),
     # ------------------------------------------------------------------------------------- output directory
     C("pretrain-unwritable-output-dir", "pretrain", ["hydra.run.dir={art}/afile/run"],
       ["afile/run", "not writable", "hydra.run.dir"], subprocess=True, inprocess=False),

@@ -14,6 +14,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tests.conftest import ROOT, compose
 
@@ -131,6 +132,15 @@ def test_digits_eval_exact(ffcv_env, digits_eval):
     assert torch.equal(idx, ridx) and torch.equal(y, ry)
     assert torch.equal(x, rx)
     assert cfg.loader.backend == "ffcv"
+
+
+def test_digits_eval_in_bfloat16(ffcv_env, digits_eval):
+    """loader.dtype: the same images, delivered in bf16."""
+    split, _, (x, y, idx) = digits_eval
+    cfg = OmegaConf.merge(ffcv_env["digits_cfg"].loader, {"dtype": "bfloat16"})
+    bx, by, bidx = _collect(build_loader(cfg, split, train=False))
+    assert bx.dtype == torch.bfloat16 and torch.equal(by, y) and torch.equal(bidx, idx)
+    assert torch.allclose(bx.float(), x, atol=4e-3)  # bf16 keeps 8 bits: k/255 within 2^-9
 
 
 def test_resume_skips_batches(digits_eval):

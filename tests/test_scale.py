@@ -94,6 +94,43 @@ def test_frozen_logits_from_the_training_cache_equal_recomputed(tmp_path, kt_pat
     assert any("augmented" in r.message for r in caplog.records)
 
 
+def test_output_cache_key_separates_backend_dtype_and_precision(tmp_path, kt_paths):
+    """Outputs computed under one decoding / dtype / eval precision are never served to another; the same
+    settings in another run hit the cache."""
+    base = [*kt_paths, "trainer.device=cpu", f"paths.cache={tmp_path / 'cache'}"]
+
+    def outputs(*extra):
+        ctx = setup(compose("transfer/transfer", [*base, *extra]), run_dir=tmp_path / "run", tracker=False)
+        ref = ModelRef("t", _model(ctx.ds, 1, hidden=[24]), "mlp-key-test")
+        out = ctx.outputs(ref, ctx.ds.split("val"))
+        return out["logits"], (ctx.cache.computed, ctx.cache.hits)
+
+    ref_logits, counts = outputs()
+    assert counts == (1, 0)
+    assert outputs()[1] == (0, 1)
+    for extra in (["trainer.amp=bf16"], ["loader.backend=torch"], ["loader.dtype=bfloat16"]):
+        logits, counts = outputs(*extra)
+        assert counts == (1, 0), f"{extra} was served another setting's outputs"
+        assert torch.allclose(logits, ref_logits, atol=0.1)  # the same model, slightly different arithmetic
+    assert outputs()[1] == (0, 1)
+
+
+@pytest.mark.parametrize("backend", ["tensor", "torch"])
+def test_loader_dtype_delivers_images_in_that_dtype(digits, backend):
+    lcfg = compose("pretrain/pretrain", [f"loader.backend={backend}", "loader.batch_size=64", "loader.device=cpu"])
+    ref = next(build_loader(lcfg.loader, digits.split("val"), train=False).iter_epoch(0))
+    for name, dt in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        cfg = OmegaConf.merge(lcfg.loader, {"dtype": name})
+        x, y, idx = next(build_loader(cfg, digits.split("val"), train=False).iter_epoch(0))
+        assert x.dtype == dt and y.dtype == torch.int64 and torch.equal(idx, ref[2])
+        assert torch.equal(x, ref[0].to(dt)) and 0 <= float(x.min()) and float(x.max()) <= 1
+        # augmented batches too (the augmentation itself runs in fp32)
+        xa = next(build_loader(cfg, digits.split("train"), train=True, seed=0).iter_epoch(0))[0]
+        assert xa.dtype == dt and xa.shape[0] == 64
+    model = _model(digits, hidden=[16])  # normalisation promotes to fp32: a bf16 batch runs without autocast
+    assert model(x.to(torch.bfloat16)).dtype == torch.float32
+
+
 # ----------------------------------------------------------------------------------- precision / format / compile
 
 

@@ -156,7 +156,7 @@ class TensorLoader(_OrderMixin):
     def iter_epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[Batch]:
         for b, pos in self.batch_positions(epoch, start_batch):
             pos = pos.to(self.device)
-            x = self.images.index_select(0, pos).to(self.dtype).div_(255.0)
+            x = self.images.index_select(0, pos).float().div_(255.0)  # augmented in fp32, then cast
             if self.augmented:
                 g = torch.Generator(device=self.device).manual_seed(_mix_seed(self.seed, epoch, b, 7))
                 if self.augment == "crop_flip":
@@ -165,7 +165,7 @@ class TensorLoader(_OrderMixin):
                     x = random_resized_crop_flip(x, self.image_size, self.flip, g)
                 else:
                     raise UserError(f"loader.augment='{self.augment}' is unknown: use none, crop_flip or rrc_flip")
-            yield x, self.labels.index_select(0, pos), self.ids.index_select(0, pos)
+            yield x.to(self.dtype), self.labels.index_select(0, pos), self.ids.index_select(0, pos)
 
     def __iter__(self):
         return self.iter_epoch(0)
@@ -256,6 +256,15 @@ class TorchLoader(_OrderMixin):
         return self.iter_epoch(0)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def loader_dtype(name: str) -> torch.dtype:
+    """The torch dtype of `loader.dtype` (the dtype batches are delivered in; models normalise in fp32)."""
+    check(name in DTYPES, f"loader.dtype='{name}' is unknown: use {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def build_loader(cfg, split: Split, train: bool, seed: int = 0, device=None, rank: int = 0,
                  world_size: int = 1):
     """A loader for `split` from a loader config node. Train loaders shuffle/augment/drop_last as configured;
@@ -271,7 +280,8 @@ def build_loader(cfg, split: Split, train: bool, seed: int = 0, device=None, ran
     device = resolve_device(cfg.device) if device is None else torch.device(device)
     common = dict(batch_size=bs, shuffle=cfg.shuffle and train, drop_last=cfg.drop_last and train,
                   augment=cfg.augment if train else "none", crop_padding=cfg.crop_padding, flip=cfg.flip,
-                  seed=seed, device=device, rank=rank, world_size=world_size)
+                  seed=seed, device=device, rank=rank, world_size=world_size,
+                  dtype=loader_dtype(cfg.get("dtype", "float32")))
     if cfg.augment not in ("none", "crop_flip", "rrc_flip"):
         raise UserError(f"loader.augment='{cfg.augment}' is unknown: use none, crop_flip or rrc_flip")
     if cfg.backend == "tensor":

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..data import build_dataset, build_loader, resolve_device
 from ..data.datasets import Dataset, Split
+from ..data.loaders import DTYPES
 from ..engine import OutputCache, digest, seed_everything
 from ..errors import UserError, closest
 from ..io_utils import file_hash
@@ -91,8 +92,9 @@ class Context:
                             rank=self.rank, world_size=self.world_size)
 
     def outputs(self, ref: ModelRef, split: Split, features: bool = False) -> Dict[str, torch.Tensor]:
-        return self.cache.get(ref.model.to(self.device), ref.key, self.dataset_key, split, self.eval_loader(split),
-                              features=features, amp=self.cfg.trainer.amp, label=ref.name)
+        return self.cache.get(ref.model.to(self.device), ref.key, f"{self.dataset_key}-{input_key(self.cfg)}",
+                              split, self.eval_loader(split), features=features, amp=self.cfg.trainer.amp,
+                              label=ref.name)
 
 
 def dataset_key(dcfg) -> str:
@@ -101,6 +103,17 @@ def dataset_key(dcfg) -> str:
     for k in ("pretrain_split", "transfer_split", "val_split", "test_split"):
         parts.pop(k, None)
     return f"{dcfg.name}-{dcfg.image_size}px-{digest(sorted(parts.items()))}"
+
+
+def input_key(cfg) -> str:
+    """What decides a model's outputs on a split besides the dataset and the model: how images are decoded (the
+    loader backend; for FFCV the .beton folder, whose JPEG settings change pixels), their dtype and the eval
+    precision. Part of every output-cache key."""
+    ld, amp = cfg.loader, cfg.trainer.amp if cfg.get("trainer") is not None else "none"
+    parts = [str(ld.backend), str(ld.get("dtype", "float32")), f"amp_{amp}"]
+    if ld.backend == "ffcv":
+        parts.append(digest(str(ld.get("ffcv_dir"))))
+    return "-".join(parts)
 
 
 def _num(node, key):
@@ -135,6 +148,8 @@ def preflight(cfg: DictConfig) -> None:
         if isinstance(node, DictConfig) and "_target_" in node:
             for k in ("temperature", "nce_t"):
                 rules.append((node, str(key), k, lambda v: v > 0, f"must be > 0: use e.g. {key}.{k}=1.0"))
+    if ld is not None and ld.get("dtype", "float32") not in DTYPES:
+        raise UserError(f"loader.dtype='{ld.get('dtype')}' is unknown: use {', '.join(DTYPES)}")
     for node, prefix, key, ok, fix in rules:
         v = _num(node, key)
         if v is not None and not ok(v):

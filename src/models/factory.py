@@ -39,7 +39,10 @@ class Normalized(nn.Module):
         return int(getattr(self.net, "num_features"))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        """In the model's own dtype (that of its buffers): a bf16/fp16 batch (loader.dtype) runs through an fp32
+        model without autocast, and under autocast the first layer casts as usual."""
+        x = x.to(self.mean.dtype)
+        return (x - self.mean) / self.std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.normalize(x))
