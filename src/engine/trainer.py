@@ -4,7 +4,8 @@ method's `forward` returns `(loss, logs)`), steps the optimiser and schedule, ev
 Features: epochs or steps; SGD/Adam/AdamW; none/step/cosine-with-warmup schedules; bf16 autocast, fp16 with a
 GradScaler; channels_last; optional torch.compile; grad clipping; evaluation every N epochs or steps; atomic
 checkpoints with automatic resume (weights, optimiser, schedule, step, RNG states) that is bit-exact on CPU;
-SIGTERM/SIGUSR1 (+ submitit's USR2, src/engine/preemption.py) -> finish the step, checkpoint, raise Preempted; DDP when torch.distributed is initialised."""
+SIGTERM/SIGUSR1 (+ submitit's USR2, see src/engine/preemption.py) -> finish the step, checkpoint, raise Preempted
+(under DDP all ranks agree on the step); DDP when torch.distributed is initialised."""
 from __future__ import annotations
 
 import logging
@@ -20,14 +21,13 @@ import torch
 import torch.nn as nn
 
 from ..errors import Preempted, UserError, check
+from ..io_utils import atomic_path, load_state_dict, safe_torch_load, save_safetensors, torch_save
 from . import preemption
 from .preemption import STOP_REQUESTED
-from ..io_utils import atomic_path, load_state_dict, safe_torch_load, save_safetensors, torch_save
 
 log = logging.getLogger(__name__)
 
 FINITE_CHECK_EVERY = 50  # CUDA: steps between host reads of the non-finite-loss flag
-
 
 
 def _plain(v):
