@@ -44,6 +44,17 @@ from src.schema import LoaderConfig, OptimizerConfig, SchedulerConfig, TrainerCo
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.247, 0.243, 0.261]
 
 
+def cpu_name() -> str:
+    """The CPU model (Linux: /proc/cpuinfo), its architecture and core count, e.g. 'AMD EPYC, x86_64, 2 cores'."""
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model or 'unknown CPU'}, {platform.machine()}, {os.cpu_count()} cores"
+
+
 def sync(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -367,7 +378,7 @@ def main(argv=None):
             print(f"  {rows[-1]['row']}: {rows[-1]['ratio']:.1f}", flush=True)
         if "ffcv" not in args.skip:
             rows.append(bench_ffcv(args, dev, tmp))
-    name = torch.cuda.get_device_name(dev) if cuda else (platform.processor() or platform.machine())
+    name = torch.cuda.get_device_name(dev) if cuda else cpu_name()
     head = (f"device {dev.type} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
             f"amp {args.amp}, channels_last {args.channels_last}, compile {args.compile}, student {args.student}, "
             f"teacher {args.teacher}, batch {args.batch_size}, {args.repeats} repeats x {args.steps} steps "

@@ -82,6 +82,7 @@ def test_benchmark_runs_every_comparison_and_writes_its_table(tmp_path):
     assert len(rows["trainer/minimal loop, KD (KL)"]["trainer_s"]) == 2  # one timing per repeat
     table = (tmp_path / "benchmark_cpu.md").read_text()
     assert table.count("\n| ") == 5 and "device cpu" in table  # header row + 4 comparisons
+    assert "cores" in res["device_name"]  # the machine is named
 
 
 @pytest.mark.gpu
