@@ -260,7 +260,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def loader_dtype(name: str) -> torch.dtype:
-    """The torch dtype of `loader.dtype` (the dtype batches are delivered in; models normalise in fp32)."""
+    """The torch dtype of `loader.dtype` (the dtype batches are delivered in; models normalise in their own)."""
     check(name in DTYPES, f"loader.dtype='{name}' is unknown: use {', '.join(DTYPES)}")
     return DTYPES[name]
 

@@ -32,9 +32,12 @@ def submitit_signal() -> Optional[int]:
     signum = getattr(signal, name if name.startswith("SIG") else f"SIG{name}", None)
     if signum is None:
         return None
-    handler = signal.getsignal(signum)
-    owner = getattr(handler, "__self__", None)
-    return signum if type(owner).__module__.startswith("submitit") else None
+    return signum if _is_submitits(signal.getsignal(signum)) else None
+
+
+def _is_submitits(handler) -> bool:
+    """Whether a signal handler is a method of submitit's SignalHandler."""
+    return type(getattr(handler, "__self__", None)).__module__.startswith("submitit")
 
 
 _taken: set = set()  # submitit signals that one of our handlers holds right now (nested installs keep them)
@@ -82,8 +85,7 @@ def hand_over(previous: Dict[int, object]) -> None:
     (it exits the process). A no-op for other signals and outside submitit."""
     signum = received()
     handler = previous.get(signum) if signum is not None else None
-    if signum is None or not callable(handler) or not type(getattr(handler, "__self__", None)).__module__ \
-            .startswith("submitit"):
+    if signum is None or not callable(handler) or not _is_submitits(handler):
         return
     log.warning("checkpoint saved; handing signal %d to submitit, which requeues this job", signum)
     signal.signal(signum, handler)

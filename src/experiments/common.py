@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..data import build_dataset, build_loader, resolve_device
 from ..data.datasets import Dataset, Split
-from ..data.loaders import DTYPES
+from ..data.loaders import loader_dtype
 from ..engine import OutputCache, digest, seed_everything
 from ..errors import UserError, closest
 from ..io_utils import file_hash
@@ -109,8 +109,8 @@ def input_key(cfg) -> str:
     """What decides a model's outputs on a split besides the dataset and the model: how images are decoded (the
     loader backend; for FFCV the .beton folder, whose JPEG settings change pixels), their dtype and the eval
     precision. Part of every output-cache key."""
-    ld, amp = cfg.loader, cfg.trainer.amp if cfg.get("trainer") is not None else "none"
-    parts = [str(ld.backend), str(ld.get("dtype", "float32")), f"amp_{amp}"]
+    ld = cfg.loader
+    parts = [str(ld.backend), str(ld.get("dtype", "float32")), f"amp_{cfg.trainer.amp}"]
     if ld.backend == "ffcv":
         parts.append(digest(str(ld.get("ffcv_dir"))))
     return "-".join(parts)
@@ -148,8 +148,8 @@ def preflight(cfg: DictConfig) -> None:
         if isinstance(node, DictConfig) and "_target_" in node:
             for k in ("temperature", "nce_t"):
                 rules.append((node, str(key), k, lambda v: v > 0, f"must be > 0: use e.g. {key}.{k}=1.0"))
-    if ld is not None and ld.get("dtype", "float32") not in DTYPES:
-        raise UserError(f"loader.dtype='{ld.get('dtype')}' is unknown: use {', '.join(DTYPES)}")
+    if ld is not None:
+        loader_dtype(ld.get("dtype", "float32"))  # an unknown name: one UserError naming it and the choices
     for node, prefix, key, ok, fix in rules:
         v = _num(node, key)
         if v is not None and not ok(v):
