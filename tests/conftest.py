@@ -26,6 +26,23 @@ def compose(config_name: str, overrides=()):
         return hcompose(config_name=config_name, overrides=list(overrides))
 
 
+def find_pids(*needles: str, env_entry: str = ""):
+    """pids of the processes whose command line contains every needle (and, if given, whose environment holds the
+    exact entry `env_entry`, e.g. "RANK=1"); Linux /proc. Tests use it to signal one worker of a launcher."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            env = (d / "environ").read_bytes().split(b"\0") if env_entry else []
+        except OSError:
+            continue
+        if all(n in cmd for n in needles) and (not env_entry or env_entry.encode() in env):
+            pids.append(int(d.name))
+    return pids
+
+
 @pytest.fixture(scope="session")
 def kt_paths(tmp_path_factory):
     """Overrides that point checkpoints and caches at a per-session temp folder."""

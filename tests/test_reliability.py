@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, compose
+from conftest import ROOT, compose, find_pids
 
 pytestmark = pytest.mark.slow
 
@@ -197,20 +197,6 @@ def test_pretrain_sigterm_resume_is_bit_identical(pretrain_ref, tmp_path):
     assert json.loads((run / "summary.json").read_text())["models"]["mlp"]["test_acc"] == total["test_acc"]
 
 
-def _submitit_workers(marker: str):
-    """pids of submitit job processes (`python -m submitit.core._submit <folder>`) whose folder contains marker."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if "submitit.core._submit" in cmd and marker in cmd:
-                pids.append(int(d.name))
-    return pids
-
-
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the submitit job through /proc")
 def test_submitit_preemption_signal_checkpoints_then_requeues_into_the_same_sweep_dir(pretrain_ref, tmp_path):
     """A `-m hydra/launcher=local` sweep (submitit, as on SLURM) gets submitit's USR2 mid-training: the step
@@ -228,7 +214,7 @@ def test_submitit_preemption_signal_checkpoints_then_requeues_into_the_same_swee
         while p.poll() is None and time.time() - t0 < 300:
             if not signalled and any(any(r["step"] >= 10 for r in _rows(m))
                                      for m in sweep_root.glob("*/0/metrics.jsonl")):
-                signalled = _submitit_workers(str(sweep_root))
+                signalled = find_pids("submitit.core._submit", str(sweep_root))  # the job process
                 for pid in signalled:
                     os.kill(pid, signal.SIGUSR2)
             time.sleep(0.02)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose
+from conftest import ROOT, compose, find_pids
 
 from src.data import build_dataset, build_loader
 from src.engine import OutputCache, Trainer, predict
@@ -258,21 +258,6 @@ def test_torchrun_other_training_families(family, tmp_path, kt_paths):
         assert len(list(run.glob("checkpoints/stage*/latest"))) == 2
 
 
-def _rank_pid(marker: str, rank: int):
-    """pid of the torchrun worker with RANK=rank whose command line contains marker (None while not started)."""
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            env = (d / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if "main_transfer.py" in cmd and marker in cmd and f"RANK={rank}".encode() in env:
-            return int(d.name)
-    return None
-
-
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank-1 worker through /proc")
 def test_ddp_preemption_of_one_rank_stops_all_ranks_after_the_same_step(tmp_path, kt_paths):
     """SIGTERM to rank 1 only: the ranks agree to stop after the same step, rank 0 checkpoints it, both exit 124;
@@ -297,9 +282,9 @@ def test_ddp_preemption_of_one_rank_stops_all_ranks_after_the_same_step(tmp_path
             rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()] \
                 if (run / "metrics.jsonl").is_file() else []
             if not sent and any(r["step"] >= 10 for r in rows):
-                pid = _rank_pid(str(run), 1)
-                if pid is not None:
-                    os.kill(pid, signal.SIGTERM)
+                pids = find_pids("main_transfer.py", str(run), env_entry="RANK=1")
+                if pids:
+                    os.kill(pids[0], signal.SIGTERM)
                     sent = True
             time.sleep(0.02)
         if p.poll() is None:
