@@ -26,6 +26,16 @@ def compose(config_name: str, overrides=()):
         return hcompose(config_name=config_name, overrides=list(overrides))
 
 
+def load_script(name: str):
+    """Import scripts/<name>.py as a module (scripts/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def find_pids(*needles: str, env_entry: str = ""):
     """pids of the processes whose command line contains every needle (and, if given, whose environment holds the
     exact entry `env_entry`, e.g. "RANK=1"); Linux /proc. Tests use it to signal one worker of a launcher."""

@@ -8,7 +8,6 @@ parallel variants, which is several times slower to compile.
 from __future__ import annotations
 
 import gc
-import importlib.util
 import os
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import ROOT, compose
+from tests.conftest import compose, load_script
 
 # Unoptimised numba code compiles ~25% faster; these tests decode a few hundred tiny images, so speed is moot.
 # Set before ffcv imports numba (only FFCV uses numba in this suite).
@@ -35,10 +34,7 @@ IMG_SIZE = 16  # tiny ImageFolder: image_size; every image has short side 16, so
 
 
 def _write_ffcv_main():
-    spec = importlib.util.spec_from_file_location("write_ffcv", ROOT / "scripts" / "write_ffcv.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
+    return load_script("write_ffcv").main
 
 
 def _collect(loader, epoch=0, start_batch=0):

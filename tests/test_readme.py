@@ -12,7 +12,7 @@ import shlex
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 SCRIPTS = {"main_pretrain.py": "pretrain/pretrain", "main_transfer.py": "transfer/transfer",
            "main_flips.py": "prediction_flips/flips", "main_multi_teacher.py": "multi_teacher/multi_teacher"}
@@ -97,11 +97,7 @@ def test_readme_entry_command_composes_and_passes_preflight(cmd, kt_paths):
 
 @pytest.mark.parametrize("cmd", [c for c in COMMANDS if shlex.split(c)[1] == "scripts/write_ffcv.py"])
 def test_readme_write_ffcv_command_parses_and_composes(cmd):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("write_ffcv", ROOT / "scripts" / "write_ffcv.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("write_ffcv")
     args = mod.parse_args(shlex.split(cmd)[2:])
     cfg = mod.compose_config(args.config_name, args.overrides)
     assert cfg.loader.backend == "ffcv" and cfg.dataset.name == "imagenet"

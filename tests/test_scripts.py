@@ -4,21 +4,13 @@ benchmark's own ratios, not in tests)."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 
 import pytest
 import torch
 
-from conftest import ROOT
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_script
 
 
 def _summary(d, method, delta, gain, loss, partition=None, status="ok"):
@@ -29,7 +21,7 @@ def _summary(d, method, delta, gain, loss, partition=None, status="ok"):
 
 
 def test_aggregate_sweep_success_rate_and_deltas(tmp_path, capsys):
-    agg = _script("aggregate_sweep")
+    agg = load_script("aggregate_sweep")
     for i, (delta, gain, loss) in enumerate([(1.0, 2.0, 1.0), (-0.5, 0.5, 1.0), (2.0, 3.0, 1.0)]):
         _summary(tmp_path / str(i), "KL", delta, gain, loss)
     _summary(tmp_path / "3", "KLDP", 0.5, 1.0, 0.5, partition="most-conf")
@@ -49,7 +41,7 @@ def test_aggregate_sweep_success_rate_and_deltas(tmp_path, capsys):
 
 
 def test_aggregate_sweep_bad_dir_is_one_clear_line(tmp_path):
-    agg = _script("aggregate_sweep")
+    agg = load_script("aggregate_sweep")
     with pytest.raises(SystemExit, match="is not a directory"):
         agg.main([str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match="no finished transfer summaries"):
@@ -57,7 +49,7 @@ def test_aggregate_sweep_bad_dir_is_one_clear_line(tmp_path):
 
 
 def _tiny_benchmark(tmp_path, extra):
-    bench = _script("benchmark")
+    bench = load_script("benchmark")
     n = torch.get_num_threads()
     try:
         assert bench.main(["--threads", "1", "--batch-size", "8", "--steps", "2", "--repeats", "2", "--warmup", "1",
@@ -93,7 +85,7 @@ def test_benchmark_on_cuda_with_bf16_channels_last_compile(tmp_path):
 
 
 def test_bench_flips_vectorised_statistics_on_a_small_problem(tmp_path, monkeypatch):
-    bf = _script("bench_flips")
+    bf = load_script("bench_flips")
     out = tmp_path / "bench_flips.json"
     monkeypatch.setattr("sys.argv", ["bench_flips.py", "--models", "6", "--samples", "300", "--classes", "10",
                                      "--loop-pairs", "5", "--kl-samples", "50", "--kl-loop-pairs", "3",
