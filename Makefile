@@ -3,6 +3,8 @@
 PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+# a first install needs ~8 GiB free (torch is a CUDA build)
+MIN_FREE_KB ?= 8000000
 SHELL := /bin/bash
 
 .PHONY: demo test install gpu-test bench clean
@@ -16,6 +18,11 @@ $(STAMP): requirements.txt
 	if [ $$can_apt = 1 ] && ! dpkg -s $$pkgs >/dev/null 2>&1; then \
 	  echo "installing FFCV's build dependencies with apt ($$pkgs)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs >/dev/null; \
+	fi; \
+	free_kb=$$(df -Pk . | awk 'NR==2 {print $$4}'); \
+	if ! $(VENV)/bin/python -c 'import torch' 2>/dev/null && [ "$${free_kb:-0}" -lt $(MIN_FREE_KB) ]; then \
+	  echo "error: only $$((free_kb / 1048576)) GiB free in $$(pwd): the virtual environment (torch, a CUDA build) needs about 8 GiB; free some space and rerun make" >&2; \
+	  exit 1; \
 	fi; \
 	[ -x $(VENV)/bin/python ] || $(PY) -m venv $(VENV); \
 	$(VENV)/bin/pip install -q --upgrade pip wheel setuptools; \
