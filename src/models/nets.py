@@ -86,10 +86,11 @@ class BasicBlock(nn.Module):
         self.short = nn.Sequential()
         if stride != 1 or cin != cout:
             self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.act = nn.ReLU()  # the block's final activation as a module: KDEP hooks its input (models/hooks.py)
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.short(x))
+        return self.act(self.bn2(self.conv2(out)) + self.short(x))
 
 
 class CifarResNet(_Base):
@@ -165,6 +166,7 @@ class WideResNet(_Base):
             groups.append(nn.Sequential(*blocks))
         self.groups = nn.ModuleList(groups)
         self.bn = nn.BatchNorm2d(cin)
+        self.act = nn.ReLU()  # the final BN+ReLU before pooling (pre-activation net); KDEP hooks its input
         self.num_features, self.num_classes = cin, num_classes
         self.fc = nn.Linear(cin, num_classes) if num_classes > 0 else nn.Identity()
         _init(self)
@@ -175,7 +177,7 @@ class WideResNet(_Base):
         for g in self.groups:
             x = g(x)
             inter.append(x)
-        return inter if intermediates_only else (F.relu(self.bn(x)), inter)
+        return inter if intermediates_only else (self.act(self.bn(x)), inter)
 
     def forward_features(self, x):
         return self.forward_intermediates(x)[0]

@@ -1,0 +1,326 @@
+"""KDEP (`main_kdep.py`, REFERENCE.md section 3): pre-train a student by distilling a teacher's pooled pre-ReLU
+features (SVD-aligned, PTS-scaled) on (a subset of) the upstream split, then fine-tune it on each downstream
+dataset next to baseline initialisations (`scratch`: the student's random init; `supervised`: a labelled
+pre-trained model) and report the LAST-epoch accuracy of each.
+
+Stages (each ends in `<run_dir>/stages/<stage>/row.json`, written last; a rerun in the same run dir skips finished
+stages, and an unfinished one resumes from its own trainer checkpoint `checkpoints/<stage>/`):
+  distill                         -> stages/distill/{student/, row.json}; kdep_basis.safetensors (mu, V, S)
+  finetune_<downstream>_<init>    -> stages/finetune_<downstream>_<init>/row.json   (init: kdep, scratch, ...)
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import logging
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+
+from ..data import build_dataset, build_loader, training_split
+from ..engine import Trainer, predict, rows_by_id
+from ..errors import UserError, check, closest
+from ..io_utils import load_state_dict, save_safetensors, write_json
+from ..methods.base import CrossEntropy
+from ..methods.kdep import check_dims, svd_basis
+from ..metrics import accuracy
+from ..models import save_checkpoint
+from ..models.hooks import PreActivation, pre_activation_dim
+from ..schema import DatasetConfig
+from .common import Context, ModelRef, as_dict, check_model_spec, input_key, resolve_model, setup
+from .multi_teacher import StageTracker
+from .transfer import build_method
+
+log = logging.getLogger("kt")
+
+BASELINES = ("scratch", "supervised")
+BASIS_FILE = "kdep_basis.safetensors"
+FINETUNE_GROUPS = ("trainer", "optimizer", "scheduler", "loader")
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def finetune_cfg(cfg: DictConfig, group: str):
+    """The run's `<group>` config with `finetune.<group>` merged on top (typed: a bad key fails here)."""
+    try:
+        return OmegaConf.merge(cfg[group], cfg.finetune.get(group) or {})
+    except Exception as e:  # omegaconf's ValidationError / ConfigKeyError: one line naming the key
+        msg = str(e).splitlines()[0]
+        raise UserError(f"finetune.{group} does not fit the {group} schema ({msg}): use the keys of "
+                        f"config/{group}/*.yaml") from e
+
+
+def validate(cfg: DictConfig) -> None:
+    """KDEP's own keys, checked before any dataset, zoo or training work (one UserError each)."""
+    import timm
+
+    arch = str(cfg.student.get("arch"))
+    if not timm.is_model(arch):
+        from ..models import nets
+
+        raise UserError(f"unknown student.arch '{arch}'{closest(arch, timm.list_models() + nets.OUR_MODELS)}: "
+                        f"use a timm name or one of ours (resnet8, resnet20, wrn_16_1, ...)")
+    cls = get_class(cfg.method._target_)
+    if hasattr(cls, "check_params"):
+        params = set(inspect.signature(cls.__init__).parameters) | {"mixup_alpha"}
+        extra = [k for k in cfg.method if k != "_target_" and k not in params]
+        check(not extra, f"method {cls.__name__} has no parameter {extra[0] if extra else ''}: remove method."
+                         f"{extra[0] if extra else ''}")
+        cls.check_params(**as_dict(cfg.method))
+    if cfg.get("basis"):
+        check(Path(cfg.basis).is_file(), f"basis={cfg.basis} does not exist: give a {BASIS_FILE} written by an "
+                                         f"earlier run (its run dir) or basis=null to compute it")
+    bad = [b for b in cfg.baselines if b not in BASELINES]
+    check(not bad, f"baselines={list(cfg.baselines)}: '{bad[0] if bad else ''}' is unknown, use a subset of "
+                   f"{list(BASELINES)}")
+    if "supervised" in cfg.baselines:
+        check(bool(cfg.get("supervised")), "baselines has 'supervised' but supervised=null: give a model "
+                                           "(zoo name, timm name, checkpoint folder) or drop it from baselines")
+        check_model_spec(str(cfg.supervised), cfg, "supervised")
+    check(len(cfg.downstream) > 0, "downstream=[] is empty: give at least one {name, train_split, eval_split}")
+    names = [str(d.get("name")) for d in cfg.downstream]
+    check(len(set(names)) == len(names), f"downstream names {names} repeat: give each entry its own name")
+    for d in cfg.downstream:
+        for k in ("name", "train_split", "eval_split"):
+            check(bool(d.get(k)), f"downstream entry {as_dict(d)} has no {k}: each needs name, train_split and "
+                                  f"eval_split")
+        fr, pc = d.get("fraction"), d.get("per_class")
+        check(fr is None or 0 < fr <= 1, f"downstream {d.name}: fraction={fr} is outside (0, 1]: use e.g. 0.2")
+        check(pc is None or pc > 0, f"downstream {d.name}: per_class={pc} must be > 0: use e.g. 10")
+    for g in FINETUNE_GROUPS:
+        finetune_cfg(cfg, g)
+    ft = finetune_cfg(cfg, "trainer")
+    check(ft.max_steps is not None or ft.epochs > 0, f"finetune.trainer.epochs={ft.epochs} must be > 0")
+
+
+# ---------------------------------------------------------------------------------------------- stage files
+def load_stage(ctx: Context, name: str, like: Optional[torch.nn.Module] = None):
+    """The row (and the model of `like`'s architecture, if asked) of a stage finished earlier, else None."""
+    d = ctx.run_dir / "stages" / name
+    if not (d / "row.json").is_file():
+        return None
+    row = json.loads((d / "row.json").read_text())
+    if like is None:
+        return None, row
+    model = copy.deepcopy(like)
+    model.load_state_dict(load_state_dict(d / "student" / "model.safetensors"))
+    return model.to(ctx.device), row
+
+
+def save_stage(ctx: Context, name: str, row: dict, model=None, meta: Optional[dict] = None) -> None:
+    """Weights first, the row last (its presence marks the stage finished). Rank 0 writes."""
+    if ctx.rank != 0:
+        return
+    d = ctx.run_dir / "stages" / name
+    if model is not None:
+        save_checkpoint(model, d / "student", meta or {})
+    write_json(d / "row.json", row)
+
+
+# ---------------------------------------------------------------------------------------------- distillation
+def teacher_outputs(ctx: Context, teacher: ModelRef, split) -> Dict[str, torch.Tensor]:
+    """Pooled pre-ReLU features ('features') and logits of the frozen teacher on `split`, computed once without
+    augmentation and cached on disk by the shared output cache (key: teacher hash, dataset, split, 'prerelu')."""
+    return ctx.cache.get(PreActivation(teacher.model.to(ctx.device)), teacher.key,
+                         f"{ctx.dataset_key}-{input_key(ctx.cfg)}-prerelu", split, ctx.eval_loader(split),
+                         features=True, amp=ctx.cfg.trainer.amp, label=f"{teacher.name} (pre-ReLU)")
+
+
+def basis_for(cfg: DictConfig, features: torch.Tensor, run_dir: Path, teacher: str) -> tuple:
+    """(basis dict, path): the SVD basis of the teacher's features, computed here and saved to
+    `<run_dir>/kdep_basis.safetensors`, or read back from `cfg.basis` (e.g. the 10% subset's basis reused for a
+    full-data run). The one place that writes and reads basis files."""
+    if cfg.get("basis"):
+        path = Path(cfg.basis)
+        b = load_state_dict(path)
+        check({"mu", "V"} <= set(b), f"basis={path} holds no mu/V: give a {BASIS_FILE} written by main_kdep.py")
+        check(b["mu"].numel() == features.shape[1],
+              f"basis={path} is for {b['mu'].numel()}-d teacher features but teacher {teacher} has "
+              f"{features.shape[1]}: use the basis of this teacher or basis=null")
+        log.info("re-using the SVD basis %s", path)
+        return b, path
+    path = run_dir / BASIS_FILE
+    b = svd_basis(features)
+    save_safetensors(b, path, metadata={"teacher": str(teacher), "num_samples": str(features.shape[0])})
+    log.info("SVD basis of %s over %d samples -> %s", teacher, features.shape[0], path)
+    return b, path
+
+
+def distill(ctx: Context, teacher: ModelRef, student: ModelRef, tracker) -> dict:
+    """Stage 1: distil `teacher` into `student` (in place) on the upstream split; returns the stage's row."""
+    cfg = ctx.cfg
+    split = training_split(ctx.ds, cfg.upstream_split, cfg.dataset.subset)
+    out = teacher_outputs(ctx, teacher, split)
+    f_t = out["features"]
+    probe = next(iter(ctx.eval_loader(split).iter_epoch(0)))[0]
+    d_s, d_t = pre_activation_dim(student.model, probe), f_t.shape[1]
+    check_dims(d_s, d_t, d_t, teacher.name, student.name)  # before the SVD: the public code's MobileNetV2 bug
+    basis, basis_path = basis_for(cfg, f_t, ctx.run_dir, teacher.name)
+    check_dims(d_s, d_t, basis["V"].shape[1], teacher.name, student.name)
+    loader = ctx.train_loader(split)
+    cache = None
+    if not loader.augmented:
+        cache = {"prerelu": rows_by_id(out, split.full_size, "features").to(ctx.device),
+                 "logits": rows_by_id(out, split.full_size, "logits").to(ctx.device)}
+        log.info("distillation inputs are not augmented: teacher features come from the cache")
+    method = build_method(cfg.method, student.model, teacher.model, teacher_cache=cache)
+    method.set_basis(basis["mu"], basis["V"][:, :d_s])
+    method.to(ctx.device)
+    target_table = rows_by_id(out, split.full_size, "features")
+    eval_loader = ctx.eval_loader(split)
+
+    def evaluate(model) -> Dict[str, float]:
+        o = predict(PreActivation(model), eval_loader, features=True, amp=cfg.trainer.amp)
+        f_s = o["features"].to(ctx.device)
+        with torch.no_grad():
+            loss = method.feature_loss(f_s, target_table[o["ids"]].to(ctx.device))
+        return {"eval/distill_loss": loss.item()}
+
+    start = evaluate(student.model)["eval/distill_loss"]
+    if tracker is not None:
+        tracker.log({"eval/distill_loss": start, "epoch": 0.0}, 0)
+    trainer = Trainer(method, loader, cfg.trainer, cfg.optimizer, cfg.scheduler, ctx.run_dir, tracker=tracker,
+                      evaluate=evaluate, device=ctx.device, name="distill", rank=ctx.rank,
+                      world_size=ctx.world_size)
+    last = trainer.fit() or evaluate(student.model)
+    return {"distill_loss_start": start, "distill_loss_end": last["eval/distill_loss"], "steps": trainer.total_steps,
+            "d_teacher": int(d_t), "d_student": int(d_s), "basis": str(basis_path),
+            "basis_reused": bool(cfg.get("basis")), "upstream_split": str(cfg.upstream_split),
+            "upstream_size": len(split), "teacher_features_cached": cache is not None}
+
+
+# ------------------------------------------------------------------------------------------------ fine-tuning
+def downstream_data(ctx: Context, d) -> dict:
+    """A downstream entry's dataset (the run's own, or `d.dataset` built with the same paths) and splits."""
+    ds = ctx.ds
+    if d.get("dataset"):
+        ds = build_dataset(OmegaConf.merge(OmegaConf.structured(DatasetConfig), d.dataset), ctx.cfg.paths)
+    sub = OmegaConf.create({"fraction": d.get("fraction"), "per_class": d.get("per_class"),
+                            "seed": int(d.get("seed") or 0)})
+    return {"ds": ds, "train": training_split(ds, d.train_split, sub), "eval": ds.split(d.eval_split)}
+
+
+def finetune(ctx: Context, init: torch.nn.Module, data: dict, name: str, tracker) -> dict:
+    """Full fine-tuning of a copy of `init` with a new head on the downstream data (plain CE); returns the
+    last-epoch accuracy on the eval split."""
+    cfg = ctx.cfg
+    ft = {g: finetune_cfg(cfg, g) for g in FINETUNE_GROUPS}
+    model = copy.deepcopy(init)
+    torch.manual_seed(cfg.trainer.seed)
+    model.net.reset_classifier(data["ds"].info.num_classes)
+    method = CrossEntropy(model).to(ctx.device)
+    loader = ctx.train_loader(data["train"], loader_cfg=ft["loader"])
+    eval_loader = build_loader(ft["loader"], data["eval"], train=False, device=ctx.device)
+
+    def evaluate(m) -> Dict[str, float]:
+        o = predict(m, eval_loader, amp=ft["trainer"].amp)
+        return {"eval/acc": 100 * accuracy(o["logits"], o["labels"])}
+
+    trainer = Trainer(method, loader, ft["trainer"], ft["optimizer"], ft["scheduler"], ctx.run_dir,
+                      tracker=tracker, evaluate=evaluate, device=ctx.device, name=name, rank=ctx.rank,
+                      world_size=ctx.world_size)
+    last = trainer.fit() or evaluate(model)
+    return {"acc": last["eval/acc"], "steps": trainer.total_steps, "train_size": len(data["train"]),
+            "eval_size": len(data["eval"])}
+
+
+# --------------------------------------------------------------------------------------------------- the run
+class Stages:
+    """Runs named stages in order: a finished one is read back, the others run with a tracker whose steps
+    continue after the previous stages' (metrics.jsonl stays monotonic)."""
+
+    def __init__(self, ctx: Context):
+        self.ctx, self.offset, self.k = ctx, 0, 0
+        self.trained: List[str] = []
+
+    def run(self, name: str, fn, like=None):
+        self.k += 1
+        done = load_stage(self.ctx, name, like)
+        if done is not None:
+            log.info("stage %s finished earlier: re-using %s", name, self.ctx.run_dir / "stages" / name)
+            model, row = done
+        else:
+            log.info("stage %s", name)
+            model, row = fn(StageTracker(self.ctx.tracker, self.offset, self.k))
+            self.trained.append(name)
+        self.offset += int(row.get("steps", 0))
+        return model, row
+
+
+def print_table(s: dict, run_dir) -> None:
+    print(f"\nKDEP: {s['teacher']} ({s['d_teacher']}-d pre-ReLU) -> {s['student']} ({s['d_student']}-d), "
+          f"distillation loss {s['distill_loss_start']:.4f} -> {s['distill_loss_end']:.4f} "
+          f"on {s['upstream_size']} {s['upstream_split']} images")
+    inits = s["inits"]
+    print(f"{'downstream (last epoch acc %)':<30}" + "".join(f"{i:>12}" for i in inits) + f"{'kdep-scratch':>14}")
+    for name, r in s["downstream"].items():
+        delta = r.get("delta_vs_scratch")
+        print(f"{name:<30}" + "".join(f"{r[i]:>12.2f}" for i in inits) +
+              (f"{delta:>+14.2f}" if delta is not None else f"{'':>14}"))
+    print(f"basis: {s['basis']}\noutputs: {run_dir} (summary.json, metrics.jsonl, stages/, checkpoints/)")
+
+
+def run(cfg: DictConfig, run_dir=None) -> dict:
+    validate(cfg)
+    ctx = setup(cfg, run_dir, job_type="kdep")
+    try:
+        teacher = resolve_model(cfg.teacher, ctx, "teacher")
+        teacher.model.to(ctx.device)
+        student = resolve_model(cfg.student, ctx, "student")
+        student.model.to(ctx.device)
+        scratch = copy.deepcopy(student.model)  # the same random init, for the `scratch` baseline
+        stages = Stages(ctx)
+
+        def do_distill(tracker):
+            row = distill(ctx, teacher, student, tracker)
+            save_stage(ctx, "distill", row, student.model,
+                       {"name": f"{student.name}<-kdep-{teacher.name}", "kwargs": as_dict(cfg.student.get("kwargs")),
+                        "dataset": OmegaConf.to_container(cfg.dataset, resolve=True)})
+            return student.model, row
+
+        distilled, drow = stages.run("distill", do_distill, like=student.model)
+        inits = {"kdep": distilled}
+        if "scratch" in cfg.baselines:
+            inits["scratch"] = scratch
+        if "supervised" in cfg.baselines:
+            inits["supervised"] = resolve_model(cfg.supervised, ctx, "supervised").model.to(ctx.device)
+        downstream: Dict[str, dict] = {}
+        for d in cfg.downstream:
+            data = None
+            res = {}
+            for init_name, init in inits.items():
+                sname = f"finetune_{d.name}_{init_name}"
+
+                def do_ft(tracker, init=init, sname=sname):
+                    nonlocal data
+                    data = data or downstream_data(ctx, d)
+                    row = finetune(ctx, init, data, sname, tracker)
+                    save_stage(ctx, sname, row)
+                    return None, row
+
+                res[init_name] = stages.run(sname, do_ft)[1]
+            r = {k: v["acc"] for k, v in res.items()}
+            if "scratch" in r:
+                r["delta_vs_scratch"] = r["kdep"] - r["scratch"]
+            if "supervised" in r:
+                r["delta_vs_supervised"] = r["kdep"] - r["supervised"]
+            r["train_size"] = res["kdep"]["train_size"]
+            downstream[str(d.name)] = r
+        summary = {
+            "status": "ok", "teacher": teacher.name, "student": student.name, "dataset": ctx.info.name,
+            "selection": "last epoch", "inits": list(inits),
+            **{k: drow[k] for k in ("d_teacher", "d_student", "basis", "basis_reused", "distill_loss_start",
+                                    "distill_loss_end", "upstream_split", "upstream_size")},
+            "distill_steps": drow["steps"], "downstream": downstream,
+            **{f"{n}/{k}": v for n, r in downstream.items() for k, v in r.items()},
+            "stages_trained": stages.trained, "method_config": as_dict(cfg.method),
+        }
+        summary = ctx.tracker.summary(summary)
+        if ctx.rank == 0:
+            print_table(summary, ctx.run_dir)
+        return summary
+    finally:
+        ctx.tracker.finish()
