@@ -148,3 +148,42 @@ CASES = [
     C("multi_teacher-teacher-other-class-count", "multi_teacher", ["teachers=[{art}/teacher10,{art}/teacher5]"],
       ["predicts 5 classes", "label space"]),
 ]
+
+# ---- aft ----
+SCRIPTS["aft"] = Script("main_aft.py", "aft/aft", "src.experiments.aft")
+CASES += [
+    C("aft-unknown-feature-model", "aft", ["features=[resnet20,wrn_16_3]"], ["features[1]", "'wrn_16_3'", "wrn_16_2"],
+      subprocess=True),
+    C("aft-negative-prec", "aft", ["method.prec=-1"], ["method.prec=-1", ">= 0"]),
+    C("aft-unknown-kernel", "aft", ["method.kernel=poly"], ["method.kernel='poly'", "linear, rbf, none"]),
+    C("aft-unknown-scales", "aft", ["method.scales=full"], ["method.scales='full'", "diag, dense"]),
+    C("aft-augmented-inputs", "aft", ["method=aft_btune", "loader.augment=crop_flip"],
+      ["loader.augment=crop_flip", "loader.augment=none"]),
+    C("aft-no-feature-models", "aft", ["features=[]"], ["features=[]", "method=aft_init"]),
+    C("aft-unknown-method", "aft", ["method=aft_btun"], ["aft_btun", "aft_btune"], kind="hydra"),
+]
+
+# ---- kdep ----
+SCRIPTS["kdep"] = Script("main_kdep.py", "kdep/kdep", "src.experiments.kdep")
+CASES += [
+    C("kdep-unknown-student-arch", "kdep", ["student.arch=resnet9"], ["student.arch 'resnet9'", "resnet8"],
+      subprocess=True),
+    C("kdep-student-wider-than-teacher", "kdep", [T10], ["64-d pre-ReLU", "only 8", "d_student <= d_teacher"]),
+    C("kdep-pts-temperature-zero", "kdep", ["method.pts_t=0"], ["method.pts_t=0", "> 0"]),
+    C("kdep-unknown-baseline", "kdep", ["baselines=[scratch,imagenet]"], ["'imagenet' is unknown", "scratch"]),
+    C("kdep-missing-basis-file", "kdep", ["basis={tmp}/nope.safetensors"], ["nope.safetensors", "basis=null"]),
+    C("kdep-downstream-fraction", "kdep", ["downstream=[{{name:d,train_split:transfer,eval_split:test,fraction:1.5}}]"],
+      ["fraction=1.5", "(0, 1]"]),
+]
+
+# ---- zeroshot ----
+SCRIPTS["zeroshot"] = Script("main_zeroshot.py", "zeroshot/zeroshot", "src.experiments.zeroshot")
+CASES += [
+    C("zeroshot-attention-needs-stages", "zeroshot", ["teacher=mlp_small"],
+      ["method.beta=250", "teacher 'mlp_small'", "set method.beta=0"], subprocess=True),
+    C("zeroshot-zero-student-steps", "zeroshot", ["method.n_s=0"], ["method.n_s=0", ">= 1"]),
+    C("zeroshot-zero-pseudo-batches", "zeroshot", ["pseudo_batches=0"], ["pseudo_batches=0", ">= 1"]),
+    C("zeroshot-max-steps", "zeroshot", ["trainer.max_steps=10"], ["trainer.max_steps=10", "pseudo_batches=N"]),
+    C("zeroshot-unknown-baseline", "zeroshot", ["baselines=[kd]"], ["'kd'", "kd_at, scratch"]),
+    C("zeroshot-mte-window", "zeroshot", ["transition.mte_steps=500"], ["transition.mte_steps=500", "[1,"]),
+]

@@ -91,10 +91,18 @@ class Context:
                             seed=self.cfg.trainer.seed if seed is None else seed, device=self.device,
                             rank=self.rank, world_size=self.world_size)
 
+    @property
+    def inputs_key(self) -> str:
+        """The data part of every output-cache key: dataset + how its images are decoded and evaluated."""
+        return f"{self.dataset_key}-{input_key(self.cfg)}"
+
     def outputs(self, ref: ModelRef, split: Split, features: bool = False) -> Dict[str, torch.Tensor]:
-        return self.cache.get(ref.model.to(self.device), ref.key, f"{self.dataset_key}-{input_key(self.cfg)}",
-                              split, self.eval_loader(split), features=features, amp=self.cfg.trainer.amp,
-                              label=ref.name)
+        return self.cache.get(ref.model.to(self.device), ref.key, self.inputs_key, split, self.eval_loader(split),
+                              features=features, amp=self.cfg.trainer.amp, label=ref.name)
+
+    def output_path(self, ref: ModelRef, split: Split) -> Optional[Path]:
+        """The cache file `outputs(ref, split)` reads and writes (None when it is not cached)."""
+        return self.cache.path(ref.key, self.inputs_key, split) if ref.key and self.cache.enabled else None
 
 
 def dataset_key(dcfg) -> str:

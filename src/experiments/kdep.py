@@ -31,7 +31,7 @@ from ..metrics import accuracy
 from ..models import save_checkpoint
 from ..models.hooks import PreActivation, pre_activation_dim
 from ..schema import DatasetConfig
-from .common import Context, ModelRef, as_dict, check_model_spec, input_key, resolve_model, setup
+from .common import Context, ModelRef, as_dict, check_model_spec, resolve_model, setup
 from .multi_teacher import StageTracker
 from .transfer import build_method
 
@@ -125,7 +125,7 @@ def teacher_outputs(ctx: Context, teacher: ModelRef, split) -> Dict[str, torch.T
     """Pooled pre-ReLU features ('features') and logits of the frozen teacher on `split`, computed once without
     augmentation and cached on disk by the shared output cache (key: teacher hash, dataset, split, 'prerelu')."""
     return ctx.cache.get(PreActivation(teacher.model.to(ctx.device)), teacher.key,
-                         f"{ctx.dataset_key}-{input_key(ctx.cfg)}-prerelu", split, ctx.eval_loader(split),
+                         f"{ctx.inputs_key}-prerelu", split, ctx.eval_loader(split),
                          features=True, amp=ctx.cfg.trainer.amp, label=f"{teacher.name} (pre-ReLU)")
 
 

@@ -1,0 +1,210 @@
+"""Adaptive Feature Transfer (`main_aft.py`, REFERENCE §2): fine-tune a downstream model (the student, from its
+pretrained weights) on a downstream split while regularising its penultimate features towards the fixed features
+of one or more pretrained models (`features`), with `method` = aft | aft_kd | aft_btune | aft_init (STL).
+
+The pretrained models' features come from the shared output cache (`Context.outputs(ref, split, features=True)`,
+keyed by model hash + dataset + eval transform + split): `scripts/save_features.py` fills it with the same function
+(`feature_outputs`), and a run computes whatever is missing itself. No maths here: the losses are in
+src/methods/aft.py, LogME in src/metrics/logme.py."""
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+
+from ..data import training_split
+from ..data.datasets import Split
+from ..engine import Trainer, predict, rows_by_id
+from ..errors import UserError, check
+from ..methods.aft import FeatureTable, check_hparams
+from ..methods.base import CrossEntropy
+from ..metrics import accuracy
+from ..models import save_checkpoint
+from .common import Context, ModelRef, as_dict, check_model_spec, resolve_model, setup
+
+log = logging.getLogger("kt")
+
+SUMMARY_KEYS = ("method", "student", "features", "feature_dims", "student_acc_before", "student_acc_after",
+                "transfer_delta", "scales_mean", "scales_min", "scales_max")
+CHOICES = "method=aft, aft_kd, aft_btune or aft_init"
+
+
+def method_class(cfg_method):
+    """The Method class of `cfg_method`; it must be a feature method (takes `features`) or plain CE (STL)."""
+    target = cfg_method.get("_target_") if cfg_method is not None else None
+    check(target is not None, f"method has no _target_: use {CHOICES}")
+    try:
+        cls = get_class(target)
+    except Exception as e:
+        raise UserError(f"method._target_={target} cannot be imported ({e}): use {CHOICES}") from e
+    takes = inspect.signature(cls.__init__).parameters
+    check("features" in takes or issubclass(cls, CrossEntropy),
+          f"method._target_={target} is not a method of this family (it takes no `features`): use {CHOICES}")
+    return cls
+
+
+def needs_features(cfg_method) -> bool:
+    return "features" in inspect.signature(method_class(cfg_method).__init__).parameters
+
+
+def feature_specs(cfg) -> list:
+    """The entries of `features`: names (zoo | timm | checkpoint folder | arch@file) or model nodes {arch,
+    pretrained, checkpoint, kwargs, name} (e.g. a timm model at another img_size)."""
+    spec = cfg.get("features")
+    if spec is None:
+        return []
+    items = list(spec) if OmegaConf.is_list(spec) or isinstance(spec, (list, tuple)) else [spec]
+    return [s if isinstance(s, (DictConfig, dict)) else str(s) for s in items]
+
+
+def check_feature_specs(cfg) -> list:
+    """The `features` entries, each name checked (unknown names fail here with the closest valid ones)."""
+    specs = feature_specs(cfg)
+    check(len(specs) > 0, "features=[] is empty: name at least one pretrained model, e.g. features=[resnet20] "
+                          "(or use method=aft_init for plain fine-tuning)")
+    for i, s in enumerate(specs):
+        if isinstance(s, str):
+            check_model_spec(s, cfg, f"features[{i}]")
+    return specs
+
+
+def validate(cfg: DictConfig) -> None:
+    """This family's keys, before any dataset, zoo or training work: one UserError naming the value and the fix."""
+    m = cfg.method
+    feats = needs_features(m)
+    check_hparams(**{k: m[k] for k in ("prec", "kernel", "scales", "prior_lr") if m.get(k) is not None})
+    if not feats:
+        return
+    check_feature_specs(cfg)
+    aug = cfg.loader.augment
+    check(aug == "none", f"loader.augment={aug} with a feature method: the pretrained features are computed once per "
+                         f"sample without augmentation; use loader.augment=none (or method=aft_init)")
+
+
+# ------------------------------------------------------------------------------------------------ features
+
+
+def feature_outputs(ctx: Context, ref: ModelRef, split: Split) -> Tuple[Dict[str, torch.Tensor], Optional[Path]]:
+    """The model's pooled penultimate features (+ logits) on `split`, without augmentation, through the shared
+    output cache: read from disk when present, else computed once and written. Returns (outputs, cache file)."""
+    before = ctx.cache.computed
+    out = ctx.outputs(ref, split, features=True)
+    path = ctx.output_path(ref, split)
+    how = "computed" if ctx.cache.computed > before else "read from the cache"
+    log.info("features of %s on %s (%d x %d): %s %s", ref.name, split.name, *out["features"].shape, how,
+             path if path is not None else "(not cached: the model has no stable key or use_cache=false)")
+    return out, path
+
+
+def feature_table(ctx: Context, refs: List[ModelRef], split: Split,
+                  student: Optional[ModelRef] = None) -> Tuple[FeatureTable, List[str]]:
+    """The pretrained models' features on the training split side by side, rows by sample id (+ the student's
+    initial features when given)."""
+    tables, paths, out = [], [], None
+    for ref in refs:
+        out, path = feature_outputs(ctx, ref, split)
+        tables.append(rows_by_id(out, split.full_size, "features"))
+        paths.append(str(path) if path is not None else "")
+    stu = rows_by_id(feature_outputs(ctx, student, split)[0], split.full_size, "features") if student else None
+    table = FeatureTable(phi=torch.cat(tables, 1), dims=[t.shape[1] for t in tables], names=[r.name for r in refs],
+                         ids=out["ids"], labels=rows_by_id(out, split.full_size, "labels"), student=stu)
+    return table, paths
+
+
+def splits(ctx: Context) -> Tuple[Split, Split]:
+    """(training split, evaluation split): the dataset's transfer split (with dataset.subset applied), and its val
+    split when use_val else its test split."""
+    d = ctx.cfg.dataset
+    return (training_split(ctx.ds, d.transfer_split, d.subset),
+            ctx.ds.split(d.val_split if ctx.cfg.use_val else d.test_split))
+
+
+def build_method(cfg_method, student: ModelRef, table: Optional[FeatureTable]):
+    """The Method of `cfg_method` (`_target_` + hyper-parameters) on the student (and the feature table)."""
+    kwargs = {k: v for k, v in as_dict(cfg_method).items() if k != "_target_"}
+    if table is not None:
+        kwargs["features"] = table
+    cls = method_class(cfg_method)
+    try:
+        return cls(student.model, **kwargs)
+    except TypeError as e:
+        raise UserError(f"cannot build method {cls.__name__}: {e}; remove the unknown method.* key") from e
+
+
+# ------------------------------------------------------------------------------------------------------ run
+
+
+def print_table(row: dict, run_dir) -> None:
+    src = (f"features of [{', '.join(row['features'])}] (dims {row['feature_dims']})" if row["features"] else
+           "no pretrained features (plain fine-tuning)")
+    print(f"\n{row['method']}: {src} -> {row['student']} (student), trained on {row['train_split']}, "
+          f"eval on {row['eval_split']}")
+    print(f"{'':<20}{'start (STL init)':>18}{'final':>10}")
+    print(f"{'student acc %':<20}{row['student_acc_before']:>18.2f}{row['student_acc_after']:>10.2f}")
+    line = f"transfer delta {row['transfer_delta']:+.2f} after {row['steps']} steps"
+    if row.get("scales_mean") is not None:
+        line += (f"; learned scales mean {row['scales_mean']:.3f} min {row['scales_min']:.3f} "
+                 f"max {row['scales_max']:.3f}")
+    print(line)
+    print(f"outputs: {run_dir} (summary.json, metrics.jsonl, student/)")
+
+
+def run(cfg: DictConfig, run_dir=None) -> dict:
+    validate(cfg)
+    cls = method_class(cfg.method)
+    name = cfg.get("method_name") or getattr(cls, "name", "init")
+    ctx = setup(cfg, run_dir, job_type="aft")
+    try:
+        student = resolve_model(cfg.student, ctx, "student")
+        student.model.to(ctx.device)
+        refs = [resolve_model(s, ctx, f"features[{i}]") for i, s in enumerate(feature_specs(cfg))] \
+            if needs_features(cfg.method) else []
+        train_split, eval_split = splits(ctx)
+        loader = ctx.train_loader(train_split)
+        eval_loader = ctx.eval_loader(eval_split)
+        s0 = ctx.outputs(student, eval_split)
+        labels = s0["labels"]
+        table, paths = None, []
+        if refs:
+            table, paths = feature_table(ctx, refs, train_split,
+                                         student if getattr(cls, "needs_student_features", False) else None)
+        method = build_method(cfg.method, student, table)
+
+        def evaluate(model):
+            return {"eval/student_acc": 100 * accuracy(predict(model, eval_loader, amp=cfg.trainer.amp)["logits"],
+                                                       labels)}
+
+        acc0 = 100 * accuracy(s0["logits"], labels)
+        ctx.tracker.log({"eval/student_acc": acc0, "epoch": 0.0}, 0)
+        trainer = Trainer(method, loader, cfg.trainer, cfg.optimizer, cfg.scheduler, ctx.run_dir,
+                          tracker=ctx.tracker, evaluate=evaluate, device=ctx.device, name="aft", rank=ctx.rank,
+                          world_size=ctx.world_size)
+        last = trainer.fit() or evaluate(method.eval_model())  # {} when resumed from a finished run
+        acc1 = last["eval/student_acc"]
+        scales = method.scale_summary() if hasattr(method, "scale_summary") else \
+            {"scales_mean": None, "scales_min": None, "scales_max": None}
+        row = {"status": "ok", "method": name, "student": student.name, "features": [r.name for r in refs],
+               "feature_dims": table.dims if table is not None else [], "feature_cache": paths,
+               "student_acc_before": acc0, "student_acc_after": acc1, "transfer_delta": acc1 - acc0, **scales,
+               "eval_split": eval_split.name, "train_split": train_split.name, "train_samples": len(train_split),
+               "dataset": ctx.info.name, "seed": cfg.trainer.seed, "steps": trainer.total_steps,
+               "method_config": as_dict(cfg.method)}
+        if hasattr(method, "scores"):  # B-Tuning: LogME score and weight of each pretrained model
+            row["logme_scores"] = dict(zip(row["features"], method.scores.tolist()))
+            row["btune_weights"] = dict(zip(row["features"], method.model_weights.tolist()))
+        if ctx.rank == 0 and cfg.get("save_student", True):
+            save_checkpoint(student.model, ctx.run_dir / "student",
+                            {"name": f"{student.name}<-aft[{','.join(row['features'])}]", "method": name,
+                             "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+                             "test_acc": acc1 / 100, "kwargs": student.meta.get("kwargs", {})})
+        summary = ctx.tracker.summary(row)
+        if ctx.rank == 0:
+            print_table(row, ctx.run_dir)
+        return summary
+    finally:
+        ctx.tracker.finish()
