@@ -200,7 +200,7 @@ def bench_trainer_vs_minimal(kind, batches, args, dev, tmp):
 
 def bench_parts(method, batches, args, dev, tmp):
     """KL+DP step in the Trainer vs student fwd+bwd+SGD step, teacher fwd, frozen fwd, each timed alone."""
-    s, t, f = method.student, method.teacher.model, method.frozen_student.model
+    t, f = method.teacher.model, method.frozen_student.model
     s_copy, _, _ = make_models(args, dev)  # a twin student, so the parts do not change the trained one
     if args.compile:
         s_copy.compile()

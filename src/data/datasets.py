@@ -5,7 +5,6 @@ file raises a UserError naming the expected path and layout.
 """
 from __future__ import annotations
 
-import io
 import os
 import pickle
 from dataclasses import dataclass, field

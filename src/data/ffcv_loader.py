@@ -58,7 +58,7 @@ def _import_ffcv():
 def beton_path(ffcv_dir: Optional[str], dataset: str, split: str) -> Path:
     if not ffcv_dir:
         raise UserError("loader.ffcv_dir is not set: point it at the folder of .beton files written by "
-                        f"scripts/write_ffcv.py (e.g. loader.ffcv_dir=data/ffcv)")
+                        "scripts/write_ffcv.py (e.g. loader.ffcv_dir=data/ffcv)")
     return Path(ffcv_dir) / f"{dataset}_{split}.beton"
 
 

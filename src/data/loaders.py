@@ -15,13 +15,13 @@ that fits in memory), `torch` (DataLoader, workers, torchvision transforms; Imag
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import UserError, check
-from .datasets import Split, load_image
+from .datasets import Split
 
 Batch = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 

@@ -6,14 +6,13 @@ import inspect
 import logging
 from typing import Dict, Optional
 
-import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from ..data import training_split
 from ..engine import Trainer, predict, rows_by_id
 from ..errors import UserError, check
-from ..methods import PARTITIONS, dp_route
+from ..methods import dp_route
 from ..metrics import accuracy, agreement, flips, transfer_metrics
 from ..models import save_checkpoint
 from .common import Context, ModelRef, as_dict, resolve_model, setup

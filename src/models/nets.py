@@ -4,9 +4,8 @@ penultimate features, `get_classifier()` the head, `num_features` its width; the
 implement `forward_intermediates` returning each stage's output (attention transfer, KDEP)."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import register_model
