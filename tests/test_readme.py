@@ -3,19 +3,26 @@
 In-process and cheap: each command is parsed like its script would parse it (`--config-path/--config-name`,
 Hydra overrides, `-m` sweeps expanded value by value), composed with Hydra's compose API (Hydra's own keys too,
 so launcher / sweeper overrides are checked), and given to `preflight`, which checks numbers and model names
-(zoo, timm, checkpoint). Commands that need real data or a cluster are checked this far; the digits ones also
+(zoo, timm, checkpoint), then to the family's own `validate` where it has one. Commands that need real data or a cluster are checked this far; the digits ones also
 run end to end in the other test files."""
 from __future__ import annotations
 
+import importlib
 import re
 import shlex
 
 import pytest
 
 from conftest import ROOT, load_script
+from src.errors import UserError
 
 SCRIPTS = {"main_pretrain.py": "pretrain/pretrain", "main_transfer.py": "transfer/transfer",
-           "main_flips.py": "prediction_flips/flips", "main_multi_teacher.py": "multi_teacher/multi_teacher"}
+           "main_flips.py": "prediction_flips/flips", "main_multi_teacher.py": "multi_teacher/multi_teacher",
+           "main_aft.py": "aft/aft", "main_kdep.py": "kdep/kdep",
+           "scripts/save_features.py": "aft/aft"}
+# each family's own early validation of its keys (run after the shared preflight)
+VALIDATE = {"main_aft.py": "src.experiments.aft", "scripts/save_features.py": "src.experiments.aft",
+            "main_kdep.py": "src.experiments.kdep"}
 
 
 def readme_commands():
@@ -93,6 +100,11 @@ def test_readme_entry_command_composes_and_passes_preflight(cmd, kt_paths):
             hydra_cfg = cfg.pop("hydra")
         assert OmegaConf.select(hydra_cfg, "launcher._target_") is not None
         preflight(cfg)
+        if script in VALIDATE:
+            try:
+                importlib.import_module(VALIDATE[script]).validate(cfg)
+            except UserError as e:  # a file an earlier README command writes (e.g. basis=outputs/<run>/...)
+                assert "does not exist" in str(e) and "outputs/" in cmd, f"{cmd}: {e}"
 
 
 @pytest.mark.parametrize("cmd", [c for c in COMMANDS if shlex.split(c)[1] == "scripts/write_ffcv.py"])
