@@ -202,9 +202,6 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
                             {"name": f"{student.name}<-aft[{','.join(row['features'])}]", "method": name,
                              "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
                              "test_acc": acc1 / 100, "kwargs": student.meta.get("kwargs", {})})
-        summary = ctx.tracker.summary(row)
-        if ctx.rank == 0:
-            print_table(row, ctx.run_dir)
-        return summary
+        return ctx.report(row, print_table)
     finally:
         ctx.tracker.finish()

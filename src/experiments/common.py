@@ -6,7 +6,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -99,6 +99,14 @@ class Context:
     def outputs(self, ref: ModelRef, split: Split, features: bool = False) -> Dict[str, torch.Tensor]:
         return self.cache.get(ref.model.to(self.device), ref.key, self.inputs_key, split, self.eval_loader(split),
                               features=features, amp=self.cfg.trainer.amp, label=ref.name)
+
+    def report(self, row: Dict[str, Any], printer: Callable[[Dict[str, Any], Path], None]) -> Dict[str, Any]:
+        """The end of every family's run: `summary.json` (+ wandb summary) from `row`, then `printer(summary,
+        run_dir)` on rank 0; returns the summary."""
+        summary = self.tracker.summary(row)
+        if self.rank == 0:
+            printer(summary, self.run_dir)
+        return summary
 
     def output_path(self, ref: ModelRef, split: Split) -> Optional[Path]:
         """The cache file `outputs(ref, split)` reads and writes (None when it is not cached)."""

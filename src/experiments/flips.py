@@ -318,10 +318,7 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
                          "pos_flips_pct/median": summary["pos_flips_pct"]["median"],
                          "pos_flips_pct/max": summary["pos_flips_pct"]["max"],
                          "agreement/mean": summary["agreement"]["mean"], "evaluations": evaluations}, step=0)
-        summary = ctx.tracker.summary(summary)
-        if ctx.rank == 0:
-            _print(rows, summary, ctx.run_dir)
-        return summary
+        return ctx.report(summary, lambda s, run_dir: _print(rows, s, run_dir))
     finally:
         ctx.tracker.finish()
 

@@ -318,9 +318,6 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
             **{f"{n}/{k}": v for n, r in downstream.items() for k, v in r.items()},
             "stages_trained": stages.trained, "method_config": as_dict(cfg.method),
         }
-        summary = ctx.tracker.summary(summary)
-        if ctx.rank == 0:
-            print_table(summary, ctx.run_dir)
-        return summary
+        return ctx.report(summary, print_table)
     finally:
         ctx.tracker.finish()

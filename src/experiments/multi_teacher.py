@@ -355,9 +355,6 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
             save_checkpoint(model, ctx.run_dir / "student",
                             mt._meta(f"{mt.student0.name}<-{cfg.mode}({'+'.join(summary['teachers'])})",
                                      final["student_acc_after"]))
-        summary = ctx.tracker.summary(summary)
-        if ctx.rank == 0:
-            print_rows(summary, ctx.run_dir)
-        return summary
+        return ctx.report(summary, print_rows)
     finally:
         ctx.tracker.finish()
