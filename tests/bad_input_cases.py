@@ -180,7 +180,7 @@ CASES += [
 SCRIPTS["zeroshot"] = Script("main_zeroshot.py", "zeroshot/zeroshot", "src.experiments.zeroshot")
 CASES += [
     C("zeroshot-attention-needs-stages", "zeroshot", ["teacher=mlp_small"],
-      ["method.beta=250", "teacher 'mlp_small'", "set method.beta=0"], subprocess=True),
+      ["method.beta=15.625", "teacher 'mlp_small'", "set method.beta=0"], subprocess=True),
     C("zeroshot-zero-student-steps", "zeroshot", ["method.n_s=0"], ["method.n_s=0", ">= 1"]),
     C("zeroshot-zero-pseudo-batches", "zeroshot", ["pseudo_batches=0"], ["pseudo_batches=0", ">= 1"]),
     C("zeroshot-max-steps", "zeroshot", ["trainer.max_steps=10"], ["trainer.max_steps=10", "pseudo_batches=N"]),

@@ -1,0 +1,275 @@
+"""Zero-shot knowledge transfer (`main_zeroshot.py`, REFERENCE §4): a generator and the student play the
+adversarial belief-matching game with no real training data; few-shot baselines (KD+AT, scratch) train on M real
+images per class; transition curves / MTE compare every student's decision boundaries with the teacher's."""
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+
+from ..data.datasets import Split, subset_positions
+from ..engine import CheckpointDir, Trainer, predict, seed_everything
+from ..errors import UserError, check
+from ..methods.zeroshot import NoiseBatches, ZeroShot, no_param_grads, stage_shapes
+from ..metrics import accuracy, agreement
+from ..metrics.transition import agreeing, mean_transition_error, transition_curves
+from ..models import create_model, save_checkpoint
+from ..models.generator import Generator
+from ..plots.transition import transition_plot
+from ..schema import LoaderConfig, OptimizerConfig, SchedulerConfig, TrainerConfig
+from .common import Context, ModelRef, resolve_model, setup, zoo_names
+from .multi_teacher import StageTracker
+from .pretrain import _typed
+from .transfer import build_method
+
+log = logging.getLogger("kt")
+
+BASELINES = ("kd_at", "scratch")
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def _arch_of(spec, cfg) -> Optional[str]:
+    """The architecture a model spec names without loading anything (None: a folder, known after loading)."""
+    if not isinstance(spec, str):
+        return spec.get("arch") if hasattr(spec, "get") else None
+    if spec in zoo_names(cfg):
+        return str(cfg.zoo.models[spec].arch)
+    if "@" in spec:
+        return spec.split("@", 1)[0]
+    return None if Path(spec).exists() else spec
+
+
+def check_stages(teacher_model, student_model, cfg, names) -> None:
+    """With method.beta > 0, teacher and student need 3 stages of equal spatial sizes (WRN / CIFAR ResNet)."""
+    d = cfg.dataset
+    shapes = [stage_shapes(m, d.channels, d.image_size) for m in (teacher_model, student_model)]
+    for role, name, s in zip(("teacher", "student"), names, shapes):
+        check(s is not None and len(s) == 3,
+              f"method.beta={cfg.method.beta}: attention transfer needs 3 intermediate stages (WRN / CIFAR ResNet) "
+              f"but {role} '{name}' has {len(s) if s else 'none'}: set method.beta=0")
+    check(shapes[0] == shapes[1], f"method.beta={cfg.method.beta}: teacher stages {shapes[0]} and student stages "
+                                  f"{shapes[1]} differ in size: set method.beta=0")
+
+
+def validate(cfg: DictConfig) -> None:
+    """The family's own keys, before any dataset, zoo or training work (one line naming the value and the fix)."""
+    m = cfg.method
+    ZeroShot.check_args(m.n_g, m.n_s, m.beta, m.generator_lr)
+    check(cfg.pseudo_batches >= 1, f"pseudo_batches={cfg.pseudo_batches} must be >= 1: use e.g. pseudo_batches=150")
+    check(cfg.trainer.max_steps is None, f"trainer.max_steps={cfg.trainer.max_steps}: zero-shot KT counts "
+                                         f"pseudo-batches; remove trainer.max_steps and set pseudo_batches=N")
+    Generator(cfg.generator.z_dim, cfg.dataset.image_size, cfg.dataset.channels)  # checks z_dim and image size
+    bad = [b for b in cfg.baselines if b not in BASELINES]
+    check(not bad, f"baselines={list(cfg.baselines)}: unknown '{bad[0] if bad else ''}'; use any of "
+                   f"{', '.join(BASELINES)} (or [])")
+    check(cfg.shots_per_class >= 1, f"shots_per_class={cfg.shots_per_class} must be >= 1: use e.g. 10")
+    t = cfg.transition
+    check(t.n_images >= 1, f"transition.n_images={t.n_images} must be >= 1: use e.g. 1000 (the paper)")
+    check(t.steps >= 1, f"transition.steps={t.steps} must be >= 1: use e.g. 200 (the paper)")
+    check(1 <= t.mte_steps <= t.steps, f"transition.mte_steps={t.mte_steps} must be in [1, transition.steps="
+                                       f"{t.steps}]: use e.g. 100 (the paper)")
+    check(t.lr > 0, f"transition.lr={t.lr} must be > 0: use 1.0 (the paper)")
+    fs = cfg.few_shot
+    for node, schema in ((fs.optimizer, OptimizerConfig), (fs.scheduler, SchedulerConfig)):
+        _typed(schema, node)  # unknown keys / wrong types fail here
+    _typed(TrainerConfig, cfg.trainer, fs.trainer)
+    if m.beta > 0:  # a cheap look at the named architectures (zoo entries, arch@file, names) before any loading
+        archs = [_arch_of(cfg.teacher, cfg), _arch_of(cfg.student, cfg)]
+        if all(archs):
+            d = cfg.dataset
+            models = [create_model(a, d.num_classes, d.channels, d.mean, d.std, img_size=d.image_size)
+                      for a in archs]
+            check_stages(*models, cfg, [str(cfg.teacher), str(cfg.student)])
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+def fresh_student(spec, ctx: Context) -> ModelRef:
+    """An architecture name is a fresh, randomly initialised student; anything else resolves like a teacher."""
+    if isinstance(spec, str) and spec not in zoo_names(ctx.cfg) and "@" not in spec and not Path(spec).exists():
+        return resolve_model({"arch": spec, "name": spec}, ctx, "student")
+    return resolve_model(spec, ctx, "student")
+
+
+def eval_images(ctx: Context, split: Split):
+    """(images, labels) of a split in sample-id order (the order of `predict`'s outputs), on the device."""
+    xs, ys, ids = [], [], []
+    for x, y, i in ctx.eval_loader(split).iter_epoch(0):
+        xs.append(x.float()), ys.append(y), ids.append(i)
+    order = torch.argsort(torch.cat(ids))
+    return torch.cat(xs)[order.to(xs[0].device)], torch.cat(ys)[order.to(ys[0].device)]
+
+
+def few_shot_split(ctx: Context) -> Split:
+    cfg = ctx.cfg
+    split = ctx.ds.split(cfg.few_shot.split)
+    m = int(cfg.shots_per_class)
+    fewest = int(torch.bincount(split.labels, minlength=ctx.info.num_classes).min())
+    check(m <= fewest, f"shots_per_class={m}: split '{split.name}' has only {fewest} images in its smallest class: "
+                       f"use shots_per_class<={fewest}")
+    return split.select(subset_positions(split.labels, None, m, int(cfg.few_shot.seed)))
+
+
+class ZeroShotRun:
+    """One run: the teacher, the initial student, the evaluation split; trains and measures every student."""
+
+    def __init__(self, cfg: DictConfig, ctx: Context):
+        self.cfg, self.ctx = cfg, ctx
+        self.few_shot = few_shot_split(ctx) if cfg.baselines else None  # a bad shots_per_class fails before training
+        self.teacher = resolve_model(cfg.teacher, ctx, "teacher")
+        self.teacher.model.to(ctx.device).eval()
+        seed_everything(cfg.trainer.seed)  # the same student / generator init whether or not the zoo was trained
+        self.student = fresh_student(cfg.student, ctx)
+        self.student.model.to(ctx.device)
+        if cfg.method.beta > 0:
+            check_stages(self.teacher.model, self.student.model, cfg, [self.teacher.name, self.student.name])
+        self.init_state = copy.deepcopy(self.student.model.state_dict())
+        self.eval_split = ctx.ds.split(cfg.eval_split)
+        self.t_eval = ctx.outputs(self.teacher, self.eval_split)
+        self.eval_loader = ctx.eval_loader(self.eval_split)
+        self.offset, self.stage = 0, 0
+
+    def evaluate(self, model, name: str) -> Dict[str, float]:
+        out = predict(model, self.eval_loader, amp=self.cfg.trainer.amp)
+        return {f"eval/{name}_acc": 100 * accuracy(out["logits"], out["labels"]),
+                f"eval/{name}_agreement": 100 * agreement(out["logits"], self.t_eval["logits"])}
+
+    def fit(self, method, loader, trainer_cfg, optim_cfg, sched_cfg, name: str) -> Dict[str, float]:
+        ctx = self.ctx
+        trainer = Trainer(method, loader, trainer_cfg, optim_cfg, sched_cfg, ctx.run_dir,
+                          tracker=StageTracker(ctx.tracker, self.offset, self.stage),
+                          evaluate=lambda m: self.evaluate(m, name), device=ctx.device, name=name, rank=ctx.rank,
+                          world_size=ctx.world_size)
+        last = self.finished(trainer)
+        if last is None:
+            last = trainer.fit() or self.evaluate(method.eval_model(), name)  # {}: nothing left to evaluate
+        self.offset, self.stage = self.offset + trainer.total_steps, self.stage + 1
+        return {"acc": last[f"eval/{name}_acc"], "agreement": last[f"eval/{name}_agreement"],
+                "steps": trainer.total_steps}
+
+    @staticmethod
+    def finished(trainer: Trainer) -> Optional[Dict[str, float]]:
+        """A stage whose checkpoint is final (a rerun of a finished or later-killed run): its weights are loaded and
+        its last evaluation returned without `fit`, whose resume would drop the later stages' lines from
+        metrics.jsonl. None: the stage still has steps to train (fit resumes it)."""
+        d = trainer.ckpt.latest() if trainer.cfg.resume else None
+        if d is None:
+            return None
+        weights, state = CheckpointDir.load(d)
+        if int(state["step"]) < trainer.total_steps or not state.get("last_eval"):
+            return None
+        trainer.method.load_state_dict(weights, strict=False)
+        return dict(state["last_eval"])
+
+    def copy_of_initial_student(self):
+        m = copy.deepcopy(self.student.model)
+        m.load_state_dict(self.init_state)
+        return m
+
+    def zero_shot(self) -> Dict[str, float]:
+        cfg, info = self.cfg, self.ctx.info
+        generator = Generator(cfg.generator.z_dim, info.image_size, info.channels)
+        kw = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "_target_"}
+        try:  # method._target_: ZeroShot or a subclass of it
+            method = get_class(cfg.method._target_)(self.student.model, self.teacher.model, generator, **kw)
+        except TypeError as e:
+            raise UserError(f"cannot build method {cfg.method._target_}: {e}: remove the unknown method.* key") from e
+        loader = NoiseBatches(cfg.loader.batch_size, cfg.generator.z_dim, method.steps_per_batch,
+                              cfg.trainer.seed, self.ctx.device)
+        return self.fit(method, loader, cfg.trainer, cfg.optimizer, cfg.scheduler, "zeroshot")
+
+    def baseline(self, name: str) -> Dict[str, float]:
+        cfg, fs = self.cfg, self.cfg.few_shot
+        seed_everything(cfg.trainer.seed)
+        student, split = self.copy_of_initial_student(), self.few_shot
+        loader_cfg = _typed(LoaderConfig, cfg.loader, {"batch_size": min(int(cfg.loader.batch_size), len(split))})
+        loader = self.ctx.train_loader(split, loader_cfg)
+        method = build_method(fs[name], student, self.teacher.model)
+        res = self.fit(method, loader, _typed(TrainerConfig, cfg.trainer, fs.trainer),
+                       _typed(OptimizerConfig, fs.optimizer), _typed(SchedulerConfig, fs.scheduler), name)
+        res["model"] = student
+        return res
+
+    def transition(self, name: str, student) -> Optional[float]:
+        """Transition curves of `student` vs. the teacher on eval images both classify alike; returns the MTE.
+        Steps are taken in the student's normalised input space (the paper's models share it); the teacher sees
+        the same images de-normalised back to raw [0, 1] (it normalises them itself). None: they agree nowhere."""
+        cfg, t = self.cfg, self.cfg.transition
+        teacher = self.teacher.model
+        student.eval()
+        s_logits = predict(student, self.eval_loader)["logits"]
+        pos = agreeing(s_logits, self.t_eval["logits"], int(t.n_images))
+        if len(pos) == 0:
+            log.warning("student '%s' and the teacher agree on no %s image: no transition curves", name,
+                        cfg.eval_split)
+            return None
+        x, _ = eval_images(self.ctx, self.eval_split)
+        x = student.normalize(x[pos.to(x.device)])
+        labels = s_logits.argmax(1)[pos].to(x.device)
+        with no_param_grads(student):
+            curves = transition_curves(student.net, lambda u: teacher(u * student.std + student.mean), x, labels,
+                                       self.ctx.info.num_classes, int(t.steps), float(t.lr), t.chunk)
+        mte = mean_transition_error(curves["student"], curves["teacher"], int(t.mte_steps))
+        log.info("transition curves of %s on %d images x %d classes: MTE %.4f", name, len(pos),
+                 self.ctx.info.num_classes - 1, mte)
+        path = transition_plot(curves["student"], curves["teacher"], self.ctx.run_dir / "plots" /
+                               f"transition_{name}.png", title=f"{name} vs. teacher {self.teacher.name} "
+                               f"({len(pos)} images)", mte=mte, mte_steps=int(t.mte_steps))
+        self.ctx.tracker.log_figure(f"transition/{name}", path)
+        return mte
+
+
+    def save_student(self, acc: float) -> None:
+        """The zero-shot student -> <run dir>/student/ (a checkpoint folder any family takes as a model)."""
+        if self.ctx.rank != 0 or not self.cfg.get("save_student", True):
+            return
+        meta = {"name": f"{self.student.name}<-{self.teacher.name}", "method": "zeroshot", "test_acc": acc / 100,
+                "dataset": OmegaConf.to_container(self.cfg.dataset, resolve=True),
+                "kwargs": self.student.meta.get("kwargs", {})}
+        save_checkpoint(self.student.model, self.ctx.run_dir / "student", meta)
+
+
+def print_table(row: dict, run_dir) -> None:
+    print(f"\nzero-shot KT: {row['teacher']} (teacher) -> {row['student']} (student), {row['dataset']}, "
+          f"eval on {row['eval_split']}")
+    print(f"{'model':<10}{'real training data':<30}{'acc %':>8}{'agree %':>9}{'MTE':>8}")
+    print(f"{'teacher':<10}{'all of its training split':<30}{row['teacher_acc']:>8.2f}{'':>9}{'':>8}")
+    data = {"zeroshot": f"none ({row['pseudo_batches']} pseudo-batches)",
+            **{b: f"{row['shots_per_class']} images/class" for b in BASELINES}}
+    for name in ["zeroshot", *row["baselines"]]:
+        mte = row.get(f"mte_{name}")
+        print(f"{name:<10}{data[name]:<30}{row[f'{name}_acc']:>8.2f}{row[f'{name}_agreement']:>9.2f}"
+              f"{'' if mte is None else f'{mte:.3f}':>8}")
+    print(f"outputs: {run_dir} (summary.json, metrics.jsonl, student/, plots/)")
+
+
+def run(cfg: DictConfig, run_dir=None) -> dict:
+    validate(cfg)
+    ctx = setup(cfg, run_dir, job_type="zeroshot")
+    try:
+        if ctx.world_size > 1:
+            raise UserError(f"zero-shot KT runs on one process (WORLD_SIZE={ctx.world_size}): launch it with "
+                            f"python, not torchrun")
+        r = ZeroShotRun(cfg, ctx)
+        labels = r.t_eval["labels"]
+        row = {"status": "ok", "teacher": r.teacher.name, "student": r.student.name, "dataset": ctx.info.name,
+               "eval_split": cfg.eval_split, "teacher_acc": 100 * accuracy(r.t_eval["logits"], labels),
+               "pseudo_batches": int(cfg.pseudo_batches), "shots_per_class": int(cfg.shots_per_class),
+               "baselines": list(cfg.baselines), "seed": cfg.trainer.seed}
+        zs = r.zero_shot()
+        row.update(zeroshot_acc=zs["acc"], zeroshot_agreement=zs["agreement"], zeroshot_steps=zs["steps"])
+        students = {"zeroshot": r.student.model}
+        for b in cfg.baselines:
+            res = r.baseline(b)
+            row.update({f"{b}_acc": res["acc"], f"{b}_agreement": res["agreement"], f"{b}_steps": res["steps"]})
+            students[b] = res["model"]
+        for name, model in students.items():
+            row[f"mte_{name}"] = r.transition(name, model)
+        r.save_student(row["zeroshot_acc"])
+        return ctx.report(row, print_table)
+    finally:
+        ctx.tracker.finish()
