@@ -18,11 +18,11 @@ from src.errors import UserError
 
 SCRIPTS = {"main_pretrain.py": "pretrain/pretrain", "main_transfer.py": "transfer/transfer",
            "main_flips.py": "prediction_flips/flips", "main_multi_teacher.py": "multi_teacher/multi_teacher",
-           "main_aft.py": "aft/aft", "main_kdep.py": "kdep/kdep",
+           "main_aft.py": "aft/aft", "main_kdep.py": "kdep/kdep", "main_zeroshot.py": "zeroshot/zeroshot",
            "scripts/save_features.py": "aft/aft"}
 # each family's own early validation of its keys (run after the shared preflight)
 VALIDATE = {"main_aft.py": "src.experiments.aft", "scripts/save_features.py": "src.experiments.aft",
-            "main_kdep.py": "src.experiments.kdep"}
+            "main_kdep.py": "src.experiments.kdep", "main_zeroshot.py": "src.experiments.zeroshot"}
 
 
 def readme_commands():
