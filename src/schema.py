@@ -142,6 +142,15 @@ _GROUPS = {
 }
 
 
+def typed(schema, *nodes):
+    """A typed node of `schema` with `nodes` (configs, dicts or None) merged on top: wrong types and unknown keys
+    fail here, as at composition (for configs a family builds itself, e.g. a zoo recipe or a baseline's trainer)."""
+    from omegaconf import OmegaConf
+
+    plain = [OmegaConf.to_container(n, resolve=True) if OmegaConf.is_config(n) else n for n in nodes]
+    return OmegaConf.merge(OmegaConf.structured(schema), *[n for n in plain if n is not None])
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     for group, node in _GROUPS.items():

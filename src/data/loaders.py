@@ -34,7 +34,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def _mix_seed(*parts: int) -> int:
+def mix_seed(*parts: int) -> int:
     h = 0x9E3779B97F4A7C15
     for p in parts:
         h = (h ^ (int(p) + 0x9E3779B9 + ((h << 6) & 0xFFFFFFFFFFFFFFFF) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
@@ -66,7 +66,7 @@ class _OrderMixin:
 
     def order(self, epoch: int) -> torch.Tensor:
         if self.shuffle:
-            g = torch.Generator().manual_seed(_mix_seed(self.seed, epoch))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
             order = torch.randperm(self.n, generator=g)
         else:
             order = torch.arange(self.n)
@@ -158,7 +158,7 @@ class TensorLoader(_OrderMixin):
             pos = pos.to(self.device)
             x = self.images.index_select(0, pos).float().div_(255.0)  # augmented in fp32, then cast
             if self.augmented:
-                g = torch.Generator(device=self.device).manual_seed(_mix_seed(self.seed, epoch, b, 7))
+                g = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, epoch, b, 7))
                 if self.augment == "crop_flip":
                     x = random_crop_flip(x, self.crop_padding, self.flip, g)
                 elif self.augment == "rrc_flip":
@@ -243,7 +243,7 @@ class TorchLoader(_OrderMixin):
 
     def iter_epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[Batch]:
         order = self.order(epoch)[start_batch * self.batch_size:len(self) * self.batch_size]
-        g = torch.Generator().manual_seed(_mix_seed(self.seed, epoch, start_batch, 11))
+        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, start_batch, 11))
         dl = torch.utils.data.DataLoader(
             self.dataset, batch_size=self.batch_size, sampler=_ListSampler(order), num_workers=self.num_workers,
             pin_memory=self.pin_memory, drop_last=False, generator=g,

@@ -13,20 +13,13 @@ from ..errors import UserError, closest
 from ..methods import CrossEntropy
 from ..metrics import accuracy
 from ..models import create_model, freeze, read_meta, save_checkpoint, zoo_dir
-from ..schema import LoaderConfig, OptimizerConfig, SchedulerConfig, TrainerConfig
+from ..schema import LoaderConfig, OptimizerConfig, SchedulerConfig, TrainerConfig, typed
 from .common import Context, as_dict, setup, zoo_names
 
 log = logging.getLogger("kt")
 
 _RECIPE_KEYS = {"arch", "kwargs", "seed", "epochs", "batch_size", "augment", "flip", "crop_padding", "optimizer",
                 "scheduler", "label_smoothing", "freeze_backbone", "pretrained", "checkpoint"}
-
-
-def _typed(schema, *nodes):
-    """A typed node of `schema` with `nodes` merged on top (wrong types / unknown keys fail here)."""
-    base = OmegaConf.structured(schema)
-    plain = [OmegaConf.to_container(n, resolve=True) if OmegaConf.is_config(n) else n for n in nodes]
-    return OmegaConf.merge(base, *[n for n in plain if n is not None])
 
 
 def recipe(name: str, cfg) -> DictConfig:
@@ -45,9 +38,9 @@ def recipe(name: str, cfg) -> DictConfig:
 def train_classifier(ctx: Context, r: DictConfig, run_dir: Path, name: str) -> Dict[str, float]:
     """Train one model with cross-entropy from a recipe; returns val/test accuracies and the trained model."""
     cfg, info = ctx.cfg, ctx.info
-    loader_cfg = _typed(LoaderConfig, cfg.loader, {k: r[k] for k in ("batch_size", "augment", "flip",
+    loader_cfg = typed(LoaderConfig, cfg.loader, {k: r[k] for k in ("batch_size", "augment", "flip",
                                                                       "crop_padding") if k in r})
-    trainer_cfg = _typed(TrainerConfig, cfg.trainer, {"epochs": r.get("epochs", cfg.trainer.epochs),
+    trainer_cfg = typed(TrainerConfig, cfg.trainer, {"epochs": r.get("epochs", cfg.trainer.epochs),
                                                       "seed": r.get("seed", cfg.trainer.seed),
                                                       # a zoo recipe counts epochs; a plain model run keeps
                                                       # the run's trainer.max_steps
@@ -77,8 +70,8 @@ def train_classifier(ctx: Context, r: DictConfig, run_dir: Path, name: str) -> D
         return {"val/acc": accuracy(out["logits"], out["labels"])}
 
     method = CrossEntropy(model, label_smoothing=float(r.get("label_smoothing", 0.0)))
-    trainer = Trainer(method, loader, trainer_cfg, _typed(OptimizerConfig, r.get("optimizer")) if "optimizer" in r
-                      else cfg.optimizer, _typed(SchedulerConfig, r.get("scheduler")) if "scheduler" in r
+    trainer = Trainer(method, loader, trainer_cfg, typed(OptimizerConfig, r.get("optimizer")) if "optimizer" in r
+                      else cfg.optimizer, typed(SchedulerConfig, r.get("scheduler")) if "scheduler" in r
                       else cfg.scheduler, run_dir, tracker=ctx.tracker if run_dir == ctx.run_dir else None,
                       evaluate=evaluate, device=ctx.device, name=name, rank=ctx.rank, world_size=ctx.world_size)
     last = trainer.fit()

@@ -21,10 +21,9 @@ from ..metrics.transition import agreeing, mean_transition_error, transition_cur
 from ..models import create_model, save_checkpoint
 from ..models.generator import Generator
 from ..plots.transition import transition_plot
-from ..schema import LoaderConfig, OptimizerConfig, SchedulerConfig, TrainerConfig
+from ..schema import LoaderConfig, OptimizerConfig, SchedulerConfig, TrainerConfig, typed
 from .common import Context, ModelRef, resolve_model, setup, zoo_names
 from .multi_teacher import StageTracker
-from .pretrain import _typed
 from .transfer import build_method
 
 log = logging.getLogger("kt")
@@ -76,8 +75,8 @@ def validate(cfg: DictConfig) -> None:
     check(t.lr > 0, f"transition.lr={t.lr} must be > 0: use 1.0 (the paper)")
     fs = cfg.few_shot
     for node, schema in ((fs.optimizer, OptimizerConfig), (fs.scheduler, SchedulerConfig)):
-        _typed(schema, node)  # unknown keys / wrong types fail here
-    _typed(TrainerConfig, cfg.trainer, fs.trainer)
+        typed(schema, node)  # unknown keys / wrong types fail here
+    typed(TrainerConfig, cfg.trainer, fs.trainer)
     if m.beta > 0:  # a cheap look at the named architectures (zoo entries, arch@file, names) before any loading
         archs = [_arch_of(cfg.teacher, cfg), _arch_of(cfg.student, cfg)]
         if all(archs):
@@ -186,11 +185,11 @@ class ZeroShotRun:
         cfg, fs = self.cfg, self.cfg.few_shot
         seed_everything(cfg.trainer.seed)
         student, split = self.copy_of_initial_student(), self.few_shot
-        loader_cfg = _typed(LoaderConfig, cfg.loader, {"batch_size": min(int(cfg.loader.batch_size), len(split))})
+        loader_cfg = typed(LoaderConfig, cfg.loader, {"batch_size": min(int(cfg.loader.batch_size), len(split))})
         loader = self.ctx.train_loader(split, loader_cfg)
         method = build_method(fs[name], student, self.teacher.model)
-        res = self.fit(method, loader, _typed(TrainerConfig, cfg.trainer, fs.trainer),
-                       _typed(OptimizerConfig, fs.optimizer), _typed(SchedulerConfig, fs.scheduler), name)
+        res = self.fit(method, loader, typed(TrainerConfig, cfg.trainer, fs.trainer),
+                       typed(OptimizerConfig, fs.optimizer), typed(SchedulerConfig, fs.scheduler), name)
         res["model"] = student
         return res
 

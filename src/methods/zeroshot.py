@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.loaders import _mix_seed
+from ..data.loaders import mix_seed
 from ..errors import UserError, check
 from .base import Method
 from .kd import KL
@@ -95,7 +95,7 @@ class NoiseBatches:
         return self.steps
 
     def z(self, index: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(_mix_seed(self.seed, index, 11))
+        g = torch.Generator().manual_seed(mix_seed(self.seed, index, 11))
         return torch.randn(self.batch_size, self.z_dim, generator=g).to(self.device)
 
     def iter_epoch(self, epoch: int = 0, start_batch: int = 0):
