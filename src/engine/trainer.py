@@ -238,7 +238,9 @@ class Trainer:
         self._sums = {k: v.to(self.device) for k, v in state.get("train_sums", {}).items()}
         self._count = int(state.get("train_count", 0))
         self._last = dict(state.get("last_eval", {}))
-        if self.tracker is not None:
+        if self.tracker is not None and self.step < self.total_steps:
+            # drop the lines this trainer will log again; a finished one logs nothing more, and the lines after
+            # its step are later stages' (multi-stage runs re-entering a stage that ended)
             self.tracker.truncate_after(self.step)
         log.info("resumed from %s at step %d/%d", d, self.step, self.total_steps)
         return True

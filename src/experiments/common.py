@@ -2,6 +2,8 @@
 timm name), output cache, loaders, tracker. No maths here."""
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -16,8 +18,8 @@ from ..data.datasets import Dataset, Split
 from ..data.loaders import loader_dtype
 from ..engine import OutputCache, digest, seed_everything
 from ..errors import UserError, closest
-from ..io_utils import file_hash
-from ..models import Normalized, create_model, load_checkpoint, read_meta, zoo_dir
+from ..io_utils import file_hash, load_state_dict, write_json
+from ..models import Normalized, create_model, load_checkpoint, read_meta, save_checkpoint, zoo_dir
 from ..tracking import Tracker
 
 log = logging.getLogger("kt")
@@ -277,3 +279,33 @@ def resolve_model(spec, ctx: Context, role: str = "model") -> ModelRef:
                         f"offline, use '{name}@/path/to/weights.safetensors' or pre-fill the HF cache") from e
     tag = getattr(m.net, "pretrained_cfg", {}).get("tag") or ""
     return ModelRef(name, m, f"timm-{name}-{tag}", {"arch": name})
+
+
+# ------------------------------------------------------------------------------------------- stages
+# Multi-stage families (multi-teacher, KDEP) keep each finished stage in a folder: the stage's student under
+# `student/` (written first) and `row.json` (written last: its presence marks the stage finished).
+def read_stage(d: Path, like: Optional[torch.nn.Module] = None, device="cpu"):
+    """(model, row, checkpoint meta) of the stage finished earlier in folder `d`, else None. `model` is a copy of
+    `like` holding the stage's student weights (model and meta are None when `like` is None)."""
+    if not (d / "row.json").is_file():
+        return None
+    row = json.loads((d / "row.json").read_text())
+    if like is None:
+        return None, row, None
+    meta = read_meta(d / "student")
+    if meta is None:
+        return None
+    model = copy.deepcopy(like)
+    model.load_state_dict(load_state_dict(d / "student" / "model.safetensors"))
+    return model.to(device), row, meta
+
+
+def write_stage(d: Path, row: dict, model: Optional[Normalized] = None, meta: Optional[dict] = None,
+                rank: int = 0) -> Optional[dict]:
+    """Mark stage `d` finished: the student's weights first (if any), the row last. Only rank 0 writes (the other
+    ranks hold the same weights); returns the saved checkpoint's meta (with its content hash), else None."""
+    if rank != 0:
+        return None
+    saved = save_checkpoint(model, d / "student", meta or {}) if model is not None else None
+    write_json(d / "row.json", row)
+    return saved

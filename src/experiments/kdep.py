@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from hydra.utils import get_class
@@ -24,14 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 from ..data import build_dataset, build_loader, training_split
 from ..engine import Trainer, predict, rows_by_id
 from ..errors import UserError, check, closest
-from ..io_utils import load_state_dict, save_safetensors, write_json
+from ..io_utils import load_state_dict, save_safetensors
 from ..methods.base import CrossEntropy
 from ..methods.kdep import check_dims, svd_basis
 from ..metrics import accuracy
-from ..models import save_checkpoint
 from ..models.hooks import PreActivation, pre_activation_dim
 from ..schema import DatasetConfig
-from .common import Context, ModelRef, as_dict, check_model_spec, resolve_model, setup
+from .common import Context, ModelRef, as_dict, check_model_spec, read_stage, resolve_model, setup, write_stage
 from .multi_teacher import StageTracker
 from .transfer import build_method
 
@@ -94,30 +92,6 @@ def validate(cfg: DictConfig) -> None:
         finetune_cfg(cfg, g)
     ft = finetune_cfg(cfg, "trainer")
     check(ft.max_steps is not None or ft.epochs > 0, f"finetune.trainer.epochs={ft.epochs} must be > 0")
-
-
-# ---------------------------------------------------------------------------------------------- stage files
-def load_stage(ctx: Context, name: str, like: Optional[torch.nn.Module] = None):
-    """The row (and the model of `like`'s architecture, if asked) of a stage finished earlier, else None."""
-    d = ctx.run_dir / "stages" / name
-    if not (d / "row.json").is_file():
-        return None
-    row = json.loads((d / "row.json").read_text())
-    if like is None:
-        return None, row
-    model = copy.deepcopy(like)
-    model.load_state_dict(load_state_dict(d / "student" / "model.safetensors"))
-    return model.to(ctx.device), row
-
-
-def save_stage(ctx: Context, name: str, row: dict, model=None, meta: Optional[dict] = None) -> None:
-    """Weights first, the row last (its presence marks the stage finished). Rank 0 writes."""
-    if ctx.rank != 0:
-        return
-    d = ctx.run_dir / "stages" / name
-    if model is not None:
-        save_checkpoint(model, d / "student", meta or {})
-    write_json(d / "row.json", row)
 
 
 # ---------------------------------------------------------------------------------------------- distillation
@@ -238,10 +212,10 @@ class Stages:
 
     def run(self, name: str, fn, like=None):
         self.k += 1
-        done = load_stage(self.ctx, name, like)
+        done = read_stage(self.ctx.run_dir / "stages" / name, like, self.ctx.device)
         if done is not None:
             log.info("stage %s finished earlier: re-using %s", name, self.ctx.run_dir / "stages" / name)
-            model, row = done
+            model, row, _ = done
         else:
             log.info("stage %s", name)
             model, row = fn(StageTracker(self.ctx.tracker, self.offset, self.k))
@@ -276,9 +250,9 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
 
         def do_distill(tracker):
             row = distill(ctx, teacher, student, tracker)
-            save_stage(ctx, "distill", row, student.model,
+            write_stage(ctx.run_dir / "stages" / "distill", row, student.model,
                        {"name": f"{student.name}<-kdep-{teacher.name}", "kwargs": as_dict(cfg.student.get("kwargs")),
-                        "dataset": OmegaConf.to_container(cfg.dataset, resolve=True)})
+                        "dataset": OmegaConf.to_container(cfg.dataset, resolve=True)}, ctx.rank)
             return student.model, row
 
         distilled, drow = stages.run("distill", do_distill, like=student.model)
@@ -298,7 +272,7 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
                     nonlocal data
                     data = data or downstream_data(ctx, d)
                     row = finetune(ctx, init, data, sname, tracker)
-                    save_stage(ctx, sname, row)
+                    write_stage(ctx.run_dir / "stages" / sname, row, rank=ctx.rank)
                     return None, row
 
                 res[init_name] = stages.run(sname, do_ft)[1]

@@ -24,12 +24,12 @@ from omegaconf import DictConfig, OmegaConf
 from ..data import training_split
 from ..engine import Trainer, digest, predict
 from ..errors import UserError, check
-from ..io_utils import load_state_dict, write_json
+from ..io_utils import load_state_dict
 from ..methods import EnsembleTeacher, mean_softmax_logits, multi_route, recompute_bn_stats, route_shares, \
     uniform_soup
 from ..metrics import accuracy, agreement, flips, transfer_metrics
 from ..models import read_meta, save_checkpoint
-from .common import Context, ModelRef, as_dict, resolve_model, setup
+from .common import Context, ModelRef, as_dict, read_stage, resolve_model, setup, write_stage
 from .transfer import train_caches, transfer
 
 log = logging.getLogger("kt")
@@ -158,22 +158,16 @@ class MultiTeacher:
 
     def load_stage(self, d: Path, like: ModelRef):
         """(student after the stage, its row) when stage `d` finished earlier, else None."""
-        meta = read_meta(d / "student")
-        if meta is None or not (d / "row.json").is_file():
+        done = read_stage(d, like.model, self.ctx.device)
+        if done is None:
             return None
-        model = copy.deepcopy(like.model)
-        model.load_state_dict(load_state_dict(d / "student" / "model.safetensors"))
-        return ModelRef(like.name, model.to(self.ctx.device), meta["hash"], like.meta), json.loads(
-            (d / "row.json").read_text())
+        model, row, meta = done
+        return ModelRef(like.name, model, meta["hash"], like.meta), row
 
     def save_stage(self, d: Path, student: ModelRef, row: dict, label: str) -> ModelRef:
-        """Student weights first, the row last (its presence marks the stage finished); returns the student
-        with a cache key for its new weights. Only rank 0 writes (the other ranks hold the same weights)."""
-        if self.ctx.rank != 0:
-            return ModelRef(student.name, student.model, None, student.meta)
-        meta = save_checkpoint(student.model, d / "student", self._meta(label, row.get("student_acc_after")))
-        write_json(d / "row.json", row)
-        return ModelRef(student.name, student.model, meta["hash"], student.meta)
+        """Returns the student with a cache key for its new weights (None on ranks that do not write)."""
+        meta = write_stage(d, row, student.model, self._meta(label, row.get("student_acc_after")), self.ctx.rank)
+        return ModelRef(student.name, student.model, meta["hash"] if meta else None, student.meta)
 
     def _meta(self, label: str, acc) -> dict:
         return {"name": label, "dataset": OmegaConf.to_container(self.cfg.dataset, resolve=True),

@@ -13,7 +13,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.datasets import Split, subset_positions
-from ..engine import CheckpointDir, Trainer, predict, seed_everything
+from ..engine import Trainer, predict, seed_everything
 from ..errors import UserError, check
 from ..methods.zeroshot import NoiseBatches, ZeroShot, no_param_grads, stage_shapes
 from ..metrics import accuracy, agreement
@@ -143,26 +143,10 @@ class ZeroShotRun:
                           tracker=StageTracker(ctx.tracker, self.offset, self.stage),
                           evaluate=lambda m: self.evaluate(m, name), device=ctx.device, name=name, rank=ctx.rank,
                           world_size=ctx.world_size)
-        last = self.finished(trainer)
-        if last is None:
-            last = trainer.fit() or self.evaluate(method.eval_model(), name)  # {}: nothing left to evaluate
+        last = trainer.fit() or self.evaluate(method.eval_model(), name)  # {}: nothing left to evaluate
         self.offset, self.stage = self.offset + trainer.total_steps, self.stage + 1
         return {"acc": last[f"eval/{name}_acc"], "agreement": last[f"eval/{name}_agreement"],
                 "steps": trainer.total_steps}
-
-    @staticmethod
-    def finished(trainer: Trainer) -> Optional[Dict[str, float]]:
-        """A stage whose checkpoint is final (a rerun of a finished or later-killed run): its weights are loaded and
-        its last evaluation returned without `fit`, whose resume would drop the later stages' lines from
-        metrics.jsonl. None: the stage still has steps to train (fit resumes it)."""
-        d = trainer.ckpt.latest() if trainer.cfg.resume else None
-        if d is None:
-            return None
-        weights, state = CheckpointDir.load(d)
-        if int(state["step"]) < trainer.total_steps or not state.get("last_eval"):
-            return None
-        trainer.method.load_state_dict(weights, strict=False)
-        return dict(state["last_eval"])
 
     def copy_of_initial_student(self):
         m = copy.deepcopy(self.student.model)
@@ -220,7 +204,6 @@ class ZeroShotRun:
                                f"({len(pos)} images)", mte=mte, mte_steps=int(t.mte_steps))
         self.ctx.tracker.log_figure(f"transition/{name}", path)
         return mte
-
 
     def save_student(self, acc: float) -> None:
         """The zero-shot student -> <run dir>/student/ (a checkpoint folder any family takes as a model)."""
