@@ -187,3 +187,9 @@ CASES += [
     C("zeroshot-unknown-baseline", "zeroshot", ["baselines=[kd]"], ["'kd'", "kd_at, scratch"]),
     C("zeroshot-mte-window", "zeroshot", ["transition.mte_steps=500"], ["transition.mte_steps=500", "[1,"]),
 ]
+
+# ---- seeds ----
+CASES += [
+    C("pretrain-negative-zoo-seed", "pretrain", ["zoo.seed=-1"], ["zoo.seed=-1", "integer >= 0"]),
+    C("transfer-fractional-zoo-seed", "transfer", ["zoo.seed=1.5"], ["zoo.seed=1.5", "integer >= 0"]),
+]

@@ -74,6 +74,9 @@ def digits_zoo(kt_paths, tmp_path_factory):
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    for item in items:  # a test on the trained digits zoo asserts on trained models
+        if "digits_zoo" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.trained)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

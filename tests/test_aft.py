@@ -203,6 +203,7 @@ def aft_base(kt_paths):
 @pytest.mark.parametrize("method,extra", [("aft", []), ("aft_kd", []), ("aft_btune", []), ("aft_init", []),
                                           ("aft", ["method.kernel=none", "method.scales=dense"])],
                          ids=["aft", "kd", "btune", "init", "aft-none-dense"])
+@pytest.mark.trained
 def test_every_method_end_to_end(method, extra, aft_base, tmp_path):
     cfg = compose("aft/aft", [*aft_base, f"method={method}", *extra])
     s = aft_exp.run(cfg, run_dir=tmp_path)
@@ -242,6 +243,7 @@ def test_save_features_fills_the_cache_that_main_aft_reads(aft_base, tmp_path, c
     assert s["feature_cache"] == [saved["lenet"]["transfer"], saved["mlp_wide"]["transfer"]]
 
 
+@pytest.mark.trained
 def test_aft_pulls_the_features_towards_the_pretrained_ones(aft_base, tmp_path):
     """The regulariser is what training lowers: over the last 10 of 30 steps, the kernel distance logged with
     prec=10 is well below the one of prec=0 (logged, not optimised); with learn_scales=false the scales stay 0.5."""

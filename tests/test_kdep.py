@@ -203,6 +203,7 @@ def first_run(kt_paths, teacher_dir, tmp_path_factory):
     return kdep.run(_cfg(kt_paths, teacher_dir), run_dir=run_dir), run_dir
 
 
+@pytest.mark.trained
 def test_end_to_end_summary_and_files(first_run):
     s, run_dir = first_run
     assert s["status"] == "ok" and s["selection"] == "last epoch"

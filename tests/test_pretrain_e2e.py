@@ -35,6 +35,7 @@ def _ok(res):
     assert res.returncode == 0, f"exit {res.returncode}\nstdout:\n{res.stdout[-3000:]}\nstderr:\n{res.stderr[-3000:]}"
 
 
+@pytest.mark.trained
 def test_default_form_trains_a_zoo_entry(tmp_path):
     run = tmp_path / "run"
     res = _run(["name=mlp_small", *_paths(tmp_path), f"hydra.run.dir={run}"], tmp_path)
@@ -75,6 +76,7 @@ def test_default_form_trains_a_zoo_entry(tmp_path):
     assert torch.isfinite(out["logits"]).all()
 
 
+@pytest.mark.trained
 def test_config_path_form_trains_a_model_config_with_wandb_offline(tmp_path):
     run = tmp_path / "run"
     res = _run(["--config-path", "config", "--config-name", "pretrain/pretrain.yaml", "name=null", "model=mlp",

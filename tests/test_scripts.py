@@ -1,9 +1,7 @@
-"""The command-line tools in scripts/ that are not experiments: the sweep aggregator and the two benchmarks run on
-tiny inputs (their numbers are checked for shape and sanity, never against a time: speed targets live in the
-benchmark's own ratios, not in tests)."""
+"""The benchmarks in scripts/ run on tiny inputs (their numbers are checked for shape and sanity, never against a
+time: speed targets live in the benchmark's own ratios, not in tests). The results aggregator: test_aggregate.py."""
 from __future__ import annotations
 
-import csv
 import json
 import math
 
@@ -11,41 +9,6 @@ import pytest
 import torch
 
 from conftest import load_script
-
-
-def _summary(d, method, delta, gain, loss, partition=None, status="ok"):
-    d.mkdir(parents=True)
-    s = {"status": status, "method": method, "transfer_delta": delta, "knowledge_gain": gain,
-         "knowledge_loss": loss, "method_config": {"partition": partition} if partition else {}}
-    (d / "summary.json").write_text(json.dumps(s))
-
-
-def test_aggregate_sweep_success_rate_and_deltas(tmp_path, capsys):
-    agg = load_script("aggregate_sweep")
-    for i, (delta, gain, loss) in enumerate([(1.0, 2.0, 1.0), (-0.5, 0.5, 1.0), (2.0, 3.0, 1.0)]):
-        _summary(tmp_path / str(i), "KL", delta, gain, loss)
-    _summary(tmp_path / "3", "KLDP", 0.5, 1.0, 0.5, partition="most-conf")
-    _summary(tmp_path / "4", "KLDP", 0.0, 0.0, 0.0, partition="most-conf")
-    _summary(tmp_path / "5", "KL", 9.0, 9.0, 0.0, status="failed")  # an unfinished job is not a pair
-    table = agg.main([str(tmp_path), "--csv", str(tmp_path / "t.csv")])
-    by = {t["method"]: t for t in table}
-    assert set(by) == {"KL", "KLDP(most-conf)"}
-    kl, dp = by["KL"], by["KLDP(most-conf)"]
-    assert kl["pairs"] == 3 and kl["success_rate"] == pytest.approx(200 / 3)
-    assert kl["mean_delta"] == pytest.approx(2.5 / 3) and kl["median_delta"] == 1.0
-    assert kl["mean_gain"] == pytest.approx(5.5 / 3) and kl["mean_loss"] == 1.0
-    assert dp["pairs"] == 2 and dp["success_rate"] == 50.0  # a delta of 0 is not a success
-    rows = list(csv.DictReader(open(tmp_path / "t.csv")))
-    assert [r["method"] for r in rows] == ["KL", "KLDP(most-conf)"]
-    assert "66.7" in capsys.readouterr().out
-
-
-def test_aggregate_sweep_bad_dir_is_one_clear_line(tmp_path):
-    agg = load_script("aggregate_sweep")
-    with pytest.raises(SystemExit, match="is not a directory"):
-        agg.main([str(tmp_path / "missing")])
-    with pytest.raises(SystemExit, match="no finished transfer summaries"):
-        agg.main([str(tmp_path)])
 
 
 def _tiny_benchmark(tmp_path, extra):

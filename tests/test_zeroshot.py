@@ -135,6 +135,7 @@ def test_one_iteration_is_n_g_generator_steps_then_n_s_student_steps(tmp_path):
     assert [g["initial_lr"] for g in opt.param_groups] == [2e-3, 1e-3]
 
 
+@pytest.mark.trained
 def test_generator_steps_increase_the_disagreement_on_a_fixed_z():
     m = make_method(beta=0.0)
     m.train()
@@ -196,6 +197,7 @@ def test_transition_batch_is_every_image_with_every_other_class():
     assert torch.equal(xs[:, 0, 0, 0], image.float())
 
 
+@pytest.mark.trained
 def test_transition_curves_and_mte():
     s, t = wrn("wrn_16_1", 0).eval(), wrn("wrn_16_1", 5).eval()
     x = torch.rand(4, 1, 8, 8)
@@ -213,6 +215,7 @@ def test_transition_curves_and_mte():
 
 
 # ------------------------------------------------------------------------------------------------ end to end
+@pytest.mark.trained
 def test_end_to_end_tiny_run(kt_paths, tmp_path):
     from src.experiments import zeroshot
 

@@ -166,6 +166,7 @@ def preflight(cfg: DictConfig) -> None:
         if isinstance(node, DictConfig) and "_target_" in node:
             for k in ("temperature", "nce_t"):
                 rules.append((node, str(key), k, lambda v: v > 0, f"must be > 0: use e.g. {key}.{k}=1.0"))
+    zoo_seed(cfg)  # a bad zoo.seed: one UserError
     if ld is not None:
         loader_dtype(ld.get("dtype", "float32"))  # an unknown name: one UserError naming it and the choices
     for node, prefix, key, ok, fix in rules:
@@ -230,6 +231,21 @@ def zoo_names(cfg) -> list:
     return list(z.models.keys()) if z is not None and z.get("models") else []
 
 
+def zoo_seed(cfg) -> int:
+    """Which draw of the zoo: 0 = the entries' own seeds; k > 0 trains every entry with seed + 1000 k."""
+    z = cfg.get("zoo")
+    k = z.get("seed", 0) if z is not None else 0
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise UserError(f"zoo.seed={k} must be an integer >= 0 (0 = the zoo's own seeds): use e.g. zoo.seed=1")
+    return k
+
+
+def zoo_folder(cfg, dataset_name: str, name: str) -> Path:
+    """Checkpoint folder of zoo entry `name`; draw k > 0 of the zoo (zoo.seed=k) lives under zoo_seed<k>/."""
+    k = zoo_seed(cfg)
+    return zoo_dir(cfg.paths.checkpoints, dataset_name if k == 0 else f"{dataset_name}/zoo_seed{k}", name)
+
+
 def resolve_model(spec, ctx: Context, role: str = "model") -> ModelRef:
     """A model from a zoo name, a checkpoint folder/file written by this suite, `arch@weights_file`, a timm name
     (pretrained hub weights), or a model config node {arch, pretrained, checkpoint, kwargs}."""
@@ -248,7 +264,7 @@ def resolve_model(spec, ctx: Context, role: str = "model") -> ModelRef:
     name = str(spec)
     check_model_spec(name, cfg, role)  # unknown names and missing weight files fail here, before any loading
     if name in zoo_names(cfg):
-        folder = zoo_dir(cfg.paths.checkpoints, info.name, name)
+        folder = zoo_folder(cfg, info.name, name)
         meta = read_meta(folder)
         if meta is None:
             if not cfg.zoo.get("train_missing", False):

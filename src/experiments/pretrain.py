@@ -14,7 +14,7 @@ from ..methods import CrossEntropy
 from ..metrics import accuracy
 from ..models import create_model, freeze, read_meta, save_checkpoint, zoo_dir
 from ..schema import LoaderConfig, OptimizerConfig, SchedulerConfig, TrainerConfig, typed
-from .common import Context, as_dict, setup, zoo_names
+from .common import Context, as_dict, setup, zoo_folder, zoo_names, zoo_seed
 
 log = logging.getLogger("kt")
 
@@ -32,6 +32,8 @@ def recipe(name: str, cfg) -> DictConfig:
     bad = set(r.keys()) - _RECIPE_KEYS
     if bad:
         raise UserError(f"zoo entry '{name}' has unknown keys {sorted(bad)}; allowed: {sorted(_RECIPE_KEYS)}")
+    if zoo_seed(cfg):  # another draw of the same zoo: every entry's seed shifted by 1000 per draw
+        r.seed = int(r.get("seed", cfg.trainer.seed)) + 1000 * zoo_seed(cfg)
     return r
 
 
@@ -91,8 +93,9 @@ def train_zoo_entry(name: str, ctx: Context, run_dir: Optional[Path] = None) -> 
     res, model = train_classifier(ctx, r, run_dir, name)
     meta = {"name": name, "kwargs": as_dict(r.get("kwargs")),
             "dataset": OmegaConf.to_container(cfg.dataset, resolve=True), "val_acc": res["val_acc"],
-            "test_acc": res["test_acc"], "recipe": OmegaConf.to_container(r, resolve=True), "zoo": cfg.zoo.name}
-    folder = zoo_dir(cfg.paths.checkpoints, ctx.info.name, name)
+            "test_acc": res["test_acc"], "recipe": OmegaConf.to_container(r, resolve=True), "zoo": cfg.zoo.name,
+            "zoo_seed": zoo_seed(cfg)}
+    folder = zoo_folder(cfg, ctx.info.name, name)
     if ctx.rank == 0:
         meta = save_checkpoint(model, folder, meta)
     log.info("zoo model %-12s test acc %.2f%%  -> %s", name, 100 * res["test_acc"], folder)
@@ -122,7 +125,7 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
             names = zoo_names(cfg) if cfg.name == "all" else [cfg.name]
             rows = {}
             for n in names:
-                folder = zoo_dir(cfg.paths.checkpoints, ctx.info.name, n)
+                folder = zoo_folder(cfg, ctx.info.name, n)
                 meta = read_meta(folder)
                 if meta is not None and cfg.skip_existing:
                     log.info("zoo model %s exists (%s): skipped (skip_existing=true)", n, folder)
@@ -130,7 +133,7 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
                     meta = train_zoo_entry(n, ctx, ctx.run_dir / n if len(names) > 1 else ctx.run_dir)
                 rows[n] = {"test_acc": meta["test_acc"], "val_acc": meta.get("val_acc"), "path": str(folder)}
         summary = ctx.tracker.summary({"task": "pretrain", "dataset": ctx.info.name, "models": rows,
-                                       "seed": cfg.trainer.seed})
+                                       "seed": cfg.trainer.seed, "zoo_seed": zoo_seed(cfg)})
         if ctx.rank == 0:
             print(f"{'model':<16}{'test acc':>10}  checkpoint")
             for n, row in rows.items():

@@ -56,6 +56,7 @@ class Tracker:
         self.run_id = None
         self._seen = None  # (step, keys) of the lines in metrics.jsonl, read on first use
         self._seed = ((config or {}).get("trainer") or {}).get("seed") if isinstance(config, dict) else None
+        self.job_type = job_type
         if not self.active:
             return
         try:
@@ -139,6 +140,7 @@ class Tracker:
         values = {k: _clean(v) for k, v in values.items()}
         if self._seed is not None:  # every summary says which seed made it (and with which library versions)
             values.setdefault("seed", self._seed)
+        values.setdefault("family", self.job_type)  # what scripts/aggregate.py groups runs by
         values.setdefault("versions", versions())
         if self.active:
             write_json(self.summary_path, values)

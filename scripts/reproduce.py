@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""`make reproduce`: every family's digits-scale claim over 3 seeds, aggregated into results/digits/REPORT.md.
+
+A seed k is one draw of the digits zoo (`zoo.seed=k`, every zoo model retrained with its seed + 1000 k) together with
+`trainer.seed=k` for the experiment itself, so the spread covers what another machine changes: the zoo's weights and
+the transfer's data order. The jobs are the README's own commands (Hydra multiruns of the main_*.py scripts), run in
+two lanes of one thread each; each lane's log is under <out>/logs/.
+
+    python scripts/reproduce.py                     # about 35 minutes on 2 cores (see REPORT.md for the measured time)
+    python scripts/reproduce.py --seeds 0 1 --lanes 1 --out /tmp/rep     # smaller
+    python scripts/reproduce.py --report-only       # rebuild REPORT.md from the runs already there
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ZOO = ["mlp_small", "mlp_wide", "lenet", "resnet8", "resnet20", "wrn_16_2"]
+GRID_METHODS = ["kl", "kl_dp", "kl_dp_u", "xekl", "mcl", "cd", "crd"]
+MT_TEACHERS, MT_STUDENT = ["mlp_small", "lenet", "resnet8"], "mlp_wide"  # a student with room to gain
+
+
+def jobs(seeds, grid_methods):
+    """(name, script, overrides) per job; the zoo draws first (phase 0), everything else after (phase 1)."""
+    zoo = [(f"zoo_s{k}", "main_pretrain.py", [f"zoo.seed={k}"]) for k in seeds]
+    rest = []
+    for k in seeds:
+        s = [f"zoo.seed={k}", f"trainer.seed={k}"]
+        rest.append((f"transfer_grid_s{k}", "main_transfer.py",
+                     [f"teacher={','.join(ZOO)}", f"student={','.join(ZOO)}", f"method={','.join(grid_methods)}", *s]))
+        rest.append((f"flips_s{k}", "main_flips.py", s))
+        rest.append((f"multi_teacher_s{k}", "main_multi_teacher.py",
+                     ["mode=sequential,parallel", f"teachers=[{','.join(MT_TEACHERS)}]", f"student={MT_STUDENT}", *s]))
+        rest.append((f"aft_s{k}", "main_aft.py", ["method=aft,aft_init,aft_kd,aft_btune", *s]))
+        rest.append((f"kdep_s{k}", "main_kdep.py", s))
+        rest.append((f"zeroshot_s{k}", "main_zeroshot.py", s))
+    return zoo, rest
+
+
+def run_job(job, out: Path, work: Path, python: str) -> dict:
+    name, script, overrides = job
+    log = out / "logs" / f"{name}.log"
+    cmd = [python, script, "-m", *overrides, f"hydra.sweep.dir={out / 'runs' / name}",
+           f"paths.checkpoints={work / 'checkpoints'}", f"paths.cache={work / 'cache'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
+    t0 = time.time()
+    with open(log, "w") as f:
+        f.write(" ".join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+    took = time.time() - t0
+    print(f"[{time.strftime('%H:%M:%S')}] {name:<22} rc={rc} {took:7.1f} s  ({log})", flush=True)
+    return {"job": name, "rc": rc, "seconds": took, "log": str(log)}
+
+
+def run_all(out: Path, seeds, lanes: int, grid_methods) -> dict:
+    work = out / "work"
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    zoo, rest = jobs(seeds, grid_methods)
+    # the biggest jobs first, so the lanes end together
+    rest.sort(key=lambda j: 0 if j[0].startswith("transfer") else 1)
+    t0 = time.time()
+    done = []
+    with ThreadPoolExecutor(max_workers=lanes) as ex:
+        for phase in (zoo, rest):
+            done += list(ex.map(lambda j: run_job(j, out, work, sys.executable), phase))
+    return {"seconds": time.time() - t0, "jobs": done, "lanes": lanes, "seeds": list(seeds),
+            "machine": machine()}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, ATEN_CPU_CAPABILITY="
+            f"{os.environ.get('ATEN_CPU_CAPABILITY', 'auto')} ({torch.backends.cpu.get_cpu_capability()})")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "digits")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--lanes", type=int, default=2, help="jobs run at once (one thread each)")
+    ap.add_argument("--methods", nargs="+", default=GRID_METHODS, help="transfer methods of the zoo grid")
+    ap.add_argument("--report-only", action="store_true", help="rebuild the report from the runs already there")
+    ap.add_argument("--keep", action="store_true", help="keep earlier runs and the trained zoo (default: start over)")
+    a = ap.parse_args(argv)
+    if any(k < 0 for k in a.seeds) or len(set(a.seeds)) != len(a.seeds):
+        sys.exit(f"error: --seeds {a.seeds} must be distinct integers >= 0: use e.g. --seeds 0 1 2")
+    if a.lanes < 1:
+        sys.exit(f"error: --lanes {a.lanes} must be >= 1: use e.g. --lanes 2")
+    from src.tracking import reproduce_report as rr
+
+    timing_path = a.out / "timing.json"
+    if not a.report_only:
+        if not a.keep:
+            for d in ("runs", "work", "logs"):
+                shutil.rmtree(a.out / d, ignore_errors=True)
+        timing = run_all(a.out, a.seeds, a.lanes, a.methods)
+        a.out.mkdir(parents=True, exist_ok=True)
+        timing_path.write_text(json.dumps(timing, indent=1))
+    if not (a.out / "runs").is_dir():
+        sys.exit(f"error: {a.out / 'runs'} holds no runs: run `python scripts/reproduce.py` first")
+    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else None
+    report = rr.build(a.out, timing)
+    print(report.read_text())
+    print(f"report: {report}")
+    failed = [j["job"] for j in (timing or {}).get("jobs", []) if j["rc"] != 0]
+    if failed:
+        print(f"warning: jobs with a non-zero exit: {', '.join(failed)} (their logs are under {a.out / 'logs'}; the "
+              f"report lists the failed runs)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,435 @@
+"""Results over many runs: read any mix of run dirs and multirun dirs of any family (`summary.json`, plus
+`.hydra/config.yaml` when Hydra wrote one), group them, and reduce them to tables of mean, std and a 95%
+confidence interval over seeds (a seed = one draw of the zoo `zoo.seed` with one `trainer.seed`). Failed and
+incomplete runs are returned as such, never dropped. `scripts/aggregate.py` is the command line."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+FAMILIES = ("pretrain", "prediction_flips", "transfer", "multi_teacher", "aft", "kdep", "zeroshot")
+_JOB_FAMILY = {f"main_{f}": f for f in ("pretrain", "transfer", "multi_teacher", "aft", "kdep", "zeroshot")}
+_JOB_FAMILY["main_flips"] = "prediction_flips"
+
+Row = Dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------------ reading runs
+
+
+def _is_run_dir(d: Path) -> bool:
+    return (d / "summary.json").is_file() or (d / ".hydra" / "config.yaml").is_file() or (d / "error.json").is_file()
+
+
+def _read_json(p: Path) -> Tuple[Optional[dict], Optional[str]]:
+    try:
+        v = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"{p.name} unreadable ({type(e).__name__})"
+    return (v, None) if isinstance(v, dict) else (None, f"{p.name} is not a JSON object")
+
+
+def _read_cfg(d: Path) -> dict:
+    p = d / ".hydra" / "config.yaml"
+    if not p.is_file():
+        return {}
+    try:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(OmegaConf.load(p), resolve=False) or {}
+    except Exception:  # a torn or hand-edited config: the summary still counts
+        return {}
+
+
+def _hydra(d: Path) -> dict:
+    """The job name and config-group choices Hydra recorded for a run ({} without .hydra/hydra.yaml)."""
+    p = d / ".hydra" / "hydra.yaml"
+    if not p.is_file():
+        return {}
+    try:
+        from omegaconf import OmegaConf
+
+        h = OmegaConf.load(p).hydra
+        return {"job": str(h.job.name), "choices": OmegaConf.to_container(h.runtime.choices)}
+    except Exception:
+        return {}
+
+
+def _family(summary: dict, hydra: dict) -> Optional[str]:
+    fam = summary.get("family") or {"prediction_flips": "prediction_flips", "pretrain": "pretrain"}.get(
+        summary.get("task"))
+    return fam or _JOB_FAMILY.get(hydra.get("job", ""))
+
+
+def find_run_dirs(paths: Iterable) -> List[Path]:
+    """Run dirs under each path (a run dir itself, a multirun dir, or any folder of them); a run's own
+    sub-folders (stages, zoo runs) are part of it, not runs of their own."""
+    out: List[Path] = []
+
+    def walk(d: Path):
+        if _is_run_dir(d):
+            out.append(d)
+            return
+        for c in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            walk(c)
+
+    for p in paths:
+        p = Path(p)
+        if not p.is_dir():
+            raise FileNotFoundError(f"{p} is not a directory: give run dirs or multirun dirs")
+        walk(p)
+    return out
+
+
+def load_runs(paths: Iterable) -> Tuple[List[dict], List[dict]]:
+    """(runs, problems). A run: {dir, family, cfg, summary, seed, zoo_seed}, status ok. A problem: {dir, family,
+    status (failed | incomplete | skipped), reason}: a run with error.json, without summary.json (still running
+    or killed), with an unreadable summary, or one its family skipped (e.g. teacher == student)."""
+    runs, problems = [], []
+    for d in find_run_dirs(paths):
+        cfg = _read_cfg(d)
+        summary, why = _read_json(d / "summary.json") if (d / "summary.json").is_file() else (None, None)
+        hydra = _hydra(d)
+        fam = _family(summary or {}, hydra)
+        if summary is None:
+            err, _ = _read_json(d / "error.json") if (d / "error.json").is_file() else (None, None)
+            if err is not None:
+                problems.append({"dir": str(d), "family": fam, "status": "failed",
+                                 "reason": str(err.get("message") or err.get("error") or err)[:200]})
+            else:
+                problems.append({"dir": str(d), "family": fam, "status": "incomplete",
+                                 "reason": why or "no summary.json (still running, killed or failed early)"})
+            continue
+        status = summary.get("status", "ok")
+        if status != "ok":
+            problems.append({"dir": str(d), "family": fam, "status": "skipped" if status == "skipped" else "failed",
+                             "reason": str(summary.get("reason", status))})
+            continue
+        zs = summary.get("zoo_seed", (cfg.get("zoo") or {}).get("seed", 0) if isinstance(cfg.get("zoo"), dict) else 0)
+        if fam == "transfer" and not summary.get("method_name") and (hydra.get("choices") or {}).get("method"):
+            summary = {**summary, "method_name": hydra["choices"]["method"]}  # the config's name: kl, xekl, kl_dp_u
+        runs.append({"dir": str(d), "family": fam, "cfg": cfg, "summary": summary,
+                     "seed": summary.get("seed", (cfg.get("trainer") or {}).get("seed", 0)), "zoo_seed": zs or 0})
+    return runs, problems
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+
+def _t975(df: int) -> float:
+    try:
+        from scipy.stats import t
+
+        return float(t.ppf(0.975, df))
+    except ImportError:  # pragma: no cover - scipy comes with scikit-learn
+        return 1.96
+
+
+def describe(values: Iterable[float]) -> Dict[str, float]:
+    """n, mean, sample std (0 for one value) and the half-width of the 95% t confidence interval (nan for one)."""
+    v = [float(x) for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    n = len(v)
+    if n == 0:
+        return {"n": 0, "mean": math.nan, "std": math.nan, "ci95": math.nan}
+    mean = statistics.fmean(v)
+    std = statistics.stdev(v) if n > 1 else 0.0
+    return {"n": n, "mean": mean, "std": std, "ci95": _t975(n - 1) * std / math.sqrt(n) if n > 1 else math.nan}
+
+
+def fmt(d: Dict[str, float], digits: int = 2) -> str:
+    """'mean ± std' (and the 95% CI half-width in brackets when n > 1)."""
+    if not d or d.get("n", 0) == 0:
+        return "-"
+    s = f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
+    return s + (f" [±{d['ci95']:.{digits}f}]" if d["n"] > 1 else "")
+
+
+def replicate(run: dict) -> str:
+    """The seed a run belongs to: zoo draw and trainer seed ('z0s1')."""
+    return f"z{run.get('zoo_seed', 0)}s{run.get('seed', 0)}"
+
+
+def _over_seeds(runs: List[dict], stats: Dict[str, Callable[[List[dict]], float]]) -> Row:
+    """Per seed, each statistic over that seed's runs (e.g. a success rate over pairs); then described over seeds."""
+    by = defaultdict(list)
+    for r in runs:
+        by[replicate(r)].append(r)
+    out: Row = {"seeds": len(by), "runs": len(runs)}
+    for name, f in stats.items():
+        out[name] = describe(f(rs) for rs in by.values())
+    return out
+
+
+def _mean(key: str) -> Callable[[List[dict]], float]:
+    return lambda rs: statistics.fmean(float(r["summary"][key]) for r in rs)
+
+
+# ------------------------------------------------------------------------------------------ family tables
+
+
+def method_label(s: dict) -> str:
+    """How a transfer / multi-teacher method is named in tables: method_name if set (else the method config group
+    Hydra recorded: kl, xekl, kl_dp_u, ...), else the class and the DP route when it is not the method's default."""
+    if s.get("method_name"):
+        return str(s["method_name"])
+    mc = s.get("method_config") or {}
+    label = str(s.get("method", "?"))
+    if label == "KL" and float(mc.get("alpha", 1.0)) < 1.0:
+        label = "XE-KL"
+    route = mc.get("partition") or mc.get("dp_route")
+    return f"{label}({route})" if route and route not in ("most-conf",) else label
+
+
+def transfer_tables(runs: List[dict]) -> Dict[str, List[Row]]:
+    """Per method over the grid: success rate (% of pairs with transfer delta > 0), mean / median / worst delta,
+    knowledge gain and loss, each computed per seed and described over seeds; per (method, pair): delta over seeds."""
+    by = defaultdict(list)
+    for r in runs:
+        by[method_label(r["summary"])].append(r)
+    methods, pairs = [], []
+    for m, rs in sorted(by.items()):
+        d = lambda xs: [float(x["summary"]["transfer_delta"]) for x in xs]
+        row = {"method": m, "pairs": len({(x["summary"]["teacher"], x["summary"]["student"]) for x in rs}),
+               **_over_seeds(rs, {"success_rate": lambda xs: 100.0 * sum(v > 0 for v in d(xs)) / len(xs),
+                                  "mean_delta": lambda xs: statistics.fmean(d(xs)),
+                                  "median_delta": lambda xs: statistics.median(d(xs)),
+                                  "worst_delta": lambda xs: min(d(xs)),
+                                  "knowledge_gain": _mean("knowledge_gain"),
+                                  "knowledge_loss": _mean("knowledge_loss")})}
+        methods.append(row)
+        per_pair = defaultdict(list)
+        for x in rs:
+            per_pair[(x["summary"]["teacher"], x["summary"]["student"])].append(x)
+        for (t, s), xs in sorted(per_pair.items()):
+            pairs.append({"method": m, "teacher": t, "student": s,
+                          "gap": describe(x["summary"]["teacher_acc"] - x["summary"]["student_acc_before"]
+                                          for x in xs),
+                          "student_acc_before": describe(x["summary"]["student_acc_before"] for x in xs),
+                          "student_acc_after": describe(x["summary"]["student_acc_after"] for x in xs),
+                          "delta": describe(d(xs)),
+                          "knowledge_loss": describe(x["summary"]["knowledge_loss"] for x in xs)})
+    return {"transfer_methods": methods, "transfer_pairs": pairs}
+
+
+def _flips_pairs(run: dict) -> List[dict]:
+    p = Path(run["dir"]) / "pairs.csv"
+    if not p.is_file():
+        p = Path(str((run["summary"].get("outputs") or {}).get("pairs_csv", "")))
+    if not p.is_file():
+        return []
+    with open(p) as f:
+        return list(csv.DictReader(f))
+
+
+def flips_tables(runs: List[dict]) -> Dict[str, List[Row]]:
+    """Per zoo draw: pairs with positive flips, also from weaker teachers, and the spread of positive flips."""
+    def share(rows, weaker_only=False):
+        rows = [r for r in rows if not weaker_only or float(r["acc_diff"]) < 0]
+        return 100.0 * sum(float(r["pos_flips"]) > 0 for r in rows) / len(rows) if rows else math.nan
+
+    rows = []
+    by = defaultdict(list)
+    for r in runs:
+        by[(r["summary"].get("dataset"), r["summary"].get("split"))].append(r)
+    for (ds, split), rs in sorted(by.items(), key=str):
+        pr = {replicate(r): _flips_pairs(r) for r in rs}
+        pr = {k: v for k, v in pr.items() if v}
+        if not pr:
+            continue
+        rows.append({"dataset": ds, "split": split, "zoo_draws": len(pr),
+                     "pairs": statistics.fmean(len(v) for v in pr.values()),
+                     "pairs_with_pos_flips_pct": describe(share(v) for v in pr.values()),
+                     "weaker_teacher_pairs_with_pos_flips_pct": describe(share(v, True) for v in pr.values()),
+                     "pos_flips_pct_median": describe(statistics.median(float(x["pos_flips_pct"]) for x in v)
+                                                      for v in pr.values()),
+                     "pos_flips_pct_min": describe(min(float(x["pos_flips_pct"]) for x in v) for v in pr.values()),
+                     "pos_flips_pct_max": describe(max(float(x["pos_flips_pct"]) for x in v) for v in pr.values()),
+                     "agreement_mean": describe(r["summary"]["agreement"]["mean"] for r in rs)})
+    return {"flips": rows}
+
+
+def _grouped(runs: List[dict], key: Callable[[dict], tuple], names: Tuple[str, ...],
+             metrics: Dict[str, Callable[[dict], Optional[float]]]) -> List[Row]:
+    by = defaultdict(list)
+    for r in runs:
+        by[key(r)].append(r)
+    out = []
+    for k, rs in sorted(by.items(), key=lambda kv: str(kv[0])):
+        row = dict(zip(names, k))
+        row.update(seeds=len({replicate(r) for r in rs}), runs=len(rs))
+        for m, f in metrics.items():
+            row[m] = describe(f(r) for r in rs)
+        out.append(row)
+    return out
+
+
+def multi_teacher_tables(runs: List[dict]) -> Dict[str, List[Row]]:
+    s = lambda r: r["summary"]
+    return {"multi_teacher": _grouped(
+        runs, lambda r: (s(r)["mode"], method_label(s(r)), s(r)["student"], "+".join(s(r)["teachers"])),
+        ("mode", "method", "student", "teachers"),
+        {"student_acc_after": lambda r: s(r)["student_acc_after"], "transfer_delta": lambda r: s(r)["transfer_delta"],
+         "knowledge_loss": lambda r: s(r).get("knowledge_loss")})}
+
+
+def aft_tables(runs: List[dict]) -> Dict[str, List[Row]]:
+    s = lambda r: r["summary"]
+    return {"aft": _grouped(runs, lambda r: (s(r)["method"], s(r)["student"], "+".join(s(r).get("features", []))),
+                            ("method", "student", "features"),
+                            {"student_acc_after": lambda r: s(r)["student_acc_after"],
+                             "transfer_delta": lambda r: s(r)["transfer_delta"]})}
+
+
+def kdep_tables(runs: List[dict]) -> Dict[str, List[Row]]:
+    rows = []
+    for r in runs:
+        for ds, res in (r["summary"].get("downstream") or {}).items():
+            for init in r["summary"].get("inits", []):
+                if init in res:
+                    rows.append({"dir": r["dir"], "seed": r["seed"], "zoo_seed": r["zoo_seed"],
+                                 "summary": {"downstream": ds, "init": init, "acc": res[init],
+                                             "teacher": r["summary"]["teacher"], "student": r["summary"]["student"]}})
+    s = lambda r: r["summary"]
+    return {"kdep": _grouped(rows, lambda r: (s(r)["downstream"], s(r)["init"], s(r)["teacher"], s(r)["student"]),
+                             ("downstream", "init", "teacher", "student"), {"acc": lambda r: s(r)["acc"]})}
+
+
+def zeroshot_tables(runs: List[dict]) -> Dict[str, List[Row]]:
+    rows = []
+    for r in runs:
+        s = r["summary"]
+        for name in ["zeroshot", *s.get("baselines", [])]:
+            if f"{name}_acc" in s:
+                rows.append({"dir": r["dir"], "seed": r["seed"], "zoo_seed": r["zoo_seed"],
+                             "summary": {"student_kind": name, "acc": s[f"{name}_acc"], "mte": s.get(f"mte_{name}"),
+                                         "teacher": s["teacher"], "student": s["student"],
+                                         "teacher_acc": s.get("teacher_acc")}})
+    g = lambda r: r["summary"]
+    return {"zeroshot": _grouped(rows, lambda r: (g(r)["student_kind"], g(r)["teacher"], g(r)["student"]),
+                                 ("student_kind", "teacher", "student"),
+                                 {"acc": lambda r: g(r)["acc"], "mte": lambda r: g(r)["mte"],
+                                  "teacher_acc": lambda r: g(r)["teacher_acc"]})}
+
+
+def pretrain_tables(runs: List[dict]) -> Dict[str, List[Row]]:
+    rows = []
+    for r in runs:
+        for name, m in (r["summary"].get("models") or {}).items():
+            acc = m.get("test_acc")
+            if acc is not None:
+                rows.append({"dir": r["dir"], "seed": r["seed"], "zoo_seed": r["zoo_seed"],
+                             "summary": {"model": name, "test_acc": 100 * acc if acc <= 1 else acc}})
+    # one value per (model, zoo draw): a model trained once and listed by several runs counts once
+    seen, uniq = set(), []
+    for x in rows:
+        k = (x["summary"]["model"], x["zoo_seed"])
+        if k not in seen:
+            seen.add(k)
+            uniq.append(x)
+    g = lambda r: r["summary"]
+    return {"zoo": _grouped(uniq, lambda r: (g(r)["model"],), ("model",), {"test_acc": lambda r: g(r)["test_acc"]})}
+
+
+TABLES: Dict[str, Callable[[List[dict]], Dict[str, List[Row]]]] = {
+    "pretrain": pretrain_tables, "prediction_flips": flips_tables, "transfer": transfer_tables,
+    "multi_teacher": multi_teacher_tables, "aft": aft_tables, "kdep": kdep_tables, "zeroshot": zeroshot_tables,
+}
+
+
+def aggregate(runs: List[dict]) -> Dict[str, List[Row]]:
+    """All tables for the families present in `runs`."""
+    by = defaultdict(list)
+    for r in runs:
+        by[r["family"]].append(r)
+    out: Dict[str, List[Row]] = {}
+    for fam, rs in by.items():
+        if fam in TABLES:
+            out.update({k: v for k, v in TABLES[fam](rs).items() if v})
+    return out
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def flat(row: Row) -> Row:
+    """A CSV row: each described statistic becomes <name>_mean, _std, _ci95, _n."""
+    out: Row = {}
+    for k, v in row.items():
+        if isinstance(v, dict) and "mean" in v:
+            out.update({f"{k}_{s}": v[s] for s in ("mean", "std", "ci95", "n")})
+        else:
+            out[k] = v
+    return out
+
+
+def markdown(rows: List[Row], digits: int = 2) -> str:
+    if not rows:
+        return "(no runs)\n"
+    cols = list(rows[0])
+    cell = lambda v: fmt(v, digits) if isinstance(v, dict) and "mean" in v else (
+        f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write(tables: Dict[str, List[Row]], problems: List[dict], out_dir, runs: List[dict] = (),
+          title: str = "Results") -> Path:
+    """<out>/<table>.csv for every table, <out>/results.md with all of them (mean ± std [95% CI] over seeds), the
+    list of failed / incomplete runs, and figures under <out>/figures/."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in tables.items():
+        fr = [flat(r) for r in rows]
+        cols = list(dict.fromkeys(k for r in fr for k in r))
+        with open(out / f"{name}.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(fr)
+    figures = figures_for(tables, runs, out / "figures")
+    md = [f"# {title}\n", "Values are mean ± std over seeds [95% confidence interval half-width]; a seed is one draw "
+          "of the zoo (`zoo.seed`) with one `trainer.seed`.\n"]
+    for name, rows in tables.items():
+        md += [f"\n## {name}\n", markdown(rows)]
+        if name in figures:
+            md.append(f"\n![{name}](figures/{figures[name].name})\n")
+    bad = [p for p in problems if p["status"] != "skipped"]
+    md.append(f"\n## Failed or incomplete runs ({len(bad)}; {len(problems) - len(bad)} skipped by design)\n")
+    md += [f"- {p['status']}: {p['dir']} ({p['family'] or 'unknown family'}): {p['reason']}\n" for p in bad] or \
+        ["none\n"]
+    (out / "results.md").write_text("".join(md))
+    return out / "results.md"
+
+
+def figures_for(tables: Dict[str, List[Row]], runs: List[dict], fig_dir: Path) -> Dict[str, Path]:
+    from ..plots.aggregate import delta_vs_gap
+
+    figs: Dict[str, Path] = {}
+    tr = [r for r in runs if r["family"] == "transfer"]
+    if tr and "transfer_methods" in tables:
+        series = defaultdict(list)
+        for r in tr:
+            s = r["summary"]
+            series[method_label(s)].append((s["teacher_acc"] - s["student_acc_before"], s["transfer_delta"]))
+        figs["transfer_methods"] = delta_vs_gap(dict(series), fig_dir / "transfer_delta_vs_gap.png")
+    return figs
+
+
+def log_wandb(tables: Dict[str, List[Row]], figures_dir: Optional[Path], wandb_cfg) -> None:
+    """The same tables (and figures) into one wandb run of job type 'aggregate' (online / offline)."""
+    from . import Tracker
+
+    trk = Tracker(Path(figures_dir).parent if figures_dir else Path("."), wandb_cfg, {}, job_type="aggregate")
+    try:
+        for name, rows in tables.items():
+            trk.log_table(name, [flat(r) for r in rows])
+        if figures_dir and Path(figures_dir).is_dir():
+            for p in sorted(Path(figures_dir).glob("*.png")):
+                trk.log_figure(f"aggregate/{p.stem}", p)
+    finally:
+        trk.finish()
