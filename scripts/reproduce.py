@@ -33,7 +33,7 @@ MT_TEACHERS, MT_STUDENT = ["mlp_small", "lenet", "resnet8"], "mlp_wide"  # a stu
 
 def jobs(seeds, grid_methods):
     """(name, script, overrides) per job; the zoo draws first (phase 0), everything else after (phase 1)."""
-    zoo = [(f"zoo_s{k}", "main_pretrain.py", [f"zoo.seed={k}"]) for k in seeds]
+    zoo = [(f"zoo_s{k}", "main_pretrain.py", [f"zoo.seed={k}", "skip_existing=true"]) for k in seeds]
     rest = []
     for k in seeds:
         s = [f"zoo.seed={k}", f"trainer.seed={k}"]

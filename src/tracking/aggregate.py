@@ -141,11 +141,11 @@ def describe(values: Iterable[float]) -> Dict[str, float]:
     return {"n": n, "mean": mean, "std": std, "ci95": _t975(n - 1) * std / math.sqrt(n) if n > 1 else math.nan}
 
 
-def fmt(d: Dict[str, float], digits: int = 2) -> str:
-    """'mean ± std' (and the 95% CI half-width in brackets when n > 1)."""
+def fmt(d: Dict[str, float], digits: int = 2, unit: str = "") -> str:
+    """'mean ± std<unit>' (and the 95% CI half-width in brackets when n > 1)."""
     if not d or d.get("n", 0) == 0:
         return "-"
-    s = f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
+    s = f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}{unit}"
     return s + (f" [±{d['ci95']:.{digits}f}]" if d["n"] > 1 else "")
 
 

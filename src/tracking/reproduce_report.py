@@ -34,7 +34,7 @@ def _d(values) -> dict:
 
 
 def _f(d: dict, unit: str = "") -> str:
-    return agg.fmt(d) + unit if d.get("n") else "no runs"
+    return agg.fmt(d, unit=unit) if d.get("n") else "no runs"
 
 
 def _yes(ok: Optional[bool]) -> str:

@@ -1,0 +1,72 @@
+"""scripts/reproduce.py (`make reproduce`): every job it launches composes with the real configs, and the report's
+claims are computed from run dirs (hand-made here, in the families' formats) with the stated criteria."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import compose, load_script
+
+FAMILY_CONFIG = {"main_pretrain.py": "pretrain/pretrain", "main_transfer.py": "transfer/transfer",
+                 "main_flips.py": "prediction_flips/flips", "main_multi_teacher.py": "multi_teacher/multi_teacher",
+                 "main_aft.py": "aft/aft", "main_kdep.py": "kdep/kdep", "main_zeroshot.py": "zeroshot/zeroshot"}
+
+
+def test_every_job_composes_for_every_value_of_its_sweep():
+    rep = load_script("reproduce")
+    zoo, rest = rep.jobs([0, 2], rep.GRID_METHODS)
+    assert [j[0] for j in zoo] == ["zoo_s0", "zoo_s2"]
+    assert {j[1] for j in rest} == set(FAMILY_CONFIG) - {"main_pretrain.py"}
+    for name, script, overrides in zoo + rest:
+        sweeps = [o.split("=", 1) for o in overrides if "," in o.split("=", 1)[1] and "[" not in o]
+        fixed = [o for o in overrides if o.split("=", 1) not in sweeps]
+        width = max([len(v.split(",")) for _, v in sweeps] or [1])
+        for i in range(width):  # each value of every swept key at least once
+            pick = [f"{k}={v.split(',')[min(i, len(v.split(',')) - 1)]}" for k, v in sweeps]
+            cfg = compose(FAMILY_CONFIG[script], [*fixed, *pick])
+            assert cfg.zoo.seed == cfg.trainer.seed or script == "main_pretrain.py", name
+
+
+def _w(d, s):
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps(s))
+
+
+def test_report_claims_from_run_dirs(tmp_path):
+    from src.tracking import reproduce_report as rr
+
+    runs = tmp_path / "runs"
+    # two seeds; pair (weak -> strong) has the teacher 5 points below the student
+    for k in (0, 1):
+        for m, d_weak, d_other in (("kl", -1.5, 0.5), ("kl_dp", 0.3, 0.6), ("kl_dp_u", 0.0, 0.6)):
+            for (t, s, gap, d) in (("weak", "strong", -5.0, d_weak), ("strong", "weak", 5.0, d_other)):
+                _w(runs / f"tr_{m}_{t}_{k}", {"status": "ok", "family": "transfer", "method": "KL", "method_name": m,
+                                              "teacher": t, "student": s, "seed": k, "zoo_seed": k,
+                                              "teacher_acc": 90.0 + gap, "student_acc_before": 90.0, "student_acc_after": 90.0 + d,
+                                              "transfer_delta": d, "knowledge_gain": 1.0, "knowledge_loss": 0.5})
+        _w(runs / f"zs_{k}", {"status": "ok", "family": "zeroshot", "seed": k, "zoo_seed": k, "teacher": "t",
+                              "student": "s", "teacher_acc": 99.0, "baselines": ["kd_at"], "zeroshot_acc": 60.0,
+                              "kd_at_acc": 90.0, "mte_zeroshot": 0.3, "mte_kd_at": 0.5})
+    path = rr.build(tmp_path, {"machine": "test box", "seconds": 120.0, "lanes": 2,
+                               "jobs": [{"job": "x", "rc": 0, "seconds": 60.0}]})
+    md = path.read_text()
+    claims = md.split("## Claims")[1].split("\n## ")[0]
+    rows = [line for line in claims.splitlines() if line.startswith("| ") and "claim" not in line]
+    weaker = next(r for r in rows if "clearly weaker teacher" in r)
+    assert "KL -1.50 ± 0.00" in weaker and "KL+DP 0.30 ± 0.00" in weaker and weaker.endswith("| yes |")
+    success = next(r for r in rows if "success rate over the zoo grid" in r)
+    assert "KL+DP 100.00 ± 0.00%" in success and "KL 50.00 ± 0.00%" in success and success.endswith("| yes |")
+    unsup = next(r for r in rows if "unsupervised" in r)
+    assert "-50.0 points" in unsup and "**no**" in unsup  # 50% vs 100%: not within 10 points
+    zs = [r for r in rows if "zero-shot" in r]
+    assert len(zs) == 2 and all("yes" in r for r in zs)
+    assert "test box" in md and "2.0 min" in md and (tmp_path / "tables" / "transfer_methods.csv").is_file()
+
+
+def test_bad_arguments_are_one_line():
+    rep = load_script("reproduce")
+    with pytest.raises(SystemExit, match="must be distinct integers"):
+        rep.main(["--seeds", "0", "0", "--report-only"])
+    with pytest.raises(SystemExit, match="--lanes 0"):
+        rep.main(["--lanes", "0", "--report-only"])
