@@ -27,7 +27,9 @@ SUMMARY_KEYS = ("student_acc_before", "student_acc_after", "teacher_acc", "trans
 def method_needs(cfg_method) -> Dict[str, bool]:
     cls = get_class(cfg_method._target_)
     params = inspect.signature(cls.__init__).parameters
-    return {"frozen_student": "frozen_student" in params, "sample_labels": "sample_labels" in params,
+    frozen = "frozen_student" in params and not (cls.__name__ == "MCL" and  # MCL's default flips: current student
+                                                  cfg_method.get("flip_source", "current") == "current")
+    return {"frozen_student": frozen, "sample_labels": "sample_labels" in params,
             "features": cls.__name__ in ("CD", "CRD")}
 
 
