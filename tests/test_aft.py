@@ -98,11 +98,11 @@ def test_kernel_distance_by_hand():
     assert float(kernel_distance(F3 + 5, 3 * PHI3 - 2)) == pytest.approx(expected, rel=1e-5)  # centred, normalised
     # two samples: any features centre to +-u, so both kernels are [[1, -1], [-1, 1]] and R = sqrt(1e-8)
     assert float(kernel_distance(torch.randn(2, 4), torch.randn(2, 7))) == pytest.approx(1e-4, rel=1e-3)
-    # rbf: exp(-|a - b|^2 / 2) of unit rows = exp(k - 1) elementwise
+    # rbf (prior.py bandwidth): exp(-|a - b|^2) of unit rows = exp(2k - 2) elementwise
     r = 1 / math.sqrt(2)
     kf = torch.tensor([[1, 0, -r], [0, 1, -r], [-r, -r, 1]])
     kp = torch.tensor([[1.0, 1, -1], [1, 1, -1], [-1, -1, 1]])
-    rbf = math.sqrt(float(((torch.exp(kf - 1) - torch.exp(kp - 1)) ** 2).mean()) + 1e-8)
+    rbf = math.sqrt(float(((torch.exp(2 * kf - 2) - torch.exp(2 * kp - 2)) ** 2).mean()) + 1e-8)
     assert float(kernel_distance(F3, PHI3, "rbf")) == pytest.approx(rbf, rel=1e-5)
 
 
@@ -145,12 +145,13 @@ def test_aft_scales_have_their_own_param_group():
     fixed = AFT(_student(hidden=3), _table(phi), learn_scales=False)
     opt = build_optimizer(opt_cfg, fixed.param_groups())
     assert len(opt.param_groups) == 1 and not fixed.s.requires_grad
-    dense = AFT(_student(hidden=3), _table(phi), scales="dense", kernel="none")
-    assert dense.s.shape == (4, 4) and torch.equal(dense.scaled_phi(phi), 0.5 * phi)
+    dense = AFT(_student(hidden=3), _table(phi), scales="dense", kernel="none")  # init randn / 2 (prior.py)
+    assert dense.s.shape == (4, 4) and torch.allclose(dense.scaled_phi(phi), phi @ dense.s)
     x, y, idx = torch.rand(6, 1, 2, 2), torch.arange(6) % 3, torch.arange(6)
     dense.loss((x, y, idx))[0].backward()
     assert dense.s.grad is not None and dense.map.weight.grad is not None
-    assert dense.scale_summary()["scales_mean"] == pytest.approx(0.5)  # column norms of 0.5 I
+    want = dense.s.detach().norm(dim=1).mean().item()  # mean row norm of the matrix
+    assert dense.scale_summary()["scales_mean"] == pytest.approx(want)
 
 
 def test_feature_kd_loss_by_hand():

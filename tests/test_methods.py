@@ -7,6 +7,10 @@ import torch.nn as nn
 
 from src.errors import UserError
 from src.methods import CD, CRD, KL, KLDP, MCL, dp_route, kl_to_target, similarity_kl
+from src.methods.aft import AFT, FeatureTable, kernel_distance
+from src.methods.feature import NegativeSampler
+from src.metrics.flips import top_classes, transfer_metrics
+from src.metrics.transition import agreeing, transition_batch
 from src.experiments.transfer import routing_stats
 
 
@@ -153,44 +157,180 @@ def test_mcl_masks_negative_flips_and_ema():
     assert any(k.startswith("slow.") for k in m.state_dict())
 
 
-def test_cd_by_hand_and_gradients():
-    fs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    ft = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]])
-    g = 0.5
-    assert similarity_kl(ft, ft, g).item() == pytest.approx(0.0, abs=1e-6)
-
-    def dist(f, i):
-        n = [[x / math.hypot(*r) for x in r] for r in f.tolist()]  # L2-normalised rows
-        sims = [sum(a * b for a, b in zip(n[i], n[j])) / g for j in range(3) if j != i]
-        return softmax(sims)
-
-    want = sum(kl_hand(dist(ft, i), dist(fs, i)) for i in range(3)) / 3
-    assert similarity_kl(fs, ft, g).item() == pytest.approx(want, abs=1e-5)
-    st = Table(torch.zeros(3, 2), fs)
-    te = Table(torch.zeros(3, 2), ft, trainable=False)
-    loss, logs = CD(st, te, beta=10.0, gamma=g)(batch(3, [0, 1, 0]))
-    assert loss.item() == pytest.approx(10 * want, abs=1e-4)
+def test_cd_is_ce_plus_summed_similarity_kl_with_the_diagonal():
+    # issue 11 item 1 (public SimpleContrastLoss + cd_dist.yaml): 0.1 * CE + 10 * sum_i KL(P_t[i] || P_s[i]),
+    # P[i] = softmax_j cos(f_i, f_j) over all j (diagonal kept), no temperature, summed over anchors.
+    fs = torch.tensor([[2.0, 0.0], [0.0, 3.0]])  # cosine similarities [[1, 0], [0, 1]]
+    ft = torch.tensor([[1.0, 0.0], [4.0, 0.0]])  # cosine similarities [[1, 1], [1, 1]]: P_t rows (1/2, 1/2)
+    # P_s rows: (e, 1)/(e + 1) and (1, e)/(e + 1); each row's KL = log((e + 1)/2) - 1/2; two anchors, summed
+    cd = 2 * math.log((math.e + 1) / 2) - 1  # 0.2402
+    assert similarity_kl(fs, ft).item() == pytest.approx(cd, abs=1e-6)
+    assert similarity_kl(ft, ft).item() == pytest.approx(0.0, abs=1e-6)
+    st = Table(torch.zeros(2, 2), fs)  # zero logits: CE = log 2 per sample
+    te = Table(torch.zeros(2, 2), ft, trainable=False)
+    loss, logs = CD(st, te)(batch(2, [0, 1]))
+    assert loss.item() == pytest.approx(10 * cd + 0.1 * math.log(2), abs=1e-5)  # 2.4716
+    assert logs["ce"].item() == pytest.approx(math.log(2), abs=1e-6) and "kl" not in logs
     loss.backward()
-    assert st.f.grad.shape == (3, 2) and torch.isfinite(st.f.grad).all() and st.f.grad.abs().sum() > 0
+    assert torch.isfinite(st.f.grad).all() and st.f.grad.abs().sum() > 0
+    # with the diagonal masked (our old variant) every row would hold one sample and the loss would be 0
 
 
-def test_crd_finite_gradients_and_memory_update():
+def test_crd_is_ce_plus_crd_and_negatives_come_from_other_classes():
+    # issue 11 item 2 (public crd_dist.yaml + get_contrast_idx): loss = 1 * CE + 0.8 * CRD, no KL term;
+    # negatives uniform (with replacement) over the training samples of the other classes.
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, -1])  # id 6 is not in the training split
+    sampler = NegativeSampler(labels)
     torch.manual_seed(0)
-    n, k = 10, 3
-    st = Table(torch.randn(n, k), torch.randn(n, 6))
-    te = Table(torch.randn(n, k), torch.randn(n, 5), trainable=False)
-    m = CRD(st, te, num_samples=n, feat_dim=4, num_negatives=7)
+    neg = sampler(torch.tensor([0, 2, 5]), 12000)  # anchors of class 0, 1, 2
+    allowed = {0: {2, 3, 4, 5}, 1: {0, 1, 5}, 2: {0, 1, 2, 3, 4}}
+    for row, c in zip(neg, (0, 1, 2)):
+        assert set(row.tolist()) == allowed[c]  # never the anchor's class (so never the positive), never id 6
+        counts = torch.bincount(row, minlength=7).float() / row.numel()
+        for i in allowed[c]:  # uniform over samples (class 1 holds 3 of class 0's 4 candidates)
+            assert counts[i].item() == pytest.approx(1 / len(allowed[c]), abs=0.02)
+
+    torch.manual_seed(0)
+    zs = [[1.0, 0.0, 0.0], [0.0, 0.0, 2.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    st = Table(zs, torch.randn(4, 6))
+    te = Table(torch.randn(4, 3), torch.randn(4, 5), trainable=False)
+    m = CRD(st, te, sample_labels=torch.tensor([0, 1, 2, 0]), feat_dim=4, num_negatives=7)
     mem_before = m.memory_s.clone()
-    x, y, idx = batch(4, [0, 1, 2, 0])
-    loss, logs = m((x, y, idx))
-    assert torch.isfinite(loss) and logs["crd"].item() > 0
+    y = [0, 1, 2]
+    loss, logs = m((torch.arange(3.0).view(3, 1, 1, 1), torch.tensor(y), torch.arange(3)))
+    ce = sum(-math.log(softmax(z)[c]) for z, c in zip(zs, y)) / 3
+    assert logs["ce"].item() == pytest.approx(ce, abs=1e-5) and "kl" not in logs
+    assert loss.item() == pytest.approx(ce + 0.8 * logs["crd"].item(), abs=1e-4)
+    assert m.n == 4  # NCE constants use the number of training samples
     loss.backward()
     assert m.embed_s.fc.weight.grad.shape == (4, 6) and m.embed_t.fc.weight.grad.shape == (4, 5)
-    assert st.f.grad.shape == (n, 6) and st.f.grad[:4].abs().sum() > 0 and st.f.grad[4:].abs().sum() == 0
+    assert st.f.grad[:3].abs().sum() > 0 and st.f.grad[3:].abs().sum() == 0
     changed = (m.memory_s != mem_before).any(1)
-    assert changed[:4].all() and not changed[4:].any()
-    assert torch.allclose(m.memory_s[:4].norm(dim=1), torch.ones(4), atol=1e-5)
+    assert changed[:3].all() and not changed[3:].any()
+    assert torch.allclose(m.memory_s[:3].norm(dim=1), torch.ones(3), atol=1e-5)
     assert m.z_s.item() > 0 and m.z_t.item() > 0
+    with pytest.raises(UserError, match="two classes"):
+        NegativeSampler(torch.tensor([1, 1, -1]))
+
+
+def test_mcl_ce_on_all_samples_and_negative_flips_of_the_current_student():
+    # issue 11 item 3 (public xekl_mcl): 0.68 * KL over non-negative-flip samples + 0.32 * CE over ALL samples;
+    # negative flips = current student right & teacher wrong.
+    zs = [[1.0, 0.0], [0.0, 1.0]]  # current student: sample 0 right, sample 1 wrong
+    zt = [[0.0, 2.0], [2.0, 0.0]]  # teacher: sample 0 wrong (a negative flip of the current student), 1 right
+    zf = [[0.0, 1.0], [1.0, 0.0]]  # frozen student: sample 0 wrong (no negative flip by it), 1 right
+    y = [0, 0]
+    kl = [kl_hand(softmax(t), softmax(s)) for s, t in zip(zs, zt)]
+    ce = (math.log(1 + math.exp(-1)) + math.log(1 + math.e)) / 2  # 0.8133, both samples
+    m = MCL(Table(zs), Table(zt, trainable=False), Table(zf, trainable=False), topk=0)
+    loss, logs = m(batch(2, y))
+    assert loss.item() == pytest.approx(0.68 * kl[1] + 0.32 * ce, abs=1e-5)  # 0.8239
+    assert logs["mcl_kept"].item() == pytest.approx(0.5) and logs["ce"].item() == pytest.approx(ce, abs=1e-5)
+    m2 = MCL(Table(zs), Table(zt, trainable=False), Table(zf, trainable=False), topk=0, flip_source="frozen")
+    loss2, logs2 = m2(batch(2, y))
+    assert loss2.item() == pytest.approx(0.68 * (kl[0] + kl[1]) / 2 + 0.32 * ce, abs=1e-5)
+    assert logs2["mcl_kept"].item() == pytest.approx(1.0)
+    with pytest.raises(UserError, match="flip_source"):
+        MCL(Table(zs), Table(zt, trainable=False), None, flip_source="nope")
+
+
+def test_partition_ablations_use_the_current_student_and_a_detached_logit_average():
+    # issue 11 item 4 (public flip-st / flip-t / flip-avg). Label 0 everywhere; 2 classes.
+    # s0: teacher right, current wrong, frozen right -> current: positive flip; frozen: neutral
+    # s1: teacher wrong, current right, frozen wrong -> current: negative flip; frozen: neutral
+    # s2: all right -> neutral
+    zt = [[2.0, 0.0], [0.0, 2.0], [1.0, 0.0]]
+    zs = [[0.0, 1.0], [1.0, 0.0], [3.0, 0.0]]
+    zf = [[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]]
+    y = [0, 0, 0]
+
+    def run(**kw):
+        st = Table(zs)
+        m = KLDP(st, Table(zt, trainable=False), Table(zf, trainable=False), **kw)
+        loss, logs = m(batch(3, y))
+        return st, loss, logs
+
+    def mean_kl(targets):
+        return sum(kl_hand(t, softmax(s)) for t, s in zip(targets, zs)) / 3
+
+    pt, pf = [softmax(z) for z in zt], [softmax(z) for z in zf]
+    # neutral_avg (defaults: current flips, logit average): s0 teacher, s1 frozen, s2 softmax((1 + 3)/2, 0)
+    st, loss, _ = run(partition="neutral_avg")
+    avg2 = softmax([2.0, 0.0])
+    assert loss.item() == pytest.approx(mean_kl([pt[0], pf[1], avg2]), abs=1e-5)
+    loss.backward()  # the target is detached: d loss / d z_s = (softmax(z_s) - target) / 3
+    want = [(a - b) / 3 for a, b in zip(softmax(zs[2]), avg2)]
+    assert st.w.grad[2].tolist() == pytest.approx(want, abs=1e-6)
+    # pos_flips: teacher only on the current student's positive flips (s0); frozen flips: none
+    assert run(partition="pos_flips")[1].item() == pytest.approx(mean_kl([pt[0], pf[1], pf[2]]), abs=1e-5)
+    _, loss_f, logs_f = run(partition="pos_flips", flip_source="frozen")
+    assert loss_f.item() == pytest.approx(mean_kl(pf), abs=1e-5) and logs_f["dp_share_teacher"].item() == 0.0
+    # neg_flips: frozen student only on the current student's negative flips (s1)
+    _, loss_n, logs_n = run(partition="neg_flips")
+    assert loss_n.item() == pytest.approx(mean_kl([pt[0], pf[1], pt[2]]), abs=1e-5)
+    assert logs_n["dp_share_teacher"].item() == pytest.approx(2 / 3)
+    # the earlier variant, as named options: frozen flips (all neutral here) and the probability average
+    _, loss_p, _ = run(partition="neutral_avg", flip_source="frozen", neutral_target="prob_avg_frozen")
+    mix = [[(a + b) / 2 for a, b in zip(t, f)] for t, f in zip(pt, pf)]
+    assert loss_p.item() == pytest.approx(mean_kl(mix), abs=1e-5)
+    with pytest.raises(UserError, match="neutral_target"):
+        run(partition="neutral_avg", neutral_target="avg")
+
+
+def test_gain_share_in_the_classes_holding_top_p_pct_of_positive_flips():
+    # issue 11 item 5 (public get_dist_improvement): the top-p% classes are the fewest classes, most positive
+    # flips first, that hold p% of the positive flips (not the top ceil(p% x #classes) classes).
+    pos = torch.tensor([5, 1, 3, 0, 1])  # 10 positive flips
+    assert top_classes(pos, 20).tolist() == [0]  # class 0 alone holds 50% >= 20%
+    assert top_classes(pos, 60).tolist() == [0, 2]  # 50% < 60% <= 80%
+    assert top_classes(pos, 85).tolist() == [0, 2, 1]  # 90%; tie between classes 1 and 4: lower index
+    assert top_classes(pos, 20, public_extra_class=True).tolist() == [0, 2]  # the public loop's extra class
+    assert top_classes(torch.zeros(5, dtype=torch.long), 20).tolist() == []
+    # 4 classes: class 0 holds 3 of the 4 positive flips, class 1 the 4th; the gain is one sample each in
+    # classes 0, 1, 2. top 50%: class 0 only -> 1 of 3 gained samples (the old top-ceil(50% x 4) = 2 classes: 2/3)
+    onehot = lambda p: torch.nn.functional.one_hot(torch.tensor(p), 4).float() * 3  # noqa: E731
+    y = torch.tensor([0, 0, 0, 1, 2, 3, 3])
+    before, teacher = onehot([1, 1, 1, 2, 3, 3, 3]), onehot([0, 0, 0, 1, 3, 3, 3])
+    now = onehot([0, 1, 1, 1, 2, 3, 3])
+    m = transfer_metrics(now, before, teacher, y, top_p=50)
+    assert m["gain_in_top50pct_classes"] == pytest.approx(100 / 3)
+    assert m["knowledge_gain"] == pytest.approx(300 / 7)
+
+
+def test_aft_rbf_bandwidth_and_random_dense_scales():
+    # issue 11 item 6 (public prior.py): RBF exp(-||x_i - x_j||^2) on centred unit rows; dense scales randn/sqrt(d)
+    f = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])  # centred; unit rows (1,0), (0,1), -(1,1)/sqrt2
+    phi = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]])  # centred; rows (1,0), (-1,0), 0
+    # squared distances: f: d01 = 2, d02 = d12 = 2 + sqrt2; phi: d01 = 4, d02 = d12 = 1; diagonals equal (1)
+    a, b = math.exp(-2) - math.exp(-4), math.exp(-2 - math.sqrt(2)) - math.exp(-1)
+    want = math.sqrt((2 * a * a + 4 * b * b) / 9 + 1e-8)
+    assert kernel_distance(f, phi, "rbf").item() == pytest.approx(want, rel=1e-5)
+    d = 6
+    table = FeatureTable(phi=torch.randn(4, d), dims=[d], names=["m"], ids=torch.arange(4),
+                         labels=torch.zeros(4, dtype=torch.long))
+    student = Table(torch.zeros(4, 2), torch.zeros(4, 3))
+    torch.manual_seed(3)
+    dense = AFT(student, table, scales="dense")
+    torch.manual_seed(3)
+    assert torch.equal(dense.s.detach(), torch.randn(d, d) / math.sqrt(d))
+    assert torch.equal(AFT(student, table).s.detach(), torch.zeros(d))  # diag: sigmoid(0) = 0.5, as prior.py
+
+
+def test_transition_images_are_a_seeded_shuffle_of_the_agreeing_ones_and_targets_skip_the_true_label():
+    # issue 11 item 7 (public transition_curves.py): a shuffled loader picks the first N agreeing images; the
+    # targets are every class but the TRUE label (the two models may agree on a wrong class).
+    onehot = lambda p: torch.nn.functional.one_hot(torch.as_tensor(p), 10).float()  # noqa: E731
+    preds = torch.arange(100) // 10  # a split sorted by class: 10 images per class, all agreeing but image 0
+    s, t = onehot(preds), onehot(preds)
+    t[0] = onehot(9)
+    pos = agreeing(s, t, 10, seed=0)
+    assert len(pos) == len(set(pos.tolist())) == 10 and 0 not in pos.tolist()
+    assert len(set(preds[pos].tolist())) > 1  # not the first 10 in split order (all of class 0)
+    assert torch.equal(pos, agreeing(s, t, 10, seed=0)) and not torch.equal(pos, agreeing(s, t, 10, seed=1))
+    assert len(agreeing(s, t, 500, seed=0)) == 99  # fewer agree than asked: all of them
+    # image of true class 3 on which both models predict 5: targets are all classes but 3 (5 included)
+    _, targets, _ = transition_batch(torch.zeros(1, 1, 2, 2), torch.tensor([3]), 10)
+    assert targets.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9]
 
 
 def test_mixup_bypasses_the_teacher_cache():

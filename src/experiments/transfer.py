@@ -6,6 +6,7 @@ import inspect
 import logging
 from typing import Dict, Optional
 
+import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,12 +27,14 @@ SUMMARY_KEYS = ("student_acc_before", "student_acc_after", "teacher_acc", "trans
 def method_needs(cfg_method) -> Dict[str, bool]:
     cls = get_class(cfg_method._target_)
     params = inspect.signature(cls.__init__).parameters
-    return {"frozen_student": "frozen_student" in params, "num_samples": "num_samples" in params,
+    frozen = "frozen_student" in params and not (cls.__name__ == "MCL" and  # MCL's default flips: current student
+                                                  cfg_method.get("flip_source", "current") == "current")
+    return {"frozen_student": frozen, "sample_labels": "sample_labels" in params,
             "features": cls.__name__ in ("CD", "CRD")}
 
 
 def build_method(cfg_method, student, teacher, frozen_student=None, teacher_cache=None, frozen_cache=None,
-                 num_samples: Optional[int] = None):
+                 sample_labels=None):
     """Instantiate `cfg_method` (`_target_` + hyper-parameters) with the models it takes."""
     cls = get_class(cfg_method._target_)
     params = inspect.signature(cls.__init__).parameters
@@ -40,7 +43,7 @@ def build_method(cfg_method, student, teacher, frozen_student=None, teacher_cach
     if unknown:
         raise UserError(f"method {cls.__name__} has no parameter {unknown[0]}: remove method.{unknown[0]}")
     extras = {"student": student, "teacher": teacher, "frozen_student": frozen_student,
-              "teacher_cache": teacher_cache, "frozen_student_cache": frozen_cache, "num_samples": num_samples}
+              "teacher_cache": teacher_cache, "frozen_student_cache": frozen_cache, "sample_labels": sample_labels}
     for k, v in extras.items():
         if k in params or (k in ("teacher_cache", "frozen_student_cache") and v is not None):
             kwargs[k] = v
@@ -48,6 +51,13 @@ def build_method(cfg_method, student, teacher, frozen_student=None, teacher_cach
         return cls(**kwargs)
     except TypeError as e:
         raise UserError(f"cannot build method {cls.__name__}: {e}") from e
+
+
+def labels_by_id(split):
+    """(full_size,) label of each sample id of `split`, -1 for ids outside it (CRD's class-aware negatives)."""
+    out = torch.full((max(split.full_size, int(split.ids.max()) + 1 if len(split) else 0),), -1, dtype=torch.long)
+    out[split.ids.long()] = split.labels.long()
+    return out
 
 
 def routing_stats(t_logits, s_logits, labels, partition: str) -> Dict[str, float]:
@@ -101,7 +111,7 @@ def transfer(ctx: Context, teacher: ModelRef, student: ModelRef, cfg_method, run
     t_cache, f_cache = train_caches(ctx, [teacher, frozen_ref], train_split, loader, needs["features"])
     method = build_method(cfg_method, student.model, teacher.model,
                           frozen_ref.model if frozen_ref is not None else None, t_cache, f_cache,
-                          num_samples=train_split.full_size)
+                          sample_labels=labels_by_id(train_split) if needs["sample_labels"] else None)
     eval_loader = ctx.eval_loader(eval_split)
     top_p = float(cfg.top_p)
     check(0 < top_p <= 100, f"top_p={top_p} must be in (0, 100]: use e.g. top_p=20")

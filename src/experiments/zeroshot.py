@@ -185,14 +185,14 @@ class ZeroShotRun:
         teacher = self.teacher.model
         student.eval()
         s_logits = predict(student, self.eval_loader)["logits"]
-        pos = agreeing(s_logits, self.t_eval["logits"], int(t.n_images))
+        pos = agreeing(s_logits, self.t_eval["logits"], int(t.n_images), seed=int(cfg.trainer.seed))
         if len(pos) == 0:
             log.warning("student '%s' and the teacher agree on no %s image: no transition curves", name,
                         cfg.eval_split)
             return None
         x, _ = eval_images(self.ctx, self.eval_split)
         x = student.normalize(x[pos.to(x.device)])
-        labels = s_logits.argmax(1)[pos].to(x.device)
+        labels = self.t_eval["labels"][pos.to(self.t_eval["labels"].device)].to(x.device)  # true labels
         with no_param_grads(student):
             curves = transition_curves(student.net, lambda u: teacher(u * student.std + student.mean), x, labels,
                                        self.ctx.info.num_classes, int(t.steps), float(t.lr), t.chunk)

@@ -7,9 +7,11 @@ along dim 1; computed once without augmentation). Standard transfer learning (`i
 (`src.methods.base.CrossEntropy`).
 
 - `AFT`: phi scaled per dimension by sigmoid(s) (s learnable, init 0, own param group with lr `prior_lr`), both
-  feature sets centred over the batch and row-normalised; R = sqrt(mean((K_f - K_phi)^2) + 1e-8) with linear (or RBF)
-  kernels, or (kernel=none) the MSE of a learned linear map f -> phi; scales=dense replaces sigmoid(s) by a learned
-  d_phi x d_phi matrix.
+  feature sets centred over the batch and row-normalised; R = sqrt(mean((K_f - K_phi)^2) + 1e-8) with linear (or RBF
+  exp(-||x_i - x_j||^2)) kernels, or (kernel=none) the MSE of a learned linear map f -> phi; scales=dense replaces
+  sigmoid(s) by a learned d_phi x d_phi matrix, initialised randn / sqrt(d_phi) (global RNG, seeded by the trainer).
+  Source followed: amazon-science/adaptive-feature-transfer `prior.py` (KernelPrior: kernel, kernel_rbf,
+  kernel_dense; KDPrior; BTunePrior).
 - `FeatureKD`: a linear layer predicts phi from f; MSE.
 - `BTuning`: LogME posterior weights m_i and scores of each pretrained model; target = sum_i softmax(score/T)_i *
   phi_i m_i (no gradient), prediction f m_down with m_down from LogME on the downstream model's initial features.
@@ -66,10 +68,12 @@ def centre_normalise(x: torch.Tensor) -> torch.Tensor:
 
 
 def kernel_matrix(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """B x B kernel of centred, row-normalised features: linear x x^T or RBF exp(-||x_i - x_j||^2 / 2)."""
+    """B x B kernel of centred, row-normalised features: linear x x^T or RBF exp(-||x_i - x_j||^2) (bandwidth as the
+    public `prior.py`, no 1/2)."""
     k = x @ x.T
-    if kind == "rbf":  # unit rows: ||x_i - x_j||^2 = 2 - 2 x_i.x_j
-        return torch.exp(-(2 - 2 * k).clamp_min(0) / 2)
+    if kind == "rbf":  # ||x_i - x_j||^2 = |x_i|^2 + |x_j|^2 - 2 x_i.x_j (rows are unit, or 0 if centred to 0)
+        sq = k.diagonal()
+        return torch.exp(-(sq[:, None] + sq[None, :] - 2 * k).clamp_min(0))
     return k
 
 
@@ -125,8 +129,9 @@ class AFT(_FeatureMethod):
         self.learn_scales = bool(learn_scales)
         if scales == "diag":  # sigmoid(0) = 0.5: every pretrained dimension starts with the same weight
             self.s = nn.Parameter(torch.zeros(self.d_phi), requires_grad=self.learn_scales)
-        else:  # the same start as a dense matrix
-            self.s = nn.Parameter(0.5 * torch.eye(self.d_phi), requires_grad=self.learn_scales)
+        else:  # a random start, as the public kernel_dense prior
+            self.s = nn.Parameter(torch.randn(self.d_phi, self.d_phi) / self.d_phi ** 0.5,
+                                  requires_grad=self.learn_scales)
         self.map = nn.Linear(self.d_f, self.d_phi) if kernel == "none" else None
 
     def scaled_phi(self, phi: torch.Tensor) -> torch.Tensor:

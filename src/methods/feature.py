@@ -1,9 +1,14 @@
 """Feature-based transfer baselines of Fantastic Gains: CD (in-batch similarity distributions) and CRD
-(contrastive representation distillation with memory banks, Tian et al. 2020)."""
+(contrastive representation distillation with memory banks, Tian et al. 2020).
+
+Source followed: ExplainableML/FantasticGains `main_distillation.py: contrastive_distill` (total loss
+`gamma * CE + alpha * KL + beta * feature loss`; here `ce_weight`, `kd_weight`, `beta` / `crd_weight`),
+`SimpleContrastloss.py`, `CRDloss.py`, `data.py: get_cls_pos_neg / get_contrast_idx` and the configs
+`cd_dist.yaml` (alpha 0, beta 10, gamma 0.1), `crd_dist.yaml` (alpha 0, beta 0.8, gamma 1); CRD's NCE maths and
+memory bank are HobbitLong/RepDistiller's."""
 from __future__ import annotations
 
 import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -13,19 +18,19 @@ from .base import Method
 from .kd import kl_to_target
 
 
-def similarity_kl(fs: torch.Tensor, ft: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Mean over anchors of KL(P_t || P_s), P = softmax over the other batch samples of cosine similarity / gamma
-    (the diagonal is excluded)."""
-    b = fs.shape[0]
-    eye = torch.eye(b, dtype=torch.bool, device=fs.device)
-    ss = (F.normalize(fs.float(), dim=1) @ F.normalize(fs.float(), dim=1).T / gamma).masked_fill(eye, -1e9)
-    st = (F.normalize(ft.float(), dim=1) @ F.normalize(ft.float(), dim=1).T / gamma).masked_fill(eye, -1e9)
-    pt = st.softmax(1)
-    return (torch.special.xlogy(pt, pt) - pt * ss.log_softmax(1)).masked_fill(eye, 0).sum(1).mean()
+def similarity_kl(fs: torch.Tensor, ft: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Sum over anchors i and samples j of P_t[i, j] log(P_t[i, j] / P_s[i, j]), P[i] = softmax over *all* batch
+    samples j (the self-similarity diagonal included) of cosine similarity / temperature (public code: no
+    temperature, i.e. 1; `F.kl_div(..., reduction='sum')`)."""
+    ns, nt = F.normalize(fs.float(), dim=1), F.normalize(ft.float(), dim=1)
+    log_ps = (ns @ ns.T / temperature).log_softmax(1)
+    log_pt = (nt @ nt.T / temperature).log_softmax(1)
+    return (log_pt.exp() * (log_pt - log_ps)).sum()
 
 
 def logit_terms(loss, logs, zs, zt, y, T: float, kd_weight: float, ce_weight: float):
-    """Add the optional logit terms of the feature methods: kd_weight * T^2 KL(p_t || p_s) + ce_weight * CE."""
+    """Add the optional logit terms of the feature methods: kd_weight * T^2 KL(p_t || p_s) + ce_weight * CE (on
+    logits, mean over the batch)."""
     if kd_weight:
         kd = kl_to_target(zs, (zt / T).softmax(1), T).mean()
         loss = loss + kd_weight * kd
@@ -38,23 +43,61 @@ def logit_terms(loss, logs, zs, zt, y, T: float, kd_weight: float, ce_weight: fl
 
 
 class CD(Method):
-    """beta * KL between the in-batch feature-similarity distributions of teacher and student (temperature
-    gamma), plus `kd_weight` * logit KL and `ce_weight` * CE (both 0 by default)."""
+    """ce_weight (0.1) * CE + beta (10) * CD + kd_weight (0) * T^2 KL(p_t || p_s), CD = `similarity_kl` of the
+    penultimate features (summed over anchors, diagonal kept, similarity temperature `sim_temperature` 1), as
+    the public `contrastive_distill` with `cd_dist.yaml` (its gamma 0.1 is the CE weight, not a temperature)."""
 
-    def __init__(self, student, teacher, beta: float = 10.0, gamma: float = 0.1, kd_weight: float = 0.0,
-                 ce_weight: float = 0.0, temperature: float = 1.0, **kw):
+    def __init__(self, student, teacher, beta: float = 10.0, ce_weight: float = 0.1, kd_weight: float = 0.0,
+                 temperature: float = 1.0, sim_temperature: float = 1.0, **kw):
         super().__init__(student, teacher, **kw)
-        check(gamma > 0, f"method.gamma={gamma} must be > 0")
+        check(sim_temperature > 0, f"method.sim_temperature={sim_temperature} must be > 0: use 1.0 (public code)")
         check(temperature > 0, f"method.temperature={temperature} must be > 0")
-        self.beta, self.gamma, self.kd_w, self.ce_w, self.T = beta, gamma, kd_weight, ce_weight, temperature
+        self.beta, self.kd_w, self.ce_w, self.T = beta, kd_weight, ce_weight, temperature
+        self.sim_T = float(sim_temperature)
 
     def loss(self, batch):
         x, y, idx = batch
         x, mixed = self.mix(x)
         ft, zt = self.teacher.features_and_logits(x, idx, use_cache=not mixed)  # frozen first (KL.three_logits)
         fs, zs = self.student.features_and_logits(x)
-        cd = similarity_kl(fs, ft, self.gamma)
-        return logit_terms(self.beta * cd, {"cd": cd.detach()}, zs, zt, y, self.T, self.kd_w, self.ce_w)
+        cd = similarity_kl(fs, ft, self.sim_T)
+        return logit_terms(self.beta * cd, {"cd": cd.detach()}, zs, zt, y, self.T, self.kd_w,
+                           0.0 if mixed else self.ce_w)
+
+
+class NegativeSampler(nn.Module):
+    """Draws CRD negatives as the public `get_contrast_idx`: per anchor, `k` sample ids uniformly with
+    replacement from the training samples of the *other* classes (never the anchor's class, so never the
+    positive). Vectorised: the ids are sorted by class; a uniform position in [0, n - n_c) skips the block of
+    class c."""
+
+    def __init__(self, sample_labels: torch.Tensor):
+        super().__init__()
+        labels = torch.as_tensor(sample_labels, dtype=torch.long)
+        ids = torch.nonzero(labels >= 0).flatten()
+        cls = labels[ids]
+        order = torch.argsort(cls, stable=True)
+        c = int(cls.max()) + 1 if cls.numel() else 1
+        count = torch.bincount(cls, minlength=c)
+        check(int((count > 0).sum()) >= 2, "CRD draws negatives from other classes: the training split needs at "
+              "least two classes")
+        self.register_buffer("ids_by_class", ids[order], persistent=False)
+        self.register_buffer("start", torch.cumsum(count, 0) - count, persistent=False)
+        self.register_buffer("count", count, persistent=False)
+        self.register_buffer("labels", labels, persistent=False)
+
+    @property
+    def n(self) -> int:
+        return int(self.ids_by_class.numel())
+
+    def forward(self, idx: torch.Tensor, k: int) -> torch.Tensor:
+        """(B, k) negative sample ids for the anchors `idx` (sample ids)."""
+        c = self.labels[idx]
+        n_c, s_c = self.count[c][:, None], self.start[c][:, None]
+        u = torch.rand(idx.shape[0], k, device=idx.device, dtype=torch.float64)
+        r = torch.minimum((u * (self.n - n_c)).long(), self.n - n_c - 1)  # guard against rounding up to the bound
+        pos = torch.where(r < s_c, r, r + n_c)
+        return self.ids_by_class[pos]
 
 
 class _Embed(nn.Module):
@@ -67,29 +110,35 @@ class _Embed(nn.Module):
 
 
 class CRD(Method):
-    """Contrastive representation distillation: student and teacher penultimate features embedded to
-    `feat_dim` (128) and contrasted against `num_negatives` (4096) memory-bank entries with NCE (temperature
-    nce_t 0.07, bank momentum 0.5), in both directions; plus `kd_weight` * T^2 KL at T = 4 and `ce_weight` * CE.
-    Memory banks hold one entry per training sample (`num_samples`, from the batch's sample index)."""
+    """ce_weight (1) * CE + crd_weight (0.8) * CRD + kd_weight (0) * T^2 KL at T = 4 (unused at weight 0), as the
+    public `contrastive_distill` with `crd_dist.yaml`. CRD: student and teacher penultimate features embedded to
+    `feat_dim` (128) and contrasted with NCE (temperature nce_t 0.07, bank momentum 0.5), in both directions,
+    against the positive's memory-bank entry and `num_negatives` (4096) entries drawn uniformly with replacement
+    from the training samples of *other classes* (`NegativeSampler`, public `get_contrast_idx`). Memory banks hold
+    one entry per sample id; `sample_labels` (N_full,) gives each training sample's label by id (-1: not in the
+    training split); the NCE constants use n_data = the number of training samples."""
 
-    def __init__(self, student, teacher, num_samples: int, feat_dim: int = 128, num_negatives: int = 4096,
-                 nce_t: float = 0.07, momentum: float = 0.5, temperature: float = 4.0, crd_weight: float = 0.8,
-                 kd_weight: float = 1.0, ce_weight: float = 0.0, **kw):
+    def __init__(self, student, teacher, sample_labels: torch.Tensor, feat_dim: int = 128,
+                 num_negatives: int = 4096, nce_t: float = 0.07, momentum: float = 0.5, temperature: float = 4.0,
+                 crd_weight: float = 0.8, kd_weight: float = 0.0, ce_weight: float = 1.0, **kw):
         super().__init__(student, teacher, **kw)
-        check(num_samples > 0, "CRD needs the number of training samples (num_samples)")
+        check(sample_labels is not None and len(sample_labels) > 0,
+              "CRD needs the training labels by sample id (sample_labels)")
         check(num_negatives > 0, f"method.num_negatives={num_negatives} must be > 0")
         check(nce_t > 0 and temperature > 0, "method.nce_t and method.temperature must be > 0")
         check(0 <= momentum < 1, f"method.momentum={momentum} must be in [0, 1)")
         if self.mixup_alpha > 0:
             raise UserError("CRD contrasts per-sample memory entries: mixup_alpha must be 0")
-        self.n, self.k, self.nce_t, self.m = int(num_samples), int(num_negatives), nce_t, momentum
+        self.negatives = NegativeSampler(sample_labels)
+        size = len(sample_labels)
+        self.n, self.k, self.nce_t, self.m = self.negatives.n, int(num_negatives), nce_t, momentum
         self.T, self.crd_w, self.kd_w, self.ce_w = temperature, crd_weight, kd_weight, ce_weight
         self.embed_s = _Embed(student.num_features, feat_dim)
         self.embed_t = _Embed(teacher.num_features, feat_dim)
         stdv = 1.0 / math.sqrt(feat_dim / 3)
         g = torch.Generator().manual_seed(0)
-        self.register_buffer("memory_s", torch.rand(self.n, feat_dim, generator=g).mul_(2 * stdv).add_(-stdv))
-        self.register_buffer("memory_t", torch.rand(self.n, feat_dim, generator=g).mul_(2 * stdv).add_(-stdv))
+        self.register_buffer("memory_s", torch.rand(size, feat_dim, generator=g).mul_(2 * stdv).add_(-stdv))
+        self.register_buffer("memory_t", torch.rand(size, feat_dim, generator=g).mul_(2 * stdv).add_(-stdv))
         self.register_buffer("z_s", torch.tensor(-1.0))
         self.register_buffer("z_t", torch.tensor(-1.0))
         self._z_ready = {}
@@ -118,7 +167,7 @@ class CRD(Method):
         ft, zt = self.teacher.features_and_logits(x, idx)  # frozen first (KL.three_logits)
         fs, zs = self.student.features_and_logits(x)
         vs, vt = self.embed_s(fs), self.embed_t(ft)
-        neg = torch.randint(0, self.n, (x.shape[0], self.k), device=x.device)
+        neg = self.negatives(idx, self.k)
         crd = self._nce(vs, self.memory_t, idx, neg, self.z_s) + self._nce(vt, self.memory_s, idx, neg, self.z_t)
         with torch.no_grad():
             for mem, v in ((self.memory_s, vs), (self.memory_t, vt)):

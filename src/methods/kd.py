@@ -1,12 +1,18 @@
 """Logit distillation of Fantastic Gains (REFERENCE §1): KL, XE-KL, KL+DP and its partition ablations, MCL.
 
-Conventions: KL(p_target^T || p_student^T) per sample, scaled by T^2 (Hinton), averaged over the batch;
-`alpha` weighs it against cross-entropy on the student's *logits* (the public code applied CE to softmax
-outputs: a bug we do not repeat). Routing for data partitioning uses T = 1 probabilities."""
+Source followed: ExplainableML/FantasticGains (`main_distillation.py: xe_kl_distill`, `dist_utils.py:
+get_flip_masks`, `CRDloss.py: DistillKL`, configs `*_dist.yaml`). Conventions: KL(p_target^T || p_student^T) per
+sample, scaled by T^2 (Hinton), averaged over the batch (the selected samples for MCL); `alpha` weighs it against
+cross-entropy. Routing for data partitioning uses T = 1 probabilities.
+
+Named fixes vs. the public code (kept, not optional: no paper number depends on the bug):
+- CE on logits: the public code feeds softmax outputs to `CrossEntropyLoss` (XE-KL, MCL).
+- No gradient through the neutral target of `neutral_avg`: the public code averages the teacher's logits with
+  the *current student's* undetached logits, so the KL also pulls the target towards the student."""
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -16,6 +22,8 @@ from ..errors import UserError, check
 from .base import Method
 
 PARTITIONS = ("most-conf", "most-conf_u", "pos_flips", "neg_flips", "neutral_avg", "self")
+FLIP_SOURCES = ("current", "frozen")
+NEUTRAL_TARGETS = ("logit_avg_current", "prob_avg_frozen")
 
 
 def kl_to_target(student_logits: torch.Tensor, target_probs: torch.Tensor, T: float) -> torch.Tensor:
@@ -33,17 +41,32 @@ def topk_restrict(teacher_logits: torch.Tensor, student_logits: torch.Tensor, k:
     return teacher_logits.gather(1, idx), student_logits.gather(1, idx)
 
 
+def flip_masks(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+               labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(positive, negative) flip masks: teacher right & student wrong, teacher wrong & student right (top-1).
+    Neutral = neither."""
+    t_ok, s_ok = teacher_logits.argmax(1) == labels, student_logits.argmax(1) == labels
+    return t_ok & ~s_ok, ~t_ok & s_ok
+
+
+def check_flip_source(flip_source: str) -> None:
+    check(flip_source in FLIP_SOURCES, f"method.flip_source='{flip_source}' is unknown: use one of "
+          f"{', '.join(FLIP_SOURCES)}")
+
+
 def dp_route(teacher_logits: torch.Tensor, frozen_logits: torch.Tensor, labels: Optional[torch.Tensor],
-             partition: str) -> torch.Tensor:
+             partition: str, flip_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-sample weight of the teacher in the KL target (1 = teacher, 0 = frozen initial student).
 
     most-conf:   teacher where its softmax probability of the true label is higher (supervised, KL+DP)
     most-conf_u: teacher where its max softmax probability is higher (unsupervised, no labels)
     pos_flips:   teacher only on positive flips (teacher right, student wrong), frozen student elsewhere
     neg_flips:   frozen student only on negative flips (student right, teacher wrong), teacher elsewhere
-    neutral_avg: teacher on positive flips, frozen student on negative flips, the average on the rest
+    neutral_avg: teacher on positive flips, frozen student on negative flips, 0.5 on the rest (the neutral
+                 target itself is chosen by `KLDP.neutral_target`)
     self:        always the frozen student (self-distillation)
-    Ties go to the frozen student."""
+    The flips are those of `flip_logits` (the public code: the current student) against the teacher; default
+    `frozen_logits`. Ties go to the frozen student."""
     if partition not in PARTITIONS:
         raise UserError(f"method.partition='{partition}' is unknown: use one of {', '.join(PARTITIONS)}")
     pt, ps = teacher_logits.float().softmax(1), frozen_logits.float().softmax(1)
@@ -56,8 +79,8 @@ def dp_route(teacher_logits: torch.Tensor, frozen_logits: torch.Tensor, labels: 
     if partition == "most-conf":
         y = labels.view(-1, 1)
         return (pt.gather(1, y) > ps.gather(1, y)).view(-1).float()
-    t_ok, s_ok = pt.argmax(1) == labels, ps.argmax(1) == labels
-    pos, neg = (t_ok & ~s_ok).float(), (~t_ok & s_ok).float()
+    pos, neg = flip_masks(teacher_logits, frozen_logits if flip_logits is None else flip_logits, labels)
+    pos, neg = pos.float(), neg.float()
     if partition == "pos_flips":
         return pos
     if partition == "neg_flips":
@@ -106,14 +129,15 @@ class KL(Method):
         return zs, zt, zf, mixed
 
     def combine(self, kl, zs, y, mixed, mask=None):
+        """alpha * KL (mean over the batch, or over the samples where `mask` is 1) + (1 - alpha) * CE on the
+        logits of *every* sample (MCL masks only its KL term, as the public code)."""
         logs = {"kl": kl.detach().mean()}
         if mask is None:
             loss = self.alpha * kl.mean()
         else:
             loss = self.alpha * (kl * mask).sum() / mask.sum().clamp(min=1.0)
         if self.alpha < 1 and not mixed:
-            ce = F.cross_entropy(zs.float(), y, reduction="none")
-            ce = ce.mean() if mask is None else (ce * mask).sum() / mask.sum().clamp(min=1.0)
+            ce = F.cross_entropy(zs.float(), y)
             loss = loss + (1 - self.alpha) * ce
             logs["ce"] = ce.detach()
         return loss, logs
@@ -122,22 +146,46 @@ class KL(Method):
 class KLDP(KL):
     """KL+DP, the Fantastic Gains method: per sample, the KL target is the teacher's distribution where the
     teacher is more confident (`most-conf`: true-label probability; `most-conf_u`: max probability, no labels),
-    else the frozen initial student's. Ablations: pos_flips, neg_flips, neutral_avg, self (see `dp_route`)."""
+    else the frozen initial student's. Ablations: pos_flips, neg_flips, neutral_avg, self (see `dp_route`).
 
-    def __init__(self, student, teacher, frozen_student, partition: str = "most-conf", **kw):
+    Follows the public `xe_kl_distill` (strategies flip-st / flip-t / flip-avg / self-dist):
+    - `flip_source='current'` (default, public code): the flips of the flip partitions are those of the
+      *current* student against the teacher; `'frozen'`: of the frozen initial student (our earlier variant;
+      both agree at step 0 and drift apart as the student learns).
+    - `neutral_target` of `neutral_avg` on neutral samples: `'logit_avg_current'` (default, public code)
+      softmax((z_teacher + z_student) / 2T) with the current student's logits *detached* (named fix: the public
+      code lets the gradient flow into the target); `'prob_avg_frozen'`: the mean of the teacher's and the frozen
+      student's probabilities (our earlier variant)."""
+
+    def __init__(self, student, teacher, frozen_student, partition: str = "most-conf", flip_source: str = "current",
+                 neutral_target: str = "logit_avg_current", **kw):
         if frozen_student is None:
             raise UserError("KL+DP needs the frozen initial student (frozen_student)")
         super().__init__(student, teacher, frozen_student=frozen_student, **kw)
         if partition not in PARTITIONS:
             raise UserError(f"method.partition='{partition}' is unknown: use one of {', '.join(PARTITIONS)}")
-        self.partition = partition
+        check_flip_source(flip_source)
+        check(neutral_target in NEUTRAL_TARGETS, f"method.neutral_target='{neutral_target}' is unknown: use one "
+              f"of {', '.join(NEUTRAL_TARGETS)}")
+        self.partition, self.flip_source, self.neutral_target = partition, flip_source, neutral_target
 
     def loss(self, batch):
         y = batch[1]
         zs, zt, zf, mixed = self.three_logits(batch)
-        w = dp_route(zt, zf, None if (mixed or self.partition == "most-conf_u") else y,
-                     "most-conf_u" if mixed and self.partition == "most-conf" else self.partition)
-        target = w[:, None] * (zt / self.T).softmax(1) + (1 - w[:, None]) * (zf / self.T).softmax(1)
+        labels = None if (mixed or self.partition == "most-conf_u") else y
+        partition = "most-conf_u" if mixed and self.partition == "most-conf" else self.partition
+        flip_logits = zs.detach() if self.flip_source == "current" else zf
+        w = dp_route(zt, zf, labels, partition, flip_logits=flip_logits)[:, None]
+        pt, pf = (zt / self.T).softmax(1), (zf / self.T).softmax(1)
+        target = w * pt + (1 - w) * pf
+        if partition == "neutral_avg":
+            pos, neg = flip_masks(zt, flip_logits, labels)
+            neutral = ~(pos | neg)
+            if self.neutral_target == "logit_avg_current":
+                avg = ((zt.float() + zs.detach().float()) / (2 * self.T)).softmax(1)
+            else:
+                avg = 0.5 * (pt + pf)
+            target = torch.where(neutral[:, None], avg, target)
         kl = kl_to_target(zs, target, self.T)
         loss, logs = self.combine(kl, zs, y, mixed)
         logs["dp_share_teacher"] = w.mean()
@@ -145,24 +193,37 @@ class KLDP(KL):
 
 
 class MCL(KL):
-    """Continual-learning baseline: XE-KL (alpha 0.68, top-k 100) on the samples that are not negative flips
-    (frozen student right, teacher wrong), plus slow EMA weights (tau 0.9999, updated every `ema_every` = 2
-    steps) that are evaluated."""
+    """Continual-learning baseline (public `xe_kl_distill` with loss `xekl_mcl`, on_flip neg: nothing):
+    alpha * KL (alpha 0.68, teacher top-k 100, T 1) averaged over the samples that are not negative flips
+    (student right, teacher wrong) + (1 - alpha) * CE on *all* samples (on logits: named fix, the public code
+    applies it to softmax outputs), plus slow EMA weights (tau 0.9999, updated every `ema_every` = 2 steps)
+    that are evaluated. The negative flips are the *current* student's (`flip_source='current'`, public code) or
+    the frozen initial student's (`'frozen'`)."""
 
-    def __init__(self, student, teacher, frozen_student, alpha: float = 0.68, topk: int = 100,
-                 ema_tau: float = 0.9999, ema_every: int = 2, **kw):
+    def __init__(self, student, teacher, frozen_student=None, alpha: float = 0.68, topk: int = 100,
+                 ema_tau: float = 0.9999, ema_every: int = 2, flip_source: str = "current", **kw):
         super().__init__(student, teacher, alpha=alpha, topk=topk, frozen_student=frozen_student, **kw)
         check(0 <= ema_tau < 1, f"method.ema_tau={ema_tau} must be in [0, 1)")
         check(ema_every >= 1, f"method.ema_every={ema_every} must be >= 1")
-        self.tau, self.every = float(ema_tau), int(ema_every)
+        check_flip_source(flip_source)
+        if flip_source == "frozen" and frozen_student is None:
+            raise UserError("MCL with method.flip_source=frozen needs the frozen initial student (frozen_student)")
+        self.tau, self.every, self.flip_source = float(ema_tau), int(ema_every), flip_source
         self.slow = copy.deepcopy(student)
         for p in self.slow.parameters():
             p.requires_grad_(False)
 
     def loss(self, batch):
         y = batch[1]
-        zs, zt, zf, mixed = self.three_logits(batch)
-        neg = (zf.argmax(1) == y) & (zt.argmax(1) != y)
+        if self.flip_source == "frozen":
+            zs, zt, flip_logits, mixed = self.three_logits(batch)
+        else:  # no frozen forward needed
+            x, _, idx = batch
+            x, mixed = self.mix(x)
+            zt = self.teacher.logits(x, idx, use_cache=not mixed)
+            zs = self.student(x)
+            flip_logits = zs.detach()
+        _, neg = flip_masks(zt, flip_logits, y)
         mask = (~neg).float()
         loss, logs = self.combine(self.per_sample_kl(zs, zt), zs, y, mixed, mask=mask)
         logs["mcl_kept"] = mask.mean()

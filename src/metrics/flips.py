@@ -1,7 +1,6 @@
 """Prediction flips between two models and the transfer metrics of Fantastic Gains (REFERENCE §1)."""
 from __future__ import annotations
 
-import math
 from typing import Dict, Sequence
 
 import torch
@@ -43,22 +42,31 @@ def per_class_flips(teacher, student, labels, num_classes: int) -> Dict[str, obj
             "neg_class_entropy": entropy(neg)}
 
 
+def _classes_for(pos_per_class: torch.Tensor, p: float) -> int:
+    """The smallest number of classes (most positive flips first) that together hold >= p% of the positive
+    flips; 0 if there are none."""
+    tot = pos_per_class.sum().item()
+    if tot <= 0:
+        return 0
+    c = torch.sort(pos_per_class.float(), descending=True).values.cumsum(0)
+    return int(torch.searchsorted(c, tot * p / 100.0 - 1e-9).item()) + 1
+
+
 def class_concentration(pos_per_class: torch.Tensor, ps: Sequence[float] = (2, 5, 20, 50)) -> Dict[str, int]:
     """For each p: the smallest number of classes that together hold p% of the positive flips (0 if none)."""
-    tot = pos_per_class.sum().item()
-    out = {}
-    c = torch.sort(pos_per_class.float(), descending=True).values.cumsum(0)
-    for p in ps:
-        if tot <= 0:
-            out[f"classes_for_{p:g}pct"] = 0
-        else:
-            out[f"classes_for_{p:g}pct"] = int(torch.searchsorted(c, tot * p / 100.0 - 1e-9).item()) + 1
-    return out
+    return {f"classes_for_{p:g}pct": _classes_for(pos_per_class, p) for p in ps}
 
 
-def top_classes(pos_per_class: torch.Tensor, p: float) -> torch.Tensor:
-    """The top-p% classes by positive flips (at least one class)."""
-    k = max(1, int(math.ceil(pos_per_class.numel() * p / 100.0)))
+def top_classes(pos_per_class: torch.Tensor, p: float, public_extra_class: bool = False) -> torch.Tensor:
+    """The classes that hold p% of the positive flips: the smallest set of classes, most positive flips first
+    (ties: lower class index first), whose flips reach p% of all of them (empty when there are none).
+
+    Follows the public `get_dist_improvement` / `get_top_p_percent_classes` (ExplainableML/FantasticGains
+    `flip_study.py`), with one named fix: its loop counts one class too many (it increments k after the share
+    already reached p%). `public_extra_class=True` reproduces that (for comparing with the paper's numbers)."""
+    k = _classes_for(pos_per_class, p)
+    if public_extra_class and k:
+        k = min(k + 1, pos_per_class.numel())
     return torch.argsort(pos_per_class, descending=True, stable=True)[:k]
 
 
@@ -73,7 +81,9 @@ def ensemble_accuracy(logits_a, logits_b, labels) -> float:
 def transfer_metrics(now, before, teacher, labels, top_p: float = 20.0) -> Dict[str, float]:
     """Everything main_transfer reports after an evaluation (values in %, except nll/ece/kl).
 
-    now/before/teacher: logits of the current student, the initial student and the teacher on the eval split."""
+    now/before/teacher: logits of the current student, the initial student and the teacher on the eval split.
+    `gain_in_top<p>pct_classes`: % of the knowledge gain (initial student wrong, now right) whose true class is
+    among the classes holding top_p% of the initial student's positive flips (`top_classes`)."""
     n = labels.numel()
     r_now, r_before = _pred(now) == labels, _pred(before) == labels
     gain = r_now & ~r_before

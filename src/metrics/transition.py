@@ -1,10 +1,15 @@
 """Transition curves and the mean transition error (MTE) of Micaelli & Storkey 2019 (REFERENCE §4). Pure functions:
 the models come in as callables (input -> logits); nothing else from the suite is imported.
 
-For each image (on which student and teacher agree) and each other class j, K plain gradient steps (lr 1) on the
-input minimise CE(student(x), j); p_j under the student and under the teacher is recorded at every step (step 0
+For each image (on which student and teacher agree) and each class j other than its TRUE label, K plain gradient
+steps (lr 1) on the input minimise CE(student(x), j); p_j under the student and under the teacher is recorded at every step (step 0
 is the original image). MTE = mean |p_j^student - p_j^teacher| over images, classes and the first `mte_steps`
-steps. All N x (C-1) inputs are one batch (or chunks of `chunk` inputs: a loop over chunks, never over images)."""
+steps. All N x (C-1) inputs are one batch (or chunks of `chunk` inputs: a loop over chunks, never over images).
+
+Source followed: polo5/ZeroShotKnowledgeTransfer `utils/transition_curves.py`: targets (y + 1 .. y + C-1) mod C of
+the true label y (here in ascending order; MTE is a mean, so the order does not matter), and the N images are the
+first N agreeing ones of a seeded shuffle of the split (not the first N in split order, biased when a split is
+sorted by class)."""
 from __future__ import annotations
 
 from typing import Callable, Dict, Optional
@@ -15,15 +20,17 @@ import torch.nn.functional as F
 Logits = Callable[[torch.Tensor], torch.Tensor]
 
 
-def agreeing(student_logits: torch.Tensor, teacher_logits: torch.Tensor, n: int) -> torch.Tensor:
-    """Positions of the first `n` samples on which student and teacher predict the same class."""
-    same = torch.nonzero(student_logits.argmax(1) == teacher_logits.argmax(1)).flatten()
-    return same[:n]
+def agreeing(student_logits: torch.Tensor, teacher_logits: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """Positions of `n` samples on which student and teacher predict the same class: the first n of them in a
+    random order of the samples drawn with `seed` (fewer if fewer agree)."""
+    perm = torch.randperm(student_logits.shape[0], generator=torch.Generator().manual_seed(int(seed)))
+    same = (student_logits.argmax(1) == teacher_logits.argmax(1)).cpu()[perm]
+    return perm[same][:n].to(student_logits.device)
 
 
 def transition_batch(x: torch.Tensor, labels: torch.Tensor, num_classes: int):
-    """Every (image, other class) pair as one batch: inputs (N*(C-1), ...), targets (N*(C-1),), image index
-    (N*(C-1),). Pair order: image-major, classes ascending without the image's own label."""
+    """Every (image, class other than its true label) pair as one batch: inputs (N*(C-1), ...), targets
+    (N*(C-1),), image index (N*(C-1),). Pair order: image-major, classes ascending without the image's label."""
     n = x.shape[0]
     classes = torch.arange(num_classes, device=labels.device).expand(n, num_classes)
     keep = classes != labels.view(-1, 1)
@@ -51,8 +58,8 @@ def _curves(student: Logits, teacher: Logits, x: torch.Tensor, targets: torch.Te
 def transition_curves(student: Logits, teacher: Logits, x: torch.Tensor, labels: torch.Tensor, num_classes: int,
                       steps: int = 200, lr: float = 1.0, chunk: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """{'student': (steps, N*(C-1)) p_j under the student, 'teacher': the same under the teacher, 'targets',
-    'image'} for the images `x` with labels `labels` (the class both models predict). The models must be in eval
-    mode (no batch statistics: inputs do not interact)."""
+    'image'} for the images `x` with their true labels `labels` (the targets are every other class). The models
+    must be in eval mode (no batch statistics: inputs do not interact)."""
     xs, targets, image = transition_batch(x, labels, num_classes)
     m = xs.shape[0]
     chunk = m if not chunk or chunk <= 0 else int(chunk)
