@@ -43,8 +43,9 @@ install: $(STAMP)
 # seeds each, side by side (mean ± std [95% CI]); trains the two zoo models it needs on a fresh checkout
 demo: $(STAMP)
 	@set -e; d=outputs/demo/$$(date +%Y-%m-%d_%H-%M-%S); mkdir -p $$d; \
-	echo "KL vs KL+DP (transfer seeds 0,1,2); the sweep's log: $$d/sweep.log"; \
-	$(VENV)/bin/python main_transfer.py -m method=kl,kl_dp trainer.seed=0,1,2 hydra.sweep.dir=$$d \
+	echo "KL vs KL+DP, mlp_small (weaker teacher) -> resnet8, transfer seeds 0,1,2; the sweep log: $$d/sweep.log"; \
+	$(VENV)/bin/python main_transfer.py -m teacher=mlp_small student=resnet8 method=kl,kl_dp trainer.seed=0,1,2 \
+	  hydra.sweep.dir=$$d \
 	  > $$d/sweep.log 2>&1 || { tail -n 20 $$d/sweep.log; exit 1; }; \
 	$(VENV)/bin/python scripts/aggregate.py $$d --out $$d/aggregate --print transfer_pairs
 
