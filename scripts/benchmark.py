@@ -86,7 +86,8 @@ class ListLoader:
 
 def make_models(args, dev, seed=0):
     torch.manual_seed(seed)
-    mk = lambda arch: create_model(arch, 10, 3, CIFAR_MEAN, CIFAR_STD, img_size=32).to(dev)  # noqa: E731
+    size = getattr(args, "img_size", 32)
+    mk = lambda arch: create_model(arch, 10, 3, CIFAR_MEAN, CIFAR_STD, img_size=size).to(dev)  # noqa: E731
     student, teacher = mk(args.student), mk(args.teacher)
     frozen = mk(args.student)
     frozen.load_state_dict(student.state_dict())
@@ -248,17 +249,22 @@ def bench_parts(method, batches, args, dev, tmp):
 
 
 def time_epoch(loader, dev, max_batches):
-    """Images/s of one epoch (at most max_batches), steady state: the clock starts when the first batch is out
-    (a DataLoader's worker start-up is not counted, in its favour)."""
-    it = loader.iter_epoch(0)
-    next(it)
+    """Images/s of one epoch (at most max_batches), steady state: the clock restarts when the first batch is out
+    (a DataLoader's worker start-up is not counted, in its favour) unless that was the only batch."""
     sync(dev)
-    t0, n = time.perf_counter(), 0
-    for b, (x, y, i) in enumerate(it):
+    start = t0 = time.perf_counter()
+    n = first = 0
+    for b, (x, y, i) in enumerate(loader.iter_epoch(0)):
+        if b == 0:
+            sync(dev)
+            t0, first = time.perf_counter(), x.shape[0]
+            continue
         n += x.shape[0]
-        if b + 2 >= max_batches:
+        if b + 1 >= max_batches:
             break
     sync(dev)
+    if n == 0:  # a single batch: its whole time
+        return first / max(time.perf_counter() - start, 1e-9) if first else 0.0
     return n / (time.perf_counter() - t0)
 
 
@@ -321,7 +327,7 @@ def bench_ffcv(args, dev, tmp):
         write_beton(split, beton / "jpegfolder_train.beton", write_mode="jpg", num_workers=args.workers or 1)
         lcfg = OmegaConf.merge(OmegaConf.structured(LoaderConfig), {"ffcv_dir": str(beton), "backend": "ffcv",
                                                                     "num_workers": max(1, args.workers)})
-        common = dict(batch_size=128, shuffle=True, drop_last=True, augment="rrc_flip", flip=True, seed=0,
+        common = dict(batch_size=min(128, n // 4), shuffle=True, drop_last=True, augment="rrc_flip", flip=True, seed=0,
                       device=dev)
         fl = FFCVLoader(lcfg, split, train=True, **common)
         dl = TorchLoader(split, num_workers=args.workers, train=True, **common)
@@ -340,6 +346,17 @@ def bench_ffcv(args, dev, tmp):
 
 
 # ---------------------------------------------------------------------------------------------------- main
+
+
+def markdown_table(head, rows) -> str:
+    """The result rows (row, ratio, target, a, b) as a Markdown table under a header line."""
+    lines = [head, "", "| comparison | ratio | target | ok | arm A | arm B |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        ok = "" if r["ratio"] is None or r["target"] is None else ("yes" if r["ratio"] >= r["target"] else "NO")
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
+        target = "-" if r["target"] is None else f">= {r['target']}"
+        lines.append(f"| {r['row']} | {ratio} | {target} | {ok} | {r['a']} | {r['b']} |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -404,13 +421,7 @@ def main(argv=None):
             f"amp {args.amp}, channels_last {args.channels_last}, compile {args.compile}, student {args.student}, "
             f"teacher {args.teacher}, batch {args.batch_size}, {args.repeats} repeats x {args.steps} steps "
             f"(median), warmup {args.warmup}")
-    lines = [head, "", "| comparison | ratio | target | ok | arm A | arm B |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        ok = "" if r["ratio"] is None or r["target"] is None else ("yes" if r["ratio"] >= r["target"] else "NO")
-        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
-        target = "-" if r["target"] is None else f">= {r['target']}"
-        lines.append(f"| {r['row']} | {ratio} | {target} | {ok} | {r['a']} | {r['b']} |")
-    table = "\n".join(lines)
+    table = markdown_table(head, rows)
     print("\n" + table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
