@@ -198,7 +198,7 @@ def main(argv=None):
     a.workers = min(8, os.cpu_count() or 2)
     a.loader_samples, a.dl_batches, a.ffcv_samples = (1024, 4, 128) if tiny else (50000, 8, 4096)
     flips_size = (12, 600, 10) if tiny else (400, 50000, 1000)
-    kl_samples = 100 if tiny else 5000
+    kl_samples = 100 if tiny else 2000
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
         name = torch.cuda.get_device_name(dev)

@@ -366,3 +366,38 @@ def test_kl_stream_from_fp16_memmaps_equals_in_memory_kl_for_any_block(tmp_path)
     again = log_prob_file(z[0], paths[0], T=2.0)
     assert paths[0].stat().st_mtime_ns == mtime and np.array_equal(again, files[0])
     assert log_prob_file(z[0, :50], paths[0], T=2.0).shape == (50, 12)
+
+
+@pytest.mark.gpu
+def test_cuda_crops_pairwise_statistics_and_kl_stream_equal_cpu(tmp_path):
+    from src.data.loaders import CropStore, TensorLoader, resized_crop_flip, rrc_parameters
+    from src.engine.cache import log_prob_file
+    from src.metrics import pairwise as pw
+
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (40, 3, 10, 10), dtype=torch.uint8, generator=g)
+    pos, oy, ox = torch.randperm(40, generator=g)[:16], torch.randint(0, 5, (16,)), torch.randint(0, 5, (16,))
+    mirror = torch.rand(16, generator=g) < 0.5
+    cpu = CropStore(imgs, 2, True).crops(pos, oy, ox, mirror)
+    gpu = CropStore(imgs.cuda(), 2, True).crops(pos.cuda(), oy.cuda(), ox.cuda(), mirror.cuda())
+    assert torch.equal(cpu, gpu.cpu())
+    box = rrc_parameters(16, g, "cpu")
+    assert torch.allclose(resized_crop_flip(imgs[:16], 8, *box, mirror),
+                          resized_crop_flip(imgs[:16].cuda(), 8, *(b.cuda() for b in box), mirror.cuda()).cpu(),
+                          atol=1e-4)
+    from src.data.datasets import DatasetInfo, Split
+
+    info = DatasetInfo("s", 4, list("abcd"), 3, 10, [0.5] * 3, [0.25] * 3)
+    split = Split("train", torch.randint(0, 4, (40,), generator=g), torch.arange(40), images=imgs, info=info,
+                  full_size=40)
+    ld = TensorLoader(split, 8, True, True, augment="crop_flip", crop_padding=2, flip=True, device="cuda")
+    x, y, i = next(ld.iter_epoch(0))
+    assert x.is_cuda and x.shape == (8, 3, 10, 10) and 0 <= float(x.min()) and float(x.max()) <= 1
+    preds, labels = _preds_with_confusions()
+    a, b = pw.pairwise_stats(preds, labels, 6), pw.pairwise_stats(preds.cuda(), labels.cuda(), 6)
+    for k in a:
+        assert torch.allclose(a[k].double(), b[k].cpu().double()), k
+    z = torch.randn(5, 60, 7, generator=g)
+    files = [log_prob_file(z[m], tmp_path / f"{m}.npy") for m in range(5)]
+    assert torch.allclose(pw.kl_matrix_stream(files, max_bytes=5000, progress=False),
+                          pw.kl_matrix_stream(files, max_bytes=5000, device="cuda", progress=False).cpu(), atol=1e-5)

@@ -376,14 +376,21 @@ def kl_matrix_stream(log_probs: Sequence, max_bytes: int = 1 << 30, device=None,
         from tqdm import tqdm
 
         starts = tqdm(starts, desc=f"KL {N}x{N} pairs, {n} samples", unit="block", leave=False)
+    copied = None  # CUDA: the event after the last host -> device copy out of `buf`
     for i0 in starts:
         bb = min(b, n - i0)
+        if copied is not None:
+            copied.synchronize()  # refill the pinned buffer only once its last copy has left (compute may run on)
         for m, src in enumerate(log_probs):
             if isinstance(src, torch.Tensor):
                 buf[m, :bb].copy_(src[i0:i0 + bb])
             else:  # numpy / memory map: one copy from the page cache into the (pinned) buffer
                 buf_np[m, :bb] = src[i0:i0 + bb]
-        lp = buf[:, :bb].to(dev, non_blocking=True).float().reshape(N, bb * K)
+        lp = buf[:, :bb].to(dev, non_blocking=True)
+        if dev.type == "cuda":
+            copied = torch.cuda.Event()
+            copied.record()
+        lp = lp.float().reshape(N, bb * K)
         for a0 in range(0, N, mb):
             p = lp[a0:a0 + mb].exp()
             neg_ent = (p * lp[a0:a0 + mb]).sum(1).double()
