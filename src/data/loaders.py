@@ -8,8 +8,9 @@ Semantics shared by every backend
 - `iter_epoch(epoch, start_batch)`: resumes inside an epoch without loading the skipped batches.
 - Distributed: with `world_size > 1` every rank takes a disjoint, equal-sized share of each epoch's order
   (padded by repetition like torch's DistributedSampler when needed).
-Backends: `tensor` (the split as one uint8 tensor on the device; batched crop/flip there; the default for data
-that fits in memory), `torch` (DataLoader, workers, torchvision transforms; ImageFolder scale), `ffcv`
+Backends: `tensor` (the split as one uint8 tensor on the device; crop+flip is one uint8 gather from a padded and
+mirrored copy, then one conversion; the epoch's random parameters are drawn at its start, one per position of
+its order, and sharded like it; the default for data that fits in memory), `torch` (DataLoader, workers, torchvision transforms; ImageFolder scale), `ffcv`
 (.beton files, see `ffcv_loader.py`).
 """
 from __future__ import annotations
@@ -233,6 +234,8 @@ def random_resized_crop_flip(x: torch.Tensor, size: int, flip: bool, g: torch.Ge
 class TensorLoader(_OrderMixin):
     """The whole split as one uint8 tensor on the device; batches are sliced, converted and augmented there."""
 
+    STORE_MAX_BYTES = 4 << 30  # larger splits crop per batch (pad + gather + mirror): slower, no extra memory
+
     def __init__(self, split: Split, batch_size: int, shuffle: bool, drop_last: bool, augment: str = "none",
                  crop_padding: int = 0, flip: bool = False, seed: int = 0, device="cpu", dtype=torch.float32,
                  rank: int = 0, world_size: int = 1):
@@ -250,8 +253,6 @@ class TensorLoader(_OrderMixin):
         if augment == "crop_flip" and (crop_padding > 0 or flip) and \
                 CropStore.nbytes(self.images, crop_padding, flip) <= self.STORE_MAX_BYTES:
             self.store = CropStore(self.images, crop_padding, flip)
-
-    STORE_MAX_BYTES = 4 << 30  # larger splits crop per batch (pad + gather + mirror): slower, no extra memory
 
     @property
     def augmented(self) -> bool:
