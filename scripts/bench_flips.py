@@ -183,8 +183,9 @@ def bench_kl(N, n, S, K, folder, seed=0, device="cpu", max_gb=2.0, loop_pairs=20
         res["kl_peak_cuda_gb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
     log(f"KL streamed from fp16 memmaps on {device}: all {N * (N - 1)} pairs on {S} of {n} samples "
         f"({res['kl_file_gb']:.3g} GB on disk): {t_kl:.2f} s (+ {t_write:.1f} s writing the files); "
-        f"{'measured at full size' if S == n else f'extrapolated x{scale:.0f} to all {n} samples: ~{t_kl * scale:.0f} s'}"
-        f" ({res['kl_file_gb_full']:.3g} GB of files); peak RSS {res['kl_peak_rss_gb']:.2f} GB with a {max_gb:g} GB "
+        + ("measured at full size" if S == n else
+           f"extrapolated x{scale:.0f} to all {n} samples: ~{t_kl * scale:.0f} s")
+        + f" ({res['kl_file_gb_full']:.3g} GB of files); peak RSS {res['kl_peak_rss_gb']:.2f} GB with a {max_gb:g} GB "
         f"block budget; matches the float32 loop on {len(kp[:loop_pairs])} pairs")
     return res
 

@@ -25,7 +25,7 @@ def test_bench_gpu_tiny_on_cpu_writes_every_row(tmp_path):
                 "tensor loader crop+flip / its ceiling", "tensor loader crop+flip / DataLoader+torchvision",
                 "tensor loader RRC+flip / its ceiling"):
         assert key in rows and math.isfinite(rows[key]["ratio"]) and rows[key]["ratio"] > 0, key
-    mfu = next(r for r in res["rows"] if r["row"].startswith("KL+DP resnet8 -> resnet8"))
+    mfu = next(r for r in res["rows"] if r["row"].startswith("KL+DP resnet8 -> resnet8 32px none channels_last"))
     assert mfu["step_gflop"] > 0 and mfu["img_s"] > 0
     flips, kl = res["flips"], res["kl"]
     assert flips["pairs"] == 12 * 11 and flips["vectorised_s"] > 0 and flips["peak_rss_gb"] > 0

@@ -10,8 +10,8 @@ Semantics shared by every backend
   (padded by repetition like torch's DistributedSampler when needed).
 Backends: `tensor` (the split as one uint8 tensor on the device; crop+flip is one uint8 gather from a padded and
 mirrored copy, then one conversion; the epoch's random parameters are drawn at its start, one per position of
-its order, and sharded like it; the default for data that fits in memory), `torch` (DataLoader, workers, torchvision transforms; ImageFolder scale), `ffcv`
-(.beton files, see `ffcv_loader.py`).
+its order, and sharded like it; the default for data that fits in memory), `torch` (DataLoader, workers,
+torchvision transforms; ImageFolder scale), `ffcv` (.beton files, see `ffcv_loader.py`).
 """
 from __future__ import annotations
 
