@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 MIN_FREE_KB ?= 8000000
 SHELL := /bin/bash
 
-.PHONY: demo test test-trained install gpu-test bench reproduce clean
+.PHONY: demo test test-trained install gpu-test bench bench-gpu reproduce clean
 
 $(STAMP): requirements.txt
 	@set -e; \
@@ -65,6 +65,11 @@ gpu-test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python scripts/benchmark.py
+
+# one GPU, <= ~5 min: KL+DP R50->R18 224px bf16 (eager + compile), loaders, FFCV, flips/KL, DDP with 2 GPUs;
+# writes bench_results/bench_gpu_cuda.{json,md}. BENCH_GPU_ARGS="--device cpu --tiny" runs it anywhere.
+bench-gpu: $(STAMP)
+	$(VENV)/bin/python scripts/bench_gpu.py $(BENCH_GPU_ARGS)
 
 clean:
 	rm -rf outputs multirun cache checkpoints

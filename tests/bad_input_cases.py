@@ -141,6 +141,7 @@ CASES = [
     # ------------------------------------------------------------------------------------------------ flips
     C("flips-unknown-model", "flips", ["models=[mlp_small,lenett]"], ["'lenett'", "lenet"]),
     C("flips-temperature-zero", "flips", ["temperature=0"], ["temperature=0", "> 0"]),
+    C("flips-kl-block-budget-zero", "flips", ["kl_max_gb=0"], ["kl_max_gb=0", "> 0"]),
     # ---------------------------------------------------------------------------------------- multi-teacher
     C("multi_teacher-unknown-teacher", "multi_teacher", ["teachers=[mlp_small,lenat]"],
       ["teachers[1]", "'lenat'", "lenet"], subprocess=True),

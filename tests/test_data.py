@@ -414,3 +414,86 @@ def test_crop_flip_is_a_zero_padded_shift_with_optional_mirror():
         assert found is not None, f"sample {i} is not a padded crop (+ mirror) of its input"
         kinds.add(found)
     assert len(kinds) > 10 and {k[0] for k in kinds} == {False, True}  # varied offsets, both orientations
+
+
+def _uint8_split(n=48, c=3, size=8, seed=0):
+    from src.data.datasets import DatasetInfo, Split
+
+    g = torch.Generator().manual_seed(seed)
+    info = DatasetInfo("synthetic", 4, ["a", "b", "c", "d"], c, size, [0.5] * c, [0.25] * c)
+    return Split(name="train", labels=torch.randint(0, 4, (n,), generator=g), ids=torch.arange(n) + 1000,
+                 images=torch.randint(1, 256, (n, c, size, size), dtype=torch.uint8, generator=g), info=info,
+                 full_size=n)
+
+
+def test_crop_store_gather_equals_per_batch_crop_and_slices_by_hand():
+    """The loader's one-gather crop (padded + mirrored store) == the per-batch pad/gather/mirror == slices."""
+    from src.data.loaders import CropStore, crop_flip
+
+    imgs = _uint8_split(n=30, size=6).images
+    g = torch.Generator().manual_seed(3)
+    p = 2
+    pos = torch.randperm(30, generator=g)[:17]
+    oy, ox = torch.randint(0, 2 * p + 1, (17,), generator=g), torch.randint(0, 2 * p + 1, (17,), generator=g)
+    mirror = torch.rand(17, generator=g) < 0.5
+    for flip in (True, False):
+        m = mirror if flip else None
+        store = CropStore(imgs, p, flip).crops(pos, oy, ox, m)
+        batch = crop_flip(imgs[pos], p, oy, ox, m)
+        assert store.dtype == torch.uint8 and store.shape == (17, 3, 6, 6)
+        for i in range(17):
+            padded = torch.nn.functional.pad(imgs[pos[i]], (p, p, p, p))
+            crop = padded[:, oy[i]:oy[i] + 6, ox[i]:ox[i] + 6]
+            want = crop.flip(2) if flip and mirror[i] else crop
+            assert torch.equal(store[i], want) and torch.equal(batch[i], want), (i, flip)
+
+
+@pytest.mark.parametrize("augment", ["crop_flip", "rrc_flip"])
+def test_tensor_loader_augmentation_is_per_position_so_resume_and_ranks_reproduce_one_epoch(augment):
+    """One generator per epoch, one draw per epoch position: resuming at batch 2 gives the same batches, and two
+    ranks with half the batch together deliver exactly the samples and pixels of the single-process batch."""
+    from src.data.loaders import TensorLoader
+
+    split = _uint8_split()
+    kw = dict(shuffle=True, drop_last=True, augment=augment, crop_padding=2, flip=True, seed=4, device="cpu")
+    one = TensorLoader(split, 8, **kw)
+    ranks = [TensorLoader(split, 4, rank=r, world_size=2, **kw) for r in range(2)]
+    full = list(one.iter_epoch(3))
+    assert len(full) == 6 and all(x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1 for x, _, _ in full)
+    for (x1, y1, i1), (x2, y2, i2) in zip(full[2:], one.iter_epoch(3, start_batch=2)):
+        assert torch.equal(x1, x2) and torch.equal(i1, i2) and torch.equal(y1, y2)
+    for (x, y, ids), (xa, ya, ia), (xb, yb, ib) in zip(full, *(r.iter_epoch(3) for r in ranks)):
+        both_ids, both_x = torch.cat([ia, ib]), torch.cat([xa, xb])
+        assert sorted(both_ids.tolist()) == sorted(ids.tolist())
+        for j, i in enumerate(ids.tolist()):
+            assert torch.equal(both_x[both_ids.tolist().index(i)], x[j])
+    assert not torch.equal(full[0][0], next(iter(one.iter_epoch(4)))[0])  # another epoch, other draws
+
+
+def test_resized_crop_flip_equals_grid_sample_and_a_full_box_is_the_identity():
+    from src.data.loaders import resized_crop_flip, rrc_parameters, to_unit
+
+    x = _uint8_split(n=16, size=12).images
+    g = torch.Generator().manual_seed(1)
+    sw, sh, cx, cy = rrc_parameters(16, g, "cpu")
+    mirror = torch.rand(16, generator=g) < 0.5
+    out = resized_crop_flip(x, 10, sw, sh, cx, cy, mirror)
+    theta = torch.zeros(16, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = torch.where(mirror, -sw, sw), cx
+    theta[:, 1, 1], theta[:, 1, 2] = sh, cy
+    grid = torch.nn.functional.affine_grid(theta, (16, 3, 10, 10), align_corners=False)
+    ref = torch.nn.functional.grid_sample(to_unit(x), grid, mode="bilinear", padding_mode="reflection",
+                                          align_corners=False)
+    assert out.shape == (16, 3, 10, 10) and torch.allclose(out, ref, atol=1e-5)
+    one, zero = torch.ones(16), torch.zeros(16)
+    ident = resized_crop_flip(x, 12, one, one, zero, zero, mirror)
+    want = torch.where(mirror.view(-1, 1, 1, 1), to_unit(x).flip(3), to_unit(x))
+    assert torch.allclose(ident, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_to_unit_is_x_over_255_rounded_once(dtype):
+    from src.data.loaders import to_unit
+
+    x = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    assert torch.equal(to_unit(x, dtype), (x.double() / 255.0).to(dtype))

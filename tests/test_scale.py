@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -303,3 +304,100 @@ def test_ddp_preemption_of_one_rank_stops_all_ranks_after_the_same_step(tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"at step {k}/1500" in r.stderr + r.stdout
     assert json.loads((run / "summary.json").read_text())["steps"] == 1500
+
+
+# ------------------------------------------------------------------------- all-pairs statistics at scale
+
+
+def _preds_with_confusions(N=11, n=400, K=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, K, (n,), generator=g)
+    confusion = (labels + 1 + torch.randint(0, K - 1, (n,), generator=g)) % K
+    right = torch.rand(N, n, generator=g) < 0.6
+    shared = torch.rand(N, n, generator=g) < 0.7  # most mistakes go to the sample's confusion class
+    other = torch.randint(0, K, (N, n), generator=g)
+    preds = torch.where(right, labels, torch.where(shared, confusion, other)).to(torch.int16)
+    return preds, labels
+
+
+def test_agreement_layers_and_flip_histogram_equal_loops():
+    from src.metrics import pairwise as pw
+
+    preds, labels = _preds_with_confusions()
+    N, n = preds.shape
+    ref = torch.tensor([[int((preds[a] == preds[b]).sum()) for b in range(N)] for a in range(N)])
+    correct = pw.correctness(preds, labels)
+    pos = pw.flip_counts(correct)
+    both_right = correct.sum(1)[:, None] - pos
+    assert torch.equal(both_right, (correct.double() @ correct.double().T).long())
+    for layers in (0, 1, 2, 3):
+        assert torch.equal(pw.agreement_counts(preds, dense_layers=layers), ref), layers
+        assert torch.equal(pw.agreement_counts(preds, labels=labels, right_gram=both_right, dense_layers=layers,
+                                               small_group=2), ref), layers
+    m = (torch.rand(13, 50, generator=torch.Generator().manual_seed(1)) < 0.4).float()
+    assert torch.equal(pw.gram(m, blocks=3), m @ m.T)
+    per_class = pw.per_class_flip_counts(correct, labels, 6)
+    for chunk in (1, 4, 16):
+        hist = pw.class_flip_histogram(correct, labels, 6, class_chunk=chunk)
+        assert torch.equal(hist, pw.histogram_of_counts(per_class, hist.shape[0] - 1))
+    assert torch.equal(pw.stats_from_histogram(hist, 6)["total"].long(), pos)
+
+
+def test_kl_stream_from_fp16_memmaps_equals_in_memory_kl_for_any_block(tmp_path):
+    from src.engine.cache import log_prob_file, log_prob_path
+    from src.metrics import pairwise as pw
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(7, 90, 12, generator=g) * 3
+    want = pw.kl_matrix(z, T=2.0)
+    paths = [log_prob_path(tmp_path / f"m{m}" / "out.safetensors", 2.0) for m in range(7)]
+    files = [log_prob_file(z[m], p, T=2.0, rows=25) for m, p in enumerate(paths)]
+    assert paths[0].name == "out.logp-T2.f16.npy" and files[0].dtype == np.float16 and files[0].shape == (90, 12)
+    per_sample = 7 * 12 * 6 + 3 * 12 * 4
+    for max_bytes in (1 << 30, per_sample * 8, 1):  # one block, 8 samples a block, one sample a block
+        kl = pw.kl_matrix_stream(files, max_bytes=max_bytes, model_block=3, progress=False)
+        assert kl.dtype == torch.float64 and torch.all(kl.diagonal() == 0)
+        assert torch.allclose(kl, want, atol=2e-3 * float(want.max())), (max_bytes, (kl - want).abs().max())
+    lp16 = [torch.log_softmax(z[m] / 2.0, -1).half() for m in range(7)]  # tensors stream the same way
+    assert torch.allclose(pw.kl_matrix_stream(lp16, progress=False), pw.kl_matrix_stream(files, progress=False),
+                          atol=1e-9)
+    # written once and re-used; a file of another shape is rewritten
+    mtime = paths[0].stat().st_mtime_ns
+    again = log_prob_file(z[0], paths[0], T=2.0)
+    assert paths[0].stat().st_mtime_ns == mtime and np.array_equal(again, files[0])
+    assert log_prob_file(z[0, :50], paths[0], T=2.0).shape == (50, 12)
+
+
+@pytest.mark.gpu
+def test_cuda_crops_pairwise_statistics_and_kl_stream_equal_cpu(tmp_path):
+    from src.data.loaders import CropStore, TensorLoader, resized_crop_flip, rrc_parameters
+    from src.engine.cache import log_prob_file
+    from src.metrics import pairwise as pw
+
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (40, 3, 10, 10), dtype=torch.uint8, generator=g)
+    pos, oy, ox = torch.randperm(40, generator=g)[:16], torch.randint(0, 5, (16,)), torch.randint(0, 5, (16,))
+    mirror = torch.rand(16, generator=g) < 0.5
+    cpu = CropStore(imgs, 2, True).crops(pos, oy, ox, mirror)
+    gpu = CropStore(imgs.cuda(), 2, True).crops(pos.cuda(), oy.cuda(), ox.cuda(), mirror.cuda())
+    assert torch.equal(cpu, gpu.cpu())
+    box = rrc_parameters(16, g, "cpu")
+    assert torch.allclose(resized_crop_flip(imgs[:16], 8, *box, mirror),
+                          resized_crop_flip(imgs[:16].cuda(), 8, *(b.cuda() for b in box), mirror.cuda()).cpu(),
+                          atol=1e-4)
+    from src.data.datasets import DatasetInfo, Split
+
+    info = DatasetInfo("s", 4, list("abcd"), 3, 10, [0.5] * 3, [0.25] * 3)
+    split = Split("train", torch.randint(0, 4, (40,), generator=g), torch.arange(40), images=imgs, info=info,
+                  full_size=40)
+    ld = TensorLoader(split, 8, True, True, augment="crop_flip", crop_padding=2, flip=True, device="cuda")
+    x, y, i = next(ld.iter_epoch(0))
+    assert x.is_cuda and x.shape == (8, 3, 10, 10) and 0 <= float(x.min()) and float(x.max()) <= 1
+    preds, labels = _preds_with_confusions()
+    a, b = pw.pairwise_stats(preds, labels, 6), pw.pairwise_stats(preds.cuda(), labels.cuda(), 6)
+    for k in a:
+        assert torch.allclose(a[k].double(), b[k].cpu().double()), k
+    z = torch.randn(5, 60, 7, generator=g)
+    files = [log_prob_file(z[m], tmp_path / f"{m}.npy") for m in range(5)]
+    assert torch.allclose(pw.kl_matrix_stream(files, max_bytes=5000, progress=False),
+                          pw.kl_matrix_stream(files, max_bytes=5000, device="cuda", progress=False).cpu(), atol=1e-5)

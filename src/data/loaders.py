@@ -8,14 +8,15 @@ Semantics shared by every backend
 - `iter_epoch(epoch, start_batch)`: resumes inside an epoch without loading the skipped batches.
 - Distributed: with `world_size > 1` every rank takes a disjoint, equal-sized share of each epoch's order
   (padded by repetition like torch's DistributedSampler when needed).
-Backends: `tensor` (the split as one uint8 tensor on the device; batched crop/flip there; the default for data
-that fits in memory), `torch` (DataLoader, workers, torchvision transforms; ImageFolder scale), `ffcv`
-(.beton files, see `ffcv_loader.py`).
+Backends: `tensor` (the split as one uint8 tensor on the device; crop+flip is one uint8 gather from a padded and
+mirrored copy, then one conversion; the epoch's random parameters are drawn at its start, one per position of
+its order, and sharded like it; the default for data that fits in memory), `torch` (DataLoader, workers,
+torchvision transforms; ImageFolder scale), `ffcv` (.beton files, see `ffcv_loader.py`).
 """
 from __future__ import annotations
 
 import math
-from typing import Iterator, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,10 @@ class _OrderMixin:
         return math.ceil(self.n / self.world_size) if not self.drop_last or self.world_size == 1 else \
             self.n // self.world_size
 
+    def _positions(self) -> int:
+        """Positions in one epoch's global order, before sharding (n, or padded/truncated to ranks x share)."""
+        return self.n if self.world_size == 1 else self._per_rank() * self.world_size
+
     def __len__(self) -> int:
         m = self._per_rank()
         return m // self.batch_size if self.drop_last else math.ceil(m / self.batch_size)
@@ -64,19 +69,22 @@ class _OrderMixin:
     def num_samples(self) -> int:
         return self.n
 
+    def shard(self, per_position: torch.Tensor) -> torch.Tensor:
+        """This rank's share of a tensor indexed by global epoch position (length `_positions()`)."""
+        if self.world_size == 1:
+            return per_position
+        return per_position[self.rank:self._positions():self.world_size]
+
     def order(self, epoch: int) -> torch.Tensor:
         if self.shuffle:
             g = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
             order = torch.randperm(self.n, generator=g)
         else:
             order = torch.arange(self.n)
-        if self.world_size > 1:
-            m = self._per_rank()
-            total = m * self.world_size
-            if total > self.n:
-                order = torch.cat([order, order[: total - self.n]])
-            order = order[self.rank:total:self.world_size]
-        return order
+        total = self._positions()
+        if total > self.n:
+            order = torch.cat([order, order[: total - self.n]])
+        return self.shard(order)
 
     def batch_positions(self, epoch: int, start_batch: int = 0):
         order = self.order(epoch)
@@ -85,48 +93,139 @@ class _OrderMixin:
 
 
 # --------------------------------------------------------------------------------------- batched augmentation
+# The tensor loader draws every random parameter of an epoch at its start, from one generator seeded with
+# (seed, epoch), one value per global epoch position, sharded like the order: batch b of any resume point and
+# any rank split gets exactly the augmentation it gets in one uninterrupted single-process epoch.
+
+
+def to_unit(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """uint8 images -> `dtype` in [0, 1] (x / 255 computed in float32 precision, then rounded to `dtype`)."""
+    if dtype == torch.float32:
+        return torch.div(x, 255.0)  # one pass: the division promotes uint8 to float32
+    return x.to(dtype).div_(255.0)  # uint8 values are exact in bf16/fp16; the division is computed in fp32
+
+
+def crop_flip(x: torch.Tensor, padding: int, oy: torch.Tensor, ox: torch.Tensor,
+              mirror: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Crop of every sample of a batch (any dtype, uint8 included) zero-padded by `padding`, at offsets (oy, ox)
+    in [0, 2 * padding] of the padded image, then mirrored horizontally where `mirror` (bool (b,)) is set.
+
+    The padded batch is viewed (no copy) as every (2p + 1)^2 window of every sample, and one advanced index
+    [sample, oy, ox] copies the chosen windows: a single gather pass over the uint8 data."""
+    b, c, h, w = x.shape
+    if padding > 0:
+        p = padding
+        xp = F.pad(x, (p, p, p, p))
+        s0, s1, s2, s3 = xp.stride()
+        windows = xp.as_strided((b, 2 * p + 1, 2 * p + 1, c, h, w), (s0, s2, s3, s1, s2, s3))
+        x = windows[torch.arange(b, device=x.device), oy, ox]
+    if mirror is not None:
+        x = torch.where(mirror.view(b, 1, 1, 1), x.flip(3), x)
+    return x
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, g: torch.Generator) -> torch.Tensor:
     """Random crop with zero padding and horizontal flip of a whole batch, on its device, no Python per sample."""
-    b, c, h, w = x.shape
-    if padding > 0:
-        xp = F.pad(x, (padding, padding, padding, padding))
-        oy = torch.randint(0, 2 * padding + 1, (b,), device=x.device, generator=g)
-        ox = torch.randint(0, 2 * padding + 1, (b,), device=x.device, generator=g)
-        rows = (oy[:, None] + torch.arange(h, device=x.device)[None])  # (b, h)
-        cols = (ox[:, None] + torch.arange(w, device=x.device)[None])  # (b, w)
+    b = x.shape[0]
+    oy = torch.randint(0, 2 * padding + 1, (b,), device=x.device, generator=g)
+    ox = torch.randint(0, 2 * padding + 1, (b,), device=x.device, generator=g)
+    mirror = torch.rand(b, device=x.device, generator=g) < 0.5 if flip else None
+    return crop_flip(x, padding, oy, ox, mirror)
+
+
+class CropStore:
+    """A split prepared once for crop+flip: zero-padded by `padding` and, with `flip`, also stored mirrored,
+    as one uint8 tensor (1 or 2, n, C, H + 2p, W + 2p). A batch's crops are then ONE gather from it (the
+    `index_select` of a strided view whose rows are all (C, H, W) windows at every linear offset): no per-batch
+    pad, flip or second pass. Costs (1 + flip) x (1 + 2p/H)(1 + 2p/W) x the split's memory."""
+
+    def __init__(self, images: torch.Tensor, padding: int, flip: bool):
+        n, c, h, w = images.shape
+        p = padding
+        self.padding, self.shape = p, (c, h, w)
+        self.data = torch.zeros((1 + bool(flip), n, c, h + 2 * p, w + 2 * p), dtype=torch.uint8,
+                                device=images.device)
+        self.data[0, :, :, p:p + h, p:p + w] = images
         if flip:
-            do = torch.rand(b, device=x.device, generator=g) < 0.5
-            cols = torch.where(do[:, None], cols.flip(1), cols)
-        bi = torch.arange(b, device=x.device)[:, None, None, None]
-        ci = torch.arange(c, device=x.device)[None, :, None, None]
-        return xp[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
-    if flip:
-        do = torch.rand(b, device=x.device, generator=g) < 0.5
-        return torch.where(do[:, None, None, None], x.flip(3), x)
-    return x
+            self.data[1, :, :, p:p + h, p:p + w] = images.flip(3)
+        s = self.data.stride()
+        self.strides = s
+        last = (c - 1) * s[2] + (h - 1) * s[3] + (w - 1)  # offset of a window's last element from its first
+        self.windows = self.data.as_strided((self.data.numel() - last, c, h, w), (1, s[2], s[3], 1))
+
+    @staticmethod
+    def nbytes(images: torch.Tensor, padding: int, flip: bool) -> int:
+        n, c, h, w = images.shape
+        return (1 + bool(flip)) * n * c * (h + 2 * padding) * (w + 2 * padding)
+
+    def crops(self, pos: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor,
+              mirror: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """uint8 (b, C, H, W): sample pos[i] cropped at (oy[i], ox[i]) of its padded image, then mirrored where
+        `mirror` is set (the mirror of the crop at ox is the crop at 2p - ox of the mirrored image)."""
+        s = self.strides
+        off = pos * s[1] + oy * s[3]
+        if mirror is not None:
+            off = off + torch.where(mirror, 2 * self.padding - ox, ox) + mirror.long() * s[0]
+        else:
+            off = off + ox
+        return self.windows.index_select(0, off)
+
+
+def _interpolation(scale: torch.Tensor, centre: torch.Tensor, out: int, size: int) -> torch.Tensor:
+    """(b, out, size) float32 bilinear weights mapping an axis of `size` pixels onto `out` pixels: output pixel j
+    samples the normalised coordinate scale * g_j + centre (g_j the pixel centres in [-1, 1], align_corners=False),
+    clamped to the image (grid_sample's reflection padding for a box inside the image)."""
+    b = scale.shape[0]
+    g = (2 * torch.arange(out, device=scale.device, dtype=torch.float32) + 1) / out - 1
+    u = ((scale[:, None] * g + centre[:, None]) + 1) * (size / 2) - 0.5
+    u = u.clamp(0, size - 1)
+    i0 = u.floor()
+    w1 = u - i0
+    i0 = i0.long()
+    i1 = (i0 + 1).clamp(max=size - 1)
+    m = torch.zeros(b, out, size, device=scale.device)
+    m.scatter_add_(2, i0[..., None], (1 - w1)[..., None])
+    m.scatter_add_(2, i1[..., None], w1[..., None])
+    return m
+
+
+def resized_crop_flip(x: torch.Tensor, size: int, sw: torch.Tensor, sh: torch.Tensor, cx: torch.Tensor,
+                      cy: torch.Tensor, mirror: Optional[torch.Tensor] = None, dtype=torch.float32
+                      ) -> torch.Tensor:
+    """Bilinear resize of the box (centre cx, cy; half-extent sw, sh in normalised [-1, 1] coordinates) of every
+    sample to size x size, mirrored where `mirror` is set, as two batched matmuls with per-sample interpolation
+    matrices (separable: rows, then columns). `x` may be uint8 (converted to [0, 1] first) or float in [0, 1]."""
+    sx = sw if mirror is None else torch.where(mirror, -sw, sw)
+    mx = _interpolation(sx, cx, size, x.shape[3])  # (b, S, W)
+    my = _interpolation(sh, cy, size, x.shape[2])  # (b, S, H)
+    b, c, h, w = x.shape
+    xf = to_unit(x) if x.dtype == torch.uint8 else x.float()
+    cols = torch.bmm(xf.reshape(b, c * h, w), mx.transpose(1, 2))  # (b, C*H, S): columns resampled
+    cols = cols.view(b, c, h, size).transpose(1, 2).reshape(b, h, c * size)
+    out = torch.bmm(my, cols).view(b, size, c, size).transpose(1, 2)  # (b, C, S, S): rows resampled
+    return out.to(dtype).contiguous()
+
+
+def rrc_parameters(n: int, g: torch.Generator, device, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """Inception-style random resized crop boxes (sw, sh, cx, cy) of n samples, in normalised coordinates."""
+    area = torch.empty(n, device=device).uniform_(scale[0], scale[1], generator=g)
+    logr = torch.empty(n, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)
+    r = torch.exp(logr)
+    sw = torch.sqrt(area * r).clamp(max=1.0)  # crop width / image width
+    sh = torch.sqrt(area / r).clamp(max=1.0)
+    cx = (torch.rand(n, device=device, generator=g) * 2 - 1) * (1 - sw)
+    cy = (torch.rand(n, device=device, generator=g) * 2 - 1) * (1 - sh)
+    return sw, sh, cx, cy
 
 
 def random_resized_crop_flip(x: torch.Tensor, size: int, flip: bool, g: torch.Generator,
                              scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
-    """Inception-style random resized crop (+ flip) of a batch with one affine grid_sample."""
+    """Inception-style random resized crop (+ flip) of a batch (see `resized_crop_flip`)."""
     b = x.shape[0]
-    dev = x.device
-    area = torch.empty(b, device=dev).uniform_(scale[0], scale[1], generator=g)
-    logr = torch.empty(b, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)
-    r = torch.exp(logr)
-    sw = torch.sqrt(area * r).clamp(max=1.0)  # crop width / image width
-    sh = torch.sqrt(area / r).clamp(max=1.0)
-    cx = (torch.rand(b, device=dev, generator=g) * 2 - 1) * (1 - sw)
-    cy = (torch.rand(b, device=dev, generator=g) * 2 - 1) * (1 - sh)
-    sx = sw
-    if flip:
-        sx = torch.where(torch.rand(b, device=dev, generator=g) < 0.5, -sw, sw)
-    theta = torch.zeros(b, 2, 3, device=dev, dtype=x.dtype)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, sh, cy
-    grid = F.affine_grid(theta, (b, x.shape[1], size, size), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    box = rrc_parameters(b, g, x.device, scale, ratio)
+    mirror = torch.rand(b, device=x.device, generator=g) < 0.5 if flip else None
+    return resized_crop_flip(x, size, *box, mirror=mirror, dtype=x.dtype if x.is_floating_point() else
+                             torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------- backends
@@ -134,6 +233,8 @@ def random_resized_crop_flip(x: torch.Tensor, size: int, flip: bool, g: torch.Ge
 
 class TensorLoader(_OrderMixin):
     """The whole split as one uint8 tensor on the device; batches are sliced, converted and augmented there."""
+
+    STORE_MAX_BYTES = 4 << 30  # larger splits crop per batch (pad + gather + mirror): slower, no extra memory
 
     def __init__(self, split: Split, batch_size: int, shuffle: bool, drop_last: bool, augment: str = "none",
                  crop_padding: int = 0, flip: bool = False, seed: int = 0, device="cpu", dtype=torch.float32,
@@ -148,24 +249,51 @@ class TensorLoader(_OrderMixin):
         self.augment, self.crop_padding, self.flip = augment, crop_padding, flip
         self.seed, self.dtype, self.rank, self.world_size = seed, dtype, rank, world_size
         self.image_size = int(self.images.shape[-1])
+        self.store: Optional[CropStore] = None
+        if augment == "crop_flip" and (crop_padding > 0 or flip) and \
+                CropStore.nbytes(self.images, crop_padding, flip) <= self.STORE_MAX_BYTES:
+            self.store = CropStore(self.images, crop_padding, flip)
 
     @property
     def augmented(self) -> bool:
         return self.augment != "none"
 
+    def epoch_parameters(self, epoch: int) -> Dict[str, torch.Tensor]:
+        """This rank's random augmentation parameters of epoch `epoch`, one row per position of its order, drawn
+        at once from one generator seeded with (seed, epoch) on the loader's device."""
+        if not self.augmented:
+            return {}
+        if self.augment not in ("crop_flip", "rrc_flip"):
+            raise UserError(f"loader.augment='{self.augment}' is unknown: use none, crop_flip or rrc_flip")
+        n, dev = self._positions(), self.device
+        g = torch.Generator(device=dev).manual_seed(mix_seed(self.seed, epoch, 7))
+        if self.augment == "crop_flip":
+            hi = 2 * self.crop_padding + 1
+            out = {"oy": torch.randint(0, hi, (n,), device=dev, generator=g),
+                   "ox": torch.randint(0, hi, (n,), device=dev, generator=g)}
+        else:
+            out = dict(zip(("sw", "sh", "cx", "cy"), rrc_parameters(n, g, dev)))
+        if self.flip:
+            out["mirror"] = torch.rand(n, device=dev, generator=g) < 0.5
+        return {k: self.shard(v) for k, v in out.items()}
+
     def iter_epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[Batch]:
+        params = self.epoch_parameters(epoch)
+        bs = self.batch_size
         for b, pos in self.batch_positions(epoch, start_batch):
-            pos = pos.to(self.device)
-            x = self.images.index_select(0, pos).float().div_(255.0)  # augmented in fp32, then cast
-            if self.augmented:
-                g = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, epoch, b, 7))
-                if self.augment == "crop_flip":
-                    x = random_crop_flip(x, self.crop_padding, self.flip, g)
-                elif self.augment == "rrc_flip":
-                    x = random_resized_crop_flip(x, self.image_size, self.flip, g)
-                else:
-                    raise UserError(f"loader.augment='{self.augment}' is unknown: use none, crop_flip or rrc_flip")
-            yield x.to(self.dtype), self.labels.index_select(0, pos), self.ids.index_select(0, pos)
+            pos = pos.to(self.device, non_blocking=True)
+            pb = {k: v[b * bs:b * bs + len(pos)] for k, v in params.items()}
+            if self.store is not None:  # one uint8 gather: slice + crop + mirror, then one conversion
+                x = to_unit(self.store.crops(pos, pb["oy"], pb["ox"], pb.get("mirror")), self.dtype)
+            elif self.augment == "crop_flip":  # uint8: crop and flip before converting (4x less traffic)
+                x = self.images.index_select(0, pos)
+                x = to_unit(crop_flip(x, self.crop_padding, pb["oy"], pb["ox"], pb.get("mirror")), self.dtype)
+            elif self.augment == "rrc_flip":
+                x = resized_crop_flip(self.images.index_select(0, pos), self.image_size, pb["sw"], pb["sh"],
+                                      pb["cx"], pb["cy"], pb.get("mirror"), self.dtype)
+            else:
+                x = to_unit(self.images.index_select(0, pos), self.dtype)
+            yield x, self.labels.index_select(0, pos), self.ids.index_select(0, pos)
 
     def __iter__(self):
         return self.iter_epoch(0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -63,3 +64,41 @@ def rows_by_id(out: Dict[str, torch.Tensor], size: int, key: str = "logits") -> 
     table = torch.zeros((size,) + tuple(t.shape[1:]), dtype=t.dtype)
     table[out["ids"]] = t
     return table
+
+
+# ------------------------------------------------------------------ log-probabilities as fp16 memory maps (KL)
+
+
+def log_prob_path(output_path: Path, T: float) -> Path:
+    """The fp16 log-probability file kept next to an output cache file, per temperature."""
+    return output_path.with_name(f"{output_path.stem}.logp-T{T:g}.f16.npy")
+
+
+def log_prob_file(logits: torch.Tensor, path: Path, T: float = 1.0, rows: int = 4096):
+    """fp16 log_softmax(logits / T) of one model, (n, K), as a read-only memory-mapped .npy at `path`: written
+    once (chunk by chunk, to a temporary file then renamed) and re-used while its shape matches; the streamed KL
+    (`metrics.pairwise.kl_matrix_stream`) reads it a block of samples at a time, so the N x n x K set of a run
+    never has to fit in memory."""
+    import numpy as np
+
+    path = Path(path)
+    n, K = logits.shape
+    if path.is_file():
+        try:
+            mm = np.load(path, mmap_mode="r")
+            if mm.shape == (n, K) and mm.dtype == np.float16:
+                return mm
+        except (ValueError, OSError):
+            pass
+        log.info("log-prob file %s does not match (%d, %d) fp16: rewriting it", path, n, K)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npy")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, K))
+    lo = float(torch.finfo(torch.float16).min)
+    for i in range(0, n, rows):
+        lp = torch.log_softmax(logits[i:i + rows].float() / T, dim=-1).clamp_min(lo)
+        out[i:i + rows] = lp.to(torch.float16).cpu().numpy()
+    out.flush()
+    del out
+    os.replace(tmp, path)
+    return np.load(path, mmap_mode="r")

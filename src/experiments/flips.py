@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import logging
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..errors import UserError, closest
 from ..metrics import cka_matrix
 from ..metrics import pairwise as pw
+from ..engine.cache import log_prob_file, log_prob_path
 from ..metrics.flips import per_class_flips
 from ..models import create_model
 from .common import Context, ModelRef, as_dict, resolve_model, setup, zoo_names
@@ -189,10 +191,17 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
         n, K = len(split), ctx.info.num_classes
         n_models = len(names) + (cfg.mode == "random_baseline")
         if cfg.kl:
-            gb = n_models * n * K * 4 / 1e9
-            if gb > float(cfg.kl_max_gb):
-                raise UserError(f"kl=true keeps {n_models} x {n} x {K} logits ({gb:.1f} GB > kl_max_gb="
-                                f"{cfg.kl_max_gb}): set kl=false or raise kl_max_gb")
+            if not float(cfg.kl_max_gb) > 0:
+                raise UserError(f"kl_max_gb={cfg.kl_max_gb} must be > 0 (GB for one streamed block of "
+                                f"log-probabilities): use e.g. kl_max_gb=2")
+            kl_dir = Path(cfg.paths.cache) / "outputs" / "log_probs"
+            need = n_models * n * K * 2  # fp16 log-probabilities on disk
+            kl_dir.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(kl_dir).free
+            if need > free:
+                raise UserError(f"kl=true streams {n_models} x {n} x {K} fp16 log-probabilities from disk "
+                                f"({need / 1e9:.1f} GB) but {kl_dir} has {free / 1e9:.1f} GB free: free space, "
+                                f"point paths.cache elsewhere or set kl=false")
         computed0, hits0 = ctx.cache.computed, ctx.cache.hits
 
         # ---- pay once per model: cached outputs -> predicted classes (+ logits for KL, features for CKA)
@@ -200,7 +209,7 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
         if cfg.mode == "random_baseline":
             refs.append(random_student(ctx))
         labels = None
-        preds, logits, feats = [], [], []
+        preds, log_probs, scratch, feats = [], [], [], []
         cka_rows = None
         for ref in refs:
             out = ctx.outputs(ref, split, features=bool(cfg.cka))
@@ -213,8 +222,13 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
                 raise UserError(f"model '{ref.name}' was evaluated on other samples than '{refs[0].name}': clear "
                                 f"the output cache ({ctx.cfg.paths.cache}) and rerun")
             preds.append(pw.predictions(out["logits"]))
-            if cfg.kl:
-                logits.append(out["logits"].float())
+            if cfg.kl:  # fp16 log-probabilities on disk (next to the cached outputs), streamed below
+                p = ctx.output_path(ref, split)
+                p = p if p is not None else kl_dir / f"uncached-{ctx.run_dir.name}-{len(log_probs)}.safetensors"
+                log_probs.append(log_prob_file(out["logits"], log_prob_path(p, float(cfg.temperature)),
+                                               float(cfg.temperature)))
+                if ctx.output_path(ref, split) is None:
+                    scratch.append(log_prob_path(p, float(cfg.temperature)))
             if cfg.cka:
                 if cka_rows is None:
                     g = torch.Generator().manual_seed(int(cfg.pair_seed))
@@ -233,9 +247,12 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
         y = labels.to(dev)
         N = len(refs)
         keep_pc = N * N * K <= 20_000_000
-        st = pw.pairwise_stats(P, y, K, logits=torch.stack(logits).to(dev) if cfg.kl else None, ps=ps,
-                               T=float(cfg.temperature), keep_per_class=keep_pc)
-        del logits
+        st = pw.pairwise_stats(P, y, K, ps=ps, keep_per_class=keep_pc)
+        if cfg.kl:
+            st["kl"] = pw.kl_matrix_stream(log_probs, max_bytes=int(float(cfg.kl_max_gb) * 1e9), device=dev)
+            del log_probs
+            for f in scratch:  # models without a cache key: their log-probabilities are not kept
+                f.unlink(missing_ok=True)
         if cfg.cka:
             st["cka_linear"] = cka_matrix([f.to(dev) for f in feats], "linear")
             st["cka_rbf"] = cka_matrix([f.to(dev) for f in feats], "rbf")

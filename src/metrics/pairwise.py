@@ -113,21 +113,23 @@ def per_class_flip_counts(correct: torch.Tensor, labels: torch.Tensor, num_class
     return out.permute(1, 2, 0).contiguous()
 
 
-def class_flip_histogram(correct: torch.Tensor, labels: torch.Tensor, num_classes: int, class_chunk: int = 64
+def class_flip_histogram(correct: torch.Tensor, labels: torch.Tensor, num_classes: int, class_chunk: int = 16
                          ) -> torch.Tensor:
     """(m + 1, N, N) int64, level first: hist[v, t, s] = #classes in which t has exactly v positive flips over s
-    (m = largest class). Everything `class_stats` needs, without holding the (N, N, K) per-class counts."""
+    (m = largest class). Everything `class_stats` needs, without holding the (N, N, K) per-class counts.
+
+    Per chunk of classes, the counts (k, N, N) are read once, pair-major, into a (pairs, levels) table by one
+    scatter-add along its rows (each pair's row is a few hundred bytes: cache-resident, parallel over pairs)."""
     N, n = correct.shape
     m = int(torch.bincount(labels.long(), minlength=num_classes).max()) if n else 0
     V, P = m + 1, N * N
-    fdt = _exact_float(V * P)
-    base = torch.arange(P, dtype=fdt, device=correct.device).view(N, N)
-    hist = torch.zeros(V * P, dtype=torch.long, device=correct.device)
-    for _, _, c in _class_chunks(correct, labels, num_classes, class_chunk):
-        # bin = count * P + pair: neighbouring pairs of one class fall into neighbouring bins (cache-friendly)
-        idx = torch.addcmul(base, c.to(fdt), torch.tensor(float(P), dtype=fdt, device=c.device)).long()
-        hist += torch.bincount(idx.flatten(), minlength=V * P)
-    return hist.view(V, N, N)
+    hdt = torch.int32 if num_classes < (1 << 31) else torch.long
+    hist = torch.zeros((P, V), dtype=hdt, device=correct.device)
+    one = torch.ones((1, 1), dtype=hdt, device=correct.device)
+    for k0, k1, c in _class_chunks(correct, labels, num_classes, class_chunk):
+        idx = c.view(k1 - k0, P).T.to(torch.long)  # (pairs, classes) view of exact integer counts
+        hist.scatter_add_(1, idx, one.expand(P, k1 - k0))
+    return hist.T.long().reshape(V, N, N)
 
 
 def histogram_of_counts(per_class: torch.Tensor, max_count: Optional[int] = None) -> torch.Tensor:
@@ -154,7 +156,7 @@ def stats_from_histogram(hist: torch.Tensor, num_classes: int, ps: Sequence[floa
     var = ((hv * v).sum(0) / num_classes - mean * mean).clamp_min(0.0)
     safe = tot.clamp_min(1.0)
     ent = torch.where(tot > 0, torch.log(safe) - (h * torch.xlogy(v, v)).sum(0) / safe, torch.zeros_like(tot))
-    out = {"mean": mean, "std": var.sqrt(), "entropy": ent.clamp_min(0.0)}
+    out = {"mean": mean, "std": var.sqrt(), "entropy": ent.clamp_min(0.0), "total": tot}
     # classes with count >= v, and their flips, for every level v (one zero level appended for v = V)
     # suffix sums as total - prefix + own level (exact: integer values in float64)
     zero = torch.zeros_like(h[:1])
@@ -193,24 +195,48 @@ def class_stats(per_class: torch.Tensor, ps: Sequence[float] = CONCENTRATION_PS,
     return {k: torch.cat(v, 0) for k, v in out.items()}
 
 
-def agreement_counts(preds: torch.Tensor, small_group: int = 16, col_chunk: int = 1 << 15) -> torch.Tensor:
-    """(N, N) int64: #samples on which models a and b predict the same class (symmetric; diagonal = n).
+def gram(m: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """m @ m.T (symmetric) from the row blocks on and above the diagonal only: (blocks + 1) / (2 blocks) of
+    the multiply-adds of one matmul."""
+    N = m.shape[0]
+    if N < 2 * blocks:
+        return m @ m.T
+    out = torch.empty((N, N), dtype=m.dtype, device=m.device)
+    edges = [N * i // blocks for i in range(blocks + 1)]
+    for i in range(blocks):
+        a0, a1 = edges[i], edges[i + 1]
+        part = m[a0:a1] @ m[a0:].T  # (rows of block i) x (columns of blocks i..)
+        out[a0:a1, a0:] = part
+        out[a1:, a0:a1] = part[:, a1 - a0:].T
+    return out
 
-    Per sample, the models that predict the same class form a group (one sort of the (n, N) predictions);
-    agreement[a, b] = #groups holding both a and b. Large groups (the true class on most samples, a shared
-    confusion) are the columns of a 0/1 matrix M and add M @ M^T (chunked over columns); small groups (the
-    scattered mistakes) add their few pairs directly. No loop over model pairs."""
+
+def _majority(preds: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(n,) per sample, a class that most of its valid model predictions share when one holds a majority (the
+    Boyer-Moore vote over models, vectorised over samples; any class otherwise, which is still correct below)."""
     N, n = preds.shape
-    dev = preds.device
+    cand = torch.full((n,), -1, dtype=preds.dtype, device=preds.device)
+    cnt = torch.zeros(n, dtype=torch.int32, device=preds.device)
+    for a in range(N):
+        x, v = preds[a], valid[a]
+        cand = torch.where(v & (cnt == 0), x, cand)
+        cnt += (v & (x == cand)).int() * 2 - v.int()  # +1 same, -1 different, 0 invalid
+    return cand
+
+
+def _group_gram(key: torch.Tensor, model: torch.Tensor, N: int, small_group: int, col_chunk: int
+                ) -> torch.Tensor:
+    """(N, N) int64: #groups holding both a and b, where a group is a run of equal `key` (sorted) and `model`
+    the member of each entry. Large groups become 0/1 columns of a matmul (chunked), small ones add their pairs."""
+    dev = key.device
+    L = key.numel()
     out = torch.zeros((N, N), dtype=torch.long, device=dev)
-    if N == 0 or n == 0:
+    if L == 0:
         return out
-    sv, model = torch.sort(preds.T.contiguous(), dim=1, stable=True)  # (n, N): models grouped by prediction
-    new = torch.ones((n, N), dtype=torch.bool, device=dev)
-    new[:, 1:] = sv[:, 1:] != sv[:, :-1]
-    new, model = new.flatten(), model.flatten()
+    new = torch.ones(L, dtype=torch.bool, device=dev)
+    new[1:] = key[1:] != key[:-1]
     starts = torch.nonzero(new).flatten()
-    lengths = torch.diff(starts, append=torch.tensor([n * N], device=dev))
+    lengths = torch.diff(starts, append=torch.tensor([L], device=dev))
     run = torch.cumsum(new, 0) - 1  # group id of every entry
     run_len = lengths[run]
     # small groups (2 <= size <= small_group): pairs at offsets o = 1 .. small_group - 1 inside the group
@@ -235,14 +261,51 @@ def agreement_counts(preds: torch.Tensor, small_group: int = 16, col_chunk: int 
         keep = big_run[run]
         gid, mem = gid_of_run[run[keep]], model[keep]  # gid is sorted
         bounds = torch.searchsorted(gid, torch.arange(0, G + col_chunk, col_chunk, device=dev))
-        fdt = _exact_float(n)
+        fdt = _exact_float(L)
         acc = torch.zeros((N, N), dtype=fdt, device=dev)
         for j, g0 in enumerate(range(0, G, col_chunk)):
             a, b = int(bounds[j]), int(bounds[j + 1])
             M = torch.zeros((N, min(G, g0 + col_chunk) - g0), dtype=fdt, device=dev)
             M[mem[a:b], gid[a:b] - g0] = 1.0
-            acc += M @ M.T
+            acc += gram(M)
         out += torch.round(acc).long()
+    return out
+
+
+def agreement_counts(preds: torch.Tensor, small_group: int = 16, col_chunk: int = 1 << 15,
+                     labels: Optional[torch.Tensor] = None, right_gram: Optional[torch.Tensor] = None,
+                     dense_layers: int = 2) -> torch.Tensor:
+    """(N, N) int64: #samples on which models a and b predict the same class (symmetric; diagonal = n).
+
+    Layers of dense columns first: per sample, a reference class (the label if given, else the majority vote
+    of the models; then the majority of the predictions left, e.g. a shared confusion); the models predicting it
+    form a 0/1 (N, n) matrix M and add M @ M^T (for the label: `right_gram`, #both right = right[a] - pos flips,
+    when the caller has it). The few predictions left over group by (sample, class) with one 1-D sort and add
+    their pairs (`_group_gram`). Exact whatever the references; no loop over model pairs."""
+    N, n = preds.shape
+    dev = preds.device
+    out = torch.zeros((N, N), dtype=torch.long, device=dev)
+    if N == 0 or n == 0:
+        return out
+    fdt = _exact_float(n)
+    left = torch.ones((N, n), dtype=torch.bool, device=dev)
+    for layer in range(dense_layers):
+        if layer == 0 and labels is not None:
+            ref = labels.to(dev, preds.dtype)
+        else:
+            ref = _majority(preds, left)
+        member = left & (preds == ref.view(1, n))
+        if layer == 0 and labels is not None and right_gram is not None:
+            out += right_gram.to(dev).long()
+        else:
+            out += torch.round(gram(member.to(fdt))).long()
+        left &= ~member
+    # what is left: group by (sample, class), one sort
+    i, a = torch.nonzero(left.T, as_tuple=True)  # sample-major, models ascending
+    if i.numel():
+        key = i * (int(preds.max()) + 1) + preds[a, i].long()
+        key, perm = torch.sort(key, stable=True)
+        out += _group_gram(key, a[perm], N, small_group, col_chunk)
     out.fill_diagonal_(n)
     return out
 
@@ -281,6 +344,62 @@ def kl_matrix(logits, T: float = 1.0, sample_chunk: Optional[int] = None, max_el
     return kl.clamp_min(0.0)
 
 
+def kl_matrix_stream(log_probs: Sequence, max_bytes: int = 1 << 30, device=None, model_block: int = 64,
+                     progress: Optional[bool] = None) -> torch.Tensor:
+    """(N, N) float64 mean KL(p_t || p_s) over samples from per-model log-probabilities that stay on disk.
+
+    `log_probs`: N array-likes of shape (n, K) (fp16 numpy memory maps, see `engine.cache.log_prob_file`; any
+    tensor/array slices too), already at the wanted temperature. Streamed in blocks of samples: all N models'
+    rows of a block are copied into one fp16 buffer (pinned when `device` is CUDA), moved to `device`, converted
+    to float32 and reduced with KL_sum[t, s] += sum p_t log p_t - (p_t block) @ (log p_s block)^T, the
+    probabilities formed `model_block` models at a time. Peak memory about `max_bytes` (the fp16 buffer, the
+    float32 log-probabilities and one block of probabilities). A tqdm bar shows the blocks on a TTY (progress=None)."""
+    import sys
+
+    N = len(log_probs)
+    if N == 0:
+        raise ValueError("kl_matrix_stream got no models")
+    n, K = log_probs[0].shape
+    if any(tuple(lp.shape) != (n, K) for lp in log_probs):
+        raise ValueError(f"kl_matrix_stream: every model needs ({n}, {K}) log-probabilities")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    mb = max(1, min(model_block, N))
+    per_sample = N * K * (2 + 4) + mb * K * 4  # fp16 buffer + float32 log-probs + a block of probabilities
+    b = int(max(1, min(n, max_bytes // per_sample)))
+    buf = torch.empty((N, b, K), dtype=torch.float16, pin_memory=dev.type == "cuda")
+    buf_np = buf.numpy()
+    total = torch.zeros((N, N), dtype=torch.float64, device=dev)
+    starts = range(0, n, b)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=f"KL {N}x{N} pairs, {n} samples", unit="block", leave=False)
+    copied = None  # CUDA: the event after the last host -> device copy out of `buf`
+    for i0 in starts:
+        bb = min(b, n - i0)
+        if copied is not None:
+            copied.synchronize()  # refill the pinned buffer only once its last copy has left (compute may run on)
+        for m, src in enumerate(log_probs):
+            if isinstance(src, torch.Tensor):
+                buf[m, :bb].copy_(src[i0:i0 + bb])
+            else:  # numpy / memory map: one copy from the page cache into the (pinned) buffer
+                buf_np[m, :bb] = src[i0:i0 + bb]
+        lp = buf[:, :bb].to(dev, non_blocking=True)
+        if dev.type == "cuda":
+            copied = torch.cuda.Event()
+            copied.record()
+        lp = lp.float().reshape(N, bb * K)
+        for a0 in range(0, N, mb):
+            p = lp[a0:a0 + mb].exp()
+            neg_ent = (p * lp[a0:a0 + mb]).sum(1).double()
+            total[a0:a0 + mb] += neg_ent[:, None] - (p @ lp.T).double()
+    kl = total / n
+    kl.fill_diagonal_(0.0)
+    return kl.clamp_min(0.0)
+
+
 def pairwise_stats(preds: torch.Tensor, labels: torch.Tensor, num_classes: int, logits=None,
                    ps: Sequence[float] = CONCENTRATION_PS, T: float = 1.0, per_class: bool = True,
                    keep_per_class: bool = False) -> Dict[str, torch.Tensor]:
@@ -293,7 +412,20 @@ def pairwise_stats(preds: torch.Tensor, labels: torch.Tensor, num_classes: int, 
     N, n = preds.shape
     correct = correctness(preds, labels)
     acc = accuracies(correct)
-    pos = flip_counts(correct)
+    st = None
+    if per_class:
+        m = int(torch.bincount(labels.long(), minlength=num_classes).max()) if n else 0
+        if keep_per_class or m + 1 > 2 * num_classes:
+            pc = per_class_flip_counts(correct, labels, num_classes)
+            st = class_stats(pc, ps)
+            pos = pc.sum(-1, dtype=torch.long)
+        else:  # the histogram's total over levels is the flips count: no separate matmul
+            st = stats_from_histogram(class_flip_histogram(correct, labels, num_classes), num_classes, ps)
+            pos = torch.round(st["total"]).long()
+    else:
+        pos = flip_counts(correct)
+    n_right = correct.sum(1, dtype=torch.long)
+    both_right = n_right[:, None] - pos  # #(a right, b right) = #(a right) - #(a right, b wrong)
     out: Dict[str, torch.Tensor] = {
         "acc": acc,
         "pos_flips": pos,
@@ -301,17 +433,11 @@ def pairwise_stats(preds: torch.Tensor, labels: torch.Tensor, num_classes: int, 
         "pos_flips_pct": 100.0 * pos.double() / max(1, n),
         "neg_flips_pct": 100.0 * pos.T.double() / max(1, n),
         "acc_diff": acc[:, None] - acc[None, :],
-        "agreement": 100.0 * agreement_counts(preds).double() / max(1, n),
+        "agreement": 100.0 * agreement_counts(preds, labels=labels, right_gram=both_right).double() / max(1, n),
     }
-    if per_class:
-        m = int(torch.bincount(labels.long(), minlength=num_classes).max()) if n else 0
-        if keep_per_class or m + 1 > 2 * num_classes:
-            pc = per_class_flip_counts(correct, labels, num_classes)
-            st = class_stats(pc, ps)
-            if keep_per_class:
-                out["pos_per_class"] = pc
-        else:
-            st = stats_from_histogram(class_flip_histogram(correct, labels, num_classes), num_classes, ps)
+    if st is not None:
+        if keep_per_class:
+            out["pos_per_class"] = pc
         for k in ("mean", "std", "entropy"):
             out[f"pos_class_{k}"] = st[k]
         for p in ps:
