@@ -13,7 +13,8 @@
 # Partitions: `low` (default; PreemptMode=REQUEUE, GraceTime=KT_SLURM_GRACE s, default 30) and `high`
 # (PreemptMode=OFF, higher PriorityTier): a `high` job that needs the cores of a running `low` job preempts it;
 # the victim first gets its --signal (submitit's USR2, SlurmctldParameters=preempt_send_user_signal) and is
-# requeued. AuthInfo=cred_expire=10 makes a requeued job start again ~11 s later (Slurm's default: 120 s).
+# requeued. AuthInfo=cred_expire=10 makes a requeued job eligible again ~11 s later (Slurm's default: 120 s);
+# the scheduler runs every 2 s (sched_interval, bf_interval; defaults 60 s and 30 s) so it starts then.
 # `start` on a stopped cluster begins with an empty job state (job ids restart at 1).
 set -euo pipefail
 
@@ -49,7 +50,7 @@ install_packages() {
 
 write_config() {
   local cpus mem_mb
-  cpus="$(nproc)"
+  cpus="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"  # nproc obeys OMP_NUM_THREADS
   mem_mb="$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)"
   mem_mb=$(( mem_mb > 2048 ? mem_mb - 1024 : mem_mb ))  # leave the OS some memory
   cat > "$CONF" <<EOF
@@ -76,6 +77,7 @@ MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=2
 JobRequeue=1
 ReturnToService=2
 KillWait=10
@@ -137,7 +139,7 @@ start() {
     fi
     [ "$t" -lt 120 ] || die "the node is not up after 60 s (state: $(node_state || true)): see $DIR/log/slurmctld.log and $DIR/log/slurmd.log"
   done
-  echo "local SLURM up ($(nproc) cores, node $NODE, partitions low (default, preemptible) and high; $DIR)"
+  echo "local SLURM up ($(sed -n "s/^NodeName.* CPUs=\([0-9]*\) .*/\1/p" "$CONF") cores, node $NODE, partitions low (default, preemptible) and high; $DIR)"
   echo "export SLURM_CONF=$CONF"
 }
 

@@ -134,17 +134,20 @@ def _finish(p, timeout: float, log: Path) -> int:
 
 
 def _job_ids(sweep: Path) -> list:
-    return sorted({d.name for d in (sweep / ".submitit").glob("*_*") if re.fullmatch(r"\d+_\d+", d.name)})
+    """SLURM ids of the sweep's jobs: `A_T` for the tasks of an array, `N` for a sweep of one job (no array)."""
+    return sorted(d.name for d in (sweep / ".submitit").glob("*")
+                  if re.fullmatch(r"\d+(_\d+)?", d.name) and (d / f"{d.name}_submitted.pkl").is_file())
 
 
 def _job_id(sweep: Path, task: int) -> str:
-    return _until(lambda: next((j for j in _job_ids(sweep) if j.endswith(f"_{task}")), None), 60,
-                  f"submitit folder of array task {task} in {sweep}")
+    return _until(lambda: next((j for j in _job_ids(sweep) if j.endswith(f"_{task}") or "_" not in j), None), 60,
+                  f"submitit folder of job {task} in {sweep}")
 
 
-def _job_pids(sweep: Path, task: int) -> list:
-    """The python processes of array task `task` of the sweep (not srun, which has the same command line)."""
-    pids = find_pids("submitit.core._submit", str(sweep / ".submitit"), env_entry=f"SLURM_ARRAY_TASK_ID={task}")
+def _job_pids(sweep: Path, job: str) -> list:
+    """The python processes of SLURM job `job` of the sweep (not srun, which has the same command line)."""
+    entry = f"SLURM_ARRAY_TASK_ID={job.split('_')[1]}" if "_" in job else f"SLURM_JOB_ID={job}"
+    pids = find_pids("submitit.core._submit", str(sweep / ".submitit"), env_entry=entry)
     return [p for p in pids if Path(f"/proc/{p}/comm").read_text().strip() != "srun"]
 
 
@@ -218,7 +221,7 @@ def test_sweep_lands_two_summaries_and_usr2_requeues_a_job_that_resumes_bit_iden
         _until(lambda: any(r["step"] >= 10 for r in _rows(sweep / "1" / "metrics.jsonl")), 300,
                "10 training steps of job 1", p)
         job = _job_id(sweep, 1)
-        pids = _until(lambda: _job_pids(sweep, 1), 30, "python process of job 1")
+        pids = _until(lambda: _job_pids(sweep, job), 30, "python process of job 1")
         _signal_paused(pids, slurm, tmp_path, "--signal=USR2", job)
         rc = _finish(p, 300, tmp_path / "sweep.log")
     finally:
@@ -248,7 +251,7 @@ def test_a_job_past_max_num_timeout_fails_with_a_clear_error_and_the_other_job_f
         _until(lambda: any(r["step"] >= 10 for r in _rows(sweep / "1" / "metrics.jsonl")), 300,
                "10 training steps of job 1", p)
         job = _job_id(sweep, 1)
-        _signal_paused(_until(lambda: _job_pids(sweep, 1), 30, "python process of job 1"), slurm, tmp_path,
+        _signal_paused(_until(lambda: _job_pids(sweep, job), 30, "python process of job 1"), slurm, tmp_path,
                        "--signal=USR2", job)
         rc = _finish(p, 300, tmp_path / "sweep.log")
     finally:
@@ -281,7 +284,7 @@ def test_partition_preemption_of_a_multi_teacher_run_in_stage_2_resumes_bit_iden
         _until(lambda: any(r.get("stage") == 2 and "train/loss" in r for r in _rows(sweep / "0" / "metrics.jsonl")),
                300, "training in stage 2", p)
         job = _job_id(sweep, 0)
-        pids = _until(lambda: _job_pids(sweep, 0), 30, "python process of the job")
+        pids = _until(lambda: _job_pids(sweep, job), 30, "python process of the job")
         for pid in pids:  # SLURM's preemption sends SIGCONT and then the job's USR2
             os.kill(pid, signal.SIGSTOP)
         high = subprocess.run(["sbatch", "--parsable", "-p", "high", "-c", str(cpus), "--mem=100M", "-J", "kt-high",

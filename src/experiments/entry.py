@@ -6,7 +6,8 @@
   Preempted; between trainers (stages, on-the-fly zoo models, evaluation) Preempted is raised at once. Either way:
   `preempted.json`, exit code 124, and rerunning the same command in the same run dir resumes. Inside a submitit
   job, its preemption signal (USR2) is handled the same way and then handed to submitit, which requeues the job;
-  the requeued job resumes in the same sweep sub-dir (src/engine/preemption.py).
+  the requeued job resumes in the same sweep sub-dir (src/engine/preemption.py). When submitit refuses to requeue
+  (more timeouts than hydra.launcher.max_num_timeout), the job fails with one UserError line in `error.json`.
 - `OutputDirCheck` (a Hydra callback in config/hydra/default.yaml): an unwritable run/sweep dir is one clear line
   and exit code 2 before Hydra tries to create it.
 """
