@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, compose, find_pids
-from test_reliability import _assert_same_weights, _env, _numbers, _rows, one_thread
+from test_reliability import _assert_same_weights, _env, _numbers, _rows, one_thread, train_small_zoo
 
 pytestmark = pytest.mark.slurm
 
@@ -73,15 +73,7 @@ def slurm():
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """mlp_small, mlp_wide and lenet of the digits zoo (2 epochs each) in their own checkpoints/cache folders."""
-    from src.experiments import pretrain
-
-    base = tmp_path_factory.mktemp("slurm_zoo")
-    paths = [f"paths.checkpoints={base / 'ck'}", f"paths.cache={base / 'cache'}", f"paths.data={base / 'data'}"]
-    with one_thread():
-        for n in ("mlp_small", "mlp_wide", "lenet"):
-            ep = f"zoo.models.{n}.epochs=2" if n == "mlp_small" else f"+zoo.models.{n}.epochs=2"
-            pretrain.run(compose("pretrain/pretrain", [f"name={n}", ep, *paths, *CPU]), run_dir=base / f"zoo_{n}")
-    return paths
+    return train_small_zoo(tmp_path_factory.mktemp("slurm_zoo"), ("mlp_small", "mlp_wide", "lenet"), 2, CPU)
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -344,3 +336,29 @@ def test_a_two_task_job_trains_through_ddp_like_torchrun(slurm, zoo, tmp_path):
     _assert_same_weights(run / "student" / "model.safetensors", torchrun / "student" / "model.safetensors")
     assert _numbers(json.loads((run / "summary.json").read_text())) == \
         _numbers(json.loads((torchrun / "summary.json").read_text()))
+
+
+def test_submitit_task_variables_become_torchruns(monkeypatch):
+    """No cluster needed: the SLURM variables of task 1 of a two-task submitit job give RANK/WORLD_SIZE/... and a
+    rendezvous every task agrees on; a one-task job and a torchrun process (WORLD_SIZE set) are left alone."""
+    from src.experiments.common import dist_info
+
+    job = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "42", "SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "1",
+           "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "node7"}
+    ports = []
+    for rank in (1, 0):
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in {**job, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)}.items():
+            monkeypatch.setenv(k, v)
+        assert dist_info() == (rank, 2, rank)
+        assert os.environ["MASTER_ADDR"] == "127.0.0.1" and os.environ["LOCAL_WORLD_SIZE"] == "2"
+        ports.append(int(os.environ["MASTER_PORT"]))
+    assert ports[0] == ports[1] and 20000 <= ports[0] <= 60000
+    monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun's own variables win
+    monkeypatch.setenv("RANK", "3")
+    assert dist_info()[:2] == (3, 4)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert dist_info() == (0, 1, 0) and "MASTER_PORT" not in os.environ
