@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slurm
 
 SCRIPT = ROOT / "scripts" / "slurm_local.sh"
 CPU = ["trainer.device=cpu", "trainer.progress=off"]
-TRANSFER = ["teacher=mlp_small", "student=mlp_wide", "loader.batch_size=16", "trainer.epochs=4",
+TRANSFER = ["teacher=mlp_small", "student=mlp_wide", "loader.batch_size=16", "trainer.epochs=6",
             "trainer.eval_every_steps=10", *CPU]
 MULTI = ["mode=sequential", "teachers=[mlp_small,lenet]", "student=mlp_wide", "loader.batch_size=16",
          "trainer.epochs=3", "trainer.eval_every_steps=10", *CPU]
@@ -131,9 +131,9 @@ def _job_ids(sweep: Path) -> list:
                   if re.fullmatch(r"\d+(_\d+)?", d.name) and (d / f"{d.name}_submitted.pkl").is_file())
 
 
-def _job_id(sweep: Path, task: int) -> str:
-    return _until(lambda: next((j for j in _job_ids(sweep) if j.endswith(f"_{task}") or "_" not in j), None), 60,
-                  f"submitit folder of job {task} in {sweep}")
+def _job_id(sweep: Path, task: int, proc) -> str:
+    return _until(lambda: next((j for j in _job_ids(sweep) if j.endswith(f"_{task}") or "_" not in j), None), 300,
+                  f"submitit folder of job {task} in {sweep}", proc)
 
 
 def _job_pids(sweep: Path, job: str) -> list:
@@ -210,10 +210,10 @@ def test_sweep_lands_two_summaries_and_usr2_requeues_a_job_that_resumes_bit_iden
     sweep = tmp_path / "sweep_usr2"
     p = _start("main_transfer.py", [*_launcher(sweep), "method=kl,kl_dp", *TRANSFER, *zoo], tmp_path, slurm, "sweep")
     try:
+        job = _job_id(sweep, 1, p)
+        pids = _until(lambda: _job_pids(sweep, job), 300, "python process of job 1", p)
         _until(lambda: any(r["step"] >= 10 for r in _rows(sweep / "1" / "metrics.jsonl")), 300,
                "10 training steps of job 1", p)
-        job = _job_id(sweep, 1)
-        pids = _until(lambda: _job_pids(sweep, job), 30, "python process of job 1")
         _signal_paused(pids, slurm, tmp_path, "--signal=USR2", job)
         rc = _finish(p, 300, tmp_path / "sweep.log")
     finally:
@@ -224,7 +224,7 @@ def test_sweep_lands_two_summaries_and_usr2_requeues_a_job_that_resumes_bit_iden
     assert all(r["status"] == "ok" for r in rows.values())
     logs = _logs(sweep)
     assert "this job is preempted" in logs and "handing signal 12" in logs and f"Requeued job {job}" in logs
-    _check_resumed_once(_logs(sweep / "1") + _logs(sweep / ".submitit" / job), 4 * 34)
+    _check_resumed_once(_logs(sweep / "1") + _logs(sweep / ".submitit" / job), 6 * 34)
     assert "resumed from" not in _logs(sweep / "0")  # the other job was not touched
     assert "Restarts=1" in _scontrol_job(slurm, tmp_path, job)
     _assert_same_weights(sweep / "1" / "student" / "model.safetensors", ref / "student" / "model.safetensors")
@@ -240,11 +240,11 @@ def test_a_job_past_max_num_timeout_fails_with_a_clear_error_and_the_other_job_f
     p = _start("main_transfer.py", [*_launcher(sweep, timeout_min=5, max_num_timeout=0), "method=kl,kl_dp",
                                     *TRANSFER, *zoo], tmp_path, slurm, "sweep")
     try:
+        job = _job_id(sweep, 1, p)
+        pids = _until(lambda: _job_pids(sweep, job), 300, "python process of job 1", p)
         _until(lambda: any(r["step"] >= 10 for r in _rows(sweep / "1" / "metrics.jsonl")), 300,
                "10 training steps of job 1", p)
-        job = _job_id(sweep, 1)
-        _signal_paused(_until(lambda: _job_pids(sweep, job), 30, "python process of job 1"), slurm, tmp_path,
-                       "--signal=USR2", job)
+        _signal_paused(pids, slurm, tmp_path, "--signal=USR2", job)
         rc = _finish(p, 300, tmp_path / "sweep.log")
     finally:
         _cancel(slurm, tmp_path, sweep)
@@ -273,10 +273,10 @@ def test_partition_preemption_of_a_multi_teacher_run_in_stage_2_resumes_bit_iden
     p = _start("main_multi_teacher.py", [*_launcher(sweep, cpus_per_task=cpus), *MULTI, *zoo], tmp_path, slurm,
                "sweep")
     try:
+        job = _job_id(sweep, 0, p)
+        pids = _until(lambda: _job_pids(sweep, job), 300, "python process of the job", p)
         _until(lambda: any(r.get("stage") == 2 and "train/loss" in r for r in _rows(sweep / "0" / "metrics.jsonl")),
                300, "training in stage 2", p)
-        job = _job_id(sweep, 0)
-        pids = _until(lambda: _job_pids(sweep, job), 30, "python process of the job")
         for pid in pids:  # SLURM's preemption sends SIGCONT and then the job's USR2
             os.kill(pid, signal.SIGSTOP)
         high = subprocess.run(["sbatch", "--parsable", "-p", "high", "-c", str(cpus), "--mem=100M", "-J", "kt-high",
