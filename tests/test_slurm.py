@@ -198,6 +198,22 @@ def _check_resumed_once(logs: str, total_below: int) -> None:
     assert 0 < step < total <= total_below, (step, total)
 
 
+def _sweep_with_usr2_to_job_1(sweep: Path, launcher: dict, zoo, tmp: Path, conf: str):
+    """The two-job transfer sweep (method=kl,kl_dp); `scancel --signal=USR2` to job 1 after its 10th step.
+    Returns (the sweep's exit code, job 1's SLURM id)."""
+    p = _start("main_transfer.py", [*_launcher(sweep, **launcher), "method=kl,kl_dp", *TRANSFER, *zoo], tmp, conf,
+               "sweep")
+    try:
+        job = _job_id(sweep, 1, p)
+        pids = _until(lambda: _job_pids(sweep, job), 300, "python process of job 1", p)
+        _until(lambda: any(r["step"] >= 10 for r in _rows(sweep / "1" / "metrics.jsonl")), 300,
+               "10 training steps of job 1", p)
+        _signal_paused(pids, conf, tmp, "--signal=USR2", job)
+        return _finish(p, 300, tmp / "sweep.log"), job
+    finally:
+        _cancel(conf, tmp, sweep)
+
+
 # ------------------------------------------------------------------------------------------------- tests
 
 
@@ -208,16 +224,7 @@ def test_sweep_lands_two_summaries_and_usr2_requeues_a_job_that_resumes_bit_iden
     with one_thread():
         transfer.run(compose("transfer/transfer", [*TRANSFER, "method=kl_dp", *zoo]), run_dir=ref)
     sweep = tmp_path / "sweep_usr2"
-    p = _start("main_transfer.py", [*_launcher(sweep), "method=kl,kl_dp", *TRANSFER, *zoo], tmp_path, slurm, "sweep")
-    try:
-        job = _job_id(sweep, 1, p)
-        pids = _until(lambda: _job_pids(sweep, job), 300, "python process of job 1", p)
-        _until(lambda: any(r["step"] >= 10 for r in _rows(sweep / "1" / "metrics.jsonl")), 300,
-               "10 training steps of job 1", p)
-        _signal_paused(pids, slurm, tmp_path, "--signal=USR2", job)
-        rc = _finish(p, 300, tmp_path / "sweep.log")
-    finally:
-        _cancel(slurm, tmp_path, sweep)
+    rc, job = _sweep_with_usr2_to_job_1(sweep, {}, zoo, tmp_path, slurm)
     assert rc == 0, (tmp_path / "sweep.log").read_text()[-3000:]
     rows = _summaries(sweep)
     assert sorted(rows) == ["0", "1"] and {r["method"] for r in rows.values()} == {"KL", "KLDP"}
@@ -237,17 +244,7 @@ def test_sweep_lands_two_summaries_and_usr2_requeues_a_job_that_resumes_bit_iden
 def test_a_job_past_max_num_timeout_fails_with_a_clear_error_and_the_other_job_finishes(slurm, zoo, tmp_path):
     """timeout_min <= 10: submitit counts every USR2 as a timeout; max_num_timeout=0 allows none."""
     sweep = tmp_path / "sweep_timeout"
-    p = _start("main_transfer.py", [*_launcher(sweep, timeout_min=5, max_num_timeout=0), "method=kl,kl_dp",
-                                    *TRANSFER, *zoo], tmp_path, slurm, "sweep")
-    try:
-        job = _job_id(sweep, 1, p)
-        pids = _until(lambda: _job_pids(sweep, job), 300, "python process of job 1", p)
-        _until(lambda: any(r["step"] >= 10 for r in _rows(sweep / "1" / "metrics.jsonl")), 300,
-               "10 training steps of job 1", p)
-        _signal_paused(pids, slurm, tmp_path, "--signal=USR2", job)
-        rc = _finish(p, 300, tmp_path / "sweep.log")
-    finally:
-        _cancel(slurm, tmp_path, sweep)
+    rc, job = _sweep_with_usr2_to_job_1(sweep, {"timeout_min": 5, "max_num_timeout": 0}, zoo, tmp_path, slurm)
     log = (tmp_path / "sweep.log").read_text()
     assert rc != 0, "a job that was not requeued must make the sweep fail"
     err = json.loads((sweep / "1" / "error.json").read_text())
