@@ -43,18 +43,23 @@ def one_thread():
         torch.set_num_threads(n)
 
 
+def train_small_zoo(base: Path, names, epochs: int, extra=()) -> list:
+    """Digits zoo entries `names` (`epochs` each, one thread) in checkpoints/cache folders under `base`; returns
+    the path overrides that point at them."""
+    from src.experiments import pretrain
+
+    paths = [f"paths.checkpoints={base / 'ck'}", f"paths.cache={base / 'cache'}", f"paths.data={base / 'data'}"]
+    with one_thread():
+        for n in names:
+            ep = f"zoo.models.{n}.epochs={epochs}" if n == "mlp_small" else f"+zoo.models.{n}.epochs={epochs}"
+            pretrain.run(compose("pretrain/pretrain", [f"name={n}", ep, *paths, *extra]), run_dir=base / f"zoo_{n}")
+    return paths
+
+
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """A small digits zoo (mlp_small, resnet8, lenet; 3 epochs each) in its own checkpoints/cache folders."""
-    from src.experiments import pretrain
-
-    base = tmp_path_factory.mktemp("rel_zoo")
-    paths = [f"paths.checkpoints={base / 'ck'}", f"paths.cache={base / 'cache'}", f"paths.data={base / 'data'}"]
-    with one_thread():
-        for n in ("mlp_small", "resnet8", "lenet"):
-            ep = "zoo.models.mlp_small.epochs=3" if n == "mlp_small" else f"+zoo.models.{n}.epochs=3"
-            pretrain.run(compose("pretrain/pretrain", [f"name={n}", ep, *paths]), run_dir=base / f"zoo_{n}")
-    return paths
+    return train_small_zoo(tmp_path_factory.mktemp("rel_zoo"), ("mlp_small", "resnet8", "lenet"), 3)
 
 
 def _env(tmp: Path):

@@ -8,7 +8,9 @@ Inside a submitit job (hydra/launcher=slurm or local) submitit has its own handl
 requeues it (`scontrol requeue` on SLURM, a restart by the local controller). We take that signal over too, so the
 step in flight finishes and is checkpointed first, and then hand the signal back to submitit's handler
 (`hand_over`), which requeues; the requeued job runs the same overrides in the same sweep sub-dir and the Trainer
-resumes there. SIGTERM keeps submitit's own handler out of it (submitit ignores SIGTERM by design)."""
+resumes there (or, past hydra.launcher.max_num_timeout, submitit's handler raises instead and the entry point
+turns that into error.json). SIGTERM keeps submitit's own handler out of it (submitit ignores SIGTERM by design).
+Verified against a real SLURM in tests/test_slurm.py (scancel --signal=USR2, partition preemption)."""
 from __future__ import annotations
 
 import logging

@@ -40,7 +40,27 @@ def as_dict(node) -> dict:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
 
 
+def submitit_task_env() -> None:
+    """Inside a submitit job with several tasks (hydra.launcher.tasks_per_node=K: SLURM starts K copies with
+    srun), export what torchrun would (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) from the job's SLURM
+    variables, so the same DDP path serves both. The port derives from the job id: every task agrees on it."""
+    if "WORLD_SIZE" in os.environ or not os.environ.get("SUBMITIT_EXECUTOR"):
+        return
+    import random
+
+    from submitit import JobEnvironment
+
+    env = JobEnvironment()
+    if env.num_tasks <= 1:
+        return
+    addr = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if env.num_nodes == 1 else env.hostnames[0])
+    port = os.environ.get("MASTER_PORT") or str(random.Random(env.job_id).randint(20000, 60000))
+    os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank),
+                      LOCAL_WORLD_SIZE=str(env.num_tasks // env.num_nodes), MASTER_ADDR=addr, MASTER_PORT=port)
+
+
 def dist_info():
+    submitit_task_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -6,7 +6,8 @@
   Preempted; between trainers (stages, on-the-fly zoo models, evaluation) Preempted is raised at once. Either way:
   `preempted.json`, exit code 124, and rerunning the same command in the same run dir resumes. Inside a submitit
   job, its preemption signal (USR2) is handled the same way and then handed to submitit, which requeues the job;
-  the requeued job resumes in the same sweep sub-dir (src/engine/preemption.py).
+  the requeued job resumes in the same sweep sub-dir (src/engine/preemption.py). When submitit refuses to requeue
+  (more timeouts than hydra.launcher.max_num_timeout), the job fails with one UserError line in `error.json`.
 - `OutputDirCheck` (a Hydra callback in config/hydra/default.yaml): an unwritable run/sweep dir is one clear line
   and exit code 2 before Hydra tries to create it.
 """
@@ -102,6 +103,43 @@ class OutputDirCheck(_Callback):
         _check_dir(str(config.hydra.sweep.dir), "hydra.sweep.dir")
 
 
+def _mark(out, e: Exception, known: bool) -> None:
+    """The failure marker in the job's dir (never touches an earlier summary.json): preempted.json or error.json."""
+    if out is None:
+        return
+    status = "preempted" if isinstance(e, Preempted) else "failed" if known else "crashed"
+    try:
+        write_json(f"{out}/preempted.json" if status == "preempted" else f"{out}/error.json",
+                   {"status": status, "error": f"{type(e).__name__}: {e}"})
+        if status != "preempted" and os.path.isfile(f"{out}/preempted.json"):
+            os.unlink(f"{out}/preempted.json")
+    except OSError:
+        pass
+
+
+def _launcher_value(key: str):
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().launcher.get(key)
+    except Exception:
+        return None
+
+
+def _requeue(previous, out) -> None:
+    """Inside submitit: hand its preemption signal back, which requeues the job and exits. When submitit refuses
+    (the job timed out / was preempted more often than hydra.launcher.max_num_timeout allows), the job ends with
+    one clear UserError instead (error.json in its dir); its last checkpoint stays there."""
+    try:
+        preemption.hand_over(previous)
+    except Exception as refused:  # submitit's UncompletedJobError, raised by its handler
+        raise UserError(f"not requeued: this job was stopped by a timeout or preemption more often than "
+                        f"hydra.launcher.max_num_timeout={_launcher_value('max_num_timeout')} allows (submitit: "
+                        f"{refused}); its last checkpoint is in {out}: rerun the sweep with "
+                        f"hydra.sweep.dir=<the same sweep dir> to resume it, or raise "
+                        f"hydra.launcher.max_num_timeout / hydra.launcher.timeout_min") from refused
+
+
 def entry(run, cfg):
     multirun, out = _mode()
     previous = {}
@@ -114,22 +152,21 @@ def entry(run, cfg):
         return result
     except Exception as e:
         known = isinstance(e, (UserError, Preempted))
-        if out is not None:  # the failure is visible in the job's dir (never touches an earlier summary.json)
-            status = "preempted" if isinstance(e, Preempted) else "failed" if known else "crashed"
-            try:
-                write_json(f"{out}/preempted.json" if status == "preempted" else f"{out}/error.json",
-                           {"status": status, "error": f"{type(e).__name__}: {e}"})
-            except OSError:
-                pass
+        _mark(out, e, known)
         if not known:
             raise  # a bug: keep its traceback
         if debug_enabled():
             traceback.print_exc()
         log.log(logging.WARNING if isinstance(e, Preempted) else logging.ERROR, "%s: %s", type(e).__name__, e)
         if isinstance(e, Preempted):
-            preemption.hand_over(previous)  # inside submitit: it requeues the job (and exits) from here
+            try:
+                _requeue(previous, out)  # inside submitit: it requeues the job (and exits) from here
+            except UserError as refused:
+                _mark(out, refused, True)
+                log.error("UserError: %s", refused)
+                e = refused
         if multirun:
-            raise  # the sweeper records the failure; other jobs are not lost
+            raise e  # the sweeper records the failure; other jobs are not lost
         if isinstance(e, Preempted):
             print(f"preempted: {e}", file=sys.stderr)
             sys.exit(PREEMPTED_EXIT_CODE)
