@@ -70,13 +70,15 @@ def run_all(out: Path, seeds, lanes: int, grid_methods) -> dict:
     zoo, rest = jobs(seeds, grid_methods)
     # the biggest jobs first, so the lanes end together
     rest.sort(key=lambda j: 0 if j[0].startswith("transfer") else 1)
-    t0 = time.time()
+    t0, started = time.time(), time.strftime("%Y-%m-%d %H:%M")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip() or "unknown"
     done = []
     with ThreadPoolExecutor(max_workers=lanes) as ex:
         for phase in (zoo, rest):
             done += list(ex.map(lambda j: run_job(j, out, work, sys.executable), phase))
     return {"seconds": time.time() - t0, "jobs": done, "lanes": lanes, "seeds": list(seeds),
-            "machine": machine()}
+            "machine": machine(), "commit": commit, "started": started}
 
 
 def machine() -> str:

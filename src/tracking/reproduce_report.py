@@ -203,9 +203,10 @@ def build(out_dir, timing: Optional[dict] = None) -> Path:
               + kdep_claims(fam["kdep"]) + zeroshot_claims(fam["zeroshot"]))
     tables = agg.aggregate(runs)
     agg.write(tables, problems, out / "tables", runs, title="Digits reproduction: all tables")
-    seeds = sorted({agg.replicate(r) for r in runs})
+    seeds = sorted({agg.replicate(r) for r in runs if r["family"] != "pretrain"})
     md = ["# Digits reproduction report\n\n",
-          f"Written by `make reproduce` (scripts/reproduce.py) at commit {_commit()} on "
+          f"Written by `make reproduce` (scripts/reproduce.py): runs of commit {(timing or {}).get('commit', '?')} "
+          f"started {(timing or {}).get('started', '?')}, report built at commit {_commit()} on "
           f"{time.strftime('%Y-%m-%d')}. Machine: {(timing or {}).get('machine', 'not recorded')}. "
           f"Wall time: {(timing or {}).get('seconds', float('nan')) / 60:.1f} min with "
           f"{(timing or {}).get('lanes', '?')} lanes. {len(runs)} runs over {len(seeds)} seeds ({', '.join(seeds)}: "
