@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src.tracking import aggregate as agg  # noqa: E402
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dirs", nargs="+", type=Path, help="run dirs, multirun dirs, or folders holding them")
     ap.add_argument("--out", type=Path, help="where results.md, <table>.csv and figures/ go "
@@ -34,7 +34,11 @@ def main(argv=None):
     ap.add_argument("--wandb", choices=("disabled", "offline", "online"), default="disabled",
                     help="also log the tables and figures to one wandb run")
     ap.add_argument("--wandb-project", default="knowledge-transfer")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
     for d in a.dirs:
         if not d.is_dir():
             sys.exit(f"error: {d} is not a directory: give the run or sweep dirs printed by the main_*.py scripts")

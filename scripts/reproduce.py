@@ -96,7 +96,7 @@ def machine() -> str:
             f"{os.environ.get('ATEN_CPU_CAPABILITY', 'auto')} ({torch.backends.cpu.get_cpu_capability()})")
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "digits")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -104,7 +104,11 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="+", default=GRID_METHODS, help="transfer methods of the zoo grid")
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from the runs already there")
     ap.add_argument("--keep", action="store_true", help="keep earlier runs and the trained zoo (default: start over)")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
     if any(k < 0 for k in a.seeds) or len(set(a.seeds)) != len(a.seeds):
         sys.exit(f"error: --seeds {a.seeds} must be distinct integers >= 0: use e.g. --seeds 0 1 2")
     if a.lanes < 1:

@@ -113,3 +113,16 @@ def test_readme_write_ffcv_command_parses_and_composes(cmd):
     args = mod.parse_args(shlex.split(cmd)[2:])
     cfg = mod.compose_config(args.config_name, args.overrides)
     assert cfg.loader.backend == "ffcv" and cfg.dataset.name == "imagenet"
+
+
+@pytest.mark.parametrize("cmd", [c for c in COMMANDS if shlex.split(c)[1] in ("scripts/aggregate.py",
+                                                                             "scripts/reproduce.py")])
+def test_readme_aggregate_and_reproduce_commands_parse(cmd):
+    args = shlex.split(cmd)
+    mod = load_script(args[1].removeprefix("scripts/").removesuffix(".py"))
+    mod.parser().parse_args(args[2:])  # argparse exits on an unknown flag or a bad value
+
+
+def test_readme_shows_the_aggregator_and_the_reproduction():
+    used = {shlex.split(c)[1] for c in COMMANDS}
+    assert {"scripts/aggregate.py", "scripts/reproduce.py"} <= used
