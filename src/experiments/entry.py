@@ -114,7 +114,10 @@ def entry(run, cfg):
         return result
     except Exception as e:
         known = isinstance(e, (UserError, Preempted))
-        if out is not None:  # the failure is visible in the job's dir (never touches an earlier summary.json)
+        from ..tracking import RunDirBusy
+
+        if out is not None and not isinstance(e, RunDirBusy):  # the failure is visible in the job's dir (never
+            # touches an earlier summary.json; a busy dir belongs to the run that holds it)
             status = "preempted" if isinstance(e, Preempted) else "failed" if known else "crashed"
             try:
                 write_json(f"{out}/preempted.json" if status == "preempted" else f"{out}/error.json",
