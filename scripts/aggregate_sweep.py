@@ -8,20 +8,36 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
 
 def load_rows(sweep_dir: Path):
     rows = []
+    from src.errors import UserError
+    from src.io_utils import read_json_safe
+
+    need = ("transfer_delta", "knowledge_gain", "knowledge_loss")
     for p in sorted(sweep_dir.glob("**/summary.json")):
-        s = json.loads(p.read_text())
-        if s.get("status") == "ok" and "transfer_delta" in s:
-            s["_dir"] = str(p.parent)
-            rows.append(s)
+        try:
+            s = read_json_safe(p, "summary", "rerun that job (same command) to rewrite it")
+        except UserError as e:  # one torn job (killed while writing) must not cost the others' table
+            print(f"warning: skipped: {e}", file=sys.stderr)
+            continue
+        if not isinstance(s, dict) or s.get("status") != "ok":
+            continue
+        if not all(isinstance(s.get(k), (int, float)) for k in need):
+            print(f"warning: skipped {p}: status ok but no numbers for {', '.join(need)} (an incomplete run)",
+                  file=sys.stderr)
+            continue
+        s["_dir"] = str(p.parent)
+        rows.append(s)
     return rows
 
 

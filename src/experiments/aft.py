@@ -78,9 +78,15 @@ def validate(cfg: DictConfig) -> None:
     m = cfg.method
     feats = needs_features(m)
     check_hparams(**{k: m[k] for k in ("prec", "kernel", "scales", "prior_lr") if m.get(k) is not None})
+    uv = cfg.get("use_val")
+    check(isinstance(uv, bool), f"use_val={uv} must be true or false: use_val=true evaluates on the val split, "
+                                f"false on the test split")
     if not feats:
         return
-    check_feature_specs(cfg)
+    specs = check_feature_specs(cfg)
+    names = [str(s) for s in specs if isinstance(s, str)]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    check(not dup, f"features lists {dup[0] if dup else ''} twice: give each pretrained model once")
     aug = cfg.loader.augment
     check(aug == "none", f"loader.augment={aug} with a feature method: the pretrained features are computed once per "
                          f"sample without augmentation; use loader.augment=none (or method=aft_init)")

@@ -304,6 +304,7 @@ def preflight(cfg: DictConfig) -> None:
                                          ("per_class", _POS, "must be > 0: use e.g. 128")])
     check_dataset(cfg.get("dataset"))
     for key, node in _method_nodes(cfg):
+        check_partition(key, node)
         for k in node:
             if k in METHOD_RULES:
                 _check_number(f"{key}.{k}", node.get(k), *METHOD_RULES[k])
@@ -323,6 +324,27 @@ def preflight(cfg: DictConfig) -> None:
                 from ..models.factory import check_kwargs
 
                 check_kwargs(str(s.arch), as_dict(s.get("kwargs")), f"{role}.kwargs")
+
+
+def check_partition(key: str, node) -> None:
+    """`<key>.partition` among the partitions of the node's method (multi-teacher methods take fewer)."""
+    if node.get("partition") is None:
+        return
+    import inspect
+
+    from hydra.utils import get_class
+
+    from ..methods.kd import PARTITIONS
+    from ..methods.multi import MULTI_PARTITIONS
+
+    try:
+        multi = "teachers" in inspect.signature(get_class(str(node._target_)).__init__).parameters
+    except Exception:  # an unimportable _target_ is reported by the family with its choices
+        return
+    choices = MULTI_PARTITIONS if multi else PARTITIONS
+    if str(node.partition) not in choices:
+        raise UserError(f"{key}.partition='{node.partition}' is unknown{closest(str(node.partition), choices)}: use "
+                        f"one of {', '.join(choices)}")
 
 
 def check_paths(cfg) -> None:
@@ -433,7 +455,7 @@ def check_resume(cfg: DictConfig, run_dir: Path, write: bool = True) -> None:
     rec = run_dir / RUN_CONFIG
     resuming = bool(cfg.trainer.get("resume", True)) and rec.is_file() and _has_progress(run_dir)
     if resuming:
-        before = read_json_safe(rec, "run config", f"delete it to accept this run's settings, or use a new run dir")
+        before = read_json_safe(rec, "run config", "delete it to accept this run's settings, or use a new run dir")
         before = before if isinstance(before, dict) else {}
         rs = cfg.get("resume")
         allow = [str(a) for a in (rs.get("allow_changes") or [])] if isinstance(rs, DictConfig) else []
