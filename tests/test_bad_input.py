@@ -64,12 +64,49 @@ def artifacts(tmp_path_factory):
             (art / "emptyfolder" / split / c).mkdir(parents=True)
         (art / "emptyfolder" / split / "a" / "notes.txt").write_text("not an image")
     (art / "afile").write_text("a file, not a folder")
+    _disk_artifacts(art, model, digits)
     return art
+
+
+def _disk_artifacts(art: Path, model, digits: dict) -> None:
+    """Files on disk that lie or are damaged (issue 17): meta.json variants, swapped weights, basis files, CSVs."""
+    import shutil
+
+    from src.io_utils import save_safetensors
+    from src.models import save_checkpoint
+
+    def variant(name, edit):
+        shutil.copytree(art / "teacher10", art / name)
+        meta = json.loads((art / name / "meta.json").read_text())
+        (art / name / "meta.json").write_text(edit(meta))
+
+    variant("metalist", lambda m: json.dumps([m]))
+    variant("metanoarch", lambda m: json.dumps({k: v for k, v in m.items() if k != "arch"}))
+    five = json.loads((art / "teacher5" / "meta.json").read_text())
+    variant("hashlie", lambda m: json.dumps(dict(m, hash=five["hash"])))  # claims another model's hash
+    shutil.copytree(art / "teacher10", art / "metadir")
+    (art / "metadir" / "meta.json").unlink()
+    (art / "metadir" / "meta.json").mkdir()
+    shutil.copytree(art / "teacher10", art / "swapped")  # weights replaced by hand, the old meta.json left
+    other = model("mlp", 10, hidden=[8])
+    with torch.no_grad():
+        other.net.fc.weight.add_(1.0)  # the same architecture, other weights
+    save_checkpoint(other, art / "other10", {"name": "other10", "kwargs": {"hidden": [8]},
+                                                                   "dataset": digits})
+    shutil.copy(art / "other10" / "model.safetensors", art / "swapped" / "model.safetensors")
+    save_safetensors({"mu": torch.zeros(64), "V": torch.zeros(64)}, art / "basis_rank.safetensors")
+    save_safetensors({"mu": torch.zeros(64), "V": torch.zeros(5, 3)}, art / "basis_shape.safetensors")
+    save_safetensors({"mu": torch.full((64,), float("nan")), "V": torch.zeros(64, 8)}, art / "basis_nan.safetensors")
+    (art / "basis_garbage.safetensors").write_bytes(os.urandom(256))
+    (art / "nan.csv").write_text("model,top1\nmlp_small,nan\nlenet,98.1\n")
+    (art / "bom.csv").write_text("\ufeffmodel,top1\nlenett,\nmlp_small,\n", encoding="utf-8")
 
 
 def _overrides(case: Case, art: Path, tmp: Path):
     paths = [f"paths.checkpoints={tmp / 'empty_zoo'}", f"paths.cache={tmp / 'cache'}", f"paths.data={tmp / 'data'}"]
-    return [o.format(art=art, tmp=tmp) for o in case.overrides] + paths
+    own = [o.format(art=art, tmp=tmp) for o in case.overrides]
+    given = {o.split("=", 1)[0] for o in own}
+    return own + [p for p in paths if p.split("=", 1)[0] not in given]  # a row may point a path elsewhere
 
 
 def _earlier_run(run: Path) -> dict:

@@ -25,7 +25,7 @@ from ..methods.aft import FeatureTable, check_hparams
 from ..methods.base import CrossEntropy
 from ..metrics import accuracy
 from ..models import save_checkpoint
-from .common import Context, ModelRef, as_dict, check_model_spec, resolve_model, setup
+from .common import Context, ModelRef, as_dict, check_model_spec, preflight, resolve_model, setup
 
 log = logging.getLogger("kt")
 
@@ -75,6 +75,7 @@ def check_feature_specs(cfg) -> list:
 
 def validate(cfg: DictConfig) -> None:
     """This family's keys, before any dataset, zoo or training work: one UserError naming the value and the fix."""
+    preflight(cfg)  # the shared ranges first (finite numbers, full keys), then this family's own keys
     m = cfg.method
     feats = needs_features(m)
     check_hparams(**{k: m[k] for k in ("prec", "kernel", "scales", "prior_lr") if m.get(k) is not None})

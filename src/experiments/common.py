@@ -279,6 +279,11 @@ def check_zoo(cfg) -> None:
         if not isinstance(node, DictConfig):
             continue
         _check_rules(node, prefix, RECIPE_RULES)
+        arch = node.get("arch") if prefix != "zoo.train" else None
+        if arch is not None:
+            from ..models.factory import check_kwargs
+
+            check_kwargs(str(arch), as_dict(node.get("kwargs")), f"{prefix}.kwargs")
         for group in ("optimizer", "scheduler"):
             check_group(node.get(group), group, f"{prefix}.{group}")
 
@@ -315,7 +320,7 @@ def preflight(cfg: DictConfig) -> None:
     if ld is not None:
         loader_dtype(ld.get("dtype", "float32"))  # an unknown name: one UserError naming it and the choices
     check_paths(cfg)
-    for role in ("teacher", "student", "teachers", "models"):
+    for role in ("teacher", "student", "teachers", "models", "model"):
         spec = cfg.get(role)
         for i, s in enumerate(spec if OmegaConf.is_list(spec) or isinstance(spec, (list, tuple)) else [spec]):
             if isinstance(s, str):

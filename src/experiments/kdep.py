@@ -29,7 +29,8 @@ from ..methods.kdep import check_dims, svd_basis
 from ..metrics import accuracy
 from ..models.hooks import PreActivation, pre_activation_dim
 from ..schema import DatasetConfig
-from .common import Context, ModelRef, as_dict, check_model_spec, read_stage, resolve_model, setup, write_stage
+from .common import (Context, ModelRef, as_dict, check_model_spec, preflight, read_stage, resolve_model, setup,
+                     write_stage)
 from .multi_teacher import StageTracker
 from .transfer import build_method
 
@@ -53,6 +54,7 @@ def finetune_cfg(cfg: DictConfig, group: str):
 
 def validate(cfg: DictConfig) -> None:
     """KDEP's own keys, checked before any dataset, zoo or training work (one UserError each)."""
+    preflight(cfg)  # the shared ranges first (finite numbers, full keys), then this family's own keys
     import timm
 
     arch = str(cfg.student.get("arch"))
