@@ -34,10 +34,10 @@ def atomic_path(path, suffix: str = ".tmp"):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     except OSError as e:
         raise UserError(f"cannot write {path} ({os_reason(e)}): {_dir_fix(path.parent)}") from e
-    os.fchmod(fd, 0o666 & ~umask())
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~umask())  # after the write: some writers (safetensors) recreate the file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
