@@ -178,7 +178,8 @@ def safe_torch_load(path, map_location="cpu", what: str = "checkpoint"):
             warnings.filterwarnings("ignore", message=".*pickle protocol.*", category=UserWarning)
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        if "Unsupported global" in str(e) or _constructs_objects(path):
+        text = str(e)
+        if "Unsupported global" in text or "unsupported GLOBAL" in text or _constructs_objects(path):
             raise UserError(f"refusing to load {path}: its pickle would construct arbitrary objects; convert it "
                             f"to safetensors where you trust it") from e
         raise UserError(f"{what} {path} is corrupt, truncated or not a torch file ({type(e).__name__}): "

@@ -219,3 +219,46 @@ def test_every_script_has_rows():
         assert sum(c.script == name for c in CASES) >= 2, f"no bad-input rows for {name}"
     ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids)), "duplicate case ids"
+
+
+# ---------------------------------------------------------------------- scripts/ (issue 17): one line, no traceback
+
+
+def test_save_features_refuses_use_cache_false(tmp_path, capsys):
+    from conftest import load_script
+
+    from src.experiments.entry import entry
+
+    sf = load_script("save_features")
+    cfg = compose("aft/aft", ["use_cache=false", f"paths.checkpoints={tmp_path / 'ck'}",
+                              f"paths.cache={tmp_path / 'cache'}"])
+    with pytest.raises(SystemExit) as ei:
+        entry(lambda c: sf.save(c, run_dir=tmp_path / "run"), cfg)
+    assert ei.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: use_cache=false") and "drop use_cache=false" in err[0]
+    assert not (tmp_path / "ck").exists() or not list((tmp_path / "ck").rglob("meta.json"))
+
+
+def test_write_ffcv_out_dir_below_a_file_is_one_line(artifacts, tmp_path):
+    res = _run_script("scripts/write_ffcv.py", ["--out-dir", str(artifacts / "afile" / "betons"),
+                                                f"paths.data={tmp_path / 'data'}"])
+    assert res.returncode == 2, res.stderr[-2000:]
+    err = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and "--out-dir=" in err[0] and "afile is a regular file" in err[0], err
+    assert "Traceback" not in res.stderr
+
+
+def test_aggregate_sweep_skips_a_torn_or_incomplete_summary(tmp_path, capsys):
+    from conftest import load_script
+
+    agg = load_script("aggregate_sweep")
+    ok = {"status": "ok", "method": "KL", "transfer_delta": 1.0, "knowledge_gain": 2.0, "knowledge_loss": 1.0}
+    for name, text in (("a", json.dumps(ok)), ("torn", json.dumps(ok)[:30]),
+                       ("incomplete", json.dumps({"status": "ok", "method": "KL", "transfer_delta": 3.0}))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(text)
+    table = agg.main([str(tmp_path)])
+    assert [(t["method"], t["pairs"], t["mean_delta"]) for t in table] == [("KL", 1, 1.0)]
+    err = capsys.readouterr().err
+    assert "torn/summary.json" in err and "incomplete/summary.json" in err and "Traceback" not in err

@@ -128,7 +128,8 @@ def entry(run, cfg):
             raise  # a bug: keep its traceback
         if debug_enabled():
             traceback.print_exc()
-        log.log(logging.WARNING if isinstance(e, Preempted) else logging.ERROR, "%s: %s", type(e).__name__, e)
+        if log.hasHandlers():  # Hydra's log file; a plain script (scripts/) prints the one line below only
+            log.log(logging.WARNING if isinstance(e, Preempted) else logging.ERROR, "%s: %s", type(e).__name__, e)
         if isinstance(e, Preempted):
             preemption.hand_over(previous)  # inside submitit: it requeues the job (and exits) from here
         if multirun:
