@@ -218,7 +218,8 @@ CASES += [
       ["soup_runs.mlp_small=", "nope does not exist"]),
     C("aft-duplicate-features", "aft", ["features=[resnet20,resnet20]"], ["resnet20 twice", "once"]),
     C("aft-use-val-untyped", "aft", ["use_val=maybe"], ["use_val=maybe", "true or false"]),
-    C("flips-csv-top1-nan", "flips", ["models=null", "models_csv={art}/nan.csv"], ["top1='nan'", "mlp_small", "finite"]),
+    C("flips-csv-top1-nan", "flips", ["models=null", "models_csv={art}/nan.csv"],
+      ["top1='nan'", "mlp_small", "finite"]),
     C("flips-csv-bom", "flips", ["models=null", "models_csv={art}/bom.csv"], ["'lenett'", "lenet"]),
     # writes where they must not
     C("pretrain-save-as-escapes", "pretrain", [*M, "save_as=../../../../x"], ["save_as='../../../../x'", "plain name"]),

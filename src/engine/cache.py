@@ -52,7 +52,11 @@ class OutputCache:
             out = load_state_dict(p, what="output cache entry")
         except UserError:
             return None, "it cannot be loaded"
-        why = validate_outputs(out, split, getattr(model, "num_classes", None), getattr(model, "num_features", None))
+        net = getattr(model, "net", None)  # a Normalized model: its pre-logits width (timm's head_hidden_size when
+        # the head has a hidden layer, else num_features); other wrappers (pre-activation features) are not checked
+        width = (getattr(net, "head_hidden_size", None) or getattr(net, "num_features", None)) if net is not None \
+            else None
+        why = validate_outputs(out, split, getattr(model, "num_classes", None), width)
         if why:
             return None, why
         if features and "features" not in out:

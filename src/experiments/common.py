@@ -262,8 +262,9 @@ def check_dataset(d) -> None:
         vals = list(vals)
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in vals) or \
                 (k == "std" and any(v <= 0 for v in vals)):
-            raise UserError(f"dataset.{k}={vals} must be finite numbers{' > 0 (a 0 divides by zero)' if k == 'std' else ''}"
-                            f": use the dataset's per-channel {k}, e.g. dataset.{k}=[0.25]")
+            pos = " > 0 (a 0 divides by zero)" if k == "std" else ""
+            raise UserError(f"dataset.{k}={vals} must be finite numbers{pos}: use the dataset's per-channel {k}, "
+                            f"e.g. dataset.{k}=[0.25]")
     _check_rules(d, "dataset", [("val_fraction", _in(0, 1, hi_open=True), "must be in [0, 1): use e.g. {k}=0.1"),
                                 ("crop_pct", _in(0, 1, lo_open=True), "must be in (0, 1]: use e.g. {k}=0.875"),
                                 ("image_size", _POS, "must be > 0"), ("channels", _POS, "must be > 0"),
