@@ -182,7 +182,7 @@ def safe_torch_load(path, map_location="cpu", what: str = "checkpoint"):
         if "Unsupported global" in text or "unsupported GLOBAL" in text or _constructs_objects(path):
             raise UserError(f"refusing to load {path}: its pickle would construct arbitrary objects; convert it "
                             f"to safetensors where you trust it") from e
-        raise UserError(f"{what} {path} is corrupt, truncated or not a torch file ({type(e).__name__}): "
+        raise UserError(f"{what} {path} is corrupt or truncated, or not a torch file ({type(e).__name__}): "
                         f"re-download or retrain it") from e
 
 
