@@ -28,13 +28,25 @@ import hydra  # noqa: E402
 import src.schema  # noqa: E402,F401  (config schemas and resolvers)
 from src.experiments.aft import check_feature_specs, feature_outputs, splits  # noqa: E402
 from src.experiments.common import resolve_model, setup  # noqa: E402
+from src.errors import UserError  # noqa: E402
 from src.io_utils import write_json  # noqa: E402
+from src.tracking import unlock_run_dir  # noqa: E402
 
 
 def save(cfg, run_dir=None) -> dict:
     """{model: {split: cache file}} for every model of `features` on the training and evaluation splits."""
     specs = check_feature_specs(cfg)  # every name checked before any model is loaded or trained
+    if not cfg.get("use_cache", True):
+        raise UserError("use_cache=false: this script stores features in the output cache and nothing else; drop "
+                        "use_cache=false (main_aft.py use_cache=false computes them without storing)")
     ctx = setup(cfg, run_dir, job_type="save_features", tracker=False)
+    try:
+        return _save(ctx, specs)
+    finally:
+        unlock_run_dir(ctx.run_dir)
+
+
+def _save(ctx, specs) -> dict:
     train, evaluation = splits(ctx)
     result = {}
     for i, spec in enumerate(specs):

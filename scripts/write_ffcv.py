@@ -90,6 +90,9 @@ def main(argv=None) -> int:
     splits = [ds.split(n) for n in names]  # UserError for an unknown name, before anything is written
     out_dir = args.out_dir or cfg.loader.ffcv_dir
     check(args.max_res is None or args.max_res > 0, f"--max-res={args.max_res} must be > 0")
+    from src.io_utils import ensure_dir
+
+    ensure_dir(out_dir, "--out-dir" if args.out_dir else "loader.ffcv_dir")  # below a file: one line, now
     for split in splits:
         path = beton_path(out_dir, ds.info.name, split.name)
         if path.exists() and not args.overwrite:
@@ -109,6 +112,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from src.errors import run_entry
+    from src.experiments.entry import entry
 
-    sys.exit(run_entry(main) or 0)
+    sys.exit(entry(lambda _cfg: main(), None) or 0)

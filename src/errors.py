@@ -1,15 +1,14 @@
 """User-facing errors: one clear line naming the bad value and the fix.
 
-Anything raised as :class:`UserError` is printed as a single line by :func:`run_entry` (full traceback only with
-``KT_DEBUG=1`` or ``hydra.verbose=true``) and the process exits with code 2. Everything else is a bug and keeps
-its traceback.
+Anything raised as :class:`UserError` is printed as a single line by `src.experiments.entry.entry` (the one entry
+of every main script and of scripts/; full traceback only with ``KT_DEBUG=1``) and the process exits with code 2.
+Everything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import difflib
 import os
-import sys
-from typing import Callable, Iterable
+from typing import Iterable
 
 
 class UserError(ValueError):
@@ -42,17 +41,3 @@ def check(cond: bool, msg: str) -> None:
 
 def debug_enabled() -> bool:
     return os.environ.get("KT_DEBUG", "0") not in ("", "0", "false", "False")
-
-
-def run_entry(fn: Callable[[], object]) -> object:
-    """Call an entry script's hydra main; turn UserError / Preempted into one line and an exit code."""
-    try:
-        return fn()
-    except UserError as e:  # raised before hydra wraps it (composition-time checks)
-        if debug_enabled():
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(USER_ERROR_EXIT_CODE)
-    except Preempted as e:
-        print(f"preempted: {e}", file=sys.stderr)
-        sys.exit(PREEMPTED_EXIT_CODE)

@@ -3,7 +3,12 @@
 - Model weights are safetensors; anything else goes through `torch.load(weights_only=True)`, which refuses
   pickles that would construct arbitrary objects. A refused or truncated file becomes a UserError naming it.
 - Writes go to a temporary file in the same directory and are moved in place with `os.replace`, so a crash
-  during a save leaves the previous file intact.
+  during a save leaves the previous file intact. The file gets the mode a plain `open()` would give it (0666 minus
+  the umask), not mkstemp's 0600, so colleagues sharing a checkpoint or cache folder can read it.
+- `content_hash(path)`: the sha256 prefix of a file's bytes, computed once per (path, size, mtime) and remembered
+  (in memory and, when given, in a small JSON index): cache keys come from the weights actually loaded, never from
+  what a `meta.json` claims.
+- A file that cannot be read (permissions) is named as such, never as "corrupt".
 """
 from __future__ import annotations
 
@@ -24,16 +29,81 @@ from .errors import UserError
 def atomic_path(path, suffix: str = ".tmp"):
     """Yield a temporary path next to `path`; on success it replaces `path` atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({os_reason(e)}): {_dir_fix(path.parent)}") from e
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~umask())  # after the write: some writers (safetensors) recreate the file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def umask() -> int:
+    """The process umask (read without changing it where /proc allows; os.umask otherwise)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def os_reason(e: OSError) -> str:
+    return e.strerror or type(e).__name__
+
+
+def _dir_fix(folder: Path) -> str:
+    """The fix for a folder that cannot be created or written: name the part of the path that is in the way."""
+    for p in [folder, *folder.parents]:
+        if p.exists():
+            if not p.is_dir():
+                return f"{p} is a regular file, not a folder: move it away or point the path elsewhere"
+            if not os.access(p, os.W_OK | os.X_OK):
+                return f"{p} is not writable by you: fix its permissions or point the path elsewhere"
+            break
+    return "point the path at a writable folder"
+
+
+def ensure_dir(folder, key: str) -> Path:
+    """Create `folder` (the value of config key `key`) or fail with one line naming what is in the way."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{key}={folder} cannot be created ({os_reason(e)}): {_dir_fix(folder)}") from e
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{key}={folder} is not writable by you: fix its permissions or set {key}=<a writable "
+                        f"folder>")
+    return folder
+
+
+def read_json_safe(path, what: str = "file", fix: str = "delete it and rerun") -> Any:
+    """JSON from `path`, or one UserError naming the file (missing, unreadable, a folder, torn or not JSON)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder, not a JSON file: {fix}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError as e:
+        raise UserError(f"{what} {path} does not exist: {fix}") from e
+    except PermissionError as e:
+        raise UserError(f"{what} {path} is not readable (permission denied): ask its owner to chmod a+r it") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{what} {path} cannot be read ({type(e).__name__}): {fix}") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what} {path} is corrupt: torn or not JSON ({e.msg} at line {e.lineno}): {fix}") from e
 
 
 def write_json(path, obj: Any) -> None:
@@ -65,44 +135,105 @@ def torch_save(obj: Any, path) -> None:
         torch.save(obj, tmp)
 
 
-def load_state_dict(path) -> Dict[str, torch.Tensor]:
-    """Weights from a .safetensors file, or a torch file loaded with weights_only=True (never executes code).
-    Accepts the usual wrappers ({'state_dict': ...}, {'model': ...})."""
+def check_readable(path, what: str = "checkpoint") -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder, not a file: give the weights file inside it")
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist: check the path")
+        raise UserError(f"{what} {path} does not exist: check the path")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"{what} {path} is not readable (permission denied): ask its owner to chmod a+r it (the "
+                        f"file itself may be fine)")
+    return path
+
+
+def load_state_dict(path, what: str = "checkpoint") -> Dict[str, torch.Tensor]:
+    """Weights from a .safetensors file, or a torch file loaded with weights_only=True (never executes code).
+    Accepts the usual wrappers ({'state_dict': ...}, {'model': ...}). `what` names the file in messages."""
+    path = check_readable(path, what)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path))
         except Exception as e:
-            raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}); "
-                            f"re-download or retrain it") from e
-    obj = safe_torch_load(path)
+            raise UserError(f"{what} {path} is corrupt or truncated ({type(e).__name__}): re-download or "
+                            f"retrain it") from e
+    obj = safe_torch_load(path, what=what)
     for key in ("state_dict", "model", "model_state_dict", "state_dict_ema"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"checkpoint {path} holds no state dict of tensors: save model.state_dict()")
+        raise UserError(f"{what} {path} holds no state dict of tensors: save model.state_dict()")
     return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
-def safe_torch_load(path, map_location="cpu"):
+def safe_torch_load(path, map_location="cpu", what: str = "checkpoint"):
     import warnings
 
+    check_readable(path, what)
     try:
         with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses anyway
             warnings.filterwarnings("ignore", message=".*pickle protocol.*", category=UserWarning)
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        msg = str(e).splitlines()[0][:200]
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
-            raise UserError(f"refusing to load {path}: it is a pickle that would construct arbitrary objects "
-                            f"({msg}); convert it to safetensors from a trusted environment") from e
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {msg}); "
+        text = str(e)
+        if "Unsupported global" in text or "unsupported GLOBAL" in text or _constructs_objects(path):
+            raise UserError(f"refusing to load {path}: its pickle would construct arbitrary objects; convert it "
+                            f"to safetensors where you trust it") from e
+        raise UserError(f"{what} {path} is corrupt or truncated, or not a torch file ({type(e).__name__}): "
                         f"re-download or retrain it") from e
+
+
+_HASHES: Dict[tuple, str] = {}
+
+
+def content_hash(path, index=None, n: int = 16) -> str:
+    """`file_hash(path)`, computed once per (resolved path, size, mtime) and remembered in memory and, when `index`
+    (a JSON file, e.g. in the cache folder) is given, across runs. A replaced file has another size or mtime, so it
+    is hashed again."""
+    path = check_readable(path, "weights file")
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, n)
+    if key in _HASHES:
+        return _HASHES[key]
+    book = {}
+    if index is not None and Path(index).is_file():
+        try:
+            book = json.loads(Path(index).read_text())
+        except (OSError, ValueError):
+            book = {}  # a torn index is only a lost memo
+        got = book.get(key[0]) if isinstance(book, dict) else None
+        if isinstance(got, list) and got[:3] == [st.st_size, st.st_mtime_ns, n]:
+            _HASHES[key] = str(got[3])
+            return _HASHES[key]
+    h = file_hash(path, n)
+    _HASHES[key] = h
+    if index is not None:
+        try:
+            book = book if isinstance(book, dict) else {}
+            book[key[0]] = [st.st_size, st.st_mtime_ns, n, h]
+            write_json(index, book)
+        except (OSError, UserError):
+            pass  # the memo is an optimisation; an unwritable cache folder is reported where it is used
+    return h
+
+
+def _constructs_objects(path) -> bool:
+    """True when `path` is a complete plain pickle that imports names (GLOBAL/STACK_GLOBAL/INST): what
+    weights_only refuses as unsafe, as opposed to bytes that are no pickle at all. Parsed, never executed."""
+    import pickletools
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(1) != b"\x80":
+                return False
+            f.seek(0)
+            names = {op.name for op, _, _ in pickletools.genops(f)}
+    except Exception:
+        return False
+    return bool(names & {"GLOBAL", "STACK_GLOBAL", "INST"})
 
 
 def file_hash(path, n: int = 16) -> str:

@@ -28,6 +28,12 @@ ARTIFACTS (written once per session by the `artifacts` fixture in test_bad_input
   evil.pt               a pickle that would run `touch {art}/PWNED` when unpickled
   emptyfolder/          an ImageFolder root whose class folders hold no images
   afile                 a regular file (a run dir below it cannot be created)
+  metalist/ metanoarch/ teacher10 whose meta.json is a JSON list / lacks `arch`
+  metadir/              teacher10 whose meta.json is a folder
+  hashlie/              teacher10 whose meta.json claims teacher5's hash
+  swapped/              teacher10's meta.json over another model's weights (replaced by hand)
+  basis_{rank,shape,nan,garbage}.safetensors   KDEP bases: V 1-D / V (5, 3) for 64-d mu / NaN / random bytes
+  nan.csv, bom.csv      models CSVs: a top1 of `nan`; a UTF-8 BOM before the header (and an unknown model first)
 """
 from __future__ import annotations
 
@@ -187,6 +193,121 @@ CASES += [
     C("zeroshot-max-steps", "zeroshot", ["trainer.max_steps=10"], ["trainer.max_steps=10", "pseudo_batches=N"]),
     C("zeroshot-unknown-baseline", "zeroshot", ["baselines=[kd]"], ["'kd'", "kd_at, scratch"]),
     C("zeroshot-mte-window", "zeroshot", ["transition.mte_steps=500"], ["transition.mte_steps=500", "[1,"]),
+]
+
+# ---- issue 17: trust nothing on disk, every value checked up front by its full key -------------------------------
+M = ["name=null", "model=mlp"]  # pretrain a plain model: no zoo
+CASES += [
+    # meaningless values that used to be accepted
+    C("pretrain-scheduler-warmup-negative", "pretrain", [*M, "scheduler.warmup_epochs=-5"],
+      ["scheduler.warmup_epochs=-5", ">= 0"]),
+    C("pretrain-scheduler-step-size-zero", "pretrain", [*M, "scheduler=step", "scheduler.step_size=0"],
+      ["scheduler.step_size=0", "> 0"]),
+    C("pretrain-scheduler-gamma-negative", "pretrain", [*M, "scheduler=step", "scheduler.gamma=-1"],
+      ["scheduler.gamma=-1", "(0, 1]"]),
+    C("pretrain-scheduler-min-lr-ratio", "pretrain", [*M, "scheduler.min_lr_ratio=5"],
+      ["scheduler.min_lr_ratio=5", "[0, 1]"]),
+    C("transfer-temperature-inf", "transfer", ["method=kl", "method.temperature=inf"],
+      ["method.temperature=inf", "finite"]),
+    C("transfer-temperature-tiny", "transfer", ["method=kl", "method.temperature=1e-30"],
+      ["method.temperature=1e-30", "[0.01, 1000]"]),
+    C("pretrain-crop-padding-negative", "pretrain", [*M, "loader.crop_padding=-2"], ["loader.crop_padding=-2", ">= 0"]),
+    C("pretrain-dataset-std-zero", "pretrain", [*M, "dataset.std=[0]"], ["dataset.std=[0", "> 0"]),
+    C("pretrain-dataset-mean-inf", "pretrain", [*M, "dataset.mean=[inf]"], ["dataset.mean=[inf]", "finite"]),
+    C("multi_teacher-order-split-test", "multi_teacher", ["order_split=test"], ["order_split=test", "order_split=val"]),
+    C("multi_teacher-missing-soup-run", "multi_teacher", ["mode=soup", "soup_runs={{mlp_small:'{tmp}/nope'}}"],
+      ["soup_runs.mlp_small=", "nope does not exist"]),
+    C("aft-duplicate-features", "aft", ["features=[resnet20,resnet20]"], ["resnet20 twice", "once"]),
+    C("aft-use-val-untyped", "aft", ["use_val=maybe"], ["use_val=maybe", "true or false"]),
+    C("flips-csv-top1-nan", "flips", ["models=null", "models_csv={art}/nan.csv"],
+      ["top1='nan'", "mlp_small", "finite"]),
+    C("flips-csv-bom", "flips", ["models=null", "models_csv={art}/bom.csv"], ["'lenett'", "lenet"]),
+    # writes where they must not
+    C("pretrain-save-as-escapes", "pretrain", [*M, "save_as=../../../../x"], ["save_as='../../../../x'", "plain name"]),
+    C("pretrain-save-as-absolute", "pretrain", [*M, "save_as=/tmp/x"], ["save_as='/tmp/x'", "plain name"]),
+    C("transfer-amp-unknown", "transfer", [T10, "trainer.amp=fp8"], ["trainer.amp='fp8'", "none, bf16, fp16"]),
+    C("pretrain-unknown-model-kwarg", "pretrain", [*M, "+model.kwargs.bogus=1"], ["bogus", "model.kwargs", "hidden"]),
+    C("pretrain-checkpoints-below-a-file", "pretrain", [*M, "paths.checkpoints={art}/afile/ck"],
+      ["paths.checkpoints=", "afile is a regular file"]),
+    C("pretrain-cache-below-a-file", "pretrain", [*M, "paths.cache={art}/afile/c"],
+      ["paths.cache=", "afile is a regular file"]),
+    # tracebacks before
+    C("transfer-crd-feat-dim-zero", "transfer", ["method=crd", "method.feat_dim=0"], ["method.feat_dim=0", ">= 1"]),
+    C("pretrain-betas-empty", "pretrain", [*M, "optimizer=adam", "optimizer.betas=[]"],
+      ["optimizer.betas=[]", "two numbers"]),
+    C("pretrain-epochs-inf", "pretrain", [*M, "trainer.epochs=inf"], ["trainer.epochs=inf", "finite"]),
+    C("pretrain-zoo-label-smoothing", "pretrain", ["name=mlp_small", "+zoo.models.mlp_small.label_smoothing=2"],
+      ["zoo.models.mlp_small.label_smoothing=2", "[0, 1)"]),
+    C("aft-label-smoothing", "aft", ["method=aft_init", "method.label_smoothing=2"],
+      ["method.label_smoothing=2", "[0, 1)"]),
+    C("pretrain-num-workers-negative", "pretrain", [*M, "loader.num_workers=-1"], ["loader.num_workers=-1", ">= 0"]),
+    C("kdep-basis-wrong-rank", "kdep", ["basis={art}/basis_rank.safetensors"], ["basis_rank", "(D, k)"]),
+    C("kdep-basis-wrong-shape", "kdep", ["basis={art}/basis_shape.safetensors"], ["basis_shape", "(5, 3)", "(D, k)"]),
+    C("kdep-basis-nan", "kdep", ["basis={art}/basis_nan.safetensors"], ["basis_nan", "non-finite"]),
+    C("kdep-basis-garbage", "kdep", ["basis={art}/basis_garbage.safetensors"], ["basis ", "basis_garbage", "corrupt"]),
+    C("transfer-meta-is-a-list", "transfer", ["teacher={art}/metalist"], ["metalist/meta.json", "list", "delete"]),
+    C("transfer-meta-without-arch", "transfer", ["teacher={art}/metanoarch"], ["metanoarch/meta.json", "no 'arch'"]),
+    C("transfer-meta-is-a-folder", "transfer", ["teacher={art}/metadir"], ["metadir/meta.json", "is a folder"]),
+    C("transfer-meta-hash-lie", "transfer", ["teacher={art}/hashlie"], ["hashlie", "does not match its meta.json"]),
+    C("transfer-weights-swapped", "transfer", ["teacher={art}/swapped"], ["swapped", "does not match its meta.json"]),
+    C("transfer-teacher-folder-is-a-file", "transfer", ["teacher={art}/afile"], ["afile is a regular file"]),
+    # nested keys named by their full key
+    C("kdep-finetune-lr", "kdep", ["finetune.optimizer.lr=-1"], ["finetune.optimizer.lr=-1", "> 0"]),
+    C("kdep-finetune-step-size", "kdep", ["finetune.scheduler.step_size=0"], ["finetune.scheduler.step_size=0"]),
+    C("kdep-finetune-batch-size", "kdep", ["finetune.loader.batch_size=0"], ["finetune.loader.batch_size=0"]),
+    C("kdep-finetune-epochs-inf", "kdep", ["finetune.trainer.epochs=inf"], ["finetune.trainer.epochs=inf", "finite"]),
+    C("zeroshot-few-shot-temperature", "zeroshot", ["few_shot.kd_at.temperature=0"],
+      ["few_shot.kd_at.temperature=0", "> 0"]),
+    C("zeroshot-few-shot-alpha", "zeroshot", ["few_shot.kd_at.alpha=3"], ["few_shot.kd_at.alpha=3", "[0, 1]"]),
+    C("zeroshot-few-shot-lr", "zeroshot", ["few_shot.optimizer.lr=0"], ["few_shot.optimizer.lr=0", "> 0"]),
+    C("zeroshot-few-shot-epochs", "zeroshot", ["few_shot.trainer.epochs=0"], ["few_shot.trainer.epochs=0"]),
+    C("zeroshot-few-shot-min-lr-ratio", "zeroshot", ["+few_shot.scheduler.min_lr_ratio=3"],
+      ["few_shot.scheduler.min_lr_ratio=3"]),
+    C("multi_teacher-parallel-alpha", "multi_teacher", ["mode=parallel", "parallel_method.alpha=2"],
+      ["parallel_method.alpha=2", "[0, 1]"]),
+    C("multi_teacher-parallel-temperature-inf", "multi_teacher", ["mode=parallel", "parallel_method.temperature=inf"],
+      ["parallel_method.temperature=inf", "finite"]),
+    C("multi_teacher-parallel-partition", "multi_teacher", ["mode=parallel", "parallel_method.partition=self"],
+      ["parallel_method.partition='self'", "most-conf, most-conf_u"]),
+    C("pretrain-zoo-epochs", "pretrain", ["name=mlp_small", "zoo.models.mlp_small.epochs=0"],
+      ["zoo.models.mlp_small.epochs=0", "> 0"]),
+    C("pretrain-zoo-train-lr", "pretrain", ["name=lenet", "zoo.train.optimizer.lr=-1"], ["zoo.train.optimizer.lr=-1"]),
+    C("pretrain-zoo-crop-padding", "pretrain", ["name=lenet", "zoo.train.crop_padding=-1"],
+      ["zoo.train.crop_padding=-1"]),
+    C("pretrain-zoo-warmup", "pretrain", ["name=lenet", "zoo.train.scheduler.warmup_epochs=-1"],
+      ["zoo.train.scheduler.warmup_epochs=-1"]),
+    # late failures moved before any work
+    C("kdep-unknown-downstream-split", "kdep", ["downstream=[{{name:d,train_split:trnsfer,eval_split:test}}]"],
+      ["downstream d", "train_split=trnsfer", "transfer"]),
+    C("transfer-unknown-partition", "transfer", ["method=kl_dp", "method.partition=most-conff"],
+      ["method.partition='most-conff'", "closest", "most-conf"]),
+    C("flips-plot-pair-unknown", "flips", ["plot_pair=[mlp_small,nope]"], ["plot_pair=", "nope", "pick two"]),
+    C("transfer-kl-alpha", "transfer", ["method=kl", "method.alpha=2"], ["method.alpha=2", "[0, 1]"]),
+    C("transfer-crd-momentum", "transfer", ["method=crd", "method.momentum=1"], ["method.momentum=1", "[0, 1)"]),
+    C("transfer-mcl-ema-tau", "transfer", ["method=mcl", "method.ema_tau=1"], ["method.ema_tau=1", "[0, 1)"]),
+    C("transfer-kl-topk-negative", "transfer", ["method=kl", "method.topk=-1"], ["method.topk=-1", ">= 0"]),
+    # finite checks for every float
+    C("pretrain-lr-nan", "pretrain", [*M, "optimizer.lr=nan"], ["optimizer.lr=nan", "finite"]),
+    C("pretrain-weight-decay-inf", "pretrain", [*M, "optimizer.weight_decay=inf"],
+      ["optimizer.weight_decay=inf", "finite"]),
+    C("pretrain-grad-clip-inf", "pretrain", [*M, "trainer.grad_clip=inf"], ["trainer.grad_clip=inf", "finite"]),
+    C("pretrain-eval-every-zero", "pretrain", [*M, "trainer.eval_every=0"], ["trainer.eval_every=0", ">= 1"]),
+    C("pretrain-keep-checkpoints-zero", "pretrain", [*M, "trainer.keep_checkpoints=0"],
+      ["trainer.keep_checkpoints=0", ">= 1"]),
+    C("pretrain-progress-unknown", "pretrain", [*M, "trainer.progress=maybe"],
+      ["trainer.progress='maybe'", "auto, on, off"]),
+    C("transfer-eval-every-steps-zero", "transfer", [T10, "trainer.eval_every_steps=0"],
+      ["trainer.eval_every_steps=0", ">= 1"]),
+    C("transfer-ckpt-every-steps-negative", "transfer", [T10, "trainer.ckpt_every_steps=-5"],
+      ["trainer.ckpt_every_steps=-5", ">= 1"]),
+    C("aft-prior-lr-inf", "aft", ["method.prior_lr=inf"], ["method.prior_lr=inf", "finite"]),
+    C("aft-prec-nan", "aft", ["method.prec=nan"], ["method.prec=nan", "finite"]),
+    C("kdep-loss-w-inf", "kdep", ["method.loss_w=inf"], ["method.loss_w=inf", "finite"]),
+    C("kdep-pts-t-tiny", "kdep", ["method.pts_t=1e-9"], ["method.pts_t=1e-09", "[0.01, 1000]"]),
+    C("zeroshot-beta-inf", "zeroshot", ["method.beta=inf"], ["method.beta=inf", "finite"]),
+    C("zeroshot-generator-lr-nan", "zeroshot", ["method.generator_lr=nan"], ["method.generator_lr=nan", "finite"]),
+    C("transfer-crd-nce-t-inf", "transfer", ["method=crd", "method.nce_t=inf"], ["method.nce_t=inf", "finite"]),
+    C("transfer-mixup-inf", "transfer", ["method=kl", "method.mixup_alpha=inf"], ["method.mixup_alpha=inf", "finite"]),
 ]
 
 # ---- seeds ----

@@ -64,12 +64,49 @@ def artifacts(tmp_path_factory):
             (art / "emptyfolder" / split / c).mkdir(parents=True)
         (art / "emptyfolder" / split / "a" / "notes.txt").write_text("not an image")
     (art / "afile").write_text("a file, not a folder")
+    _disk_artifacts(art, model, digits)
     return art
+
+
+def _disk_artifacts(art: Path, model, digits: dict) -> None:
+    """Files on disk that lie or are damaged (issue 17): meta.json variants, swapped weights, basis files, CSVs."""
+    import shutil
+
+    from src.io_utils import save_safetensors
+    from src.models import save_checkpoint
+
+    def variant(name, edit):
+        shutil.copytree(art / "teacher10", art / name)
+        meta = json.loads((art / name / "meta.json").read_text())
+        (art / name / "meta.json").write_text(edit(meta))
+
+    variant("metalist", lambda m: json.dumps([m]))
+    variant("metanoarch", lambda m: json.dumps({k: v for k, v in m.items() if k != "arch"}))
+    five = json.loads((art / "teacher5" / "meta.json").read_text())
+    variant("hashlie", lambda m: json.dumps(dict(m, hash=five["hash"])))  # claims another model's hash
+    shutil.copytree(art / "teacher10", art / "metadir")
+    (art / "metadir" / "meta.json").unlink()
+    (art / "metadir" / "meta.json").mkdir()
+    shutil.copytree(art / "teacher10", art / "swapped")  # weights replaced by hand, the old meta.json left
+    other = model("mlp", 10, hidden=[8])
+    with torch.no_grad():
+        other.net.fc.weight.add_(1.0)  # the same architecture, other weights
+    save_checkpoint(other, art / "other10", {"name": "other10", "kwargs": {"hidden": [8]},
+                                                                   "dataset": digits})
+    shutil.copy(art / "other10" / "model.safetensors", art / "swapped" / "model.safetensors")
+    save_safetensors({"mu": torch.zeros(64), "V": torch.zeros(64)}, art / "basis_rank.safetensors")
+    save_safetensors({"mu": torch.zeros(64), "V": torch.zeros(5, 3)}, art / "basis_shape.safetensors")
+    save_safetensors({"mu": torch.full((64,), float("nan")), "V": torch.zeros(64, 8)}, art / "basis_nan.safetensors")
+    (art / "basis_garbage.safetensors").write_bytes(os.urandom(256))
+    (art / "nan.csv").write_text("model,top1\nmlp_small,nan\nlenet,98.1\n")
+    (art / "bom.csv").write_text("\ufeffmodel,top1\nlenett,\nmlp_small,\n", encoding="utf-8")
 
 
 def _overrides(case: Case, art: Path, tmp: Path):
     paths = [f"paths.checkpoints={tmp / 'empty_zoo'}", f"paths.cache={tmp / 'cache'}", f"paths.data={tmp / 'data'}"]
-    return [o.format(art=art, tmp=tmp) for o in case.overrides] + paths
+    own = [o.format(art=art, tmp=tmp) for o in case.overrides]
+    given = {o.split("=", 1)[0] for o in own}
+    return own + [p for p in paths if p.split("=", 1)[0] not in given]  # a row may point a path elsewhere
 
 
 def _earlier_run(run: Path) -> dict:
@@ -182,3 +219,46 @@ def test_every_script_has_rows():
         assert sum(c.script == name for c in CASES) >= 2, f"no bad-input rows for {name}"
     ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids)), "duplicate case ids"
+
+
+# ---------------------------------------------------------------------- scripts/ (issue 17): one line, no traceback
+
+
+def test_save_features_refuses_use_cache_false(tmp_path, capsys):
+    from conftest import load_script
+
+    from src.experiments.entry import entry
+
+    sf = load_script("save_features")
+    cfg = compose("aft/aft", ["use_cache=false", f"paths.checkpoints={tmp_path / 'ck'}",
+                              f"paths.cache={tmp_path / 'cache'}"])
+    with pytest.raises(SystemExit) as ei:
+        entry(lambda c: sf.save(c, run_dir=tmp_path / "run"), cfg)
+    assert ei.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: use_cache=false") and "drop use_cache=false" in err[0]
+    assert not (tmp_path / "ck").exists() or not list((tmp_path / "ck").rglob("meta.json"))
+
+
+def test_write_ffcv_out_dir_below_a_file_is_one_line(artifacts, tmp_path):
+    res = _run_script("scripts/write_ffcv.py", ["--out-dir", str(artifacts / "afile" / "betons"),
+                                                f"paths.data={tmp_path / 'data'}"])
+    assert res.returncode == 2, res.stderr[-2000:]
+    err = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and "--out-dir=" in err[0] and "afile is a regular file" in err[0], err
+    assert "Traceback" not in res.stderr
+
+
+def test_aggregate_sweep_skips_a_torn_or_incomplete_summary(tmp_path, capsys):
+    from conftest import load_script
+
+    agg = load_script("aggregate_sweep")
+    ok = {"status": "ok", "method": "KL", "transfer_delta": 1.0, "knowledge_gain": 2.0, "knowledge_loss": 1.0}
+    for name, text in (("a", json.dumps(ok)), ("torn", json.dumps(ok)[:30]),
+                       ("incomplete", json.dumps({"status": "ok", "method": "KL", "transfer_delta": 3.0}))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(text)
+    table = agg.main([str(tmp_path)])
+    assert [(t["method"], t["pairs"], t["mean_delta"]) for t in table] == [("KL", 1, 1.0)]
+    err = capsys.readouterr().err
+    assert "torn/summary.json" in err and "incomplete/summary.json" in err and "Traceback" not in err

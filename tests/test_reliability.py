@@ -471,3 +471,215 @@ def test_multirun_with_a_failing_job_keeps_the_others_and_finishes_every_wandb_r
         assert len(runs) == 1, runs
         debug = (runs[0] / "logs" / "debug.log").read_text()
         assert "finishing run" in debug and f"got exitcode: {code}" in debug, debug[-2000:]
+
+
+# ------------------------------------------------------------------- issue 17: trust nothing on disk
+
+
+def _ckpt(folder: Path, bump: float = 0.0):
+    """An untrained 10-class digits mlp saved as a checkpoint folder (bump: other weights, same architecture)."""
+    from src.models import create_model, save_checkpoint
+
+    torch.manual_seed(0)
+    m = create_model("mlp", 10, 1, [0.3], [0.38], img_size=8, kwargs={"hidden": [8]})
+    with torch.no_grad():
+        m.net.fc.weight.add_(bump)
+    return save_checkpoint(m, folder, {"name": folder.name, "kwargs": {"hidden": [8]},
+                                       "dataset": {"name": "digits", "image_size": 8, "channels": 1}})
+
+
+def _ctx(tmp: Path, *overrides):
+    from src.experiments.common import setup
+
+    cfg = compose("transfer/transfer", [f"paths.checkpoints={tmp / 'ck'}", f"paths.cache={tmp / 'cache'}",
+                                        f"paths.data={tmp / 'data'}", *overrides])
+    return setup(cfg, tmp / "run", tracker=False)
+
+
+def _release(ctx):
+    from src.tracking import unlock_run_dir
+
+    unlock_run_dir(ctx.run_dir)
+
+
+def test_meta_hash_lie_and_swapped_weights_are_refused_not_served(tmp_path):
+    """Cache keys come from the weights' bytes: a meta.json claiming another model's hash, or weights replaced by
+    hand under the old meta.json, is one clear line -- never the other model's cached outputs."""
+    from src.errors import UserError
+    from src.experiments.common import resolve_model
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    _ckpt(a)
+    meta_b = _ckpt(b, bump=1.0)
+    ctx = _ctx(tmp_path)
+    try:
+        split = ctx.ds.split("test")
+        out_b = ctx.outputs(resolve_model(str(b), ctx), split)  # b's outputs are now in the cache
+        meta = json.loads((a / "meta.json").read_text())
+        (a / "meta.json").write_text(json.dumps(dict(meta, hash=meta_b["hash"])))  # the lie
+        with pytest.raises(UserError, match="does not match its meta.json"):
+            resolve_model(str(a), ctx)
+        (a / "meta.json").write_text(json.dumps(meta))  # honest again: a's own outputs, not b's
+        out_a = ctx.outputs(resolve_model(str(a), ctx), split)
+        assert not torch.equal(out_a["logits"], out_b["logits"])
+        (a / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes())  # swapped by hand
+        with pytest.raises(UserError, match="does not match its meta.json"):
+            resolve_model(str(a), ctx)
+    finally:
+        _release(ctx)
+
+
+@pytest.mark.parametrize("poison", ["garbage", "zero_bytes", "directory", "classes", "features", "nan", "ids"])
+def test_poisoned_cache_entries_are_deleted_and_recomputed(tmp_path, poison, caplog):
+    from src.engine import predict
+    from src.experiments.common import resolve_model
+    from src.io_utils import load_state_dict, save_safetensors
+
+    _ckpt(tmp_path / "t")
+    ctx = _ctx(tmp_path)
+    try:
+        ref = resolve_model(str(tmp_path / "t"), ctx)
+        split = ctx.ds.split("test")
+        good = ctx.outputs(ref, split, features=True)
+        path = ctx.output_path(ref, split)
+        bad = {k: v.clone() for k, v in good.items()}
+        if poison == "garbage":
+            path.write_bytes(os.urandom(300))
+        elif poison == "zero_bytes":
+            path.write_bytes(b"")
+        elif poison == "directory":
+            path.unlink()
+            path.mkdir()
+        else:
+            if poison == "classes":
+                bad["logits"] = bad["logits"][:, :7]
+            elif poison == "features":
+                bad["features"] = bad["features"][:, :7]  # 7 of 8 columns
+            elif poison == "nan":
+                bad["logits"][3, 2] = float("nan")
+            elif poison == "ids":
+                bad["ids"] = bad["ids"] + 1
+            save_safetensors(bad, path)
+        computed = ctx.cache.computed
+        with caplog.at_level("WARNING"):
+            out = ctx.outputs(ref, split, features=True)
+        assert ctx.cache.computed == computed + 1 and ctx.cache.rejected == 1
+        assert "invalid" in caplog.text and str(path) in caplog.text
+        fresh = predict(ref.model, ctx.eval_loader(split), features=True)
+        for k in ("logits", "features", "ids", "labels"):
+            assert torch.equal(out[k], fresh[k]), k
+        assert path.is_file() and torch.equal(load_state_dict(path)["logits"], fresh["logits"])  # rewritten
+        ctx.outputs(ref, split, features=True)
+        assert ctx.cache.hits >= 1 and ctx.cache.computed == computed + 1  # and served again from then on
+    finally:
+        _release(ctx)
+
+
+def _pretrain(run_dir: Path, tmp: Path, *overrides):
+    from src.experiments import pretrain
+
+    cfg = compose("pretrain/pretrain", ["name=null", "model=mlp", "trainer.progress=off", "loader.batch_size=64",
+                                        f"paths.checkpoints={tmp / 'ck'}", f"paths.cache={tmp / 'cache'}",
+                                        *overrides])
+    with one_thread():
+        return pretrain.run(cfg, run_dir=run_dir)
+
+
+def test_resume_with_changed_training_settings_is_refused(tmp_path):
+    from src.errors import UserError
+
+    run = tmp_path / "run"
+    _pretrain(run, tmp_path, "trainer.max_steps=4", "optimizer.lr=0.01")
+    with pytest.raises(UserError) as ei:
+        _pretrain(run, tmp_path, "trainer.max_steps=8", "optimizer.lr=1e6")
+    msg = str(ei.value)
+    assert "optimizer.lr: 0.01 -> 1000000.0" in msg and "trainer.max_steps: 4 -> 8" in msg
+    assert "+resume.allow_changes=[optimizer.lr,trainer.max_steps]" in msg
+    assert json.loads((run / "run_config.json").read_text())["optimizer.lr"] == 0.01  # the record is kept
+    # a setting that does not change what is computed is no difference; an allowed change resumes
+    s = _pretrain(run, tmp_path, "trainer.max_steps=8", "optimizer.lr=0.01", "+resume.allow_changes=[trainer]",
+                  "trainer.progress=on")
+    assert s["models"]["mlp"]["test_acc"] is not None
+    assert [r["step"] for r in _rows(run / "metrics.jsonl")][-1] == 8
+
+
+def test_second_run_in_the_same_run_dir_exits_with_one_line(tmp_path, capsys):
+    from src.experiments import pretrain
+    from src.experiments.entry import entry
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "val/acc": 0.5}\n')
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(run / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+                               "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'4242'); print('held', flush=True)\n"
+                               "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cfg = compose("pretrain/pretrain", ["name=null", "model=mlp", "trainer.max_steps=2",
+                                            f"paths.checkpoints={tmp_path / 'ck'}", f"paths.cache={tmp_path / 'c'}"])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as ei:
+            entry(lambda c: pretrain.run(c, run_dir=run), cfg)
+        assert ei.value.code == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and "in use by another run (pid 4242)" in err[0]
+        assert (run / "metrics.jsonl").read_text() == '{"step": 1, "val/acc": 0.5}\n'  # untouched
+        assert not (run / "error.json").exists() and not (run / "summary.json").exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    _pretrain(run, tmp_path, "trainer.max_steps=2")  # the holder is gone: the dir is free again
+    assert (run / "summary.json").is_file()
+
+
+def test_torn_last_metrics_line_is_dropped_before_appending(tmp_path):
+    from src.tracking import Tracker
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "eval/acc": 0.1}\n{"step": 5, "eval/ac')
+    t = Tracker(tmp_path)
+    t.log({"eval/acc": 0.2}, 5)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"step": 0, "eval/acc": 0.1}, {"step": 5, "eval/acc": 0.2}]
+    t.finish()
+
+
+def test_invalid_amp_is_refused_before_any_cache_write(tmp_path):
+    from src.errors import UserError
+    from src.experiments import transfer
+
+    _ckpt(tmp_path / "t")
+    cfg = compose("transfer/transfer", [f"teacher={tmp_path / 't'}", "trainer.amp=fp8",
+                                        f"paths.checkpoints={tmp_path / 'ck'}", f"paths.cache={tmp_path / 'cache'}"])
+    with pytest.raises(UserError, match="trainer.amp='fp8'"):
+        transfer.run(cfg, run_dir=tmp_path / "run")
+    assert not [p for p in (tmp_path / "cache").rglob("*.safetensors")]
+
+
+def test_written_files_get_the_umask_mode_and_unreadable_files_are_named_so(tmp_path):
+    from src.io_utils import content_hash, save_safetensors, write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        save_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    finally:
+        os.umask(old)
+    for f in ("a.json", "w.safetensors"):
+        assert (tmp_path / f).stat().st_mode & 0o777 == 0o644, f
+    h = content_hash(tmp_path / "w.safetensors", tmp_path / "index.json")
+    assert json.loads((tmp_path / "index.json").read_text())[str((tmp_path / "w.safetensors").resolve())][3] == h
+    save_safetensors({"w": torch.ones(3)}, tmp_path / "w.safetensors")  # replaced: size/mtime change, new hash
+    assert content_hash(tmp_path / "w.safetensors", tmp_path / "index.json") != h
+
+
+def test_non_finite_loss_before_any_update_does_not_blame_the_learning_rate(tmp_path):
+    from src.errors import UserError
+
+    t = _digits_trainer(tmp_path)
+    real = t.method.loss
+    t.method.loss = lambda batch: (real(batch)[0] * float("nan"), {})
+    with pytest.raises(UserError) as ei:
+        t.fit()
+    assert "at step 0" in str(ei.value) and "not the learning rate" in str(ei.value)
+    assert "method." in str(ei.value) and "dataset.mean/std" in str(ei.value)

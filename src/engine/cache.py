@@ -2,17 +2,23 @@
 
 Key: (model content key, dataset key incl. the eval transform, split name + ids digest). A model is evaluated
 once per key; every later run, pair or epoch re-uses the file. Models without a stable key (random init) are
-computed and not cached."""
+computed and not cached.
+
+Nothing read back is trusted: an entry that cannot be loaded (garbage, truncated, a folder, unreadable) or that
+does not fit the request (other sample ids or labels, wrong shapes, another class count or feature width,
+non-finite values) is logged, deleted and recomputed; it is never served and never fatal."""
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 
+from ..errors import UserError
 from ..io_utils import load_state_dict, save_safetensors
 from .evaluate import predict
 
@@ -35,6 +41,28 @@ class OutputCache:
         self.enabled = enabled
         self.computed = 0  # model evaluations actually run (tests count them)
         self.hits = 0
+        self.rejected = 0  # invalid entries deleted and recomputed
+
+    @staticmethod
+    def _read(p: Path, model, split, features: bool):
+        """(outputs, None) for a valid entry; (None, reason) for an invalid one; (None, '') for a valid entry
+        that lacks the features asked for (recomputed and rewritten with them)."""
+        if not p.is_file():
+            return None, "not a regular file"
+        try:
+            out = load_state_dict(p, what="output cache entry")
+        except UserError:
+            return None, "it cannot be loaded"
+        net = getattr(model, "net", None)  # a Normalized model: its pre-logits width (timm's head_hidden_size when
+        # the head has a hidden layer, else num_features); other wrappers (pre-activation features) are not checked
+        width = (getattr(net, "head_hidden_size", None) or getattr(net, "num_features", None)) if net is not None \
+            else None
+        why = validate_outputs(out, split, getattr(model, "num_classes", None), width)
+        if why:
+            return None, why
+        if features and "features" not in out:
+            return None, ""
+        return out, None
 
     def path(self, model_key: str, dataset_key: str, split) -> Path:
         sk = f"{split.name}-{len(split)}-{digest(split.ids)}"
@@ -44,18 +72,66 @@ class OutputCache:
     def get(self, model, model_key: Optional[str], dataset_key: str, split, loader, features: bool = False,
             amp: str = "none", label: str = "") -> Dict[str, torch.Tensor]:
         p = self.path(model_key, dataset_key, split) if (model_key and self.enabled) else None
-        if p is not None and p.is_file():
-            out = load_state_dict(p)
-            if (not features or "features" in out) and torch.equal(out["ids"], torch.sort(split.ids).values):
+        if p is not None and (p.exists() or p.is_symlink()):
+            out, why = self._read(p, model, split, features)
+            if out is not None:
                 self.hits += 1
                 log.info("output cache hit: %s on %s/%s (%s)", label or model_key, dataset_key, split.name, p)
                 return out
+            if why:
+                self.rejected += 1
+                log.warning("output cache entry %s is invalid (%s): deleted, recomputing", p, why)
+                _remove(p)
         out = predict(model, loader, features=features, amp=amp)
         self.computed += 1
         if p is not None:
             save_safetensors(out, p)
             log.info("output cache write: %s on %s/%s -> %s", label or model_key, dataset_key, split.name, p)
         return out
+
+
+def _remove(p: Path) -> None:
+    try:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    except OSError as e:  # recomputing still works; the rewrite below replaces a file we could not delete
+        log.warning("could not delete the invalid cache entry %s (%s)", p, e.strerror or e)
+
+
+def validate_outputs(out: Dict[str, torch.Tensor], split, num_classes: Optional[int] = None,
+                     num_features: Optional[int] = None) -> str:
+    """'' when `out` is a valid cache entry of a model on `split`, else why not (for the log)."""
+    for k in ("logits", "labels", "ids"):
+        if k not in out:
+            return f"no '{k}'"
+    ids, logits, labels = out["ids"], out["logits"], out["labels"]
+    n = len(split.ids)
+    if ids.ndim != 1 or ids.shape[0] != n or ids.is_floating_point():
+        return f"ids of shape {tuple(ids.shape)}, expected ({n},)"
+    if not torch.equal(ids, torch.sort(split.ids).values):
+        return "other sample ids than the split"
+    if logits.ndim != 2 or logits.shape[0] != n or not logits.is_floating_point():
+        return f"logits of shape {tuple(logits.shape)}, expected ({n}, K)"
+    if num_classes is not None and logits.shape[1] != num_classes:
+        return f"{logits.shape[1]} classes, the model has {num_classes}"
+    if tuple(labels.shape) != (n,):
+        return f"labels of shape {tuple(labels.shape)}, expected ({n},)"
+    if hasattr(split, "labels") and torch.is_tensor(split.labels) and split.labels.shape[0] == n:
+        if not torch.equal(labels.long(), split.labels.long()[torch.argsort(split.ids)]):
+            return "other labels than the split"
+    if not torch.isfinite(logits).all():
+        return "non-finite logits"
+    if "features" in out:
+        f = out["features"]
+        if f.ndim != 2 or f.shape[0] != n or not f.is_floating_point():
+            return f"features of shape {tuple(f.shape)}, expected ({n}, D)"
+        if num_features is not None and f.shape[1] != num_features:
+            return f"{f.shape[1]} feature columns, the model has {num_features}"
+        if not torch.isfinite(f).all():
+            return "non-finite features"
+    return ""
 
 
 def rows_by_id(out: Dict[str, torch.Tensor], size: int, key: str = "logits") -> torch.Tensor:

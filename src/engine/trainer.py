@@ -71,11 +71,20 @@ def build_optimizer(cfg, param_groups, batch_size: int = 256, world_size: int = 
     raise UserError(f"optimizer.name='{cfg.name}' is unknown: use sgd, adam or adamw")
 
 
-def lr_lambda(cfg, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
-    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+def lr_lambda(cfg, total_steps: int, steps_per_epoch: int, prefix: str = "scheduler") -> Callable[[int], float]:
     name = cfg.name.lower()
     if name not in ("none", "step", "cosine"):
-        raise UserError(f"scheduler.name='{cfg.name}' is unknown: use none, step or cosine")
+        raise UserError(f"{prefix}.name='{cfg.name}' is unknown: use none, step or cosine")
+    fin = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
+    check(fin(cfg.warmup_epochs) and cfg.warmup_epochs >= 0,
+          f"{prefix}.warmup_epochs={cfg.warmup_epochs} must be >= 0: use e.g. {prefix}.warmup_epochs=1")
+    if name == "step":
+        check(fin(cfg.step_size) and cfg.step_size > 0, f"{prefix}.step_size={cfg.step_size} must be > 0")
+        check(fin(cfg.gamma) and 0 < cfg.gamma <= 1, f"{prefix}.gamma={cfg.gamma} must be in (0, 1]")
+    if name == "cosine":
+        check(fin(cfg.min_lr_ratio) and 0 <= cfg.min_lr_ratio <= 1,
+              f"{prefix}.min_lr_ratio={cfg.min_lr_ratio} must be in [0, 1]")
+    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
     step_size = max(1, int(round(cfg.step_size * steps_per_epoch)))
 
     def f(s: int) -> float:
@@ -162,7 +171,7 @@ class Trainer:
             check(cfg.max_steps > 0, f"trainer.max_steps={cfg.max_steps} must be > 0")
             self.total_steps = int(cfg.max_steps)
         else:
-            check(cfg.epochs > 0, f"trainer.epochs={cfg.epochs} must be > 0")
+            check(math.isfinite(cfg.epochs) and cfg.epochs > 0, f"trainer.epochs={cfg.epochs} must be > 0 and finite")
             self.total_steps = max(1, int(math.ceil(cfg.epochs * self.steps_per_epoch)))
         if cfg.amp not in ("none", "bf16", "fp16"):
             raise UserError(f"trainer.amp='{cfg.amp}' is unknown: use none, bf16 or fp16")
@@ -333,10 +342,7 @@ class Trainer:
                 if (not lazy or self.step % FINITE_CHECK_EVERY == 0 or self._eval_due(self.step + 1)
                         or self._ckpt_due(False, self.step + 1) or self._stop_requested()) and nonfinite.item():
                     latest = self.ckpt.latest()
-                    where = f"at step {self.step}" if not lazy else f"by step {self.step}"
-                    raise UserError(
-                        f"non-finite loss {where}: lower optimizer.lr or use trainer.grad_clip / "
-                        f"trainer.amp=none; last good checkpoint: {latest or 'none'}")
+                    raise UserError(self._nonfinite_message(lazy, latest))
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 if self.cfg.grad_clip:
@@ -377,6 +383,19 @@ class Trainer:
         if bar is not None:
             bar.close()
         return self._last
+
+    def _nonfinite_message(self, lazy: bool, latest) -> str:
+        """Name the settings that can cause it: before any update the learning rate cannot be the cause."""
+        where = f"at step {self.step}" if not lazy or self.step == 0 else f"by step {self.step}"
+        method = type(self.method).__name__
+        if self.step == 0:
+            cause = (f"before any update, so not the learning rate: check {method}'s settings (method.*: weights, "
+                     f"temperatures, precisions), the inputs (dataset.mean/std) and any basis or cached outputs "
+                     f"it reads")
+        else:
+            cause = (f"lower optimizer.lr or {method}'s loss weights (method.*), or use trainer.grad_clip / "
+                     f"trainer.amp=none")
+        return f"non-finite loss {where} ({method}): {cause}; last good checkpoint: {latest or 'none'}"
 
     def _reduce(self, sums: Dict[str, torch.Tensor]) -> Dict[str, float]:
         """Running sums of the train logs as floats (one host sync per evaluation, not per step); under DDP

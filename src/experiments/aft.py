@@ -25,7 +25,7 @@ from ..methods.aft import FeatureTable, check_hparams
 from ..methods.base import CrossEntropy
 from ..metrics import accuracy
 from ..models import save_checkpoint
-from .common import Context, ModelRef, as_dict, check_model_spec, resolve_model, setup
+from .common import Context, ModelRef, as_dict, check_model_spec, preflight, resolve_model, setup
 
 log = logging.getLogger("kt")
 
@@ -75,12 +75,19 @@ def check_feature_specs(cfg) -> list:
 
 def validate(cfg: DictConfig) -> None:
     """This family's keys, before any dataset, zoo or training work: one UserError naming the value and the fix."""
+    preflight(cfg)  # the shared ranges first (finite numbers, full keys), then this family's own keys
     m = cfg.method
     feats = needs_features(m)
     check_hparams(**{k: m[k] for k in ("prec", "kernel", "scales", "prior_lr") if m.get(k) is not None})
+    uv = cfg.get("use_val")
+    check(isinstance(uv, bool), f"use_val={uv} must be true or false: use_val=true evaluates on the val split, "
+                                f"false on the test split")
     if not feats:
         return
-    check_feature_specs(cfg)
+    specs = check_feature_specs(cfg)
+    names = [str(s) for s in specs if isinstance(s, str)]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    check(not dup, f"features lists {dup[0] if dup else ''} twice: give each pretrained model once")
     aug = cfg.loader.augment
     check(aug == "none", f"loader.augment={aug} with a feature method: the pretrained features are computed once per "
                          f"sample without augmentation; use loader.augment=none (or method=aft_init)")

@@ -104,8 +104,11 @@ class OutputDirCheck(_Callback):
 
 
 def _mark(out, e: Exception, known: bool) -> None:
-    """The failure marker in the job's dir (never touches an earlier summary.json): preempted.json or error.json."""
-    if out is None:
+    """The failure marker in the job's dir (never touches an earlier summary.json): preempted.json or error.json.
+    A busy run dir gets none: it belongs to the run that holds it."""
+    from ..tracking import RunDirBusy
+
+    if out is None or isinstance(e, RunDirBusy):
         return
     status = "preempted" if isinstance(e, Preempted) else "failed" if known else "crashed"
     try:
@@ -157,7 +160,8 @@ def entry(run, cfg):
             raise  # a bug: keep its traceback
         if debug_enabled():
             traceback.print_exc()
-        log.log(logging.WARNING if isinstance(e, Preempted) else logging.ERROR, "%s: %s", type(e).__name__, e)
+        if log.hasHandlers():  # Hydra's log file; a plain script (scripts/) prints the one line below only
+            log.log(logging.WARNING if isinstance(e, Preempted) else logging.ERROR, "%s: %s", type(e).__name__, e)
         if isinstance(e, Preempted):
             try:
                 _requeue(previous, out)  # inside submitit: it requeues the job (and exits) from here

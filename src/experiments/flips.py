@@ -7,6 +7,7 @@ N models cost N evaluations, and a second run costs none."""
 from __future__ import annotations
 
 import csv
+import math
 import logging
 import random
 import shutil
@@ -52,7 +53,7 @@ def read_models_csv(path: str) -> Tuple[List[str], Dict[str, float]]:
     if not p.is_file():
         raise UserError(f"models_csv={path} does not exist: give a CSV with a `model` column (and optional "
                         f"`top1`), e.g. config/prediction_flips/timm_models.csv")
-    with open(p, newline="") as f:
+    with open(p, newline="", encoding="utf-8-sig") as f:  # a UTF-8 BOM (Excel) is not part of the header
         rows = [r for r in csv.DictReader(line for line in f if not line.lstrip().startswith("#"))]
     if not rows or "model" not in rows[0]:
         raise UserError(f"models_csv={path} has no `model` column (columns: {list(rows[0]) if rows else []}): "
@@ -66,8 +67,11 @@ def read_models_csv(path: str) -> Tuple[List[str], Dict[str, float]]:
         if (r.get("top1") or "").strip():
             try:
                 top1[name] = float(r["top1"])
+                if not math.isfinite(top1[name]):
+                    raise ValueError(r["top1"])
             except ValueError as e:
-                raise UserError(f"models_csv={path}: top1='{r['top1']}' of model '{name}' is not a number") from e
+                raise UserError(f"models_csv={path}: top1='{r['top1']}' of model '{name}' is not a finite number: "
+                                f"give its top-1 accuracy or leave the cell empty") from e
     return names, top1
 
 
@@ -180,6 +184,11 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
     if cfg.mode == "pair" and cfg.models_csv:
         _, top1 = read_models_csv(cfg.models_csv)
     names, pairs = select_pairs(cfg, names)
+    if cfg.plot_pair:  # before any evaluation: names that are not paths are the models' names in this run
+        pp = [str(v) for v in cfg.plot_pair]
+        if len(pp) != 2 or any(v not in names for v in pp) and not any(Path(n).exists() for n in names):
+            raise UserError(f"plot_pair={pp} names a model that is not in this run ({', '.join(names)}): pick two "
+                            f"of them")
     ps = [float(p) for p in cfg.concentration]
     if any(not 0 < p <= 100 for p in ps):
         raise UserError(f"concentration={ps}: every p must lie in (0, 100]")

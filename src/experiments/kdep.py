@@ -29,7 +29,8 @@ from ..methods.kdep import check_dims, svd_basis
 from ..metrics import accuracy
 from ..models.hooks import PreActivation, pre_activation_dim
 from ..schema import DatasetConfig
-from .common import Context, ModelRef, as_dict, check_model_spec, read_stage, resolve_model, setup, write_stage
+from .common import (Context, ModelRef, as_dict, check_model_spec, preflight, read_stage, resolve_model, setup,
+                     write_stage)
 from .multi_teacher import StageTracker
 from .transfer import build_method
 
@@ -53,6 +54,7 @@ def finetune_cfg(cfg: DictConfig, group: str):
 
 def validate(cfg: DictConfig) -> None:
     """KDEP's own keys, checked before any dataset, zoo or training work (one UserError each)."""
+    preflight(cfg)  # the shared ranges first (finite numbers, full keys), then this family's own keys
     import timm
 
     arch = str(cfg.student.get("arch"))
@@ -71,6 +73,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.get("basis"):
         check(Path(cfg.basis).is_file(), f"basis={cfg.basis} does not exist: give a {BASIS_FILE} written by an "
                                          f"earlier run (its run dir) or basis=null to compute it")
+        check_basis(load_state_dict(cfg.basis, what="basis"), cfg.basis)
     bad = [b for b in cfg.baselines if b not in BASELINES]
     check(not bad, f"baselines={list(cfg.baselines)}: '{bad[0] if bad else ''}' is unknown, use a subset of "
                    f"{list(BASELINES)}")
@@ -94,6 +97,28 @@ def validate(cfg: DictConfig) -> None:
     check(ft.max_steps is not None or ft.epochs > 0, f"finetune.trainer.epochs={ft.epochs} must be > 0")
 
 
+def check_basis(b: dict, path) -> None:
+    """A basis file's tensors: mu (D,), V (D, k) with k >= 1, both finite (one line naming what is wrong)."""
+    fix = f"give a {BASIS_FILE} written by main_kdep.py, or basis=null to compute it"
+    check({"mu", "V"} <= set(b), f"basis={path} holds no mu/V: {fix}")
+    mu, v = b["mu"], b["V"]
+    check(mu.ndim == 1 and v.ndim == 2 and v.shape[0] == mu.shape[0] and v.shape[1] >= 1,
+          f"basis={path} has mu of shape {tuple(mu.shape)} and V of shape {tuple(v.shape)}, expected (D,) and "
+          f"(D, k): {fix}")
+    check(bool(mu.isfinite().all() and v.isfinite().all()), f"basis={path} holds non-finite values: {fix}")
+
+
+def check_downstream_splits(ctx: Context) -> None:
+    """Every downstream entry's splits exist (run right after setup, before the distillation)."""
+    for d in ctx.cfg.downstream:
+        if d.get("dataset"):
+            continue  # another dataset: checked when it is built
+        for k in ("train_split", "eval_split"):
+            if str(d[k]) not in ctx.ds.splits:
+                raise UserError(f"downstream {d.name}: {k}={d[k]} is not a split of dataset '{ctx.info.name}'"
+                                f"{closest(str(d[k]), ctx.ds.splits)}; its splits are {sorted(ctx.ds.splits)}")
+
+
 # ---------------------------------------------------------------------------------------------- distillation
 def teacher_outputs(ctx: Context, teacher: ModelRef, split) -> Dict[str, torch.Tensor]:
     """Pooled pre-ReLU features ('features') and logits of the frozen teacher on `split`, computed once without
@@ -109,8 +134,8 @@ def basis_for(cfg: DictConfig, features: torch.Tensor, run_dir: Path, teacher: s
     full-data run). The one place that writes and reads basis files."""
     if cfg.get("basis"):
         path = Path(cfg.basis)
-        b = load_state_dict(path)
-        check({"mu", "V"} <= set(b), f"basis={path} holds no mu/V: give a {BASIS_FILE} written by main_kdep.py")
+        b = load_state_dict(path, what="basis")
+        check_basis(b, path)
         check(b["mu"].numel() == features.shape[1],
               f"basis={path} is for {b['mu'].numel()}-d teacher features but teacher {teacher} has "
               f"{features.shape[1]}: use the basis of this teacher or basis=null")
@@ -241,6 +266,7 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
     validate(cfg)
     ctx = setup(cfg, run_dir, job_type="kdep")
     try:
+        check_downstream_splits(ctx)
         teacher = resolve_model(cfg.teacher, ctx, "teacher")
         teacher.model.to(ctx.device)
         student = resolve_model(cfg.student, ctx, "student")

@@ -22,7 +22,7 @@ from ..models import create_model, save_checkpoint
 from ..models.generator import Generator
 from ..plots.transition import transition_plot
 from ..schema import LoaderConfig, OptimizerConfig, SchedulerConfig, TrainerConfig, typed
-from .common import Context, ModelRef, resolve_model, setup, zoo_names
+from .common import Context, ModelRef, preflight, resolve_model, setup, zoo_names
 from .multi_teacher import StageTracker
 from .transfer import build_method
 
@@ -57,9 +57,11 @@ def check_stages(teacher_model, student_model, cfg, names) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """The family's own keys, before any dataset, zoo or training work (one line naming the value and the fix)."""
+    # trainer.epochs is ${pseudo_batches}: name the key the user sets, before the shared ranges
+    check(cfg.pseudo_batches >= 1, f"pseudo_batches={cfg.pseudo_batches} must be >= 1: use e.g. pseudo_batches=150")
+    preflight(cfg)  # the shared ranges (finite numbers, full keys), then this family's own keys
     m = cfg.method
     ZeroShot.check_args(m.n_g, m.n_s, m.beta, m.generator_lr)
-    check(cfg.pseudo_batches >= 1, f"pseudo_batches={cfg.pseudo_batches} must be >= 1: use e.g. pseudo_batches=150")
     check(cfg.trainer.max_steps is None, f"trainer.max_steps={cfg.trainer.max_steps}: zero-shot KT counts "
                                          f"pseudo-batches; remove trainer.max_steps and set pseudo_batches=N")
     Generator(cfg.generator.z_dim, cfg.dataset.image_size, cfg.dataset.channels)  # checks z_dim and image size

@@ -115,6 +115,7 @@ def create_model(arch: str, num_classes: int, in_chans: int, mean: Sequence[floa
     if not timm.is_model(arch):
         raise UserError(f"unknown model '{arch}'{closest(arch, timm.list_models() + nets.OUR_MODELS)}; any timm "
                         f"name or one of {', '.join(nets.OUR_MODELS)} works")
+    check_kwargs(arch, kwargs)
     if arch == "mlp" and img_size:
         kwargs.setdefault("img_size", img_size)
     try:
@@ -135,6 +136,28 @@ def create_model(arch: str, num_classes: int, in_chans: int, mean: Sequence[floa
             state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
         load_weights(net, state, str(checkpoint), reinit_head=reinit_head)
     return model
+
+
+def check_kwargs(arch: str, kwargs: dict, key: str = "kwargs") -> None:
+    """Our small nets take `**_` (timm passes its own extras): a kwarg none of them names would be silently
+    ignored, so it is refused here (timm's own classes raise TypeError, turned into one line by create_model)."""
+    import inspect
+
+    cls = _OUR_CLASSES().get(arch)
+    if cls is None or not kwargs:
+        return
+    params = [n for n, p in inspect.signature(cls.__init__).parameters.items()
+              if n not in ("self", "num_classes", "in_chans", "depth", "widen") and p.kind == p.POSITIONAL_OR_KEYWORD]
+    bad = sorted(k for k in kwargs if k not in params)
+    if bad:
+        raise UserError(f"model '{arch}' has no argument {bad[0]}{closest(bad[0], params)} ({key}.{bad[0]}): "
+                        f"remove it; '{arch}' takes {', '.join(params) or 'no kwargs'}")
+
+
+def _OUR_CLASSES():  # noqa: N802
+    return {"mlp": nets.MLP, "lenet": nets.LeNet, "resnet8": nets.CifarResNet, "resnet20": nets.CifarResNet,
+            "resnet56": nets.CifarResNet, "wrn_16_1": nets.WideResNet, "wrn_16_2": nets.WideResNet,
+            "wrn_40_2": nets.WideResNet}
 
 
 def _fit_channels(v, c):

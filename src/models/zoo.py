@@ -2,13 +2,12 @@
 kwargs, dataset, accuracies, training config, content hash). Loading never unpickles anything."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
-from ..io_utils import file_hash, save_safetensors, write_json
+from ..io_utils import content_hash, file_hash, read_json_safe, save_safetensors, write_json
 from .factory import Normalized, create_model
 
 
@@ -28,18 +27,47 @@ def save_checkpoint(model: Normalized, folder, meta: dict) -> dict:
 
 
 def read_meta(folder) -> Optional[dict]:
-    p = Path(folder) / "meta.json"
-    if not p.is_file() or not (Path(folder) / "model.safetensors").is_file():
+    """The folder's meta.json (None when the folder holds no model.safetensors + meta.json); one UserError when it
+    is torn, not a JSON object, lacks `arch` / `num_classes`, or either file is a folder."""
+    folder = Path(folder)
+    p, w = folder / "meta.json", folder / "model.safetensors"
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"checkpoint folder {folder} is a regular file: move it away (a zoo model is a folder with "
+                        f"model.safetensors + meta.json)")
+    for f in (p, w):
+        if f.is_dir():
+            raise UserError(f"{f} is a folder, not a file: delete the folder {folder} to retrain the model")
+    if not p.is_file() or not w.is_file():
         return None
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{p} is corrupt ({e}); delete the folder {folder} to retrain the model") from e
+    fix = f"delete the folder {folder} to retrain the model"
+    meta = read_json_safe(p, "checkpoint meta", fix)
+    if not isinstance(meta, dict):
+        raise UserError(f"checkpoint meta {p} holds a {type(meta).__name__}, not an object: {fix}")
+    missing = [k for k in ("arch", "num_classes") if k not in meta]
+    if missing:
+        raise UserError(f"checkpoint meta {p} has no '{missing[0]}': {fix}")
+    if not isinstance(meta.get("kwargs") or {}, dict) or not isinstance(meta.get("dataset") or {}, dict):
+        raise UserError(f"checkpoint meta {p}: 'kwargs' and 'dataset' must be objects: {fix}")
+    return meta
 
 
-def load_checkpoint(folder, expect_classes: Optional[int] = None, expect_channels: Optional[int] = None
-                    ) -> tuple[Normalized, dict]:
-    """A model saved by `save_checkpoint` (a folder, or its model.safetensors file)."""
+def verified_hash(folder, meta: dict, index=None) -> str:
+    """The content hash of the folder's weights (what cache keys use), after checking it against meta.json's
+    claim: a mismatch (weights replaced by hand, a meta.json copied from another model) is one UserError."""
+    folder = Path(folder)
+    h = content_hash(folder / "model.safetensors", index)
+    claim = meta.get("hash")
+    if claim is not None and str(claim) != h[:len(str(claim))]:
+        raise UserError(f"{folder}/model.safetensors does not match its meta.json (hash {h}, meta.json says "
+                        f"{claim}): the weights were replaced or meta.json copied; retrain it (delete the folder)"
+                        f" or rewrite meta.json with save_checkpoint")
+    return h
+
+
+def load_checkpoint(folder, expect_classes: Optional[int] = None, expect_channels: Optional[int] = None,
+                    hash_index=None) -> tuple[Normalized, dict]:
+    """A model saved by `save_checkpoint` (a folder, or its model.safetensors file). The returned meta's `hash` is
+    the weights' content hash, verified against meta.json (see `verified_hash`)."""
     folder = Path(folder)
     if folder.suffix == ".safetensors":
         folder = folder.parent
@@ -47,7 +75,8 @@ def load_checkpoint(folder, expect_classes: Optional[int] = None, expect_channel
     if meta is None:
         raise UserError(f"{folder} holds no model.safetensors + meta.json: give a zoo name, a timm name or a folder "
                         f"written by main_pretrain.py")
-    ds = meta.get("dataset", {})
+    meta = dict(meta, hash=verified_hash(folder, meta, hash_index))
+    ds = meta.get("dataset") or {}
     if expect_classes is not None and meta["num_classes"] != expect_classes:
         raise UserError(f"checkpoint {folder} predicts {meta['num_classes']} classes but the dataset has "
                         f"{expect_classes}: teacher and student must share the label space (use a checkpoint "

@@ -1,7 +1,12 @@
 """Tracking: always `metrics.jsonl` (one flushed line per evaluation) and `summary.json` in the run dir; wandb
 (online | offline | disabled) gets the same numbers, the resolved config, figures and tables. wandb is never
 required for a result to exist, and a resumed run continues the same wandb run (the id lives in the run dir and
-in the checkpoint)."""
+in the checkpoint).
+
+One run per run dir: `lock_run_dir` takes an advisory fcntl lock on `<run_dir>/.lock` for the run's life
+(released by `Tracker.finish`, or by the OS when the process dies); a second run in the same dir fails with one
+line. A torn last line of `metrics.jsonl` (a kill inside the append) is dropped before the next line is
+appended."""
 from __future__ import annotations
 
 import json
@@ -13,7 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..errors import UserError
-from ..io_utils import write_json
+from ..io_utils import ensure_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,65 @@ def versions() -> Dict[str, str]:
     return out
 
 
+class RunDirBusy(UserError):
+    """Another process holds the run dir's lock (entry() then writes no error.json into that run's dir)."""
+
+
+_LOCKS: Dict[str, int] = {}  # resolved run dir -> fd of its held lock file (this process)
+
+
+def lock_run_dir(run_dir) -> None:
+    """Hold an exclusive advisory lock on `<run_dir>/.lock` until `unlock_run_dir` (or the process ends). A
+    second run in the same dir gets one RunDirBusy line naming the holder's pid. Re-locking a dir this process
+    already holds is a no-op (sequential in-process runs)."""
+    import fcntl
+
+    run_dir = ensure_dir(run_dir, "hydra.run.dir")
+    key = str(Path(run_dir).resolve())
+    if key in _LOCKS:
+        return
+    path = Path(key) / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise RunDirBusy(f"run dir {run_dir} is in use by another run (pid {holder}): wait for it to finish or "
+                         f"set hydra.run.dir=<another folder>") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _LOCKS[key] = fd
+
+
+def unlock_run_dir(run_dir) -> None:
+    fd = _LOCKS.pop(str(Path(run_dir).resolve()), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def drop_torn_line(path: Path) -> bool:
+    """Cut a last line without its newline (a kill inside an append) off `path`; True when one was dropped."""
+    try:
+        with open(path, "rb+") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            if size == 0:
+                return False
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return False
+            f.seek(max(0, size - (1 << 20)))
+            tail = f.read()
+            cut = tail.rfind(b"\n")
+            keep = size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= (1 << 20) else size)
+            f.truncate(keep)
+        log.warning("dropped a torn last line of %s (a run was killed while writing it)", path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
 class Tracker:
     def __init__(self, run_dir, wandb_cfg=None, config: Optional[dict] = None, rank: int = 0,
                  job_type: str = "train"):
@@ -57,6 +121,7 @@ class Tracker:
         self._seen = None  # (step, keys) of the lines in metrics.jsonl, read on first use
         self._seed = ((config or {}).get("trainer") or {}).get("seed") if isinstance(config, dict) else None
         self.job_type = job_type
+        self._torn_checked = False
         if not self.active:
             return
         try:
@@ -122,6 +187,10 @@ class Tracker:
         if not self.active:
             return
         row = {"step": int(step), **{k: _clean(v) for k, v in metrics.items()}}
+        if not self._torn_checked:
+            self._torn_checked = True
+            if drop_torn_line(self.metrics_path):
+                self._seen = None
         if self._already_logged(row):
             return
         with open(self.metrics_path, "a") as f:
@@ -134,7 +203,13 @@ class Tracker:
     def read_metrics(self) -> List[dict]:
         if not self.metrics_path.is_file():
             return []
-        return [json.loads(l) for l in self.metrics_path.read_text().splitlines() if l.strip()]
+        rows = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn last line from a crash
+        return rows
 
     def summary(self, values: Dict[str, Any]) -> Dict[str, Any]:
         values = {k: _clean(v) for k, v in values.items()}
@@ -163,7 +238,10 @@ class Tracker:
 
     def finish(self, exit_code: Optional[int] = None) -> None:
         """Finish the wandb run (always, also on failure). Called from a `finally:` while an exception propagates,
-        the run is marked failed (exit code 1; 124 for a preemption, which the rerun resumes)."""
+        the run is marked failed (exit code 1; 124 for a preemption, which the rerun resumes). Releases the run
+        dir's lock."""
+        if self.active:
+            unlock_run_dir(self.run_dir)
         if self._wandb is not None:
             if exit_code is None:
                 import sys
