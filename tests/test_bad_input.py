@@ -249,16 +249,21 @@ def test_write_ffcv_out_dir_below_a_file_is_one_line(artifacts, tmp_path):
     assert "Traceback" not in res.stderr
 
 
-def test_aggregate_sweep_skips_a_torn_or_incomplete_summary(tmp_path, capsys):
+def test_aggregate_lists_a_torn_or_incomplete_summary(tmp_path, capsys):
     from conftest import load_script
 
-    agg = load_script("aggregate_sweep")
-    ok = {"status": "ok", "method": "KL", "transfer_delta": 1.0, "knowledge_gain": 2.0, "knowledge_loss": 1.0}
+    agg = load_script("aggregate")
+    ok = {"status": "ok", "family": "transfer", "method": "KL", "teacher": "a", "student": "b", "teacher_acc": 90.0,
+          "student_acc_before": 95.0, "student_acc_after": 96.0, "transfer_delta": 1.0, "knowledge_gain": 2.0,
+          "knowledge_loss": 1.0}
     for name, text in (("a", json.dumps(ok)), ("torn", json.dumps(ok)[:30]),
-                       ("incomplete", json.dumps({"status": "ok", "method": "KL", "transfer_delta": 3.0}))):
+                       ("incomplete", json.dumps({"status": "ok", "family": "transfer", "transfer_delta": 3.0}))):
         (tmp_path / name).mkdir()
         (tmp_path / name / "summary.json").write_text(text)
-    table = agg.main([str(tmp_path)])
-    assert [(t["method"], t["pairs"], t["mean_delta"]) for t in table] == [("KL", 1, 1.0)]
-    err = capsys.readouterr().err
-    assert "torn/summary.json" in err and "incomplete/summary.json" in err and "Traceback" not in err
+    tables, problems = agg.main([str(tmp_path), "--out", str(tmp_path / "out")])
+    t = tables["transfer_methods"]
+    assert [(r["method"], r["runs"], r["mean_delta"]["mean"]) for r in t] == [("KL", 1, 1.0)]
+    why = {p["dir"].rsplit("/", 1)[1]: p["reason"] for p in problems}
+    assert set(why) == {"torn", "incomplete"} and "unreadable" in why["torn"] and "lacks" in why["incomplete"]
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err and "torn" in (tmp_path / "out" / "results.md").read_text()

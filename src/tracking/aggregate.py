@@ -17,6 +17,17 @@ _JOB_FAMILY = {f"main_{f}": f for f in ("pretrain", "transfer", "multi_teacher",
 _JOB_FAMILY["main_flips"] = "prediction_flips"
 
 Row = Dict[str, Any]
+# what each family's tables read from a summary; a summary without them is listed as incomplete, not used
+REQUIRED = {
+    "pretrain": ("models",),
+    "prediction_flips": ("agreement",),
+    "transfer": ("teacher", "student", "teacher_acc", "student_acc_before", "student_acc_after", "transfer_delta",
+                 "knowledge_gain", "knowledge_loss"),
+    "multi_teacher": ("mode", "student", "teachers", "student_acc_after", "transfer_delta"),
+    "aft": ("method", "student", "student_acc_after", "transfer_delta"),
+    "kdep": ("teacher", "student", "inits", "downstream"),
+    "zeroshot": ("teacher", "student", "zeroshot_acc"),
+}
 
 
 # ------------------------------------------------------------------------------------------ reading runs
@@ -111,6 +122,11 @@ def load_runs(paths: Iterable) -> Tuple[List[dict], List[dict]]:
                              "reason": str(summary.get("reason", status))})
             continue
         zs = summary.get("zoo_seed", (cfg.get("zoo") or {}).get("seed", 0) if isinstance(cfg.get("zoo"), dict) else 0)
+        missing = [k for k in REQUIRED.get(fam, ()) if k not in summary]
+        if missing:
+            problems.append({"dir": str(d), "family": fam, "status": "incomplete",
+                             "reason": f"summary.json lacks {', '.join(missing)}"})
+            continue
         if fam == "transfer" and not summary.get("method_name") and (hydra.get("choices") or {}).get("method"):
             summary = {**summary, "method_name": hydra["choices"]["method"]}  # the config's name: kl, xekl, kl_dp_u
         runs.append({"dir": str(d), "family": fam, "cfg": cfg, "summary": summary,
