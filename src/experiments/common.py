@@ -166,6 +166,8 @@ def preflight(cfg: DictConfig) -> None:
         if isinstance(node, DictConfig) and "_target_" in node:
             for k in ("temperature", "nce_t"):
                 rules.append((node, str(key), k, lambda v: v > 0, f"must be > 0: use e.g. {key}.{k}=1.0"))
+            rules.append((node, str(key), "synth_ratio", lambda v: 0 <= v < 1,
+                          "must be in [0, 1): use e.g. 0.2 (1 synthetic : 4 real), 0 disables it"))
     if ld is not None:
         loader_dtype(ld.get("dtype", "float32"))  # an unknown name: one UserError naming it and the choices
     for node, prefix, key, ok, fix in rules:

@@ -82,6 +82,8 @@ class CRD(Method):
         check(0 <= momentum < 1, f"method.momentum={momentum} must be in [0, 1)")
         if self.mixup_alpha > 0:
             raise UserError("CRD contrasts per-sample memory entries: mixup_alpha must be 0")
+        if self.synth_ratio > 0:
+            raise UserError("CRD contrasts per-sample memory entries: method.synth_ratio must be 0")
         self.n, self.k, self.nce_t, self.m = int(num_samples), int(num_negatives), nce_t, momentum
         self.T, self.crd_w, self.kd_w, self.ce_w = temperature, crd_weight, kd_weight, ce_weight
         self.embed_s = _Embed(student.num_features, feat_dim)

@@ -1,0 +1,52 @@
+"""Training a GAN in the shared Trainer (checkpoint/resume/preemption for free), SN-GAN style: hinge loss, a
+spectrally normalised projection discriminator (src/models/gan.py).
+
+One Trainer step is one simultaneous update of both nets from the same state: the loss is
+  L_D = mean(relu(1 - D(x, y))) + mean(relu(1 + D(G(z, y'), y')))   (G's output detached)
+  L_G = -mean(D(G(z, y'), y'))                                         (D's parameters excluded from autograd)
+and the Trainer minimises L_D + L_G: D's parameters get gradients from L_D only, G's from L_G only. One optimiser
+with two parameter groups (generator: optimizer.lr; discriminator: `d_lr`) is two optimisers (Adam's state is per
+parameter). z ~ N(0, I) and the fake classes y' come from `StepSeeds` (seeded by the run's seed and the step), so
+a resumed run is bit-exact."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import check
+from .base import Method, StepSeeds
+from .zeroshot import no_param_grads
+
+
+class GANTraining(Method):
+    def __init__(self, generator: nn.Module, discriminator: nn.Module, seed: int = 0, d_lr: Optional[float] = None):
+        super().__init__(generator)  # the "student" is the generator: eval_model() is what gets saved
+        self.discriminator = discriminator
+        check(d_lr is None or d_lr > 0, f"generator recipe d_lr={d_lr} must be > 0 (or null: optimizer.lr)")
+        self.d_lr = d_lr
+        self.draws = StepSeeds(seed, 21)
+
+    @property
+    def generator(self) -> nn.Module:
+        return self.student
+
+    def param_groups(self):
+        d = {"params": list(self.discriminator.parameters())}
+        if self.d_lr is not None:
+            d["lr"] = self.d_lr
+        return [{"params": list(self.generator.parameters())}, d]
+
+    def loss(self, batch):
+        x, y, _ = batch
+        z, yf = self.generator.inputs(x.shape[0], self.draws.next())
+        z, yf = z.to(x.device), yf.to(x.device)
+        fake = self.generator(z, yf)
+        d_real, d_fake = self.discriminator(x.float(), y), self.discriminator(fake.detach(), yf)
+        d_loss = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+        with no_param_grads(self.discriminator):
+            g_loss = -self.discriminator(fake, yf).mean()
+        return d_loss + g_loss, {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(),
+                                 "d_real": d_real.detach().mean(), "d_fake": d_fake.detach().mean()}
