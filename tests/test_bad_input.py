@@ -64,6 +64,9 @@ def artifacts(tmp_path_factory):
             (art / "emptyfolder" / split / c).mkdir(parents=True)
         (art / "emptyfolder" / split / "a" / "notes.txt").write_text("not an image")
     (art / "afile").write_text("a file, not a folder")
+    from src.models.gan import CondGenerator, save_generator
+
+    save_generator(CondGenerator(img_size=32, channels=3, width=8), art / "gan3x32", {"name": "gan3x32"})
     return art
 
 

@@ -101,9 +101,11 @@ def train_caches(ctx: Context, refs, split, loader, features: bool):
 
 
 def transfer(ctx: Context, teacher: ModelRef, student: ModelRef, cfg_method, run_dir, name: str = "",
-             frozen: Optional[ModelRef] = None, tracker=None, eval_outputs=None) -> Dict[str, object]:
+             frozen: Optional[ModelRef] = None, tracker=None, eval_outputs=None,
+             synth: Optional[Dict[str, object]] = None) -> Dict[str, object]:
     """Distil `teacher` into `student` with `cfg_method`; returns the summary row (and trains student in place).
-    `frozen` is the student-teacher (default: a frozen copy of the student as it is now)."""
+    `frozen` is the student-teacher (default: a frozen copy of the student as it is now); `synth`: the result of
+    `synth_kwargs` when the caller resolved it already."""
     cfg, ds = ctx.cfg, ctx.ds
     eval_split = ds.split(cfg.eval_split)
     t_eval = ctx.outputs(teacher, eval_split)
@@ -118,7 +120,8 @@ def transfer(ctx: Context, teacher: ModelRef, student: ModelRef, cfg_method, run
     t_cache, f_cache = train_caches(ctx, [teacher, frozen_ref], train_split, loader, needs["features"])
     method = build_method(cfg_method, student.model, teacher.model,
                           frozen_ref.model if frozen_ref is not None else None, t_cache, f_cache,
-                          num_samples=train_split.full_size, synth=synth_kwargs(ctx, cfg_method))
+                          num_samples=train_split.full_size,
+                          synth=synth if synth is not None else synth_kwargs(ctx, cfg_method))
     eval_loader = ctx.eval_loader(eval_split)
     top_p = float(cfg.top_p)
     check(0 < top_p <= 100, f"top_p={top_p} must be in (0, 100]: use e.g. top_p=20")
@@ -207,6 +210,7 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
             return ctx.tracker.summary({"status": "skipped", "reason": "teacher == student",
                                         "teacher": str(cfg.teacher), "student": str(cfg.student),
                                         "method": method_name})
+        synth = synth_kwargs(ctx, cfg.method)  # a bad generator fails before any zoo model is trained
         if OmegaConf.is_list(cfg.teacher):  # several teachers: their ensemble (mean softmax) is the teacher
             check(len(cfg.teacher) >= 1, "teacher=[] names no model: give a model or a list of models")
             teacher = ensemble_ref([resolve_model(t, ctx, f"teacher[{i}]") for i, t in enumerate(cfg.teacher)])
@@ -215,7 +219,7 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
         student = resolve_model(cfg.student, ctx, "student")
         for ref in (teacher, student):
             ref.model.to(ctx.device)
-        row = transfer(ctx, teacher, student, cfg.method, ctx.run_dir, tracker=ctx.tracker)
+        row = transfer(ctx, teacher, student, cfg.method, ctx.run_dir, tracker=ctx.tracker, synth=synth)
         row.update(status="ok", method=method_name, teacher=teacher.name, student=student.name,
                    eval_split=cfg.eval_split, dataset=ctx.info.name, seed=cfg.trainer.seed,
                    method_config=as_dict(cfg.method))

@@ -4,7 +4,7 @@
   space like every dataset here): z ++ embed(y) -> Linear to (2w) x (s/4) x (s/4) -> BN, ReLU ->
   2 x [upsample x2, conv3x3, BN, ReLU] (w, then w/2 channels) -> conv3x3 to the image channels -> sigmoid.
 - `SNDiscriminator`: SN-GAN's discriminator shape: convolutions with spectral norm (LeakyReLU 0.1), global sum
-  pooling, a spectrally normalised linear output plus the projection term <embed(y), h> (Miyato & Koyama 2018).
+  pooling, a minibatch-std feature, a spectrally normalised linear output plus the projection term <embed(y), h> (Miyato & Koyama 2018).
 - A *source* is what distillation samples from: `source.sample(n, rng) -> images (n, C, s, s)`, all randomness
   drawn on the CPU from the torch.Generator `rng` (the same images on any device). `GANSource` samples
   uniform classes; `ZeroShotSource` wraps the zero-shot generator of main_zeroshot.py (its output lives in the
@@ -72,12 +72,15 @@ class SNDiscriminator(nn.Module):
             sn(nn.Conv2d(width, 2 * width, 4, 2, 1)), nn.LeakyReLU(0.1),
             sn(nn.Conv2d(2 * width, 2 * width, 3, 1, 1)), nn.LeakyReLU(0.1),
             sn(nn.Conv2d(2 * width, 4 * width, 4, 2, 1)), nn.LeakyReLU(0.1))
-        self.out = sn(nn.Linear(4 * width, 1))
+        self.out = sn(nn.Linear(4 * width + 1, 1))
         self.embed = sn(nn.Embedding(num_classes, 4 * width))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = self.body(x).sum((2, 3))
-        return self.out(h).squeeze(1) + (self.embed(y) * h).sum(1)
+        # minibatch standard deviation (Karras et al. 2018): the batch's mean feature std as one more input of
+        # the output layer, so that a generator that ignores z (one image per class) is easy to tell apart
+        spread = h.std(0, unbiased=False).mean().expand(h.shape[0], 1) if h.shape[0] > 1 else h[:, :1] * 0
+        return self.out(torch.cat([h, spread], 1)).squeeze(1) + (self.embed(y) * h).sum(1)
 
 
 # ------------------------------------------------------------------------------------------------ sources

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 # summary key -> column name
 METRICS = {"agreement_after": "test_agreement", "kl_teacher_student": "test_kl",
@@ -34,14 +34,24 @@ def teacher_setting(cfg: dict) -> str:
     return f"teacher {t}"
 
 
-def data_setting(cfg: dict) -> str:
-    m = cfg.get("method") or {}
+def data_setting(cfg: dict, summary: Optional[dict] = None) -> str:
+    m = (summary or {}).get("method_config") or cfg.get("method") or {}  # the summary's copy is resolved
     parts = []
     if float(m.get("mixup_alpha") or 0) > 0:
         parts.append(f"mixup {float(m['mixup_alpha']):g}")
     if float(m.get("synth_ratio") or 0) > 0:
         parts.append(f"synthetic {float(m['synth_ratio']):g}")
     return " + ".join(parts) or "as is"
+
+
+def _resolved(cfg: dict) -> dict:
+    """`cfg` with its interpolations resolved (a run's .hydra/config.yaml keeps them)."""
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
+    except Exception:  # an interpolation that needs Hydra's resolvers (hydra:...): use the config as it is
+        return cfg
 
 
 def _mean_std(values: List[float]):
@@ -59,7 +69,8 @@ def fidelity_table(runs: List[dict]) -> List[dict]:
         s = r.get("summary") or {}
         if s.get("status", "ok") != "ok":
             continue
-        groups.setdefault((teacher_setting(r["cfg"]), data_setting(r["cfg"])), []).append(r)
+        cfg = _resolved(r["cfg"])
+        groups.setdefault((teacher_setting(cfg), data_setting(cfg, s)), []).append({**r, "cfg": cfg})
     rows = []
     for (teacher, data), members in groups.items():
         row = {"teacher": teacher, "data": data, "runs": len(members),
