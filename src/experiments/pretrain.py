@@ -27,9 +27,9 @@ _RECIPE_KEYS = {"arch", "kwargs", "seed", "epochs", "batch_size", "augment", "fl
 
 # a generator entry of the zoo (`zoo.generators`): a class-conditional SN-GAN trained on the pretraining split
 _GAN_KEYS = {"arch", "kwargs", "seed", "epochs", "batch_size", "optimizer", "scheduler", "d_lr", "judge",
-             "n_eval", "eval_every"}
+             "n_eval", "eval_every", "diversity"}
 _GAN_DEFAULTS = {"arch": "sngan", "kwargs": {}, "seed": 0, "epochs": 100, "batch_size": 64, "d_lr": None,
-                 "judge": None, "n_eval": 1000, "eval_every": 25,
+                 "diversity": 0.0, "judge": None, "n_eval": 1000, "eval_every": 25,
                  "optimizer": {"name": "adam", "lr": 2e-4, "betas": [0.5, 0.999], "weight_decay": 0.0},
                  "scheduler": {"name": "none"}}
 
@@ -175,7 +175,7 @@ def train_generator(name: str, ctx: Context, run_dir: Optional[Path] = None) -> 
     kw = as_dict(r.kwargs)
     gen = CondGenerator(img_size=info.image_size, channels=info.channels, num_classes=info.num_classes, **kw)
     disc = SNDiscriminator(info.image_size, info.channels, info.num_classes, width=int(kw.get("width", 64)))
-    method = GANTraining(gen, disc, seed=int(r.seed), d_lr=r.d_lr)
+    method = GANTraining(gen, disc, seed=int(r.seed), d_lr=r.d_lr, diversity=float(r.diversity))
     loader_cfg = typed(LoaderConfig, cfg.loader, {"batch_size": int(r.batch_size), "augment": "none",
                                                   "drop_last": True})
     trainer_cfg = typed(TrainerConfig, cfg.trainer, {"epochs": r.epochs, "seed": r.seed, "max_steps": None,

@@ -10,7 +10,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from ..data import training_split
-from ..engine import Trainer, digest, predict, rows_by_id
+from ..engine import Trainer, digest, predict, rows_by_id, seed_everything
 from ..errors import UserError, check
 from ..methods import EnsembleTeacher, dp_route
 from ..methods.base import check_synth_ratio
@@ -216,6 +216,8 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
             teacher = ensemble_ref([resolve_model(t, ctx, f"teacher[{i}]") for i, t in enumerate(cfg.teacher)])
         else:
             teacher = resolve_model(cfg.teacher, ctx, "teacher")
+        if isinstance(cfg.student, DictConfig):  # a fresh student: the same init whether or not models were trained
+            seed_everything(cfg.trainer.seed)
         student = resolve_model(cfg.student, ctx, "student")
         for ref in (teacher, student):
             ref.model.to(ctx.device)

@@ -3,11 +3,13 @@
 A run is a dict {"dir": path, "cfg": the resolved .hydra/config.yaml as a plain dict, "summary": summary.json}
 (what scripts/aggregate.py loads). Runs are grouped by (teacher setting, data setting), read from the config:
 - teacher: "ensemble of N" when `teacher` is a list; "self-distillation" when one teacher of the student's
-  architecture (the zoo entry's `arch`, or the name itself); else "teacher <name>";
+  architecture (a zoo entry's `arch`, a checkpoint folder's meta.json, arch@weights, or the name itself); else
+  "teacher <name>";
 - data: "as is", "mixup a", "synthetic r" (or both), from method.mixup_alpha / method.synth_ratio.
 Each group row holds the mean and std (sample std, 0 for one run) over its runs (seeds) of the metrics below."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -22,7 +24,15 @@ def _arch(spec, cfg: dict):
     if isinstance(spec, dict):
         return spec.get("arch")
     entry = ((cfg.get("zoo") or {}).get("models") or {}).get(spec)
-    return entry.get("arch") if isinstance(entry, dict) else spec
+    if isinstance(entry, dict):
+        return entry.get("arch")
+    meta = Path(str(spec)) / "meta.json"  # a checkpoint folder written by this suite
+    if meta.is_file():
+        try:
+            return json.loads(meta.read_text()).get("arch")
+        except (OSError, ValueError):
+            pass
+    return str(spec).split("@", 1)[0]  # arch@weights_file, or a timm name
 
 
 def teacher_setting(cfg: dict) -> str:
