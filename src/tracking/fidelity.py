@@ -72,7 +72,7 @@ def _mean_std(values: List[float]):
 
 
 def fidelity_table(runs: List[dict]) -> List[dict]:
-    """One row per (teacher setting, data setting), in first-seen order: {"teacher", "data", "runs", "seeds",
+    """One row per (teacher setting, data setting), teachers in first-seen order, data as is < mixup < synthetic: {"teacher", "data", "runs", "seeds",
     "<metric>_mean", "<metric>_std"} for every metric the runs report. Runs without status ok are skipped."""
     groups: Dict[tuple, List[dict]] = {}
     for r in runs:
@@ -81,8 +81,12 @@ def fidelity_table(runs: List[dict]) -> List[dict]:
             continue
         cfg = _resolved(r["cfg"])
         groups.setdefault((teacher_setting(cfg), data_setting(cfg, s)), []).append({**r, "cfg": cfg})
+    teachers = list(dict.fromkeys(t for t, _ in groups))
+    rank = lambda d: 0 if d == "as is" else 1 if d.startswith("mixup") and "+" not in d else \
+        2 if d.startswith("synthetic") else 3  # noqa: E731
     rows = []
-    for (teacher, data), members in groups.items():
+    for (teacher, data), members in sorted(groups.items(), key=lambda kv: (teachers.index(kv[0][0]),
+                                                                            rank(kv[0][1]), kv[0][1])):
         row = {"teacher": teacher, "data": data, "runs": len(members),
                "seeds": sorted({m["summary"].get("seed", (m["cfg"].get("trainer") or {}).get("seed"))
                                 for m in members}, key=str)}
@@ -137,3 +141,25 @@ def plot_fidelity(rows: List[dict], path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def load_runs(root) -> List[dict]:
+    """Every run dir below `root` (a sweep dir) holding summary.json and .hydra/config.yaml, as the aggregator's
+    dicts {"dir", "cfg", "summary"} (sorted by path)."""
+    from omegaconf import OmegaConf
+
+    runs = []
+    for s in sorted(Path(root).rglob("summary.json")):
+        c = s.parent / ".hydra" / "config.yaml"
+        if c.is_file():
+            runs.append({"dir": str(s.parent), "cfg": OmegaConf.to_container(OmegaConf.load(c)),
+                         "summary": json.loads(s.read_text())})
+    return runs
+
+
+if __name__ == "__main__":  # python -m src.tracking.fidelity <sweep dir> [figure.png]
+    import sys
+
+    rows = fidelity_table(load_runs(sys.argv[1]))
+    print(format_table(rows))
+    print(plot_fidelity(rows, sys.argv[2] if len(sys.argv) > 2 else Path(sys.argv[1]) / "fidelity.png"))
