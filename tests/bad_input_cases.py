@@ -315,3 +315,16 @@ CASES += [
     C("pretrain-negative-zoo-seed", "pretrain", ["zoo.seed=-1"], ["zoo.seed=-1", "integer >= 0"]),
     C("transfer-fractional-zoo-seed", "transfer", ["zoo.seed=1.5"], ["zoo.seed=1.5", "integer >= 0"]),
 ]
+
+# ---- synthetic distillation data (method.synth_ratio / synth_source); {art}/gan3x32 is a 3x32x32 generator ----
+CASES += [
+    C("transfer-synth-ratio-one", "transfer", ["method.synth_ratio=1.0"], ["method.synth_ratio=1.0", "[0, 1)"]),
+    C("transfer-synth-ratio-negative", "transfer", ["method.synth_ratio=-0.2"], ["method.synth_ratio=-0.2", "[0, 1)"]),
+    C("transfer-synth-generator-shape", "transfer", [T10, "method.synth_ratio=0.2", "method.synth_source={art}/gan3x32"],
+      ["makes 3x32x32 images", "1x8x8", "main_pretrain.py name=gan"]),
+    C("transfer-synth-not-a-generator", "transfer",
+      [T10, "method.synth_ratio=0.2", "method.synth_source={art}/teacher10"],
+      ["teacher10 is not a generator", "mlp classifier", "zoo generator name"]),
+    C("transfer-synth-unknown-source", "transfer", ["method.synth_ratio=0.2", "method.synth_source=gann"],
+      ["method.synth_source=gann", "closest: gan"]),
+]

@@ -65,6 +65,9 @@ def artifacts(tmp_path_factory):
         (art / "emptyfolder" / split / "a" / "notes.txt").write_text("not an image")
     (art / "afile").write_text("a file, not a folder")
     _disk_artifacts(art, model, digits)
+    from src.models.gan import CondGenerator, save_generator
+
+    save_generator(CondGenerator(img_size=32, channels=3, width=8), art / "gan3x32", {"name": "gan3x32"})
     return art
 
 

@@ -208,6 +208,8 @@ METHOD_RULES = {
     "topk": (_NONNEG, "must be >= 0 (0 = all classes): use e.g. {k}=0"),
     "prior_lr": (_POS, "must be > 0: use e.g. {k}=0.01"), "generator_lr": (_POS, "must be > 0: use e.g. {k}=1e-3"),
     "gamma": (_POS, "must be > 0: use e.g. {k}=0.1"), "pts_p": (_POS, "must be > 0: use e.g. {k}=3"),
+    "synth_ratio": (_in(0, 1, hi_open=True), "must be in [0, 1): use e.g. {k}=0.2 (1 synthetic : 4 real), 0 disables "
+                    "it"),
     **{w: (_NONNEG, "must be >= 0: use e.g. {k}=1.0") for w in (
         "prec", "beta", "loss_w", "kl_w", "ce_w", "mixup_alpha", "kd_weight", "ce_weight", "crd_weight")},
 }

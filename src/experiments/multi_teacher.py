@@ -22,15 +22,15 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from ..data import training_split
-from ..engine import Trainer, digest, predict
+from ..engine import Trainer, predict
 from ..errors import UserError, check
 from ..io_utils import load_state_dict
-from ..methods import EnsembleTeacher, mean_softmax_logits, multi_route, recompute_bn_stats, route_shares, \
+from ..methods import mean_softmax_logits, multi_route, recompute_bn_stats, route_shares, \
     uniform_soup
 from ..metrics import accuracy, agreement, flips, transfer_metrics
 from ..models import read_meta, save_checkpoint
 from .common import Context, ModelRef, as_dict, read_stage, resolve_model, setup, write_stage
-from .transfer import train_caches, transfer
+from .transfer import ensemble_ref, train_caches, transfer
 
 log = logging.getLogger("kt")
 
@@ -268,11 +268,7 @@ class MultiTeacher:
         return ModelRef(like.name, model, meta["hash"], like.meta), row
 
     def ensemble(self):
-        keys = [t.key for t in self.teachers]
-        ens = EnsembleTeacher([t.model for t in self.teachers])
-        ref = ModelRef("ensemble(" + "+".join(t.name for t in self.teachers) + ")", ens,
-                       "ensemble-" + digest(*keys) if all(keys) else None)
-        student, row = self.single_stage(1, ref, self.student0, "ensemble", 0)
+        student, row = self.single_stage(1, ensemble_ref(self.teachers), self.student0, "ensemble", 0)
         return student.model, [row], {}
 
     def parallel(self):

@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 from typing import Dict, Optional
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..data import training_split
@@ -12,9 +13,11 @@ from ..engine import Trainer
 from ..errors import UserError, closest
 from ..methods import CrossEntropy
 from ..metrics import accuracy
+from ..metrics.generative import frechet_distance
 from ..models import create_model, freeze, read_meta, save_checkpoint, zoo_dir
+from ..models.gan import CondGenerator, GANSource, SNDiscriminator, load_generator, read_generator_meta, save_generator
 from ..schema import LoaderConfig, OptimizerConfig, SchedulerConfig, TrainerConfig, typed
-from .common import Context, as_dict, setup, zoo_folder, zoo_names, zoo_seed
+from .common import Context, as_dict, resolve_model, setup, zoo_folder, zoo_names, zoo_seed
 
 log = logging.getLogger("kt")
 
@@ -22,12 +25,35 @@ _RECIPE_KEYS = {"arch", "kwargs", "seed", "epochs", "batch_size", "augment", "fl
                 "scheduler", "label_smoothing", "freeze_backbone", "pretrained", "checkpoint"}
 
 
+# a generator entry of the zoo (`zoo.generators`): a class-conditional SN-GAN trained on the pretraining split
+_GAN_KEYS = {"arch", "kwargs", "seed", "epochs", "batch_size", "optimizer", "scheduler", "d_lr", "judge",
+             "n_eval", "eval_every", "diversity"}
+_GAN_DEFAULTS = {"arch": "sngan", "kwargs": {}, "seed": 0, "epochs": 100, "batch_size": 64, "d_lr": None,
+                 "diversity": 0.0, "judge": None, "n_eval": 1000, "eval_every": 25,
+                 "optimizer": {"name": "adam", "lr": 2e-4, "betas": [0.5, 0.999], "weight_decay": 0.0},
+                 "scheduler": {"name": "none"}}
+
+
+def generator_names(cfg) -> list:
+    z = cfg.get("zoo")
+    return list(z.generators.keys()) if z is not None and z.get("generators") else []
+
+
 def recipe(name: str, cfg) -> DictConfig:
-    """The zoo's shared training recipe merged with entry `name`'s overrides."""
-    if name not in zoo_names(cfg):
-        raise UserError(f"unknown zoo model '{name}'{closest(name, zoo_names(cfg))}; zoo '{cfg.zoo.name}' has "
-                        f"{', '.join(zoo_names(cfg))}")
+    """The zoo's shared training recipe merged with entry `name`'s overrides (a generator entry: the GAN
+    defaults merged with its keys)."""
     plain = lambda n: OmegaConf.create(OmegaConf.to_container(n, resolve=True) if n is not None else {})
+    if name in generator_names(cfg):
+        r = OmegaConf.merge(OmegaConf.create(_GAN_DEFAULTS), plain(cfg.zoo.generators[name]))
+        bad = set(r.keys()) - _GAN_KEYS
+        if bad or r.arch != "sngan":
+            raise UserError(f"zoo generator '{name}' has unknown keys {sorted(bad)} or arch '{r.arch}'; allowed: "
+                            f"{sorted(_GAN_KEYS)}, arch: sngan")
+        return r
+    if name not in zoo_names(cfg):
+        known = zoo_names(cfg) + generator_names(cfg)
+        raise UserError(f"unknown zoo model '{name}'{closest(name, known)}; zoo '{cfg.zoo.name}' has "
+                        f"{', '.join(known)}")
     r = OmegaConf.merge(plain(cfg.zoo.get("train")), plain(cfg.zoo.models[name]))
     bad = set(r.keys()) - _RECIPE_KEYS
     if bad:
@@ -102,6 +128,119 @@ def train_zoo_entry(name: str, ctx: Context, run_dir: Optional[Path] = None) -> 
     return meta
 
 
+# ------------------------------------------------------------------------------------------------ generators
+@torch.no_grad()
+def sample_quality(source, judge, n: int, seed: int, real: torch.Tensor, reference: torch.Tensor
+                   ) -> Dict[str, float]:
+    """Offline sample quality, scored by a zoo classifier (the judge): its accuracy on n class-conditional samples
+    labelled by their conditioning class (`judge_acc`, %), and the Frechet distance between its penultimate
+    features of the samples and of `real` images (`fid`; `fid_real`: the same distance between the `reference`
+    images, e.g. the training split, and `real`: the floor at these sample sizes)."""
+    x, y = source.sample(n, torch.Generator().manual_seed(seed), with_classes=True)
+    was = judge.training
+    judge.eval()
+    f_fake, z = judge.features_and_logits(x)
+    f_real, _ = judge.features_and_logits(real)
+    f_train, _ = judge.features_and_logits(reference)
+    judge.train(was)
+    return {"judge_acc": 100 * (z.argmax(1) == y).float().mean().item(),
+            "fid": frechet_distance(f_fake, f_real), "fid_real": frechet_distance(f_train, f_real)}
+
+
+def sample_grid(source, path: Path, per_class: int = 8, seed: int = 0) -> Path:
+    """A PNG grid of samples, one row per class (images upscaled x4, nearest)."""
+    from torchvision.utils import save_image
+
+    g = source.generator
+    k = g.num_classes
+    z = torch.randn(per_class * k, g.z_dim, generator=torch.Generator().manual_seed(seed))
+    y = torch.arange(k).repeat_interleave(per_class)
+    dev = next(g.parameters()).device
+    with torch.no_grad():
+        x = g(z.to(dev), y.to(dev)).float().cpu()
+    x = torch.nn.functional.interpolate(x, scale_factor=4, mode="nearest") if g.img_size < 32 else x
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(x, str(path), nrow=per_class, padding=2, pad_value=1.0)
+    return path
+
+
+def train_generator(name: str, ctx: Context, run_dir: Optional[Path] = None) -> dict:
+    """Train zoo generator `name` (a class-conditional SN-GAN) on the pretraining split; save it to the zoo folder
+    (model.safetensors + meta.json with its sample quality), its losses to metrics.jsonl, a sample grid to
+    <run dir>/plots/<name>_samples.png (and wandb)."""
+    from ..engine import seed_everything
+    from ..methods import GANTraining
+
+    cfg, info = ctx.cfg, ctx.info
+    r = recipe(name, cfg)
+    run_dir = Path(run_dir or ctx.run_dir / "zoo" / name)
+    seed_everything(int(r.seed))
+    kw = as_dict(r.kwargs)
+    gen = CondGenerator(img_size=info.image_size, channels=info.channels, num_classes=info.num_classes, **kw)
+    disc = SNDiscriminator(info.image_size, info.channels, info.num_classes, width=int(kw.get("width", 64)))
+    method = GANTraining(gen, disc, seed=int(r.seed), d_lr=r.d_lr, diversity=float(r.diversity))
+    loader_cfg = typed(LoaderConfig, cfg.loader, {"batch_size": int(r.batch_size), "augment": "none",
+                                                  "drop_last": True})
+    trainer_cfg = typed(TrainerConfig, cfg.trainer, {"epochs": r.epochs, "seed": r.seed, "max_steps": None,
+                                                      "eval_every": int(r.eval_every), "eval_every_steps": None})
+    loader = ctx.train_loader(training_split(ctx.ds, cfg.dataset.pretrain_split, cfg.dataset.subset), loader_cfg,
+                              seed=int(r.seed))
+    judge = None
+    if r.judge is not None:
+        judge = resolve_model(str(r.judge), ctx, "judge").model.to(ctx.device)
+    from .zeroshot import eval_images
+
+    real, _ = eval_images(ctx, ctx.ds.split(cfg.dataset.test_split))
+    reference, _ = eval_images(ctx, ctx.ds.split(cfg.dataset.pretrain_split))
+    source = GANSource(gen)
+
+    def evaluate(_):
+        return {} if judge is None else {f"quality/{k}": v for k, v in
+                                         sample_quality(source, judge, int(r.n_eval), 0, real, reference).items()}
+
+    trainer = Trainer(method, loader, trainer_cfg, typed(OptimizerConfig, r.optimizer),
+                      typed(SchedulerConfig, r.scheduler), run_dir,
+                      tracker=ctx.tracker if run_dir == ctx.run_dir else None, evaluate=evaluate,
+                      device=ctx.device, name=name, rank=ctx.rank, world_size=ctx.world_size)
+    last = trainer.fit()
+    quality = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("quality/")}
+    grid = sample_grid(source, run_dir / "plots" / f"{name}_samples.png")
+    if ctx.tracker is not None:
+        ctx.tracker.log_figure(f"samples/{name}", grid)
+    meta = {"name": name, "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+            "recipe": OmegaConf.to_container(r, resolve=True), "zoo": cfg.zoo.name, "judge": r.judge,
+            "steps": trainer.total_steps, **quality,
+            "final_losses": {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("train/")}}
+    folder = zoo_dir(cfg.paths.checkpoints, info.name, name)
+    if ctx.rank == 0:
+        meta = save_generator(gen, folder, meta)
+    log.info("zoo generator %s: judge (%s) acc on samples %s%%, FID %s -> %s (samples: %s)", name, r.judge,
+             f"{quality['judge_acc']:.1f}" if quality else "-", f"{quality['fid']:.2f}" if quality else "-",
+             folder, grid)
+    return {**meta, "grid": str(grid)}
+
+
+def resolve_generator(spec, ctx: Context, what: str = "method.synth_source"):
+    """(source, meta) for a zoo generator name (trained first when missing and zoo.train_missing=true) or a
+    folder / run dir holding a generator (main_zeroshot.py, main_pretrain.py name=<generator>)."""
+    cfg, info = ctx.cfg, ctx.info
+    name = str(spec)
+    if name in generator_names(cfg):
+        folder = zoo_dir(cfg.paths.checkpoints, info.name, name)
+        if read_generator_meta(folder) is None:
+            if not cfg.zoo.get("train_missing", False):
+                raise UserError(f"zoo generator '{name}' has no checkpoint in {folder}: train it with "
+                                f"`python main_pretrain.py name={name}` or set zoo.train_missing=true")
+            log.info("zoo generator '%s' is missing: training it now (zoo.train_missing=true)", name)
+            train_generator(name, ctx)
+        return load_generator(folder, info.image_size, info.channels, what)
+    if not Path(name).exists():
+        raise UserError(f"{what}={name} is neither a zoo generator{closest(name, generator_names(cfg))} "
+                        f"(zoo.generators: {', '.join(generator_names(cfg)) or 'none'}) nor an existing folder: "
+                        f"use a zoo generator name or a main_zeroshot.py run dir")
+    return load_generator(name, info.image_size, info.channels, what)
+
+
 def run(cfg: DictConfig, run_dir=None) -> dict:
     ctx = setup(cfg, run_dir, job_type="pretrain")
     try:
@@ -126,6 +265,13 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
             rows = {}
             for n in names:
                 folder = zoo_folder(cfg, ctx.info.name, n)
+                if n in generator_names(cfg):  # a GAN entry: its row holds its sample quality
+                    meta = read_generator_meta(folder)
+                    if meta is None or not cfg.skip_existing:
+                        meta = train_generator(n, ctx, ctx.run_dir)
+                    rows[n] = {"kind": "generator", "judge_acc": meta.get("judge_acc"), "fid": meta.get("fid"),
+                               "fid_real": meta.get("fid_real"), "path": str(folder)}
+                    continue
                 meta = read_meta(folder)
                 if meta is not None and cfg.skip_existing:
                     log.info("zoo model %s exists (%s): skipped (skip_existing=true)", n, folder)
@@ -137,6 +283,11 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
         if ctx.rank == 0:
             print(f"{'model':<16}{'test acc':>10}  checkpoint")
             for n, row in rows.items():
+                if row.get("kind") == "generator":
+                    q = (f"judge acc {row['judge_acc']:.1f}%, FID {row['fid']:.2f} (real {row['fid_real']:.2f})"
+                         if row.get("fid") is not None else "no judge")
+                    print(f"{n:<16}{'GAN':>10}  {row['path']}  samples: {q}")
+                    continue
                 print(f"{n:<16}{100 * row['test_acc']:>9.2f}%  {row['path']}")
             print(f"run dir: {ctx.run_dir}")
         return summary

@@ -11,10 +11,11 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from ..data import training_split
-from ..engine import Trainer, predict, rows_by_id
+from ..engine import Trainer, digest, predict, rows_by_id, seed_everything
 from ..errors import UserError, check
-from ..methods import dp_route
-from ..metrics import accuracy, agreement, flips, transfer_metrics
+from ..methods import EnsembleTeacher, dp_route
+from ..methods.base import check_synth_ratio
+from ..metrics import accuracy, agreement, flips, kl_divergence, transfer_metrics
 from ..models import save_checkpoint
 from .common import Context, ModelRef, as_dict, resolve_model, setup
 
@@ -33,9 +34,24 @@ def method_needs(cfg_method) -> Dict[str, bool]:
             "features": cls.__name__ in ("CD", "CRD")}
 
 
+def synth_kwargs(ctx: Context, cfg_method) -> Dict[str, object]:
+    """With method.synth_ratio > 0: the frozen generator named by method.synth_source (a zoo generator, trained
+    first when missing and zoo.train_missing=true, or a main_zeroshot.py run dir) and the run's seed for its draws."""
+    ratio = check_synth_ratio(cfg_method.get("synth_ratio", 0.0))
+    if ratio == 0:
+        return {}
+    from .pretrain import resolve_generator
+
+    source, meta = resolve_generator(cfg_method.get("synth_source"), ctx)
+    log.info("synthetic distillation data: %.0f%% of every batch from generator %s (%s)", 100 * ratio,
+             cfg_method.get("synth_source"), meta["folder"])
+    return {"synth_generator": source.to(ctx.device), "synth_seed": int(ctx.cfg.trainer.seed)}
+
+
 def build_method(cfg_method, student, teacher, frozen_student=None, teacher_cache=None, frozen_cache=None,
-                 sample_labels=None):
-    """Instantiate `cfg_method` (`_target_` + hyper-parameters) with the models it takes."""
+                 sample_labels=None, synth: Optional[Dict[str, object]] = None):
+    """Instantiate `cfg_method` (`_target_` + hyper-parameters) with the models it takes (`synth`: the
+    generator kwargs of `synth_kwargs`)."""
     cls = get_class(cfg_method._target_)
     params = inspect.signature(cls.__init__).parameters
     kwargs = {k: v for k, v in as_dict(cfg_method).items() if k != "_target_"}
@@ -47,6 +63,7 @@ def build_method(cfg_method, student, teacher, frozen_student=None, teacher_cach
     for k, v in extras.items():
         if k in params or (k in ("teacher_cache", "frozen_student_cache") and v is not None):
             kwargs[k] = v
+    kwargs.update(synth or {})
     try:
         return cls(**kwargs)
     except TypeError as e:
@@ -94,9 +111,11 @@ def train_caches(ctx: Context, refs, split, loader, features: bool):
 
 
 def transfer(ctx: Context, teacher: ModelRef, student: ModelRef, cfg_method, run_dir, name: str = "",
-             frozen: Optional[ModelRef] = None, tracker=None, eval_outputs=None) -> Dict[str, object]:
+             frozen: Optional[ModelRef] = None, tracker=None, eval_outputs=None,
+             synth: Optional[Dict[str, object]] = None) -> Dict[str, object]:
     """Distil `teacher` into `student` with `cfg_method`; returns the summary row (and trains student in place).
-    `frozen` is the student-teacher (default: a frozen copy of the student as it is now)."""
+    `frozen` is the student-teacher (default: a frozen copy of the student as it is now); `synth`: the result of
+    `synth_kwargs` when the caller resolved it already."""
     cfg, ds = ctx.cfg, ctx.ds
     eval_split = ds.split(cfg.eval_split)
     t_eval = ctx.outputs(teacher, eval_split)
@@ -111,7 +130,8 @@ def transfer(ctx: Context, teacher: ModelRef, student: ModelRef, cfg_method, run
     t_cache, f_cache = train_caches(ctx, [teacher, frozen_ref], train_split, loader, needs["features"])
     method = build_method(cfg_method, student.model, teacher.model,
                           frozen_ref.model if frozen_ref is not None else None, t_cache, f_cache,
-                          sample_labels=labels_by_id(train_split) if needs["sample_labels"] else None)
+                          sample_labels=labels_by_id(train_split) if needs["sample_labels"] else None,
+                          synth=synth if synth is not None else synth_kwargs(ctx, cfg_method))
     eval_loader = ctx.eval_loader(eval_split)
     top_p = float(cfg.top_p)
     check(0 < top_p <= 100, f"top_p={top_p} must be in (0, 100]: use e.g. top_p=20")
@@ -136,7 +156,7 @@ def transfer(ctx: Context, teacher: ModelRef, student: ModelRef, cfg_method, run
     if final_model is not student.model:  # e.g. MCL's slow weights: they are the result
         student.model.load_state_dict(final_model.state_dict())
     f_before = flips(t_eval["logits"], s0_eval["logits"], labels)
-    row = {
+    row = {**train_fidelity(ctx, teacher, student.model, train_split),
         "student_acc_before": 100 * accuracy(s0_eval["logits"], labels),
         "student_acc_after": last["eval/student_acc"],
         "teacher_acc": 100 * accuracy(t_eval["logits"], labels),
@@ -156,6 +176,25 @@ def transfer(ctx: Context, teacher: ModelRef, student: ModelRef, cfg_method, run
         "steps": trainer.total_steps,
     }
     return row
+
+
+def train_fidelity(ctx: Context, teacher: ModelRef, model, split) -> Dict[str, float]:
+    """Fidelity on the distillation data itself (gnosis, REFERENCE §5): the student's top-1 agreement with the
+    teacher (%), KL(p_teacher || p_student) at T = 1 and both accuracies (%) on the (un-augmented) training split."""
+    t = ctx.outputs(teacher, split)
+    s = predict(model, ctx.eval_loader(split), amp=ctx.cfg.trainer.amp)
+    return {"train_agreement": 100 * agreement(t["logits"], s["logits"]),
+            "train_kl": kl_divergence(t["logits"], s["logits"]),
+            "train_student_acc": 100 * accuracy(s["logits"], s["labels"]),
+            "train_teacher_acc": 100 * accuracy(t["logits"], t["labels"])}
+
+
+def ensemble_ref(refs) -> ModelRef:
+    """One teacher from several: the members' mean softmax (EnsembleTeacher), cached under a key of the members'
+    keys (not cached when a member has no key)."""
+    keys = [t.key for t in refs]
+    return ModelRef("ensemble(" + "+".join(t.name for t in refs) + ")", EnsembleTeacher([t.model for t in refs]),
+                    "ensemble-" + digest(*keys) if all(keys) else None)
 
 
 def print_table(row: Dict[str, object], run_dir) -> None:
@@ -181,11 +220,18 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
             return ctx.tracker.summary({"status": "skipped", "reason": "teacher == student",
                                         "teacher": str(cfg.teacher), "student": str(cfg.student),
                                         "method": method_name})
-        teacher = resolve_model(cfg.teacher, ctx, "teacher")
+        synth = synth_kwargs(ctx, cfg.method)  # a bad generator fails before any zoo model is trained
+        if OmegaConf.is_list(cfg.teacher):  # several teachers: their ensemble (mean softmax) is the teacher
+            check(len(cfg.teacher) >= 1, "teacher=[] names no model: give a model or a list of models")
+            teacher = ensemble_ref([resolve_model(t, ctx, f"teacher[{i}]") for i, t in enumerate(cfg.teacher)])
+        else:
+            teacher = resolve_model(cfg.teacher, ctx, "teacher")
+        if isinstance(cfg.student, DictConfig):  # a fresh student: the same init whether or not models were trained
+            seed_everything(cfg.trainer.seed)
         student = resolve_model(cfg.student, ctx, "student")
         for ref in (teacher, student):
             ref.model.to(ctx.device)
-        row = transfer(ctx, teacher, student, cfg.method, ctx.run_dir, tracker=ctx.tracker)
+        row = transfer(ctx, teacher, student, cfg.method, ctx.run_dir, tracker=ctx.tracker, synth=synth)
         row.update(status="ok", method=method_name, teacher=teacher.name, student=student.name,
                    eval_split=cfg.eval_split, dataset=ctx.info.name, seed=cfg.trainer.seed,
                    method_config=as_dict(cfg.method))

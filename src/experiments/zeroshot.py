@@ -19,6 +19,7 @@ from ..methods.zeroshot import NoiseBatches, ZeroShot, no_param_grads, stage_sha
 from ..metrics import accuracy, agreement
 from ..metrics.transition import agreeing, mean_transition_error, transition_curves
 from ..models import create_model, save_checkpoint
+from ..models.gan import save_generator
 from ..models.generator import Generator
 from ..plots.transition import transition_plot
 from ..schema import LoaderConfig, OptimizerConfig, SchedulerConfig, TrainerConfig, typed
@@ -165,7 +166,14 @@ class ZeroShotRun:
             raise UserError(f"cannot build method {cfg.method._target_}: {e}: remove the unknown method.* key") from e
         loader = NoiseBatches(cfg.loader.batch_size, cfg.generator.z_dim, method.steps_per_batch,
                               cfg.trainer.seed, self.ctx.device)
-        return self.fit(method, loader, cfg.trainer, cfg.optimizer, cfg.scheduler, "zeroshot")
+        res = self.fit(method, loader, cfg.trainer, cfg.optimizer, cfg.scheduler, "zeroshot")
+        if self.ctx.rank == 0:  # <run dir>/generator/: a source of synthetic distillation data (method.synth_source)
+            t = self.teacher.model
+            save_generator(generator, self.ctx.run_dir / "generator",
+                           {"name": f"zeroshot<-{self.teacher.name}", "teacher": self.teacher.name,
+                            "mean": t.mean.flatten().tolist(), "std": t.std.flatten().tolist(),
+                            "dataset": OmegaConf.to_container(cfg.dataset, resolve=True)})
+        return res
 
     def baseline(self, name: str) -> Dict[str, float]:
         cfg, fs = self.cfg, self.cfg.few_shot

@@ -9,16 +9,25 @@
 
 Frozen models answer through `FrozenOutputs`, which serves logits/features from a per-sample cache (keyed by the
 batch's sample index) when the training inputs are not randomly augmented, and runs the model otherwise.
+
+Distillation inputs (gnosis, REFERENCE §5), shared by every distillation method through `mix`: mixup
+(`mixup_alpha`) and synthetic samples (`synth_ratio`: that fraction of each batch, round(ratio * B) rows, is
+replaced by images of a frozen generator `synth_generator`, which the teacher then labels). Either bypasses the
+output caches (the inputs are new). Synthetic draws come from `StepSeeds`: a torch.Generator per training step
+seeded by (synth_seed, rank, draw count), the count being a buffer of the method's state dict, so a resumed run
+draws exactly the images an uninterrupted one does, whatever else consumed the global RNG.
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import check
+from ..data.loaders import mix_seed
+from ..errors import UserError, check
 
 
 class FrozenOutputs(nn.Module):
@@ -54,10 +63,32 @@ class FrozenOutputs(nn.Module):
         return f.float(), z.float()
 
 
+class StepSeeds(nn.Module):
+    """One torch.Generator (CPU) per draw, seeded by (seed, stream, number of draws so far). The count is a buffer:
+    checkpoints hold it, so a resumed run continues the same sequence of draws."""
+
+    def __init__(self, seed: int = 0, stream: int = 0):
+        super().__init__()
+        self.seed, self.stream = int(seed), int(stream)
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+
+    def next(self) -> torch.Generator:
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.stream, int(self.count)))
+        self.count += 1
+        return g
+
+
+def check_synth_ratio(synth_ratio) -> float:
+    check(isinstance(synth_ratio, (int, float)) and 0 <= synth_ratio < 1,
+          f"method.synth_ratio={synth_ratio} must be in [0, 1): use e.g. 0.2 (1 synthetic : 4 real), 0 disables it")
+    return float(synth_ratio)
+
+
 class Method(nn.Module):
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None,
                  frozen_student: Optional[nn.Module] = None, teacher_cache=None, frozen_student_cache=None,
-                 mixup_alpha: float = 0.0):
+                 mixup_alpha: float = 0.0, synth_ratio: float = 0.0, synth_source: Optional[str] = None,
+                 synth_generator: Optional[nn.Module] = None, synth_seed: int = 0):
         super().__init__()
         self.student = student
         self.teacher = FrozenOutputs(teacher, teacher_cache) if teacher is not None else None
@@ -65,8 +96,20 @@ class Method(nn.Module):
                                if frozen_student is not None else None)
         check(mixup_alpha >= 0, f"method.mixup_alpha={mixup_alpha} must be >= 0 (0 disables mixup)")
         self.mixup_alpha = float(mixup_alpha)
+        self.synth_ratio = check_synth_ratio(synth_ratio)
+        self.synth_generator = None
+        if self.synth_ratio > 0:
+            if synth_generator is None:
+                raise UserError(f"method.synth_ratio={synth_ratio} needs a generator: set method.synth_source="
+                                f"<zoo generator name | main_zeroshot.py run dir> (got {synth_source})")
+            check(hasattr(synth_generator, "sample"), f"method.synth_source={synth_source} is not a generator "
+                                                      f"(no sample method)")
+            self.synth_generator = synth_generator  # frozen: excluded from the state dict like the teacher
+            for p in self.synth_generator.parameters():
+                p.requires_grad_(False)
+            self.synth_draws = StepSeeds(synth_seed, int(os.environ.get("RANK", "0")))
 
-    _FROZEN = ("teacher.", "frozen_student.")
+    _FROZEN = ("teacher.", "frozen_student.", "synth_generator.")
 
     # ------------------------------------------------------------------ plumbing
     def forward(self, batch):
@@ -107,13 +150,26 @@ class Method(nn.Module):
 
     # ------------------------------------------------------------------ distillation inputs
     def mix(self, x: torch.Tensor) -> Tuple[torch.Tensor, bool]:
-        """Mixup of the distillation inputs (gnosis): one lambda ~ Beta(a, a) per batch, inputs mixed with a
-        permutation of themselves; the teacher relabels them, so caches are bypassed. Returns (x, mixed)."""
-        if self.mixup_alpha <= 0 or not self.training:
+        """The distillation inputs of a training batch (gnosis). Mixup: one lambda ~ Beta(a, a) per batch, inputs
+        mixed with a permutation of themselves. Then synthetic data: the first round(synth_ratio * B) rows are
+        replaced by generated images. The teacher relabels both, so caches are bypassed. Returns (x, fresh):
+        fresh = the inputs are not the dataset's samples (no cached outputs, no true labels)."""
+        if not self.training:
             return x, False
-        lam = torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample().to(x.device)
-        perm = torch.randperm(x.shape[0], device=x.device)
-        return lam * x + (1 - lam) * x[perm], True
+        fresh = False
+        if self.mixup_alpha > 0:
+            lam = torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample().to(x.device)
+            perm = torch.randperm(x.shape[0], device=x.device)
+            x, fresh = lam * x + (1 - lam) * x[perm], True
+        n = self.synth_count(x.shape[0])
+        if n > 0:
+            fake = self.synth_generator.sample(n, self.synth_draws.next()).to(x.device, x.dtype)
+            x, fresh = torch.cat([fake, x[n:]]), True
+        return x, fresh
+
+    def synth_count(self, batch_size: int) -> int:
+        """Synthetic rows in a batch of `batch_size`: round(synth_ratio * B) (every batch, also the last)."""
+        return int(round(self.synth_ratio * batch_size)) if self.synth_generator is not None else 0
 
 
 class CrossEntropy(Method):

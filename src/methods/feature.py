@@ -129,6 +129,8 @@ class CRD(Method):
         check(0 <= momentum < 1, f"method.momentum={momentum} must be in [0, 1)")
         if self.mixup_alpha > 0:
             raise UserError("CRD contrasts per-sample memory entries: mixup_alpha must be 0")
+        if self.synth_ratio > 0:
+            raise UserError("CRD contrasts per-sample memory entries: method.synth_ratio must be 0")
         self.negatives = NegativeSampler(sample_labels)
         size = len(sample_labels)
         self.n, self.k, self.nce_t, self.m = self.negatives.n, int(num_negatives), nce_t, momentum
