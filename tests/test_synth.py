@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import compose
+from conftest import compose, load_script
 
 from src.data.loaders import mix_seed
 from src.engine import Trainer
@@ -252,6 +252,12 @@ def test_fidelity_table_and_figure_on_real_runs(tmp_path):
     assert table.count("\n") == 7 and "ensemble of 3 | synthetic 0.2 | 2 |" in table
     path = plot_fidelity(rows, tmp_path / "plots" / "fidelity.png")
     assert path.is_file() and path.stat().st_size > 5000
+    # the results aggregator finds the study in the run dirs and writes the same table and the figure
+    tables, _ = load_script("aggregate").main([str(tmp_path / "runs"), "--out", str(tmp_path / "agg")])
+    assert [(r["teacher"], r["data"], r["runs"]) for r in tables["fidelity"]] == [
+        (r["teacher"], r["data"], r["runs"]) for r in rows]
+    assert (tmp_path / "agg" / "figures" / "fidelity.png").is_file() and "## fidelity" in (
+        tmp_path / "agg" / "results.md").read_text()
 
 
 def test_settings_are_read_from_the_config():

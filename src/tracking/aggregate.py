@@ -366,7 +366,17 @@ def aggregate(runs: List[dict]) -> Dict[str, List[Row]]:
     for fam, rs in by.items():
         if fam in TABLES:
             out.update({k: v for k, v in TABLES[fam](rs).items() if v})
+    fid = fidelity_runs(runs)
+    if fid:  # the fidelity study (config/transfer/fidelity.yaml): per teacher and distillation-data setting
+        from .fidelity import fidelity_table
+
+        out["fidelity"] = fidelity_table(fid)
     return out
+
+
+def fidelity_runs(runs: List[dict]) -> List[dict]:
+    """Transfer runs of the fidelity preset (their config names a `distill_data` setting)."""
+    return [r for r in runs if r["family"] == "transfer" and "distill_data" in (r.get("cfg") or {})]
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -433,6 +443,10 @@ def figures_for(tables: Dict[str, List[Row]], runs: List[dict], fig_dir: Path) -
             s = r["summary"]
             series[method_label(s)].append((s["teacher_acc"] - s["student_acc_before"], s["transfer_delta"]))
         figs["transfer_methods"] = delta_vs_gap(dict(series), fig_dir / "transfer_delta_vs_gap.png")
+    if tables.get("fidelity"):
+        from .fidelity import plot_fidelity
+
+        figs["fidelity"] = plot_fidelity(tables["fidelity"], fig_dir / "fidelity.png")
     return figs
 
 
