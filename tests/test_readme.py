@@ -95,7 +95,8 @@ def test_readme_entry_command_composes_and_passes_preflight(cmd, kt_paths):
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=[*variant, *paths], return_hydra_config=True)
         if script == "main_pretrain.py" and cfg.name not in (None, "all"):
-            assert cfg.name in cfg.zoo.models, f"{cmd}: name={cfg.name} is not a zoo entry"
+            entries = [*cfg.zoo.models, *(cfg.zoo.get("generators") or {})]
+            assert cfg.name in entries, f"{cmd}: name={cfg.name} is not a zoo entry"
         with open_dict(cfg):
             hydra_cfg = cfg.pop("hydra")
         assert OmegaConf.select(hydra_cfg, "launcher._target_") is not None
