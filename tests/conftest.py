@@ -71,6 +71,18 @@ def digits_zoo(kt_paths, tmp_path_factory):
     return kt_paths
 
 
+@pytest.fixture(autouse=True)
+def _environment_is_restored():
+    """Every test leaves os.environ as it found it. Code under test may export variables (submitit_task_env sets
+    RANK/WORLD_SIZE/MASTER_ADDR/... the way torchrun would); one leaked WORLD_SIZE=2 makes every later subprocess
+    wait for a DDP rendezvous that never comes, so the whole environment is put back after each test."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

@@ -342,9 +342,12 @@ def test_submitit_task_variables_become_torchruns(monkeypatch):
 
     job = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "42", "SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "1",
            "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "node7"}
+    exported = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    for k in exported:  # setenv first, so that monkeypatch records the original state (absent) and restores it
+        monkeypatch.setenv(k, "")
     ports = []
     for rank in (1, 0):
-        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        for k in exported:
             monkeypatch.delenv(k, raising=False)
         for k, v in {**job, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)}.items():
             monkeypatch.setenv(k, v)
