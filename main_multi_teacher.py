@@ -4,7 +4,7 @@ import hydra
 
 import src.schema  # noqa: F401  (config schemas and resolvers)
 from src.experiments import multi_teacher
-from src.experiments.entry import entry
+from src.entry import entry
 
 
 @hydra.main(version_base="1.3", config_path="config", config_name="multi_teacher/multi_teacher")

@@ -64,7 +64,7 @@ def _save(ctx, specs) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../config", config_name="aft/aft")
 def main(cfg):
-    from src.experiments.entry import entry
+    from src.entry import entry
 
     return entry(save, cfg)
 

@@ -112,6 +112,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from src.experiments.entry import entry
+    from src.entry import entry
 
     sys.exit(entry(lambda _cfg: main(), None) or 0)

@@ -1,6 +1,6 @@
 """User-facing errors: one clear line naming the bad value and the fix.
 
-Anything raised as :class:`UserError` is printed as a single line by `src.experiments.entry.entry` (the one entry
+Anything raised as :class:`UserError` is printed as a single line by `src.entry.entry` (the one entry
 of every main script and of scripts/; full traceback only with ``KT_DEBUG=1``) and the process exits with code 2.
 Everything else is a bug and keeps its traceback.
 """

@@ -141,7 +141,7 @@ def _assert_nothing_trained(tmp: Path, case: Case):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.inprocess], ids=lambda c: c.id)
 def test_bad_input_in_process(case: Case, artifacts, tmp_path, capsys):
-    from src.experiments.entry import entry
+    from src.entry import entry
 
     script = SCRIPTS[case.script]
     overrides = _overrides(case, artifacts, tmp_path)
@@ -202,7 +202,7 @@ def test_bad_input_subprocess(case: Case, artifacts, tmp_path):
 def test_debug_flag_shows_the_traceback(artifacts, tmp_path, capsys, monkeypatch):
     """KT_DEBUG=1: the same exit code and line, plus the full traceback."""
     from src.experiments import pretrain
-    from src.experiments.entry import entry
+    from src.entry import entry
 
     cfg = compose("pretrain/pretrain", ["name=null", "model=mlp", "optimizer.lr=-0.1",
                                         f"paths.checkpoints={tmp_path / 'ck'}", f"paths.cache={tmp_path / 'c'}"])
@@ -230,7 +230,7 @@ def test_every_script_has_rows():
 def test_save_features_refuses_use_cache_false(tmp_path, capsys):
     from conftest import load_script
 
-    from src.experiments.entry import entry
+    from src.entry import entry
 
     sf = load_script("save_features")
     cfg = compose("aft/aft", ["use_cache=false", f"paths.checkpoints={tmp_path / 'ck'}",

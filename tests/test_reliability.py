@@ -265,6 +265,32 @@ def test_transfer_sigterm_resume_is_bit_identical(method, zoo, tmp_path):
     _check_resumed(run, ref, wid, "student/model.safetensors")
 
 
+def test_sigterm_stops_a_local_sweep_and_the_same_command_finishes_it(zoo, tmp_path):
+    """Hydra's basic launcher runs every job in one process: SIGTERM during job 0 ends the sweep with 124 (job 1
+    never starts), not only job 0; the same command then resumes job 0 and runs job 1."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", "method=kl,kl_dp", *TRANSFER, *zoo, "wandb=disabled", f"hydra.sweep.dir={sweep}"]
+    log = open(tmp_path / "sweep_killed.log", "w")
+    p = subprocess.Popen([sys.executable, "main_transfer.py", *args], cwd=ROOT, env=_env(tmp_path), stdout=log,
+                         stderr=subprocess.PIPE, text=True)
+    t0, sent = time.time(), False
+    while p.poll() is None and time.time() - t0 < 300:
+        if not sent and any(r["step"] >= 10 for r in _rows(sweep / "0" / "metrics.jsonl")):
+            p.send_signal(signal.SIGTERM)
+            sent = True
+        time.sleep(0.02)
+    _, err = p.communicate(timeout=60)
+    log.close()
+    assert sent and p.returncode == 124, f"exit {p.returncode}: {err[-2000:]}"
+    assert "the sweep stops here" in err
+    assert (sweep / "0" / "preempted.json").is_file() and not (sweep / "1").exists()
+    res = _run("main_transfer.py", args, tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads((sweep / k / "summary.json").read_text()) for k in ("0", "1")]
+    assert [r["method"] for r in rows] == ["KL", "KLDP"] and all(r["status"] == "ok" for r in rows)
+    assert not (sweep / "0" / "preempted.json").exists()
+
+
 MULTI = ["mode=sequential", "teachers=[mlp_small,lenet]", "student=resnet8", "loader.batch_size=16",
          "trainer.epochs=3", "trainer.eval_every_steps=10", "trainer.progress=off"]
 
@@ -331,7 +357,7 @@ def test_preemption_takes_over_submitits_signal_and_hands_it_back(sig_name, monk
 
 def test_signal_outside_a_training_step_stops_at_once(tmp_path, capsys):
     """Between trainers (stages, evaluation, on-the-fly zoo models) there is no step to finish: exit 124 now."""
-    from src.experiments.entry import entry
+    from src.entry import entry
 
     def run(cfg):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -605,7 +631,7 @@ def test_resume_with_changed_training_settings_is_refused(tmp_path):
 
 def test_second_run_in_the_same_run_dir_exits_with_one_line(tmp_path, capsys):
     from src.experiments import pretrain
-    from src.experiments.entry import entry
+    from src.entry import entry
 
     run = tmp_path / "run"
     run.mkdir()

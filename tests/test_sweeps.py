@@ -58,7 +58,7 @@ def test_optuna_preset_three_trials_on_val(digits_zoo, tmp_path):
 
 
 def test_objective_returns_a_summary_number_or_one_clear_error(capsys):
-    from src.experiments.entry import entry
+    from src.entry import entry
 
     summary = {"status": "ok", "student_acc_after": 91.5, "method": "KL"}
     cfg = compose("transfer/transfer", ["objective=student_acc_after"])

@@ -1,4 +1,4 @@
-"""Preemption signals, shared by the entry point (src/experiments/entry.py) and the Trainer.
+"""Preemption signals, shared by the entry point (src/entry.py) and the Trainer.
 
 SIGTERM and SIGUSR1 (SLURM's `--signal` warning) stop a run cleanly: a Trainer finishes its step and checkpoints,
 then `Preempted` ends the run (exit code 124 outside a sweep); rerunning the same command resumes.

@@ -4,7 +4,8 @@
   dir. In a multirun the job fails (logged, error.json) and the other jobs still run.
 - SIGTERM / SIGUSR1 (SLURM's warning signal): while a Trainer runs, it finishes the step, checkpoints and raises
   Preempted; between trainers (stages, on-the-fly zoo models, evaluation) Preempted is raised at once. Either way:
-  `preempted.json`, exit code 124, and rerunning the same command in the same run dir resumes. Inside a submitit
+  `preempted.json`, exit code 124, and rerunning the same command in the same run dir resumes. In a local sweep
+  (Hydra's basic launcher, all jobs in one process) the signal stops the whole sweep, not only the current job. Inside a submitit
   job, its preemption signal (USR2) is handled the same way and then handed to submitit, which requeues the job;
   the requeued job resumes in the same sweep sub-dir (src/engine/preemption.py). When submitit refuses to requeue
   (more timeouts than hydra.launcher.max_num_timeout), the job fails with one UserError line in `error.json`.
@@ -19,9 +20,9 @@ import sys
 import traceback
 from contextlib import contextmanager
 
-from ..engine import preemption
-from ..errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, Preempted, UserError, debug_enabled
-from ..io_utils import write_json
+from .engine import preemption
+from .errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, Preempted, UserError, debug_enabled
+from .io_utils import write_json
 
 log = logging.getLogger("kt")
 
@@ -106,7 +107,7 @@ class OutputDirCheck(_Callback):
 def _mark(out, e: Exception, known: bool) -> None:
     """The failure marker in the job's dir (never touches an earlier summary.json): preempted.json or error.json.
     A busy run dir gets none: it belongs to the run that holds it."""
-    from ..tracking import RunDirBusy
+    from .tracking import RunDirBusy
 
     if out is None or isinstance(e, RunDirBusy):
         return
@@ -169,6 +170,13 @@ def entry(run, cfg):
                 _mark(out, refused, True)
                 log.error("UserError: %s", refused)
                 e = refused
+        if multirun and isinstance(e, Preempted) and not os.environ.get("SUBMITIT_EXECUTOR"):
+            # a local sweep (Hydra's basic launcher runs every job in this process): the signal stops the sweep,
+            # not just this job. SystemExit passes Hydra's per-job `except Exception`; the jobs that finished keep
+            # their summaries and the same command with the same hydra.sweep.dir resumes this one.
+            print(f"preempted: {e}; the sweep stops here (rerun it with the same hydra.sweep.dir to resume)",
+                  file=sys.stderr)
+            sys.exit(PREEMPTED_EXIT_CODE)
         if multirun:
             raise e  # the sweeper records the failure; other jobs are not lost
         if isinstance(e, Preempted):
