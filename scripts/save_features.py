@@ -27,7 +27,8 @@ import hydra  # noqa: E402
 
 import src.schema  # noqa: E402,F401  (config schemas and resolvers)
 from src.experiments.aft import check_feature_specs, feature_outputs, splits  # noqa: E402
-from src.experiments.common import resolve_model, setup  # noqa: E402
+from src.experiments.context import setup  # noqa: E402
+from src.experiments.resolve import resolve_model  # noqa: E402
 from src.errors import UserError  # noqa: E402
 from src.io_utils import write_json  # noqa: E402
 from src.tracking import unlock_run_dir  # noqa: E402

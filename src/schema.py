@@ -174,3 +174,12 @@ def _register_resolvers() -> None:
 
 
 _register_resolvers()
+
+
+def as_dict(node) -> dict:
+    """A plain dict from a config node, a dict or None."""
+    if node is None:
+        return {}
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)

@@ -105,8 +105,9 @@ def test_cli_writes_markdown_csv_and_figure(sweep, tmp_path, capsys):
 
 def test_other_families(tmp_path):
     root = tmp_path / "runs"
-    for k, (z, accs) in enumerate([(0, {"m1": 0.9, "m2": 0.95}), (1, {"m1": 0.92, "m2": 0.97})]):
-        _run(root / f"zoo{k}", {"task": "pretrain", "family": "pretrain", "zoo_seed": z, "seed": 0,
+    for k, (z, accs, unit) in enumerate([(0, {"m1": 0.9, "m2": 0.95}, {}),  # an old summary: fractions
+                                         (1, {"m1": 92.0, "m2": 97.0}, {"acc_unit": "percent"})]):
+        _run(root / f"zoo{k}", {"task": "pretrain", "family": "pretrain", "zoo_seed": z, "seed": 0, **unit,
                                 "models": {n: {"test_acc": a} for n, a in accs.items()}})
         _run(root / f"zs{k}", {"status": "ok", "family": "zeroshot", "seed": k, "teacher": "t", "student": "s",
                                "teacher_acc": 99.0, "baselines": ["kd_at"], "zeroshot_acc": 50.0 + 10 * k,

@@ -228,7 +228,10 @@ def test_zoo_checkpoint_round_trip(tmp_path):
     assert meta["arch"] == "wrn_16_1" and meta["num_classes"] == 10
     assert meta["hash"] == file_hash(folder / "model.safetensors")
     assert json.loads((folder / "meta.json").read_text())["hash"] == meta["hash"]
-    assert read_meta(folder)["test_acc"] == 0.5
+    assert read_meta(folder)["test_acc"] == 50.0  # written without acc_unit (before percent): read as percent
+    save_checkpoint(m, folder, {"name": "w", "kwargs": {"drop_rate": 0.1}, "acc_unit": "percent",
+                                "dataset": {"channels": 3, "image_size": 32}, "test_acc": 0.5})
+    assert read_meta(folder)["test_acc"] == 0.5  # percent already: as written
     assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "model.safetensors"]  # no temp files left
     for target in (folder, folder / "model.safetensors"):
         loaded, lmeta = load_checkpoint(target, expect_classes=10, expect_channels=3)

@@ -70,7 +70,7 @@ def test_readme_entry_command_composes_and_passes_preflight(cmd, kt_paths):
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf, open_dict
 
-    from src.experiments.common import preflight
+    from src.experiments.preflight import preflight
 
     args = shlex.split(cmd)[1:]
     script, rest = args[0], args[1:]

@@ -515,7 +515,7 @@ def _ckpt(folder: Path, bump: float = 0.0):
 
 
 def _ctx(tmp: Path, *overrides):
-    from src.experiments.common import setup
+    from src.experiments.context import setup
 
     cfg = compose("transfer/transfer", [f"paths.checkpoints={tmp / 'ck'}", f"paths.cache={tmp / 'cache'}",
                                         f"paths.data={tmp / 'data'}", *overrides])
@@ -532,7 +532,7 @@ def test_meta_hash_lie_and_swapped_weights_are_refused_not_served(tmp_path):
     """Cache keys come from the weights' bytes: a meta.json claiming another model's hash, or weights replaced by
     hand under the old meta.json, is one clear line -- never the other model's cached outputs."""
     from src.errors import UserError
-    from src.experiments.common import resolve_model
+    from src.experiments.resolve import resolve_model
 
     a, b = tmp_path / "a", tmp_path / "b"
     _ckpt(a)
@@ -558,7 +558,7 @@ def test_meta_hash_lie_and_swapped_weights_are_refused_not_served(tmp_path):
 @pytest.mark.parametrize("poison", ["garbage", "zero_bytes", "directory", "classes", "features", "nan", "ids"])
 def test_poisoned_cache_entries_are_deleted_and_recomputed(tmp_path, poison, caplog):
     from src.engine import predict
-    from src.experiments.common import resolve_model
+    from src.experiments.resolve import resolve_model
     from src.io_utils import load_state_dict, save_safetensors
 
     _ckpt(tmp_path / "t")

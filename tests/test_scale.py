@@ -17,7 +17,7 @@ from conftest import ROOT, compose, find_pids
 
 from src.data import build_dataset, build_loader
 from src.engine import OutputCache, Trainer, predict
-from src.experiments.common import ModelRef, setup
+from src.experiments.context import ModelRef, setup
 from src.experiments.transfer import train_caches
 from src.io_utils import load_state_dict
 from src.methods import KL, CrossEntropy
@@ -249,7 +249,7 @@ def test_torchrun_other_training_families(family, tmp_path, kt_paths):
     keys = [(r.get("stage"), r["step"], tuple(sorted(r))) for r in rows]
     assert len(keys) == len(set(keys)), f"lines logged once per rank: {keys}"
     if family == "pretrain":
-        assert 0.0 <= summary["models"]["mlp"]["test_acc"] <= 1.0
+        assert 0.0 <= summary["models"]["mlp"]["test_acc"] <= 100.0
         assert max(r["step"] for r in rows) == 4
         assert len(list(run.glob("checkpoints/*/latest"))) == 1
     else:

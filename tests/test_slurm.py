@@ -338,7 +338,7 @@ def test_a_two_task_job_trains_through_ddp_like_torchrun(slurm, zoo, tmp_path):
 def test_submitit_task_variables_become_torchruns(monkeypatch):
     """No cluster needed: the SLURM variables of task 1 of a two-task submitit job give RANK/WORLD_SIZE/... and a
     rendezvous every task agrees on; a one-task job and a torchrun process (WORLD_SIZE set) are left alone."""
-    from src.experiments.common import dist_info
+    from src.experiments.context import dist_info
 
     job = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "42", "SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "1",
            "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "node7"}

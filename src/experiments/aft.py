@@ -25,7 +25,10 @@ from ..methods.aft import FeatureTable, check_hparams
 from ..methods.base import CrossEntropy
 from ..metrics import accuracy
 from ..models import save_checkpoint
-from .common import Context, ModelRef, as_dict, check_model_spec, preflight, resolve_model, setup
+from ..schema import as_dict
+from .context import Context, ModelRef, setup
+from .preflight import check_model_spec, preflight
+from .resolve import resolve_model
 
 log = logging.getLogger("kt")
 

@@ -25,7 +25,11 @@ from ..metrics import pairwise as pw
 from ..engine.cache import log_prob_file, log_prob_path
 from ..metrics.flips import per_class_flips
 from ..models import create_model
-from .common import Context, ModelRef, as_dict, resolve_model, setup, zoo_names
+from ..schema import as_dict
+from .context import Context, ModelRef, run_context
+from .preflight import zoo_names
+from .resolve import resolve_model
+from .zoo import train_zoo_entry
 
 log = logging.getLogger("kt")
 
@@ -176,15 +180,9 @@ def _stats(values: List[float]) -> Dict[str, Optional[float]]:
 
 
 # --------------------------------------------------------------------------------------------------- run
-
-
-def run(cfg: DictConfig, run_dir=None) -> dict:
-    t0 = time.time()
-    names, top1 = model_list(cfg) if cfg.mode != "pair" else ([], {})
-    if cfg.mode == "pair" and cfg.models_csv:
-        _, top1 = read_models_csv(cfg.models_csv)
-    names, pairs = select_pairs(cfg, names)
-    if cfg.plot_pair:  # before any evaluation: names that are not paths are the models' names in this run
+def check_options(cfg, names: List[str]) -> List[float]:
+    """The family's own keys, before any evaluation; returns the concentration levels p (%)."""
+    if cfg.plot_pair:  # names that are not paths are the models' names in this run
         pp = [str(v) for v in cfg.plot_pair]
         if len(pp) != 2 or any(v not in names for v in pp) and not any(Path(n).exists() for n in names):
             raise UserError(f"plot_pair={pp} names a model that is not in this run ({', '.join(names)}): pick two "
@@ -194,159 +192,177 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
         raise UserError(f"concentration={ps}: every p must lie in (0, 100]")
     if cfg.cka and int(cfg.cka_samples) < 2:
         raise UserError(f"cka_samples={cfg.cka_samples} must be >= 2 (CKA compares sample kernels)")
-    ctx = setup(cfg, run_dir, job_type="prediction_flips")
-    try:
-        split = ctx.ds.split(cfg.split or cfg.dataset.test_split)
-        n, K = len(split), ctx.info.num_classes
-        n_models = len(names) + (cfg.mode == "random_baseline")
-        if cfg.kl:
-            if not float(cfg.kl_max_gb) > 0:
-                raise UserError(f"kl_max_gb={cfg.kl_max_gb} must be > 0 (GB for one streamed block of "
-                                f"log-probabilities): use e.g. kl_max_gb=2")
-            kl_dir = Path(cfg.paths.cache) / "outputs" / "log_probs"
-            need = n_models * n * K * 2  # fp16 log-probabilities on disk
-            kl_dir.mkdir(parents=True, exist_ok=True)
-            free = shutil.disk_usage(kl_dir).free
-            if need > free:
-                raise UserError(f"kl=true streams {n_models} x {n} x {K} fp16 log-probabilities from disk "
-                                f"({need / 1e9:.1f} GB) but {kl_dir} has {free / 1e9:.1f} GB free: free space, "
-                                f"point paths.cache elsewhere or set kl=false")
-        computed0, hits0 = ctx.cache.computed, ctx.cache.hits
+    if cfg.kl and not float(cfg.kl_max_gb) > 0:
+        raise UserError(f"kl_max_gb={cfg.kl_max_gb} must be > 0 (GB for one streamed block of log-probabilities): "
+                        f"use e.g. kl_max_gb=2")
+    return ps
 
-        # ---- pay once per model: cached outputs -> predicted classes (+ logits for KL, features for CKA)
+
+def kl_scratch_dir(ctx: Context, n_models: int, n: int, k: int) -> Path:
+    """Where the fp16 log-probabilities of kl=true go; one UserError when the disk cannot hold them."""
+    kl_dir = Path(ctx.cfg.paths.cache) / "outputs" / "log_probs"
+    need = n_models * n * k * 2
+    kl_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(kl_dir).free
+    if need > free:
+        raise UserError(f"kl=true streams {n_models} x {n} x {k} fp16 log-probabilities from disk "
+                        f"({need / 1e9:.1f} GB) but {kl_dir} has {free / 1e9:.1f} GB free: free space, "
+                        f"point paths.cache elsewhere or set kl=false")
+    return kl_dir
+
+
+def collect(ctx: Context, refs: List[ModelRef], split) -> Dict[str, object]:
+    """Pay once per model: its cached outputs -> predicted classes, and, when asked, its fp16 log-probabilities on
+    disk (kl) and its features on a seeded sample subset (cka). Checks label space and sample ids agree."""
+    cfg, n, K = ctx.cfg, len(split), ctx.info.num_classes
+    kl_dir = kl_scratch_dir(ctx, len(refs), n, K) if cfg.kl else None
+    got = {"labels": None, "preds": [], "log_probs": [], "scratch": [], "feats": []}
+    cka_rows = None
+    if cfg.cka:
+        g = torch.Generator().manual_seed(int(cfg.pair_seed))
+        cka_rows = torch.sort(torch.randperm(n, generator=g)[:min(n, int(cfg.cka_samples))]).values
+    for ref in refs:
+        out = ctx.outputs(ref, split, features=bool(cfg.cka))
+        if out["logits"].shape[1] != K:
+            raise UserError(f"model '{ref.name}' predicts {out['logits'].shape[1]} classes but dataset "
+                            f"'{ctx.info.name}' has {K}: use models trained on this label space")
+        if got["labels"] is None:
+            got["labels"], ids = out["labels"], out["ids"]
+        elif not torch.equal(out["ids"], ids):
+            raise UserError(f"model '{ref.name}' was evaluated on other samples than '{refs[0].name}': clear "
+                            f"the output cache ({cfg.paths.cache}) and rerun")
+        got["preds"].append(pw.predictions(out["logits"]))
+        if cfg.kl:  # next to the cached outputs; models without a cache key get a scratch file, deleted after
+            cached = ctx.output_path(ref, split)
+            p = cached if cached is not None else kl_dir / f"uncached-{ctx.run_dir.name}-{len(got['log_probs'])}" \
+                                                          f".safetensors"
+            lp = log_prob_path(p, float(cfg.temperature))
+            got["log_probs"].append(log_prob_file(out["logits"], lp, float(cfg.temperature)))
+            if cached is None:
+                got["scratch"].append(lp)
+        if cfg.cka:
+            got["feats"].append(out["features"][cka_rows].float())
+        del out
+    return got
+
+
+def pair_matrices(ctx: Context, got: Dict[str, object], ps: List[float]) -> Dict[str, object]:
+    """Every pairwise statistic as an N x N matrix, with matrix operations on the stacked predictions (KL streamed
+    from the log-probability files, CKA from the features)."""
+    cfg, dev, K = ctx.cfg, ctx.device, ctx.info.num_classes
+    P = torch.stack(got["preds"]).to(dev)
+    N = P.shape[0]
+    keep_pc = N * N * K <= 20_000_000
+    st = pw.pairwise_stats(P, got["labels"].to(dev), K, ps=ps, keep_per_class=keep_pc)
+    if cfg.kl:
+        st["kl"] = pw.kl_matrix_stream(got["log_probs"], max_bytes=int(float(cfg.kl_max_gb) * 1e9), device=dev)
+        for f in got["scratch"]:  # models without a cache key: their log-probabilities are not kept
+            f.unlink(missing_ok=True)
+    if cfg.cka:
+        st["cka_linear"] = cka_matrix([f.to(dev) for f in got["feats"]], "linear")
+        st["cka_rbf"] = cka_matrix([f.to(dev) for f in got["feats"]], "rbf")
+    conc = [f"classes_for_{p:g}pct" for p in ps]
+    keys = list(PAIR_STATS) + conc + ["agreement"] + (["kl"] if cfg.kl else []) + \
+        (["cka_linear", "cka_rbf"] if cfg.cka else [])
+    return {"P": P, "acc": st["acc"].cpu().numpy(), "mats": {k: st[k].cpu().double().numpy() for k in keys},
+            "counts": ["pos_flips", "neg_flips", *conc], "pos_per_class": st.get("pos_per_class")}
+
+
+def pair_rows(pairs, names: List[str], m: Dict[str, object], top1: Dict[str, float]) -> List[dict]:
+    """One row per ordered (teacher, student) pair: accuracies and every pairwise statistic."""
+    rows = []
+    for t, s in pairs:
+        r = {"teacher": names[t], "student": names[s], "teacher_acc": float(m["acc"][t]),
+             "student_acc": float(m["acc"][s])}
+        for k, mat in m["mats"].items():
+            r[k] = int(mat[t, s]) if k in m["counts"] else float(mat[t, s])
+        if top1:
+            r["teacher_top1_published"] = top1.get(names[t])
+            r["student_top1_published"] = top1.get(names[s])
+        rows.append(r)
+    return rows
+
+
+def write_files(ctx: Context, rows: List[dict], names: List[str], m: Dict[str, object]) -> Path:
+    """pairs.csv, matrices/ (npz + one CSV per statistic, per-class positive flips when small enough)."""
+    _write_csv(ctx.run_dir / "pairs.csv", rows)
+    npz = _write_matrices(ctx.run_dir / "matrices", names, m["mats"], m["acc"])
+    if m["pos_per_class"] is not None and ctx.rank == 0:
+        np.savez_compressed(ctx.run_dir / "matrices" / "pos_per_class.npz", names=np.array(names),
+                            pos_per_class=m["pos_per_class"].cpu().numpy())
+    return npz
+
+
+def plot(ctx: Context, rows: List[dict], names: List[str], pairs, m: Dict[str, object], labels) -> Dict[str, Path]:
+    """The positive-flips heatmap, flips vs accuracy difference (+ lower envelope) and the per-class flips of one
+    pair (plot_pair, else the pair with the most positive flips); logged to the tracker with the pairs table."""
+    from ..plots import flip_heatmap, flips_vs_acc_diff, per_class_flips_plot
+
+    cfg, mats, plots = ctx.cfg, m["mats"], ctx.run_dir / "plots"
+    figures = {"heatmap_positive_flips": flip_heatmap(mats["pos_flips_pct"], names,
+                                                      plots / "heatmap_positive_flips.png")}
+    xd, yd = [r["acc_diff"] for r in rows], [r["pos_flips_pct"] for r in rows]
+    env = pw.lower_envelope(xd, yd, bins=min(20, max(1, len(rows) // 3)))
+    figures["flips_vs_acc_diff"] = flips_vs_acc_diff(xd, yd, plots / "flips_vs_acc_diff.png",
+                                                     envelope=(env[0].numpy(), env[1].numpy()))
+    if cfg.plot_pair:
+        pt, pst = (str(v) for v in cfg.plot_pair)
+        if pt not in names or pst not in names:
+            raise UserError(f"plot_pair={[pt, pst]} names a model that is not in this run ({', '.join(names)}): "
+                            f"pick two of them")
+        ti, si = names.index(pt), names.index(pst)
+    else:
+        ti, si = max(pairs, key=lambda p: mats["pos_flips"][p])
+    P, K = m["P"], ctx.info.num_classes
+    pc = per_class_flips(P[ti].long().cpu(), P[si].long().cpu(), labels, K)
+    figures["per_class_flips"] = per_class_flips_plot(
+        pc["pos_per_class"], pc["neg_per_class"], ctx.info.classes, plots / "per_class_flips.png",
+        title=f"teacher {names[ti]} -> student {names[si]}: positive flips entropy {pc['pos_class_entropy']:.2f} "
+              f"nats")
+    for name, path in figures.items():
+        ctx.tracker.log_figure(f"plots/{name}", path)
+    ctx.tracker.log_table("pairs", rows)
+    return figures
+
+
+def run(cfg: DictConfig, run_dir=None) -> dict:
+    t0 = time.time()
+    names, top1 = model_list(cfg) if cfg.mode != "pair" else ([], {})
+    if cfg.mode == "pair" and cfg.models_csv:
+        _, top1 = read_models_csv(cfg.models_csv)
+    names, pairs = select_pairs(cfg, names)
+    ps = check_options(cfg, names)
+    with run_context(cfg, run_dir, "prediction_flips", train_missing=train_zoo_entry) as ctx:
+        split = ctx.ds.split(cfg.split or cfg.dataset.test_split)
+        computed0, hits0 = ctx.cache.computed, ctx.cache.hits
         refs: List[ModelRef] = [resolve_model(m, ctx) for m in names]
         if cfg.mode == "random_baseline":
             refs.append(random_student(ctx))
-        labels = None
-        preds, log_probs, scratch, feats = [], [], [], []
-        cka_rows = None
-        for ref in refs:
-            out = ctx.outputs(ref, split, features=bool(cfg.cka))
-            if out["logits"].shape[1] != K:
-                raise UserError(f"model '{ref.name}' predicts {out['logits'].shape[1]} classes but dataset "
-                                f"'{ctx.info.name}' has {K}: use models trained on this label space")
-            if labels is None:
-                labels, ids = out["labels"], out["ids"]
-            elif not torch.equal(out["ids"], ids):
-                raise UserError(f"model '{ref.name}' was evaluated on other samples than '{refs[0].name}': clear "
-                                f"the output cache ({ctx.cfg.paths.cache}) and rerun")
-            preds.append(pw.predictions(out["logits"]))
-            if cfg.kl:  # fp16 log-probabilities on disk (next to the cached outputs), streamed below
-                p = ctx.output_path(ref, split)
-                p = p if p is not None else kl_dir / f"uncached-{ctx.run_dir.name}-{len(log_probs)}.safetensors"
-                log_probs.append(log_prob_file(out["logits"], log_prob_path(p, float(cfg.temperature)),
-                                               float(cfg.temperature)))
-                if ctx.output_path(ref, split) is None:
-                    scratch.append(log_prob_path(p, float(cfg.temperature)))
-            if cfg.cka:
-                if cka_rows is None:
-                    g = torch.Generator().manual_seed(int(cfg.pair_seed))
-                    k = min(n, int(cfg.cka_samples))
-                    cka_rows = torch.sort(torch.randperm(n, generator=g)[:k]).values
-                feats.append(out["features"][cka_rows].float())
-            del out
+        got = collect(ctx, refs, split)
         model_names = [r.name for r in refs]
         if len(set(model_names)) != len(model_names):
             raise UserError(f"two models resolve to the same name in {model_names}: give each model once")
         evaluations = ctx.cache.computed - computed0
-
-        # ---- all pairwise statistics with matrix operations
-        dev = ctx.device
-        P = torch.stack(preds).to(dev)
-        y = labels.to(dev)
-        N = len(refs)
-        keep_pc = N * N * K <= 20_000_000
-        st = pw.pairwise_stats(P, y, K, ps=ps, keep_per_class=keep_pc)
-        if cfg.kl:
-            st["kl"] = pw.kl_matrix_stream(log_probs, max_bytes=int(float(cfg.kl_max_gb) * 1e9), device=dev)
-            del log_probs
-            for f in scratch:  # models without a cache key: their log-probabilities are not kept
-                f.unlink(missing_ok=True)
-        if cfg.cka:
-            st["cka_linear"] = cka_matrix([f.to(dev) for f in feats], "linear")
-            st["cka_rbf"] = cka_matrix([f.to(dev) for f in feats], "rbf")
-        acc = st["acc"].cpu().numpy()
-        conc = [f"classes_for_{p:g}pct" for p in ps]
-        extra = (["agreement"] + (["kl"] if cfg.kl else []) + (["cka_linear", "cka_rbf"] if cfg.cka else []))
-        mat_keys = list(PAIR_STATS) + conc + extra
-        mats = {k: st[k].cpu().double().numpy() for k in mat_keys}
-
-        # ---- one row per ordered pair
-        rows = []
-        for t, s in pairs:
-            r = {"teacher": model_names[t], "student": model_names[s], "teacher_acc": float(acc[t]),
-                 "student_acc": float(acc[s])}
-            for k in mat_keys:
-                v = mats[k][t, s]
-                r[k] = int(v) if k in ("pos_flips", "neg_flips") or k in conc else float(v)
-            if top1:
-                r["teacher_top1_published"] = top1.get(model_names[t])
-                r["student_top1_published"] = top1.get(model_names[s])
-            rows.append(r)
-
-        out_dir = ctx.run_dir
-        _write_csv(out_dir / "pairs.csv", rows)
-        npz = _write_matrices(out_dir / "matrices", model_names, mats, acc)
-        if keep_pc and ctx.rank == 0:
-            np.savez_compressed(out_dir / "matrices" / "pos_per_class.npz", names=np.array(model_names),
-                                pos_per_class=st["pos_per_class"].cpu().numpy())
-
-        # ---- figures
-        figures = {}
-        if ctx.rank == 0:
-            from ..plots import flip_heatmap, flips_vs_acc_diff, per_class_flips_plot
-
-            plots = out_dir / "plots"
-            figures["heatmap_positive_flips"] = flip_heatmap(mats["pos_flips_pct"], model_names,
-                                                             plots / "heatmap_positive_flips.png")
-            xd = [r["acc_diff"] for r in rows]
-            yd = [r["pos_flips_pct"] for r in rows]
-            env = pw.lower_envelope(xd, yd, bins=min(20, max(1, len(rows) // 3)))
-            figures["flips_vs_acc_diff"] = flips_vs_acc_diff(xd, yd, plots / "flips_vs_acc_diff.png",
-                                                             envelope=(env[0].numpy(), env[1].numpy()))
-            if cfg.plot_pair:
-                pt, ps_ = (str(v) for v in cfg.plot_pair)
-                if pt not in model_names or ps_ not in model_names:
-                    raise UserError(f"plot_pair={[pt, ps_]} names a model that is not in this run "
-                                    f"({', '.join(model_names)}): pick two of them")
-                ti, si = model_names.index(pt), model_names.index(ps_)
-            else:
-                ti, si = max(pairs, key=lambda p: mats["pos_flips"][p])
-            pc = per_class_flips(P[ti].long().cpu(), P[si].long().cpu(), labels, K)
-            figures["per_class_flips"] = per_class_flips_plot(
-                pc["pos_per_class"], pc["neg_per_class"], ctx.info.classes, plots / "per_class_flips.png",
-                title=f"teacher {model_names[ti]} -> student {model_names[si]}: positive flips entropy "
-                      f"{pc['pos_class_entropy']:.2f} nats")
-            for name, path in figures.items():
-                ctx.tracker.log_figure(f"plots/{name}", path)
-            ctx.tracker.log_table("pairs", rows)
-
-        pos_pct = [r["pos_flips_pct"] for r in rows]
+        m = pair_matrices(ctx, got, ps)
+        rows = pair_rows(pairs, model_names, m, top1)
+        npz = write_files(ctx, rows, model_names, m)
+        figures = plot(ctx, rows, model_names, pairs, m, got["labels"]) if ctx.rank == 0 else {}
         summary = {
-            "task": "prediction_flips", "dataset": ctx.info.name, "split": split.name, "num_samples": n,
-            "num_classes": K, "mode": str(cfg.mode), "n_models": N, "n_pairs": len(rows),
-            "evaluations": evaluations, "cache_hits": ctx.cache.hits - hits0,
-            "models": {m: {"acc": float(acc[i]), "key": refs[i].key, **({"top1_published": top1[m]}
-                                                                      if m in top1 else {})}
-                       for i, m in enumerate(model_names)},
-            "pos_flips_pct": _stats(pos_pct),
-            "neg_flips_pct": _stats([r["neg_flips_pct"] for r in rows]),
-            "agreement": _stats([r["agreement"] for r in rows]),
-            "pos_class_entropy": _stats([r["pos_class_entropy"] for r in rows]),
-            "kl": _stats([r["kl"] for r in rows]) if cfg.kl else None,
-            "cka_linear": _stats([r["cka_linear"] for r in rows]) if cfg.cka else None,
-            "cka_rbf": _stats([r["cka_rbf"] for r in rows]) if cfg.cka else None,
-            "outputs": {"pairs_csv": str(out_dir / "pairs.csv"), "matrices": str(npz),
+            "task": "prediction_flips", "dataset": ctx.info.name, "split": split.name, "num_samples": len(split),
+            "num_classes": ctx.info.num_classes, "mode": str(cfg.mode), "n_models": len(refs),
+            "n_pairs": len(rows), "evaluations": evaluations, "cache_hits": ctx.cache.hits - hits0,
+            "models": {n: {"acc": float(m["acc"][i]), "key": refs[i].key,
+                           **({"top1_published": top1[n]} if n in top1 else {})} for i, n in enumerate(model_names)},
+            **{k: _stats([r[k] for r in rows]) for k in ("pos_flips_pct", "neg_flips_pct", "agreement",
+                                                         "pos_class_entropy")},
+            **{k: _stats([r[k] for r in rows]) if k in m["mats"] else None for k in ("kl", "cka_linear", "cka_rbf")},
+            "outputs": {"pairs_csv": str(ctx.run_dir / "pairs.csv"), "matrices": str(npz),
                         "plots": {k: str(v) for k, v in figures.items()}},
             "seconds": time.time() - t0,
         }
-        ctx.tracker.log({"pos_flips_pct/min": summary["pos_flips_pct"]["min"],
-                         "pos_flips_pct/median": summary["pos_flips_pct"]["median"],
-                         "pos_flips_pct/max": summary["pos_flips_pct"]["max"],
+        ctx.tracker.log({**{f"pos_flips_pct/{k}": summary["pos_flips_pct"][k] for k in ("min", "median", "max")},
                          "agreement/mean": summary["agreement"]["mean"], "evaluations": evaluations}, step=0)
         return ctx.report(summary, lambda s, run_dir: _print(rows, s, run_dir))
-    finally:
-        ctx.tracker.finish()
 
 
 def _print(rows: List[dict], summary: dict, run_dir: Path) -> None:

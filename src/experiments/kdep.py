@@ -28,9 +28,11 @@ from ..methods.base import CrossEntropy
 from ..methods.kdep import check_dims, svd_basis
 from ..metrics import accuracy
 from ..models.hooks import PreActivation, pre_activation_dim
-from ..schema import DatasetConfig
-from .common import (Context, ModelRef, as_dict, check_model_spec, preflight, read_stage, resolve_model, setup,
-                     write_stage)
+from ..schema import DatasetConfig, as_dict
+from .context import Context, ModelRef, setup
+from .preflight import check_model_spec, preflight
+from .resolve import resolve_model
+from .stage import read_stage, write_stage
 from .multi_teacher import StageTracker
 from .transfer import build_method
 

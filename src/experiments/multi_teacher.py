@@ -29,7 +29,10 @@ from ..methods import mean_softmax_logits, multi_route, recompute_bn_stats, rout
     uniform_soup
 from ..metrics import accuracy, agreement, flips, transfer_metrics
 from ..models import read_meta, save_checkpoint
-from .common import Context, ModelRef, as_dict, read_stage, resolve_model, setup, write_stage
+from ..schema import as_dict
+from .context import Context, ModelRef, setup
+from .resolve import resolve_model
+from .stage import read_stage, write_stage
 from .transfer import ensemble_ref, train_caches, transfer
 
 log = logging.getLogger("kt")

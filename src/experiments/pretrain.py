@@ -1,295 +1,77 @@
-"""Pretraining / fine-tuning of zoo models (`main_pretrain.py`)."""
+"""Pretraining / fine-tuning of zoo models (`main_pretrain.py`): `name=<entry>|all` trains zoo entries with their
+recipes (src/experiments/zoo.py), `name=null` trains the `model` config with the run's own groups."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Dict, Optional
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..data import training_split
-from ..engine import Trainer
-from ..errors import UserError, closest
-from ..methods import CrossEntropy
-from ..metrics import accuracy
-from ..metrics.generative import frechet_distance
-from ..models import create_model, freeze, read_meta, save_checkpoint, zoo_dir
-from ..models.gan import CondGenerator, GANSource, SNDiscriminator, load_generator, read_generator_meta, save_generator
-from ..schema import LoaderConfig, OptimizerConfig, SchedulerConfig, TrainerConfig, typed
-from .common import Context, as_dict, resolve_model, setup, zoo_folder, zoo_names, zoo_seed
+from ..models import read_meta, save_checkpoint, zoo_dir
+from ..models.gan import read_generator_meta
+from ..schema import as_dict
+from .context import Context, run_context
+from .preflight import zoo_names, zoo_seed
+from .resolve import zoo_folder
+from .zoo import generator_names, train_classifier, train_generator, train_zoo_entry
 
 log = logging.getLogger("kt")
 
-_RECIPE_KEYS = {"arch", "kwargs", "seed", "epochs", "batch_size", "augment", "flip", "crop_padding", "optimizer",
-                "scheduler", "label_smoothing", "freeze_backbone", "pretrained", "checkpoint"}
 
-
-# a generator entry of the zoo (`zoo.generators`): a class-conditional SN-GAN trained on the pretraining split
-_GAN_KEYS = {"arch", "kwargs", "seed", "epochs", "batch_size", "optimizer", "scheduler", "d_lr", "judge",
-             "n_eval", "eval_every", "diversity"}
-_GAN_DEFAULTS = {"arch": "sngan", "kwargs": {}, "seed": 0, "epochs": 100, "batch_size": 64, "d_lr": None,
-                 "diversity": 0.0, "judge": None, "n_eval": 1000, "eval_every": 25,
-                 "optimizer": {"name": "adam", "lr": 2e-4, "betas": [0.5, 0.999], "weight_decay": 0.0},
-                 "scheduler": {"name": "none"}}
-
-
-def generator_names(cfg) -> list:
-    z = cfg.get("zoo")
-    return list(z.generators.keys()) if z is not None and z.get("generators") else []
-
-
-def recipe(name: str, cfg) -> DictConfig:
-    """The zoo's shared training recipe merged with entry `name`'s overrides (a generator entry: the GAN
-    defaults merged with its keys)."""
-    plain = lambda n: OmegaConf.create(OmegaConf.to_container(n, resolve=True) if n is not None else {})
-    if name in generator_names(cfg):
-        r = OmegaConf.merge(OmegaConf.create(_GAN_DEFAULTS), plain(cfg.zoo.generators[name]))
-        bad = set(r.keys()) - _GAN_KEYS
-        if bad or r.arch != "sngan":
-            raise UserError(f"zoo generator '{name}' has unknown keys {sorted(bad)} or arch '{r.arch}'; allowed: "
-                            f"{sorted(_GAN_KEYS)}, arch: sngan")
-        return r
-    if name not in zoo_names(cfg):
-        known = zoo_names(cfg) + generator_names(cfg)
-        raise UserError(f"unknown zoo model '{name}'{closest(name, known)}; zoo '{cfg.zoo.name}' has "
-                        f"{', '.join(known)}")
-    r = OmegaConf.merge(plain(cfg.zoo.get("train")), plain(cfg.zoo.models[name]))
-    bad = set(r.keys()) - _RECIPE_KEYS
-    if bad:
-        raise UserError(f"zoo entry '{name}' has unknown keys {sorted(bad)}; allowed: {sorted(_RECIPE_KEYS)}")
-    if zoo_seed(cfg):  # another draw of the same zoo: every entry's seed shifted by 1000 per draw
-        r.seed = int(r.get("seed", cfg.trainer.seed)) + 1000 * zoo_seed(cfg)
-    return r
-
-
-def train_classifier(ctx: Context, r: DictConfig, run_dir: Path, name: str) -> Dict[str, float]:
-    """Train one model with cross-entropy from a recipe; returns val/test accuracies and the trained model."""
-    cfg, info = ctx.cfg, ctx.info
-    loader_cfg = typed(LoaderConfig, cfg.loader, {k: r[k] for k in ("batch_size", "augment", "flip",
-                                                                      "crop_padding") if k in r})
-    trainer_cfg = typed(TrainerConfig, cfg.trainer, {"epochs": r.get("epochs", cfg.trainer.epochs),
-                                                      "seed": r.get("seed", cfg.trainer.seed),
-                                                      # a zoo recipe counts epochs; a plain model run keeps
-                                                      # the run's trainer.max_steps
-                                                      "max_steps": None if "epochs" in r else
-                                                      cfg.trainer.max_steps})
-    from ..engine import seed_everything
-
-    seed_everything(trainer_cfg.seed)
-    model = create_model(r.arch, info.num_classes, info.channels, info.mean, info.std,
-                         pretrained=bool(r.get("pretrained", False)), checkpoint=r.get("checkpoint"),
-                         kwargs=as_dict(r.get("kwargs")), img_size=info.image_size)
-    if r.get("freeze_backbone", False):  # linear probe: only the classifier trains
-        freeze(model.net)
-        for p in model.net.get_classifier().parameters():
-            p.requires_grad_(True)
-    train_split = training_split(ctx.ds, cfg.dataset.pretrain_split, cfg.dataset.subset)
-    loader = ctx.train_loader(train_split, loader_cfg, seed=trainer_cfg.seed)
-    val_name = cfg.dataset.val_split if cfg.dataset.val_split in ctx.ds.splits else None
-    val_loader = ctx.eval_loader(ctx.ds.split(val_name)) if val_name else None
-
-    def evaluate(m):
-        if val_loader is None:
-            return {}
-        from ..engine import predict
-
-        out = predict(m, val_loader)
-        return {"val/acc": accuracy(out["logits"], out["labels"])}
-
-    method = CrossEntropy(model, label_smoothing=float(r.get("label_smoothing", 0.0)))
-    trainer = Trainer(method, loader, trainer_cfg, typed(OptimizerConfig, r.get("optimizer")) if "optimizer" in r
-                      else cfg.optimizer, typed(SchedulerConfig, r.get("scheduler")) if "scheduler" in r
-                      else cfg.scheduler, run_dir, tracker=ctx.tracker if run_dir == ctx.run_dir else None,
-                      evaluate=evaluate, device=ctx.device, name=name, rank=ctx.rank, world_size=ctx.world_size)
-    last = trainer.fit()
-    from ..engine import predict
-
-    test = predict(model, ctx.eval_loader(ctx.ds.split(cfg.dataset.test_split)))
-    res = {"val_acc": last.get("val/acc"), "test_acc": accuracy(test["logits"], test["labels"]),
-           "steps": trainer.total_steps}
-    return res, model
-
-
-def train_zoo_entry(name: str, ctx: Context, run_dir: Optional[Path] = None) -> dict:
-    """Train zoo entry `name` with its recipe and save it to the zoo folder (checkpoint + meta.json)."""
+def train_model_config(ctx: Context) -> dict:
+    """name=null: the `model` config trained with the run's own optimizer / scheduler / trainer; saved to the zoo
+    folder as `save_as`, else to <run_dir>/model/. Returns {display name: row}."""
     cfg = ctx.cfg
-    r = recipe(name, cfg)
-    run_dir = Path(run_dir or ctx.run_dir / "zoo" / name)
-    res, model = train_classifier(ctx, r, run_dir, name)
-    meta = {"name": name, "kwargs": as_dict(r.get("kwargs")),
-            "dataset": OmegaConf.to_container(cfg.dataset, resolve=True), "val_acc": res["val_acc"],
-            "test_acc": res["test_acc"], "recipe": OmegaConf.to_container(r, resolve=True), "zoo": cfg.zoo.name,
-            "zoo_seed": zoo_seed(cfg)}
-    folder = zoo_folder(cfg, ctx.info.name, name)
+    r = OmegaConf.create({"arch": cfg.model.arch, "kwargs": cfg.model.get("kwargs") or {},
+                          "pretrained": cfg.model.get("pretrained", False), "checkpoint": cfg.model.get("checkpoint"),
+                          "freeze_backbone": cfg.get("freeze_backbone", False)})
+    res, model = train_classifier(ctx, r, ctx.run_dir, cfg.model.arch)
+    name = cfg.save_as or cfg.model.arch
+    folder = zoo_dir(cfg.paths.checkpoints, ctx.info.name, cfg.save_as) if cfg.save_as else ctx.run_dir / "model"
+    meta = {**ctx.student_meta(name, res["test_acc"], kwargs=as_dict(r.kwargs)), **res}
     if ctx.rank == 0:
-        meta = save_checkpoint(model, folder, meta)
-    log.info("zoo model %-12s test acc %.2f%%  -> %s", name, 100 * res["test_acc"], folder)
-    return meta
+        save_checkpoint(model, folder, meta)
+    return {name: {"test_acc": res["test_acc"], "val_acc": res["val_acc"], "path": str(folder)}}
 
 
-# ------------------------------------------------------------------------------------------------ generators
-@torch.no_grad()
-def sample_quality(source, judge, n: int, seed: int, real: torch.Tensor, reference: torch.Tensor
-                   ) -> Dict[str, float]:
-    """Offline sample quality, scored by a zoo classifier (the judge): its accuracy on n class-conditional samples
-    labelled by their conditioning class (`judge_acc`, %), and the Frechet distance between its penultimate
-    features of the samples and of `real` images (`fid`; `fid_real`: the same distance between the `reference`
-    images, e.g. the training split, and `real`: the floor at these sample sizes)."""
-    x, y = source.sample(n, torch.Generator().manual_seed(seed), with_classes=True)
-    was = judge.training
-    judge.eval()
-    f_fake, z = judge.features_and_logits(x)
-    f_real, _ = judge.features_and_logits(real)
-    f_train, _ = judge.features_and_logits(reference)
-    judge.train(was)
-    return {"judge_acc": 100 * (z.argmax(1) == y).float().mean().item(),
-            "fid": frechet_distance(f_fake, f_real), "fid_real": frechet_distance(f_train, f_real)}
+def train_zoo(ctx: Context, names: list) -> dict:
+    """The zoo entries `names` (classifiers and generators), each trained unless it exists and skip_existing;
+    returns {name: row} (a generator's row holds its sample quality)."""
+    cfg, rows = ctx.cfg, {}
+    for n in names:
+        folder = zoo_folder(cfg, ctx.info.name, n)
+        if n in generator_names(cfg):
+            meta = read_generator_meta(folder)
+            if meta is None or not cfg.skip_existing:
+                meta = train_generator(n, ctx, ctx.run_dir)
+            rows[n] = {"kind": "generator", "judge_acc": meta.get("judge_acc"), "fid": meta.get("fid"),
+                       "fid_real": meta.get("fid_real"), "path": str(folder)}
+            continue
+        meta = read_meta(folder)
+        if meta is not None and cfg.skip_existing:
+            log.info("zoo model %s exists (%s): skipped (skip_existing=true)", n, folder)
+        else:
+            meta = train_zoo_entry(n, ctx, ctx.run_dir / n if len(names) > 1 else ctx.run_dir)
+        rows[n] = {"test_acc": meta["test_acc"], "val_acc": meta.get("val_acc"), "path": str(folder)}
+    return rows
 
 
-def sample_grid(source, path: Path, per_class: int = 8, seed: int = 0) -> Path:
-    """A PNG grid of samples, one row per class (images upscaled x4, nearest)."""
-    from torchvision.utils import save_image
-
-    g = source.generator
-    k = g.num_classes
-    z = torch.randn(per_class * k, g.z_dim, generator=torch.Generator().manual_seed(seed))
-    y = torch.arange(k).repeat_interleave(per_class)
-    dev = next(g.parameters()).device
-    with torch.no_grad():
-        x = g(z.to(dev), y.to(dev)).float().cpu()
-    x = torch.nn.functional.interpolate(x, scale_factor=4, mode="nearest") if g.img_size < 32 else x
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(x, str(path), nrow=per_class, padding=2, pad_value=1.0)
-    return path
-
-
-def train_generator(name: str, ctx: Context, run_dir: Optional[Path] = None) -> dict:
-    """Train zoo generator `name` (a class-conditional SN-GAN) on the pretraining split; save it to the zoo folder
-    (model.safetensors + meta.json with its sample quality), its losses to metrics.jsonl, a sample grid to
-    <run dir>/plots/<name>_samples.png (and wandb)."""
-    from ..engine import seed_everything
-    from ..methods import GANTraining
-
-    cfg, info = ctx.cfg, ctx.info
-    r = recipe(name, cfg)
-    run_dir = Path(run_dir or ctx.run_dir / "zoo" / name)
-    seed_everything(int(r.seed))
-    kw = as_dict(r.kwargs)
-    gen = CondGenerator(img_size=info.image_size, channels=info.channels, num_classes=info.num_classes, **kw)
-    disc = SNDiscriminator(info.image_size, info.channels, info.num_classes, width=int(kw.get("width", 64)))
-    method = GANTraining(gen, disc, seed=int(r.seed), d_lr=r.d_lr, diversity=float(r.diversity))
-    loader_cfg = typed(LoaderConfig, cfg.loader, {"batch_size": int(r.batch_size), "augment": "none",
-                                                  "drop_last": True})
-    trainer_cfg = typed(TrainerConfig, cfg.trainer, {"epochs": r.epochs, "seed": r.seed, "max_steps": None,
-                                                      "eval_every": int(r.eval_every), "eval_every_steps": None})
-    loader = ctx.train_loader(training_split(ctx.ds, cfg.dataset.pretrain_split, cfg.dataset.subset), loader_cfg,
-                              seed=int(r.seed))
-    judge = None
-    if r.judge is not None:
-        judge = resolve_model(str(r.judge), ctx, "judge").model.to(ctx.device)
-    from .zeroshot import eval_images
-
-    real, _ = eval_images(ctx, ctx.ds.split(cfg.dataset.test_split))
-    reference, _ = eval_images(ctx, ctx.ds.split(cfg.dataset.pretrain_split))
-    source = GANSource(gen)
-
-    def evaluate(_):
-        return {} if judge is None else {f"quality/{k}": v for k, v in
-                                         sample_quality(source, judge, int(r.n_eval), 0, real, reference).items()}
-
-    trainer = Trainer(method, loader, trainer_cfg, typed(OptimizerConfig, r.optimizer),
-                      typed(SchedulerConfig, r.scheduler), run_dir,
-                      tracker=ctx.tracker if run_dir == ctx.run_dir else None, evaluate=evaluate,
-                      device=ctx.device, name=name, rank=ctx.rank, world_size=ctx.world_size)
-    last = trainer.fit()
-    quality = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("quality/")}
-    grid = sample_grid(source, run_dir / "plots" / f"{name}_samples.png")
-    if ctx.tracker is not None:
-        ctx.tracker.log_figure(f"samples/{name}", grid)
-    meta = {"name": name, "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
-            "recipe": OmegaConf.to_container(r, resolve=True), "zoo": cfg.zoo.name, "judge": r.judge,
-            "steps": trainer.total_steps, **quality,
-            "final_losses": {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("train/")}}
-    folder = zoo_dir(cfg.paths.checkpoints, info.name, name)
-    if ctx.rank == 0:
-        meta = save_generator(gen, folder, meta)
-    log.info("zoo generator %s: judge (%s) acc on samples %s%%, FID %s -> %s (samples: %s)", name, r.judge,
-             f"{quality['judge_acc']:.1f}" if quality else "-", f"{quality['fid']:.2f}" if quality else "-",
-             folder, grid)
-    return {**meta, "grid": str(grid)}
-
-
-def resolve_generator(spec, ctx: Context, what: str = "method.synth_source"):
-    """(source, meta) for a zoo generator name (trained first when missing and zoo.train_missing=true) or a
-    folder / run dir holding a generator (main_zeroshot.py, main_pretrain.py name=<generator>)."""
-    cfg, info = ctx.cfg, ctx.info
-    name = str(spec)
-    if name in generator_names(cfg):
-        folder = zoo_dir(cfg.paths.checkpoints, info.name, name)
-        if read_generator_meta(folder) is None:
-            if not cfg.zoo.get("train_missing", False):
-                raise UserError(f"zoo generator '{name}' has no checkpoint in {folder}: train it with "
-                                f"`python main_pretrain.py name={name}` or set zoo.train_missing=true")
-            log.info("zoo generator '%s' is missing: training it now (zoo.train_missing=true)", name)
-            train_generator(name, ctx)
-        return load_generator(folder, info.image_size, info.channels, what)
-    if not Path(name).exists():
-        raise UserError(f"{what}={name} is neither a zoo generator{closest(name, generator_names(cfg))} "
-                        f"(zoo.generators: {', '.join(generator_names(cfg)) or 'none'}) nor an existing folder: "
-                        f"use a zoo generator name or a main_zeroshot.py run dir")
-    return load_generator(name, info.image_size, info.channels, what)
+def print_rows(summary: dict, run_dir) -> None:
+    print(f"{'model':<16}{'test acc':>10}  checkpoint")
+    for n, row in summary["models"].items():
+        if row.get("kind") == "generator":
+            q = (f"judge acc {row['judge_acc']:.1f}%, FID {row['fid']:.2f} (real {row['fid_real']:.2f})"
+                 if row.get("fid") is not None else "no judge")
+            print(f"{n:<16}{'GAN':>10}  {row['path']}  samples: {q}")
+            continue
+        print(f"{n:<16}{row['test_acc']:>9.2f}%  {row['path']}")
+    print(f"run dir: {run_dir}")
 
 
 def run(cfg: DictConfig, run_dir=None) -> dict:
-    ctx = setup(cfg, run_dir, job_type="pretrain")
-    try:
+    with run_context(cfg, run_dir, "pretrain") as ctx:
         if cfg.name is None:
-            # a model config trained with the run's optimizer/scheduler/trainer
-            r = OmegaConf.create({"arch": cfg.model.arch, "kwargs": cfg.model.get("kwargs") or {},
-                                  "pretrained": cfg.model.get("pretrained", False),
-                                  "checkpoint": cfg.model.get("checkpoint"),
-                                  "freeze_backbone": cfg.get("freeze_backbone", False)})
-            res, model = train_classifier(ctx, r, ctx.run_dir, cfg.model.arch)
-            from ..models import save_checkpoint as save
-
-            meta = {"name": cfg.save_as or cfg.model.arch, "kwargs": as_dict(r.kwargs),
-                    "dataset": OmegaConf.to_container(cfg.dataset, resolve=True), **res}
-            folder = (zoo_dir(cfg.paths.checkpoints, ctx.info.name, cfg.save_as) if cfg.save_as
-                      else ctx.run_dir / "model")
-            if ctx.rank == 0:
-                save(model, folder, meta)
-            rows = {meta["name"]: {"test_acc": res["test_acc"], "val_acc": res["val_acc"], "path": str(folder)}}
+            rows = train_model_config(ctx)
         else:
-            names = zoo_names(cfg) if cfg.name == "all" else [cfg.name]
-            rows = {}
-            for n in names:
-                folder = zoo_folder(cfg, ctx.info.name, n)
-                if n in generator_names(cfg):  # a GAN entry: its row holds its sample quality
-                    meta = read_generator_meta(folder)
-                    if meta is None or not cfg.skip_existing:
-                        meta = train_generator(n, ctx, ctx.run_dir)
-                    rows[n] = {"kind": "generator", "judge_acc": meta.get("judge_acc"), "fid": meta.get("fid"),
-                               "fid_real": meta.get("fid_real"), "path": str(folder)}
-                    continue
-                meta = read_meta(folder)
-                if meta is not None and cfg.skip_existing:
-                    log.info("zoo model %s exists (%s): skipped (skip_existing=true)", n, folder)
-                else:
-                    meta = train_zoo_entry(n, ctx, ctx.run_dir / n if len(names) > 1 else ctx.run_dir)
-                rows[n] = {"test_acc": meta["test_acc"], "val_acc": meta.get("val_acc"), "path": str(folder)}
-        summary = ctx.tracker.summary({"task": "pretrain", "dataset": ctx.info.name, "models": rows,
-                                       "seed": cfg.trainer.seed, "zoo_seed": zoo_seed(cfg)})
-        if ctx.rank == 0:
-            print(f"{'model':<16}{'test acc':>10}  checkpoint")
-            for n, row in rows.items():
-                if row.get("kind") == "generator":
-                    q = (f"judge acc {row['judge_acc']:.1f}%, FID {row['fid']:.2f} (real {row['fid_real']:.2f})"
-                         if row.get("fid") is not None else "no judge")
-                    print(f"{n:<16}{'GAN':>10}  {row['path']}  samples: {q}")
-                    continue
-                print(f"{n:<16}{100 * row['test_acc']:>9.2f}%  {row['path']}")
-            print(f"run dir: {ctx.run_dir}")
-        return summary
-    finally:
-        ctx.tracker.finish()
+            rows = train_zoo(ctx, zoo_names(cfg) if cfg.name == "all" else [cfg.name])
+        return ctx.report({"task": "pretrain", "dataset": ctx.info.name, "models": rows, "acc_unit": "percent",
+                           "seed": cfg.trainer.seed, "zoo_seed": zoo_seed(cfg)}, print_rows)

@@ -17,7 +17,9 @@ from ..methods import EnsembleTeacher, dp_route
 from ..methods.base import check_synth_ratio
 from ..metrics import accuracy, agreement, flips, kl_divergence, transfer_metrics
 from ..models import save_checkpoint
-from .common import Context, ModelRef, as_dict, resolve_model, setup
+from ..schema import as_dict
+from .context import Context, ModelRef, setup
+from .resolve import resolve_model
 
 log = logging.getLogger("kt")
 
@@ -40,7 +42,7 @@ def synth_kwargs(ctx: Context, cfg_method) -> Dict[str, object]:
     ratio = check_synth_ratio(cfg_method.get("synth_ratio", 0.0))
     if ratio == 0:
         return {}
-    from .pretrain import resolve_generator
+    from .zoo import resolve_generator
 
     source, meta = resolve_generator(cfg_method.get("synth_source"), ctx)
     log.info("synthetic distillation data: %.0f%% of every batch from generator %s (%s)", 100 * ratio,

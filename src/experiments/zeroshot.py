@@ -23,7 +23,9 @@ from ..models.gan import save_generator
 from ..models.generator import Generator
 from ..plots.transition import transition_plot
 from ..schema import LoaderConfig, OptimizerConfig, SchedulerConfig, TrainerConfig, typed
-from .common import Context, ModelRef, preflight, resolve_model, setup, zoo_names
+from .context import Context, ModelRef, setup
+from .preflight import preflight, zoo_names
+from .resolve import resolve_model
 from .multi_teacher import StageTracker
 from .transfer import build_method
 
@@ -95,15 +97,6 @@ def fresh_student(spec, ctx: Context) -> ModelRef:
     if isinstance(spec, str) and spec not in zoo_names(ctx.cfg) and "@" not in spec and not Path(spec).exists():
         return resolve_model({"arch": spec, "name": spec}, ctx, "student")
     return resolve_model(spec, ctx, "student")
-
-
-def eval_images(ctx: Context, split: Split):
-    """(images, labels) of a split in sample-id order (the order of `predict`'s outputs), on the device."""
-    xs, ys, ids = [], [], []
-    for x, y, i in ctx.eval_loader(split).iter_epoch(0):
-        xs.append(x.float()), ys.append(y), ids.append(i)
-    order = torch.argsort(torch.cat(ids))
-    return torch.cat(xs)[order.to(xs[0].device)], torch.cat(ys)[order.to(ys[0].device)]
 
 
 def few_shot_split(ctx: Context) -> Split:
@@ -200,7 +193,7 @@ class ZeroShotRun:
             log.warning("student '%s' and the teacher agree on no %s image: no transition curves", name,
                         cfg.eval_split)
             return None
-        x, _ = eval_images(self.ctx, self.eval_split)
+        x, _ = self.ctx.eval_images(self.eval_split)
         x = student.normalize(x[pos.to(x.device)])
         labels = self.t_eval["labels"][pos.to(self.t_eval["labels"].device)].to(x.device)  # true labels
         with no_param_grads(student):

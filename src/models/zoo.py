@@ -48,7 +48,20 @@ def read_meta(folder) -> Optional[dict]:
         raise UserError(f"checkpoint meta {p} has no '{missing[0]}': {fix}")
     if not isinstance(meta.get("kwargs") or {}, dict) or not isinstance(meta.get("dataset") or {}, dict):
         raise UserError(f"checkpoint meta {p}: 'kwargs' and 'dataset' must be objects: {fix}")
-    return meta
+    return percent_accuracies(meta)
+
+
+ACC_KEYS = ("test_acc", "val_acc")
+
+
+def percent_accuracies(meta: dict) -> dict:
+    """Accuracies are percent everywhere (`acc_unit: percent`); a meta.json written before that holds fractions
+    in [0, 1]: they are read as percent."""
+    if meta.get("acc_unit") == "percent":
+        return meta
+    acc = {k: 100 * meta[k] for k in ACC_KEYS if isinstance(meta.get(k), (int, float)) and
+           not isinstance(meta.get(k), bool)}
+    return {**meta, **acc, "acc_unit": "percent"}
 
 
 def verified_hash(folder, meta: dict, index=None) -> str:

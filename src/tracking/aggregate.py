@@ -335,11 +335,12 @@ def zeroshot_tables(runs: List[dict]) -> Dict[str, List[Row]]:
 def pretrain_tables(runs: List[dict]) -> Dict[str, List[Row]]:
     rows = []
     for r in runs:
+        percent = r["summary"].get("acc_unit") == "percent"  # summaries written before it hold fractions
         for name, m in (r["summary"].get("models") or {}).items():
             acc = m.get("test_acc")
             if acc is not None:
                 rows.append({"dir": r["dir"], "seed": r["seed"], "zoo_seed": r["zoo_seed"],
-                             "summary": {"model": name, "test_acc": 100 * acc if acc <= 1 else acc}})
+                             "summary": {"model": name, "test_acc": acc if percent else 100 * acc}})
     # one value per (model, zoo draw): a model trained once and listed by several runs counts once
     seen, uniq = set(), []
     for x in rows:

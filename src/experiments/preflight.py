@@ -1,0 +1,293 @@
+"""Cheap checks of a composed config, run before any data, model or training work: numeric ranges by their full
+key (also where a group recurs: finetune.*, few_shot.*, zoo recipes), every method node's hyper-parameters, paths,
+and the model names each role gives. Each failure is one UserError naming the value and the fix."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..data.loaders import loader_dtype
+from ..errors import UserError, closest
+from ..schema import as_dict
+
+
+def _num(node, key):
+    v = node.get(key) if node is not None and hasattr(node, "get") else None
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _in(lo, hi, lo_open=False, hi_open=False):
+    def ok(v):
+        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    return ok
+
+
+_POS, _NONNEG, _ONE_UP = _in(0, math.inf, lo_open=True), _in(0, math.inf), _in(1, math.inf)
+_TEMPERATURE = (_in(0.01, 1000), "must be > 0, finite and in [0.01, 1000] (outside, the softened targets are "
+                                 "uniform or one-hot and the loss vanishes): use e.g. {k}=4")
+# (key, ok, fix) per config group; `{k}` in a fix is the full key. Applied to the group at the top level and at
+# every nested place it recurs (finetune.*, few_shot.*, zoo recipes).
+GROUP_RULES = {
+    "optimizer": [("lr", _POS, "must be > 0: use e.g. {k}=0.1"),
+                  ("weight_decay", _NONNEG, "must be >= 0: use e.g. {k}=5e-4"),
+                  ("momentum", _in(0, 1, hi_open=True), "must be in [0, 1): use e.g. {k}=0.9")],
+    "scheduler": [("warmup_epochs", _NONNEG, "must be >= 0: use e.g. {k}=1 (or 0 for no warm-up)"),
+                  ("step_size", _POS, "must be > 0 (epochs between decays): use e.g. {k}=30"),
+                  ("gamma", _in(0, 1, lo_open=True), "must be in (0, 1] (the lr factor at each step): use e.g. "
+                                                     "{k}=0.1"),
+                  ("min_lr_ratio", _in(0, 1), "must be in [0, 1] (the cosine floor as a fraction of the lr): use "
+                                              "e.g. {k}=0")],
+    "loader": [("batch_size", _POS, "must be > 0: use e.g. {k}=128"),
+               ("eval_batch_size", _POS, "must be > 0: use e.g. {k}=512"),
+               ("num_workers", _NONNEG, "must be >= 0: use e.g. {k}=4 (0: load in the main process)"),
+               ("crop_padding", _NONNEG, "must be >= 0 (pixels of padding for the random crop): use e.g. {k}=4")],
+    "trainer": [("max_steps", _POS, "must be > 0 (or null to train for trainer.epochs)"),
+                ("seed", _NONNEG, "must be >= 0: use e.g. {k}=0"),
+                ("eval_every", _ONE_UP, "must be >= 1 (epochs between evaluations): use e.g. {k}=1"),
+                ("eval_every_steps", _ONE_UP, "must be >= 1 or null: use e.g. {k}=100"),
+                ("ckpt_every_steps", _ONE_UP, "must be >= 1 or null: use e.g. {k}=500"),
+                ("grad_clip", _POS, "must be > 0 or null: use e.g. {k}=5"),
+                ("keep_checkpoints", _ONE_UP, "must be >= 1: use e.g. {k}=1")],
+}
+CHOICES = {"trainer": {"amp": ("none", "bf16", "fp16"), "progress": ("auto", "on", "off")}}
+# hyper-parameters of method nodes (any node with a `_target_`, at any depth): the same rule wherever it is
+METHOD_RULES = {
+    "temperature": _TEMPERATURE, "nce_t": _TEMPERATURE, "pts_t": _TEMPERATURE, "kd_t": _TEMPERATURE,
+    "alpha": (_in(0, 1), "must be in [0, 1]: use e.g. {k}=0.9"),
+    "momentum": (_in(0, 1, hi_open=True), "must be in [0, 1): use e.g. {k}=0.5"),
+    "ema_tau": (_in(0, 1, hi_open=True), "must be in [0, 1): use e.g. {k}=0.999"),
+    "label_smoothing": (_in(0, 1, hi_open=True), "must be in [0, 1): use e.g. {k}=0.1"),
+    "feat_dim": (_ONE_UP, "must be >= 1: use e.g. {k}=128"),
+    "num_negatives": (_ONE_UP, "must be >= 1: use e.g. {k}=4096"),
+    "ema_every": (_ONE_UP, "must be >= 1: use e.g. {k}=1"),
+    "n_g": (_ONE_UP, "must be >= 1: use e.g. {k}=1"), "n_s": (_ONE_UP, "must be >= 1: use e.g. {k}=10"),
+    "topk": (_NONNEG, "must be >= 0 (0 = all classes): use e.g. {k}=0"),
+    "prior_lr": (_POS, "must be > 0: use e.g. {k}=0.01"), "generator_lr": (_POS, "must be > 0: use e.g. {k}=1e-3"),
+    "gamma": (_POS, "must be > 0: use e.g. {k}=0.1"), "pts_p": (_POS, "must be > 0: use e.g. {k}=3"),
+    "synth_ratio": (_in(0, 1, hi_open=True), "must be in [0, 1): use e.g. {k}=0.2 (1 synthetic : 4 real), 0 disables "
+                    "it"),
+    **{w: (_NONNEG, "must be >= 0: use e.g. {k}=1.0") for w in (
+        "prec", "beta", "loss_w", "kl_w", "ce_w", "mixup_alpha", "kd_weight", "ce_weight", "crd_weight")},
+}
+RECIPE_RULES = [("epochs", _POS, "must be > 0: use e.g. {k}=30"), ("batch_size", _POS, "must be > 0: use e.g. {k}=64"),
+                ("crop_padding", _NONNEG, "must be >= 0: use e.g. {k}=1"), ("seed", _NONNEG, "must be >= 0"),
+                ("label_smoothing", _in(0, 1, hi_open=True), "must be in [0, 1): use e.g. {k}=0.1")]
+
+
+def _bad(key: str, v, fix: str):
+    raise UserError(f"{key}={v} {fix.format(k=key)}")
+
+
+def _check_number(key: str, v, ok=None, fix: str = "") -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return
+    if not math.isfinite(v):
+        _bad(key, v, "must be a finite number" + (f" ({fix.format(k=key)})" if fix else ""))
+    if ok is not None and not ok(v):
+        _bad(key, v, fix)
+
+
+def _check_rules(node, prefix: str, rules) -> None:
+    if not isinstance(node, (DictConfig, dict)):
+        return
+    for key, ok, fix in rules:
+        if key in node:
+            _check_number(f"{prefix}.{key}" if prefix else key, node.get(key), ok, fix)
+
+
+def check_group(node, group: str, prefix: str) -> None:
+    """The range rules of config group `group` on `node` (found at key `prefix`), every float finite."""
+    if not isinstance(node, (DictConfig, dict)):
+        return
+    _check_rules(node, prefix, GROUP_RULES.get(group, []))
+    for k, choices in CHOICES.get(group, {}).items():
+        if k in node and node.get(k) not in choices:
+            raise UserError(f"{prefix}.{k}='{node.get(k)}' is unknown: use one of {', '.join(choices)}")
+    for k in node:
+        _check_number(f"{prefix}.{k}", node.get(k))
+    if group == "optimizer" and node.get("betas") is not None:
+        b = list(node.get("betas"))
+        if len(b) != 2 or not all(isinstance(x, (int, float)) and 0 <= x < 1 for x in b):
+            raise UserError(f"{prefix}.betas={b} must be two numbers in [0, 1): use e.g. {prefix}.betas=[0.9,0.999]")
+    if group == "trainer" and node.get("max_steps") is None and "epochs" in node:
+        _check_number(f"{prefix}.epochs", node.get("epochs"), _POS, "must be > 0: use e.g. {k}=10")
+
+
+def _method_nodes(node, prefix: str = ""):
+    """(full key, node) of every config node with a `_target_` below `node` (zoo and hydra excluded)."""
+    if not isinstance(node, DictConfig):
+        return
+    if "_target_" in node and prefix:
+        yield prefix, node
+    for k in node:
+        if not prefix and k in ("zoo", "hydra"):
+            continue
+        try:
+            child = node.get(k)
+        except Exception:  # an interpolation that cannot be resolved here: composition reports it
+            continue
+        if isinstance(child, DictConfig):
+            yield from _method_nodes(child, f"{prefix}.{k}" if prefix else str(k))
+
+
+def check_dataset(d) -> None:
+    if d is None:
+        return
+    for k in ("mean", "std"):
+        vals = d.get(k)
+        if vals is None:
+            continue
+        vals = list(vals)
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in vals) or \
+                (k == "std" and any(v <= 0 for v in vals)):
+            pos = " > 0 (a 0 divides by zero)" if k == "std" else ""
+            raise UserError(f"dataset.{k}={vals} must be finite numbers{pos}: use the dataset's per-channel {k}, "
+                            f"e.g. dataset.{k}=[0.25]")
+    _check_rules(d, "dataset", [("val_fraction", _in(0, 1, hi_open=True), "must be in [0, 1): use e.g. {k}=0.1"),
+                                ("crop_pct", _in(0, 1, lo_open=True), "must be in (0, 1]: use e.g. {k}=0.875"),
+                                ("image_size", _POS, "must be > 0"), ("channels", _POS, "must be > 0"),
+                                ("num_classes", _POS, "must be > 0")])
+
+
+def check_zoo(cfg) -> None:
+    z = cfg.get("zoo")
+    if not isinstance(z, DictConfig):
+        return
+    entries = [("zoo.train", z.get("train"))] + [(f"zoo.models.{m}", z.models.get(m)) for m in (z.get("models") or {})]
+    for prefix, node in entries:
+        if not isinstance(node, DictConfig):
+            continue
+        _check_rules(node, prefix, RECIPE_RULES)
+        arch = node.get("arch") if prefix != "zoo.train" else None
+        if arch is not None:
+            from ..models.factory import check_kwargs
+
+            check_kwargs(str(arch), as_dict(node.get("kwargs")), f"{prefix}.kwargs")
+        for group in ("optimizer", "scheduler"):
+            check_group(node.get(group), group, f"{prefix}.{group}")
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Cheap checks of the values every family shares, run by `setup` before any data, model or training work:
+    numeric ranges (finite, by their full key, also where a group recurs: finetune.*, few_shot.*, zoo recipes),
+    temperatures and other hyper-parameters of every method node, paths that must stay in their root, and the
+    model names in `teacher` / `student` / `teachers` / `models` (so a typo fails in a second, not after the zoo
+    models were trained). Each failure is one UserError naming the value and the fix. Families with keys of their
+    own add their checks in their `validate`."""
+    for prefix in ("", "finetune", "few_shot"):
+        base = cfg if not prefix else cfg.get(prefix)
+        if not isinstance(base, DictConfig):
+            continue
+        for group in GROUP_RULES:
+            check_group(base.get(group), group, f"{prefix}.{group}" if prefix else group)
+    _check_rules(cfg, "", [("top_p", _in(0, 100, lo_open=True), "must be in (0, 100]: use e.g. top_p=20"),
+                           ("temperature", _TEMPERATURE[0], _TEMPERATURE[1].replace("{k}=4", "{k}=1.0")),
+                           ("label_smoothing", _in(0, 1, hi_open=True), "must be in [0, 1): use e.g. {k}=0.1")])
+    sub = cfg.get("dataset", {}).get("subset") if cfg.get("dataset") is not None else None
+    _check_rules(sub, "dataset.subset", [("fraction", _in(0, 1, lo_open=True), "is outside (0, 1]: use e.g. 0.1"),
+                                         ("per_class", _POS, "must be > 0: use e.g. 128")])
+    check_dataset(cfg.get("dataset"))
+    for key, node in _method_nodes(cfg):
+        check_partition(key, node)
+        for k in node:
+            if k in METHOD_RULES:
+                _check_number(f"{key}.{k}", node.get(k), *METHOD_RULES[k])
+            else:
+                _check_number(f"{key}.{k}", node.get(k))
+    check_zoo(cfg)
+    zoo_seed(cfg)  # a bad zoo.seed: one UserError
+    ld = cfg.get("loader")
+    if ld is not None:
+        loader_dtype(ld.get("dtype", "float32"))  # an unknown name: one UserError naming it and the choices
+    check_paths(cfg)
+    for role in ("teacher", "student", "teachers", "models", "model"):
+        spec = cfg.get(role)
+        for i, s in enumerate(spec if OmegaConf.is_list(spec) or isinstance(spec, (list, tuple)) else [spec]):
+            if isinstance(s, str):
+                check_model_spec(s, cfg, role if role not in ("teachers", "models") else f"{role}[{i}]")
+            elif isinstance(s, DictConfig) and s.get("arch") is not None:
+                from ..models.factory import check_kwargs
+
+                check_kwargs(str(s.arch), as_dict(s.get("kwargs")), f"{role}.kwargs")
+
+
+def check_partition(key: str, node) -> None:
+    """`<key>.partition` among the partitions of the node's method (multi-teacher methods take fewer)."""
+    if node.get("partition") is None:
+        return
+    import inspect
+
+    from hydra.utils import get_class
+
+    from ..methods.kd import PARTITIONS
+    from ..methods.multi import MULTI_PARTITIONS
+
+    try:
+        multi = "teachers" in inspect.signature(get_class(str(node._target_)).__init__).parameters
+    except Exception:  # an unimportable _target_ is reported by the family with its choices
+        return
+    choices = MULTI_PARTITIONS if multi else PARTITIONS
+    if str(node.partition) not in choices:
+        raise UserError(f"{key}.partition='{node.partition}' is unknown{closest(str(node.partition), choices)}: use "
+                        f"one of {', '.join(choices)}")
+
+
+def check_paths(cfg) -> None:
+    """`save_as` is a name inside paths.checkpoints/<dataset>/ (never a path out of it); order_split is never the
+    test split; soup_runs paths exist."""
+    name = cfg.get("save_as")
+    if name is not None:
+        n = str(name)
+        if not n or n in (".", "..") or Path(n).name != n or "\\" in n:
+            raise UserError(f"save_as='{n}' must be a plain name (the model goes to <paths.checkpoints>/<dataset>/"
+                            f"<save_as>/): use e.g. save_as=my_mlp")
+    d = cfg.get("dataset")
+    if cfg.get("order_split") is not None and d is not None and str(cfg.order_split) == str(d.get("test_split")):
+        raise UserError(f"order_split={cfg.order_split} is the test split: ordering teachers by test accuracy leaks "
+                        f"it; use order_split={d.get('val_split')} (the validation split)")
+    runs = cfg.get("soup_runs")
+    if isinstance(runs, DictConfig):
+        for t, p in runs.items():
+            if p is not None and not Path(str(p)).is_dir():
+                raise UserError(f"soup_runs.{t}={p} does not exist: give a finished main_transfer run dir or a "
+                                f"student checkpoint folder (or remove the entry to train it)")
+
+
+def check_model_spec(name: str, cfg, role: str = "model") -> None:
+    """UserError unless `name` can be resolved by `resolve_model` (without loading or training anything)."""
+    import timm
+
+    if name in zoo_names(cfg) or Path(name).exists():
+        return
+    if "@" in name:
+        arch, path = name.split("@", 1)
+        if not timm.is_model(arch):
+            from ..models import nets
+
+            raise UserError(f"unknown architecture '{arch}' in {role}={name}"
+                            f"{closest(arch, timm.list_models() + list(nets.OUR_MODELS))}: use arch@weights_file "
+                            f"with a timm name or one of ours")
+        if not Path(path).is_file():
+            raise UserError(f"weights file {path} (from {role}={name}) does not exist: check the path")
+        return
+    if timm.is_model(name):
+        return
+    raise UserError(f"unknown {role} '{name}'{closest(name, zoo_names(cfg) + timm.list_models())}: use a zoo name "
+                    f"({', '.join(zoo_names(cfg)) or 'none configured'}), a timm model name, a checkpoint folder "
+                    f"or arch@weights_file")
+
+
+def zoo_names(cfg) -> list:
+    z = cfg.get("zoo")
+    return list(z.models.keys()) if z is not None and z.get("models") else []
+
+
+def zoo_seed(cfg) -> int:
+    """Which draw of the zoo: 0 = the entries' own seeds; k > 0 trains every entry with seed + 1000 k."""
+    z = cfg.get("zoo")
+    k = z.get("seed", 0) if z is not None else 0
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise UserError(f"zoo.seed={k} must be an integer >= 0 (0 = the zoo's own seeds): use e.g. zoo.seed=1")
+    return k
