@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -263,3 +264,177 @@ def test_normalized_checkpoint_loads_through_create_model(tmp_path):
 def test_freeze():
     m = freeze(_make("mlp", img_size=8).train())
     assert not m.training and not any(p.requires_grad for p in m.parameters())
+
+
+# ------------------------------------------------------------------------------------------- model specs
+ZOO = {"mlp_small": {"arch": "mlp", "kwargs": {"hidden": [24]}}, "resnet20": {"arch": "wrn_16_1"}}
+
+
+def test_model_spec_every_kind(tmp_path):
+    from omegaconf import OmegaConf
+
+    from src.models import ModelSpec
+
+    s = ModelSpec.parse("mlp_small", ZOO)
+    assert (s.kind, s.text, s.arch, s.path, s.node, s.name) == ("zoo", "mlp_small", "mlp", None, None, "mlp_small")
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    s = ModelSpec.parse(str(folder), ZOO)
+    assert (s.kind, s.arch, s.path, s.node, s.name) == ("path", None, str(folder), None, str(folder))
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"")
+    s = ModelSpec.parse(f, ZOO)  # a Path is read as its text
+    assert (s.kind, s.text, s.path) == ("path", str(f), str(f))
+    s = ModelSpec.parse("resnet8@/no/such/dir/w@2.safetensors", ZOO)  # split on the first @
+    assert (s.kind, s.arch, s.path, s.name) == ("arch_file", "resnet8", "/no/such/dir/w@2.safetensors",
+                                                "resnet8@/no/such/dir/w@2.safetensors")
+    s = ModelSpec.parse("vit_tiny_patch16_224", ZOO)
+    assert (s.kind, s.arch, s.path, s.node, s.name) == ("timm", "vit_tiny_patch16_224", None, None,
+                                                         "vit_tiny_patch16_224")
+    assert s.is_fresh_arch and not ModelSpec.parse("mlp_small", ZOO).is_fresh_arch
+    node = OmegaConf.create({"arch": "mlp", "kwargs": {"hidden": [8]}, "name": "tiny", "extra": 1})
+    s = ModelSpec.parse(node, ZOO)
+    assert (s.kind, s.arch, s.path, s.name) == ("node", "mlp", None, "tiny")
+    assert s.node == {"arch": "mlp", "pretrained": False, "checkpoint": None, "kwargs": {"hidden": [8]},
+                      "name": "tiny"}
+    assert isinstance(s.node["kwargs"], dict) and isinstance(s.node["kwargs"]["hidden"], list)  # plain containers
+    s = ModelSpec.parse({"arch": "resnet18", "pretrained": True, "checkpoint": str(f)})
+    assert (s.kind, s.name, s.node["pretrained"], s.node["checkpoint"]) == ("node", "resnet18", True, str(f))
+    # parsing is stable and specs compare by value (nodes too); a parsed spec parses to itself
+    assert ModelSpec.parse("mlp_small", ZOO) == ModelSpec.parse("mlp_small", ZOO)
+    assert len({ModelSpec.parse(node), ModelSpec.parse(node)}) == 1
+    assert ModelSpec.parse(s) is s
+
+
+def test_model_spec_precedence(tmp_path, monkeypatch):
+    from src.models import ModelSpec
+
+    # a zoo name that is also a timm name is the zoo entry (its arch, not the timm name)
+    s = ModelSpec.parse("resnet20", ZOO)
+    assert (s.kind, s.arch) == ("zoo", "wrn_16_1")
+    assert ModelSpec.parse("resnet20").kind == "timm" and ModelSpec.parse("resnet20", {}).kind == "timm"
+    # a zoo name wins over an existing folder of that name
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mlp_small").mkdir()
+    assert ModelSpec.parse("mlp_small", ZOO).kind == "zoo" and ModelSpec.parse("mlp_small").kind == "path"
+    # an existing folder whose name holds @ is a path, not arch@file; the same text without the folder is arch@file
+    d = tmp_path / "runs" / "mlp@lr0.1"
+    assert ModelSpec.parse(str(d)).kind == "arch_file"
+    d.mkdir(parents=True)
+    s = ModelSpec.parse(str(d), ZOO)
+    assert (s.kind, s.arch, s.path) == ("path", None, str(d))
+    # a mapping is a node even when it would name a zoo entry
+    assert ModelSpec.parse({"arch": "mlp_small"}, ZOO).kind == "node"
+    # '' is not the working directory
+    assert ModelSpec.parse("").kind == "timm"
+
+
+def test_model_spec_zoo_entry_as_config_node():
+    from omegaconf import OmegaConf
+
+    from src.models import ModelSpec
+
+    zoo = OmegaConf.load("config/zoo/digits.yaml").models
+    name = next(iter(zoo))
+    s = ModelSpec.parse(name, zoo)
+    assert s.kind == "zoo" and s.arch == str(zoo[name].arch)
+    assert s.zoo_names == tuple(zoo.keys())
+
+
+def test_model_spec_parse_is_pure(tmp_path, monkeypatch):
+    """No timm import, no file reads other than Path.exists (the weights file is only looked at by check())."""
+    import builtins
+    import subprocess
+    import sys
+
+    from src.models import ModelSpec
+
+    # the module alone (src.models itself registers our nets in timm): parsing every kind imports no timm
+    src = Path(__file__).resolve().parents[1] / "src" / "models" / "spec.py"
+    code = (f"import importlib.util as u, sys; s = u.spec_from_file_location('spec', {str(src)!r}); "
+            "m = sys.modules['spec'] = u.module_from_spec(s); s.loader.exec_module(m); "
+            "[m.ModelSpec.parse(x, {'a': {'arch': 'mlp'}}) "
+            "for x in ('a', 'mlp@x.pt', 'resnet18', '.', {'arch': 'b'})]; "
+            "print('timm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+    def no_open(*a, **k):
+        raise AssertionError(f"parse opened {a}")
+
+    monkeypatch.setattr(builtins, "open", no_open)
+    monkeypatch.setattr(type(tmp_path), "read_text", no_open)
+    monkeypatch.setattr(type(tmp_path), "read_bytes", no_open)
+    for s in ("mlp@" + str(tmp_path / "w.pt"), str(tmp_path), "resnet18"):
+        ModelSpec.parse(s)
+
+
+def test_model_spec_check_accepts_valid_specs(tmp_path):
+    from src.models import ModelSpec
+
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"")
+    for spec in ("mlp_small", str(tmp_path), f"resnet8@{f}", "resnet18", "wrn_16_1",
+                 {"arch": "mlp", "kwargs": {"hidden": [4]}}, {"checkpoint": "x"}):
+        ModelSpec.parse(spec, ZOO).check("teacher")
+
+
+def test_model_spec_check_messages(tmp_path):
+    from src.models import ModelSpec
+
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"")
+    # an unknown architecture in arch@file, with the closest names
+    with pytest.raises(UserError) as e:
+        ModelSpec.parse(f"resnet2O@{f}", ZOO).check("teacher")
+    msg = str(e.value)
+    assert msg.startswith(f"unknown architecture 'resnet2O' in teacher=resnet2O@{f} (closest: ")
+    assert "resnet20" in msg and msg.endswith(": use arch@weights_file with a timm name or one of ours")
+    # a missing weights file
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(UserError) as e:
+        ModelSpec.parse(f"resnet8@{missing}", ZOO).check("features[1]")
+    assert str(e.value) == (f"weights file {missing} (from features[1]=resnet8@{missing}) does not exist: check "
+                            f"the path")
+    # a folder is not a weights file
+    with pytest.raises(UserError, match="does not exist: check the path"):
+        ModelSpec.parse(f"resnet8@{tmp_path}").check()
+    # an unknown name: the closest zoo / timm names and the zoo's names (from parse, or given to check)
+    with pytest.raises(UserError) as e:
+        ModelSpec.parse("mlp_smal", ZOO).check("student")
+    msg = str(e.value)
+    assert msg.startswith("unknown student 'mlp_smal' (closest: mlp_small")
+    assert msg.endswith(": use a zoo name (mlp_small, resnet20), a timm model name, a checkpoint folder or "
+                        "arch@weights_file")
+    with pytest.raises(UserError) as e:
+        ModelSpec.parse("mlp_smal").check("student", zoo_names=["mlp_small"])
+    assert "(closest: mlp_small" in str(e.value) and "use a zoo name (mlp_small)," in str(e.value)
+    with pytest.raises(UserError) as e:
+        ModelSpec.parse("qqqqqqqqqqqq").check()
+    assert str(e.value) == ("unknown model 'qqqqqqqqqqqq': use a zoo name (none configured), a timm model name, a "
+                            "checkpoint folder or arch@weights_file")
+    # a node's kwargs are checked against its arch (the key named in full)
+    with pytest.raises(UserError) as e:
+        ModelSpec.parse({"arch": "mlp", "kwargs": {"hiden": [4]}}).check("teacher")
+    assert str(e.value).startswith("model 'mlp' has no argument hiden (closest: hidden) (teacher.kwargs.hiden)")
+
+
+def test_model_spec_check_matches_check_model_spec(tmp_path):
+    """ModelSpec.check raises today's check_model_spec messages word for word."""
+    from omegaconf import OmegaConf
+
+    from src.experiments.common import check_model_spec
+    from src.models import ModelSpec
+
+    cfg = OmegaConf.create({"zoo": {"models": ZOO}})
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"")
+    for spec in (f"resnet2O@{f}", f"resnet8@{tmp_path / 'nope'}", "mlp_smal", "resnet2", "zzzz"):
+        with pytest.raises(UserError) as old:
+            check_model_spec(spec, cfg, "teacher")
+        with pytest.raises(UserError) as new:
+            ModelSpec.parse(spec, cfg.zoo.models).check("teacher")
+        assert str(new.value) == str(old.value)
+    for spec in ("mlp_small", str(tmp_path), f"resnet8@{f}", "resnet18"):  # both accept these
+        check_model_spec(spec, cfg, "teacher")
+        ModelSpec.parse(spec, cfg.zoo.models).check("teacher")
