@@ -1,12 +1,15 @@
 """Composition of every config: each primary config (any `config/*/*.yaml` starting with `# @package _global_`,
 discovered so new families and presets are covered automatically) and each option of each config group; typed
-schemas reject wrong types and unknown keys at composition."""
+schemas reject wrong types and unknown keys at composition; every `_target_` names its class `src.methods.<Class>`
+(bar the listed non-method ones) and no preset only overrides the method group."""
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra.errors import HydraException
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -192,3 +195,93 @@ def test_run_and_sweep_dirs_do_not_collide():
     sweep = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)
     assert "kt_pid" in run_dir
     assert "hydra.job.num" in sweep["subdir"]
+
+
+# ------------------------------------------------------------------------------------------ one `_target_` style
+
+# `_target_`s in config/ that are not transfer methods (they keep their module path)
+NON_METHOD_TARGETS = {"src.experiments.entry.OutputDirCheck"}  # hydra/default.yaml: the run-dir check callback
+METHOD_TARGET = re.compile(r"^src\.methods\.[A-Z][A-Za-z0-9_]*$")
+
+
+def _targets(node, where):
+    """(file:key path, target) of every `_target_` in a parsed YAML document, at any depth."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "_target_":
+                yield where, v
+            else:
+                yield from _targets(v, f"{where}.{k}" if ":" in where else f"{where}:{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _targets(v, f"{where}[{i}]")
+
+
+CONFIG_TARGETS = sorted(t for p in sorted(CONFIG.rglob("*.yaml"))
+                        for t in _targets(yaml.safe_load(p.read_text()) or {}, str(p.relative_to(CONFIG))))
+
+
+def test_target_walk_finds_the_method_files_and_the_nested_nodes():
+    where = {w for w, _ in CONFIG_TARGETS}
+    assert {"method/kl_dp.yaml", "method/aft.yaml", "method/kdep.yaml", "zeroshot/zeroshot.yaml:method",
+            "zeroshot/zeroshot.yaml:few_shot.kd_at", "zeroshot/zeroshot.yaml:few_shot.scratch",
+            "hydra/default.yaml:callbacks.output_dir_check"} <= where
+    assert {t for _, t in CONFIG_TARGETS} >= NON_METHOD_TARGETS
+
+
+@pytest.mark.parametrize("where,target", CONFIG_TARGETS, ids=[w for w, _ in CONFIG_TARGETS])
+def test_every_config_target_is_src_methods_class_and_imports(where, target):
+    from hydra.utils import get_class
+
+    from src.methods import Method
+
+    cls = get_class(target)  # imports
+    if target in NON_METHOD_TARGETS:
+        return
+    assert METHOD_TARGET.match(target), (f"{where}: _target_: {target}; name the class as src.methods.<Class> "
+                                         f"(export it from src/methods/__init__.py)")
+    assert issubclass(cls, Method), f"{where}: {target} is not a src.methods.Method"
+
+
+def test_old_long_method_targets_normalise_to_the_config_form():
+    """Run dirs written before the one-style change hold `src.methods.<module>.<Class>`; both forms import the same
+    class and compare equal through canonical_target / same_target."""
+    from hydra.utils import get_class
+
+    from src.methods import canonical_target, same_target
+
+    methods = sorted({t for _, t in CONFIG_TARGETS if t not in NON_METHOD_TARGETS})
+    assert {"src.methods.AFT", "src.methods.KDEP", "src.methods.CrossEntropy", "src.methods.ZeroShot"} <= set(methods)
+    for short in methods:
+        cls = get_class(short)
+        long = f"{cls.__module__}.{cls.__name__}"  # e.g. src.methods.aft.AFT
+        assert long != short and get_class(long) is cls
+        assert canonical_target(long) == short and canonical_target(short) == short
+        assert same_target(long, short) and same_target(short, long)
+    assert canonical_target("src.methods.aft.AFT") == "src.methods.AFT"
+    assert not same_target("src.methods.aft.AFT", "src.methods.KL")
+    for other in sorted(NON_METHOD_TARGETS) + [None, "src.methods.KL"]:
+        assert canonical_target(other) == other
+
+
+def _only_a_method_override(doc: dict) -> bool:
+    """A preset whose file says no more than `method=<x>` on its parent config: `defaults` is its only key and its
+    one override is `override /method`."""
+    overrides = [k for entry in doc.get("defaults") or [] if isinstance(entry, dict)
+                 for k in entry if str(k).startswith("override ")]
+    return set(doc) <= {"defaults"} and overrides == ["override /method"]
+
+
+def test_method_only_check_recognises_the_folded_presets():
+    assert _only_a_method_override({"defaults": ["transfer", {"override /method": "kl_dp_u"}, "_self_"]})
+    assert not _only_a_method_override(
+        {"defaults": ["transfer", {"override /method": "kl"}, {"override /scheduler": "cosine"}, "_self_"]})
+    assert not _only_a_method_override({"defaults": ["transfer", {"override /method": "kl"}], "teacher": "lenet"})
+
+
+@pytest.mark.parametrize("primary", PRIMARY)
+def test_no_preset_is_only_a_method_override(primary):
+    doc = yaml.safe_load((CONFIG / f"{primary}.yaml").read_text()) or {}
+    assert not _only_a_method_override(doc), (
+        f"config/{primary}.yaml only overrides the method group: delete it and use `method=<name>` on its parent")
+

@@ -88,8 +88,10 @@ def test_grid_multirun_skips_same_pairs(digits_zoo, tmp_path):
 
 
 def test_preset_invocation_form(digits_zoo, tmp_path):
-    r = _run(["main_transfer.py", "--config-path", "config", "--config-name", "transfer/kl_dp_u.yaml",
-              "trainer.epochs=1", "student=resnet8", f"hydra.run.dir={tmp_path}", *digits_zoo])
+    """The primary config named on the command line (`--config-path/--config-name`) with `method=` choosing the
+    method: config/transfer/ holds no per-method presets, any config/method/*.yaml is one override away."""
+    r = _run(["main_transfer.py", "--config-path", "config", "--config-name", "transfer/transfer.yaml",
+              "method=kl_dp_u", "trainer.epochs=1", "student=resnet8", f"hydra.run.dir={tmp_path}", *digits_zoo])
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["method_config"]["partition"] == "most-conf_u"
