@@ -1,4 +1,4 @@
-"""AFT (main_aft.py, REFERENCE §2): LogME against the closed-form evidence, the AFT / KD / B-Tuning losses on
+"""AFT (main_aft.py, docs/REFERENCE.md §2): LogME against the closed-form evidence, the AFT / KD / B-Tuning losses on
 hand-made tensors, the scales' param group, save_features -> main_aft through the shared feature cache, and every
 method end to end on the digits zoo with a few steps."""
 import json

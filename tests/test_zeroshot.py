@@ -1,4 +1,4 @@
-"""Zero-shot KT (REFERENCE §4): generator, losses by hand, the adversarial step protocol inside the Trainer,
+"""Zero-shot KT (docs/REFERENCE.md §4): generator, losses by hand, the adversarial step protocol inside the Trainer,
 resume equivalence, transition curves / MTE, and a tiny end-to-end run."""
 import json
 import math

@@ -1,4 +1,4 @@
-"""Adaptive Feature Transfer (`main_aft.py`, REFERENCE §2): fine-tune a downstream model (the student, from its
+"""Adaptive Feature Transfer (`main_aft.py`, docs/REFERENCE.md §2): fine-tune a downstream model (the student, from its
 pretrained weights) on a downstream split while regularising its penultimate features towards the fixed features
 of one or more pretrained models (`features`), with `method` = aft | aft_kd | aft_btune | aft_init (STL).
 

@@ -1,5 +1,5 @@
 """Complementary knowledge between models: prediction flips of every ordered (teacher, student) pair
-(`main_flips.py`, REFERENCE §1 and the fidelity metrics of §5).
+(`main_flips.py`, docs/REFERENCE.md §1.1 and the fidelity metrics of §5.1).
 
 Each model is evaluated once per (content key, dataset, split) through the output cache (`ctx.outputs`); every
 pairwise statistic then comes from the stacked predictions with matrix operations (src/metrics/pairwise.py), so

@@ -1,4 +1,4 @@
-"""KDEP (`main_kdep.py`, REFERENCE.md section 3): pre-train a student by distilling a teacher's pooled pre-ReLU
+"""KDEP (`main_kdep.py`, docs/REFERENCE.md §3): pre-train a student by distilling a teacher's pooled pre-ReLU
 features (SVD-aligned, PTS-scaled) on (a subset of) the upstream split, then fine-tune it on each downstream
 dataset next to baseline initialisations (`scratch`: the student's random init; `supervised`: a labelled
 pre-trained model) and report the LAST-epoch accuracy of each.

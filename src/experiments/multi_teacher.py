@@ -1,5 +1,5 @@
-"""Multiple teachers (`main_multi_teacher.py`): one student, a list of teachers, four modes (REFERENCE §1 "Multiple
-teachers", §5 ensembles). Single-teacher stages (sequential stages, soup members, the ensemble teacher) run through
+"""Multiple teachers (`main_multi_teacher.py`): one student, a list of teachers, four modes (docs/REFERENCE.md §1.11,
+§5.2 ensembles). Single-teacher stages (sequential stages, soup members, the ensemble teacher) run through
 `transfer.transfer`; the parallel mode runs `parallel_method` (multi-teacher KL+DP) with the same Trainer.
 
 Every stage ends in `<run_dir>/stages/<k>_<teacher>/` with the student after it (`student/`) and its row

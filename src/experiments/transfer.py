@@ -181,7 +181,7 @@ def transfer(ctx: Context, teacher: ModelRef, student: ModelRef, cfg_method, run
 
 
 def train_fidelity(ctx: Context, teacher: ModelRef, model, split) -> Dict[str, float]:
-    """Fidelity on the distillation data itself (gnosis, REFERENCE §5): the student's top-1 agreement with the
+    """Fidelity on the distillation data itself (gnosis, docs/REFERENCE.md §5.1): the student's top-1 agreement with the
     teacher (%), KL(p_teacher || p_student) at T = 1 and both accuracies (%) on the (un-augmented) training split."""
     t = ctx.outputs(teacher, split)
     s = predict(model, ctx.eval_loader(split), amp=ctx.cfg.trainer.amp)

@@ -1,4 +1,4 @@
-"""Zero-shot knowledge transfer (`main_zeroshot.py`, REFERENCE §4): a generator and the student play the
+"""Zero-shot knowledge transfer (`main_zeroshot.py`, docs/REFERENCE.md §4): a generator and the student play the
 adversarial belief-matching game with no real training data; few-shot baselines (KD+AT, scratch) train on M real
 images per class; transition curves / MTE compare every student's decision boundaries with the teacher's."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Adaptive Feature Transfer (Qiu et al. 2024) and its baselines, as Methods (REFERENCE §2).
+"""Adaptive Feature Transfer (Qiu et al. 2024) and its baselines, as Methods (docs/REFERENCE.md §2.2-§2.4).
 
 Every method here trains the downstream model ("student") with cross-entropy plus `prec` (beta) times a
 regulariser towards fixed per-sample features phi of one or more pretrained models, looked up by the batch's sample

@@ -10,7 +10,7 @@
 Frozen models answer through `FrozenOutputs`, which serves logits/features from a per-sample cache (keyed by the
 batch's sample index) when the training inputs are not randomly augmented, and runs the model otherwise.
 
-Distillation inputs (gnosis, REFERENCE §5), shared by every distillation method through `mix`: mixup
+Distillation inputs (gnosis, docs/REFERENCE.md §5.3), shared by every distillation method through `mix`: mixup
 (`mixup_alpha`) and synthetic samples (`synth_ratio`: that fraction of each batch, round(ratio * B) rows, is
 replaced by images of a frozen generator `synth_generator`, which the teacher then labels). Either bypasses the
 output caches (the inputs are new). Synthetic draws come from `StepSeeds`: a torch.Generator per training step

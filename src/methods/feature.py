@@ -1,5 +1,5 @@
 """Feature-based transfer baselines of Fantastic Gains: CD (in-batch similarity distributions) and CRD
-(contrastive representation distillation with memory banks, Tian et al. 2020).
+(contrastive representation distillation with memory banks, Tian et al. 2020); docs/REFERENCE.md §1.7, §1.8.
 
 Source followed: ExplainableML/FantasticGains `main_distillation.py: contrastive_distill` (total loss
 `gamma * CE + alpha * KL + beta * feature loss`; here `ce_weight`, `kd_weight`, `beta` / `crd_weight`),

@@ -1,11 +1,12 @@
-"""Logit distillation of Fantastic Gains (REFERENCE §1): KL, XE-KL, KL+DP and its partition ablations, MCL.
+"""Logit distillation of Fantastic Gains (docs/REFERENCE.md §1.3-§1.6): KL, XE-KL, KL+DP and its partition
+ablations, MCL.
 
 Source followed: ExplainableML/FantasticGains (`main_distillation.py: xe_kl_distill`, `dist_utils.py:
 get_flip_masks`, `CRDloss.py: DistillKL`, configs `*_dist.yaml`). Conventions: KL(p_target^T || p_student^T) per
 sample, scaled by T^2 (Hinton), averaged over the batch (the selected samples for MCL); `alpha` weighs it against
 cross-entropy. Routing for data partitioning uses T = 1 probabilities.
 
-Named fixes vs. the public code (kept, not optional: no paper number depends on the bug):
+Named fixes vs. the public code (docs/REFERENCE.md §1.15; kept, not optional: no paper number depends on the bug):
 - CE on logits: the public code feeds softmax outputs to `CrossEntropyLoss` (XE-KL, MCL).
 - No gradient through the neutral target of `neutral_avg`: the public code averages the teacher's logits with
   the *current student's* undetached logits, so the KL also pulls the target towards the student."""

@@ -1,5 +1,5 @@
 """KDEP (He et al., CVPR 2022): knowledge distillation as efficient pre-training. The student regresses the
-teacher's pooled pre-ReLU features after a NON-parametric alignment (REFERENCE.md section 3):
+teacher's pooled pre-ReLU features after a NON-parametric alignment (docs/REFERENCE.md §3.2-§3.4):
 
 - SVD alignment: mu = mean of the teacher's features over the distillation data, V = right singular vectors of
   the centred features; target = (f_t - mu) V[:, :d_student] (no learnable parameter);

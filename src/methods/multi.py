@@ -1,4 +1,4 @@
-"""Multiple teachers (Fantastic Gains, REFERENCE §1 "Multiple teachers"; ensembles, REFERENCE §5).
+"""Multiple teachers (Fantastic Gains, docs/REFERENCE.md §1.11; ensembles, docs/REFERENCE.md §5.2).
 
 - `MultiKLDP`: parallel KL+DP. Per sample, the KL target is the distribution of the most confident of
   {frozen student, teacher_1..M}: true-label probability (`most-conf`) or, without labels, max probability

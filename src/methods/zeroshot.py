@@ -1,5 +1,5 @@
-"""Zero-shot knowledge transfer by adversarial belief matching (Micaelli & Storkey 2019, REFERENCE §4), and the
-few-shot KD+AT baseline.
+"""Zero-shot knowledge transfer by adversarial belief matching (Micaelli & Storkey 2019, docs/REFERENCE.md §4.2,
+§4.3), and the few-shot KD+AT baseline (§4.4).
 
 How the adversarial loop runs in the shared Trainer (checkpoint/resume/preemption/AMP for free):
 - `NoiseBatches` is the "loader": one *epoch* is one pseudo-batch = `n_g + n_s` Trainer steps, all on the same

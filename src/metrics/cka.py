@@ -1,7 +1,7 @@
-"""Centered kernel alignment between two representations of the same samples (rows). Inputs are flattened per
-sample first (the gnosis implementation averaged the wrong axes). Linear CKA and RBF CKA with the median
-heuristic (Kornblith et al. 2019); both are 1 for a representation with itself and invariant to orthogonal
-transforms and isotropic scaling of either input."""
+"""Centered kernel alignment (docs/REFERENCE.md §5.5) between two representations of the same samples (rows).
+Inputs are flattened per sample first (the gnosis implementation averaged the wrong axes). Linear CKA and RBF
+CKA with the median heuristic (Kornblith et al. 2019); both are 1 for a representation with itself and invariant
+to orthogonal transforms and isotropic scaling of either input."""
 from __future__ import annotations
 
 from typing import List, Sequence

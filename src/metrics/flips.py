@@ -1,4 +1,5 @@
-"""Prediction flips between two models and the transfer metrics of Fantastic Gains (REFERENCE §1)."""
+"""Prediction flips between two models and the transfer metrics of Fantastic Gains (docs/REFERENCE.md §1.1,
+§1.9, §1.10)."""
 from __future__ import annotations
 
 from typing import Dict, Sequence

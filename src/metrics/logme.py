@@ -1,5 +1,6 @@
-"""LogME (You, Liu, Wang, Long; ICML 2021): the log marginal evidence of a Bayesian linear model on fixed features,
-maximised over its prior precision alpha and noise precision beta, as a transferability score. Pure torch, float64.
+"""LogME (You, Liu, Wang, Long; ICML 2021; docs/REFERENCE.md §2.4): the log marginal evidence of a Bayesian
+linear model on fixed features, maximised over its prior precision alpha and noise precision beta, as a
+transferability score. Pure torch, float64.
 
 Per class c, with one-hot targets y_c (N,) and features F (N x D):
     w ~ N(0, I / alpha),  y_c | F, w ~ N(F w, I / beta)

@@ -1,4 +1,5 @@
-"""All-pairs prediction statistics for N models on one split, from their cached predictions (REFERENCE §1, §5).
+"""All-pairs prediction statistics for N models on one split, from their cached predictions
+(docs/REFERENCE.md §1.1, §5.1).
 
 Every function takes the predictions of all models at once and returns N x N matrices indexed [teacher, student],
 computed with matrix operations (no loop over pairs):
@@ -403,7 +404,8 @@ def kl_matrix_stream(log_probs: Sequence, max_bytes: int = 1 << 30, device=None,
 def pairwise_stats(preds: torch.Tensor, labels: torch.Tensor, num_classes: int, logits=None,
                    ps: Sequence[float] = CONCENTRATION_PS, T: float = 1.0, per_class: bool = True,
                    keep_per_class: bool = False) -> Dict[str, torch.Tensor]:
-    """Every N x N statistic of REFERENCE §1/§5 from the (N, n) predicted classes (and (N, n, K) logits for KL).
+    """Every N x N statistic of docs/REFERENCE.md §1.1 and §5.1 from the (N, n) predicted classes (and (N, n, K)
+    logits for KL).
 
     Keys (all [teacher, student]): pos_flips, neg_flips, pos_flips_pct, neg_flips_pct, acc_diff (teacher -
     student, %), agreement (%), pos/neg_class_{mean,std,entropy}, classes_for_{p}pct, kl (when logits are given),

@@ -1,5 +1,5 @@
-"""Transition curves and the mean transition error (MTE) of Micaelli & Storkey 2019 (REFERENCE §4). Pure functions:
-the models come in as callables (input -> logits); nothing else from the suite is imported.
+"""Transition curves and the mean transition error (MTE) of Micaelli & Storkey 2019 (docs/REFERENCE.md §4.5).
+Pure functions: the models come in as callables (input -> logits); nothing else from the suite is imported.
 
 For each image (on which student and teacher agree) and each class j other than its TRUE label, K plain gradient
 steps (lr 1) on the input minimise CE(student(x), j); p_j under the student and under the teacher is recorded at every step (step 0

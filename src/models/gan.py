@@ -1,4 +1,4 @@
-"""Generators of distillation data (gnosis' synthetic augmentation, REFERENCE §5) and their checkpoints.
+"""Generators of distillation data (gnosis' synthetic augmentation, docs/REFERENCE.md §5.3) and their checkpoints.
 
 - `CondGenerator`: a class-conditional DCGAN generator, (z, y) -> image in [0, 1] (sigmoid output, raw input
   space like every dataset here): z ++ embed(y) -> Linear to (2w) x (s/4) x (s/4) -> BN, ReLU ->

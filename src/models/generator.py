@@ -1,6 +1,6 @@
-"""The zero-shot KT generator (Micaelli & Storkey 2019, REFERENCE §4): z in R^100 ~ N(0, I) -> Linear to
-128 x (s/4) x (s/4) -> BN -> 2 x [upsample x2, conv3x3, BN, LeakyReLU 0.2] (128 then 64 channels) -> conv3x3 to
-the image channels -> affine BN (no tanh). Output: (B, C, s, s) with s the dataset's image size.
+"""The zero-shot KT generator (Micaelli & Storkey 2019, docs/REFERENCE.md §4.1): z in R^100 ~ N(0, I) ->
+Linear to 128 x (s/4) x (s/4) -> BN -> 2 x [upsample x2, conv3x3, BN, LeakyReLU 0.2] (128 then 64 channels) ->
+conv3x3 to the image channels -> affine BN (no tanh). Output: (B, C, s, s) with s the dataset's image size.
 
 The last BN stands in for input normalisation: the output lives in the *normalised* input space of the teacher
 (what the paper's teacher, trained on mean/std-normalised images, sees). Our models take raw [0, 1] images and

@@ -1,4 +1,4 @@
-"""Figures of the prediction-flips family (REFERENCE §1): the N x N heatmap of positive flips, positive flips
+"""Figures of the prediction-flips family (docs/REFERENCE.md §1.1): the N x N heatmap of positive flips, positive flips
 against the accuracy difference with their lower envelope (the paper's Figure 1), and the per-class
 distribution of one pair's flips."""
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Figures of the zero-shot family (REFERENCE §4): mean transition curves of a student and its teacher."""
+"""Figures of the zero-shot family (docs/REFERENCE.md §4.5): mean transition curves of a student and its
+teacher."""
 from __future__ import annotations
 
 from pathlib import Path

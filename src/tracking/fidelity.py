@@ -1,4 +1,4 @@
-"""The fidelity study's table and figure (gnosis, REFERENCE §5) from finished transfer runs.
+"""The fidelity study's table and figure (gnosis, docs/REFERENCE.md §5.1) from finished transfer runs.
 
 A run is a dict {"dir": path, "cfg": the resolved .hydra/config.yaml as a plain dict, "summary": summary.json}
 (what scripts/aggregate.py loads). Runs are grouped by (teacher setting, data setting), read from the config:
