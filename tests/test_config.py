@@ -200,7 +200,7 @@ def test_run_and_sweep_dirs_do_not_collide():
 # ------------------------------------------------------------------------------------------ one `_target_` style
 
 # `_target_`s in config/ that are not transfer methods (they keep their module path)
-NON_METHOD_TARGETS = {"src.experiments.entry.OutputDirCheck"}  # hydra/default.yaml: the run-dir check callback
+NON_METHOD_TARGETS = {"src.entry.OutputDirCheck"}  # hydra/default.yaml: the run-dir check callback
 METHOD_TARGET = re.compile(r"^src\.methods\.[A-Z][A-Za-z0-9_]*$")
 
 

@@ -423,7 +423,7 @@ def test_model_spec_check_matches_check_model_spec(tmp_path):
     """ModelSpec.check raises today's check_model_spec messages word for word."""
     from omegaconf import OmegaConf
 
-    from src.experiments.common import check_model_spec
+    from src.experiments.preflight import check_model_spec
     from src.models import ModelSpec
 
     cfg = OmegaConf.create({"zoo": {"models": ZOO}})

@@ -27,7 +27,7 @@ from ..metrics.flips import per_class_flips
 from ..models import create_model
 from ..schema import as_dict
 from .context import Context, ModelRef, run_context
-from .preflight import zoo_names
+from .preflight import model_spec, zoo_names
 from .resolve import resolve_model
 from .zoo import train_zoo_entry
 
@@ -184,7 +184,8 @@ def check_options(cfg, names: List[str]) -> List[float]:
     """The family's own keys, before any evaluation; returns the concentration levels p (%)."""
     if cfg.plot_pair:  # names that are not paths are the models' names in this run
         pp = [str(v) for v in cfg.plot_pair]
-        if len(pp) != 2 or any(v not in names for v in pp) and not any(Path(n).exists() for n in names):
+        folders = any(model_spec(n, cfg).kind == "path" for n in names)  # their names are known after loading
+        if len(pp) != 2 or any(v not in names for v in pp) and not folders:
             raise UserError(f"plot_pair={pp} names a model that is not in this run ({', '.join(names)}): pick two "
                             f"of them")
     ps = [float(p) for p in cfg.concentration]

@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..data.loaders import loader_dtype
 from ..errors import UserError, closest
+from ..models.spec import ModelSpec
 from ..schema import as_dict
 
 
@@ -205,12 +206,8 @@ def preflight(cfg: DictConfig) -> None:
     for role in ("teacher", "student", "teachers", "models", "model"):
         spec = cfg.get(role)
         for i, s in enumerate(spec if OmegaConf.is_list(spec) or isinstance(spec, (list, tuple)) else [spec]):
-            if isinstance(s, str):
+            if isinstance(s, str) or (isinstance(s, DictConfig) and s.get("arch") is not None):
                 check_model_spec(s, cfg, role if role not in ("teachers", "models") else f"{role}[{i}]")
-            elif isinstance(s, DictConfig) and s.get("arch") is not None:
-                from ..models.factory import check_kwargs
-
-                check_kwargs(str(s.arch), as_dict(s.get("kwargs")), f"{role}.kwargs")
 
 
 def check_partition(key: str, node) -> None:
@@ -255,28 +252,15 @@ def check_paths(cfg) -> None:
                                 f"student checkpoint folder (or remove the entry to train it)")
 
 
-def check_model_spec(name: str, cfg, role: str = "model") -> None:
+def model_spec(spec, cfg) -> ModelSpec:
+    """`spec` (a name or a model node) parsed against the run's zoo: the one grammar, src/models/spec.py."""
+    z = cfg.get("zoo")
+    return ModelSpec.parse(spec, z.models if z is not None and z.get("models") else None)
+
+
+def check_model_spec(name, cfg, role: str = "model") -> None:
     """UserError unless `name` can be resolved by `resolve_model` (without loading or training anything)."""
-    import timm
-
-    if name in zoo_names(cfg) or Path(name).exists():
-        return
-    if "@" in name:
-        arch, path = name.split("@", 1)
-        if not timm.is_model(arch):
-            from ..models import nets
-
-            raise UserError(f"unknown architecture '{arch}' in {role}={name}"
-                            f"{closest(arch, timm.list_models() + list(nets.OUR_MODELS))}: use arch@weights_file "
-                            f"with a timm name or one of ours")
-        if not Path(path).is_file():
-            raise UserError(f"weights file {path} (from {role}={name}) does not exist: check the path")
-        return
-    if timm.is_model(name):
-        return
-    raise UserError(f"unknown {role} '{name}'{closest(name, zoo_names(cfg) + timm.list_models())}: use a zoo name "
-                    f"({', '.join(zoo_names(cfg)) or 'none configured'}), a timm model name, a checkpoint folder "
-                    f"or arch@weights_file")
+    model_spec(name, cfg).check(role, zoo_names(cfg))
 
 
 def zoo_names(cfg) -> list:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
 from ..errors import UserError
 from ..io_utils import content_hash
 from ..models import create_model, load_checkpoint, read_meta, zoo_dir
-from ..schema import as_dict
+from ..models.spec import ModelSpec
 from .context import Context, ModelRef
-from .preflight import check_model_spec, zoo_names, zoo_seed
+from .preflight import model_spec, zoo_names, zoo_seed
 
 log = logging.getLogger("kt")
 
@@ -30,42 +28,58 @@ def hash_index(cfg) -> Path:
 
 def resolve_model(spec, ctx: Context, role: str = "model") -> ModelRef:
     """A model from a zoo name, a checkpoint folder/file written by this suite, `arch@weights_file`, a timm name
-    (pretrained hub weights), or a model config node {arch, pretrained, checkpoint, kwargs}."""
-    info, cfg = ctx.info, ctx.cfg
-    if isinstance(spec, (DictConfig, dict)):
-        spec = OmegaConf.create(spec) if isinstance(spec, dict) else spec
-        m = create_model(spec.arch, info.num_classes, info.channels, info.mean, info.std,
-                         pretrained=bool(spec.get("pretrained", False)), checkpoint=spec.get("checkpoint"),
-                         kwargs=as_dict(spec.get("kwargs")), img_size=info.image_size)
-        key = None
-        if spec.get("checkpoint"):
-            key = f"{spec.arch}-{content_hash(spec.checkpoint, hash_index(cfg))}"
-        elif spec.get("pretrained"):
-            key = f"timm-{spec.arch}"
-        return ModelRef(spec.get("name") or spec.arch, m, key, {})
-    name = str(spec)
-    check_model_spec(name, cfg, role)  # unknown names and missing weight files fail here, before any loading
-    if name in zoo_names(cfg):
-        folder = zoo_folder(cfg, info.name, name)
-        meta = read_meta(folder)
-        if meta is None:
-            if not cfg.zoo.get("train_missing", False) or ctx.train_missing is None:
-                raise UserError(f"zoo model '{name}' has no checkpoint in {folder}: train it with "
-                                f"`python main_pretrain.py name={name}` or set zoo.train_missing=true")
-            log.info("zoo model '%s' is missing: training it now (zoo.train_missing=true)", name)
-            ctx.train_missing(name, ctx)
-        model, meta = load_checkpoint(folder, info.num_classes, info.channels, hash_index(cfg))
-        return ModelRef(name, model, meta["hash"], meta)
-    if "@" in name:
-        arch, path = name.split("@", 1)
-        m = create_model(arch, info.num_classes, info.channels, info.mean, info.std, checkpoint=path,
-                         img_size=info.image_size, reinit_head=not role.startswith("teacher"))
-        return ModelRef(name, m, f"{arch}-{content_hash(path, hash_index(cfg))}", {"arch": arch, "checkpoint": path})
-    p = Path(name)
-    if p.exists():
-        model, meta = load_checkpoint(p, info.num_classes, info.channels, hash_index(cfg))
-        return ModelRef(meta.get("name", p.name), model, meta["hash"], meta)
-    # what is left is a timm name (check_model_spec accepted it): its pretrained hub weights
+    (pretrained hub weights), or a model config node {arch, pretrained, checkpoint, kwargs, name}: one branch per
+    kind of `ModelSpec` (src/models/spec.py)."""
+    s = model_spec(spec, ctx.cfg)
+    if s.kind != "node":
+        s.check(role, zoo_names(ctx.cfg))  # unknown names and missing weight files fail here, before any loading
+    return {"node": _from_node, "zoo": _from_zoo, "arch_file": _from_arch_file, "path": _from_path,
+            "timm": _from_timm}[s.kind](s, ctx, role)
+
+
+def _new(ctx: Context, arch: str, **kw):
+    info = ctx.info
+    return create_model(arch, info.num_classes, info.channels, info.mean, info.std, img_size=info.image_size, **kw)
+
+
+def _from_node(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
+    n = s.node
+    m = _new(ctx, n["arch"], pretrained=n["pretrained"], checkpoint=n["checkpoint"], kwargs=n["kwargs"])
+    key = None
+    if n["checkpoint"]:
+        key = f"{n['arch']}-{content_hash(n['checkpoint'], hash_index(ctx.cfg))}"
+    elif n["pretrained"]:
+        key = f"timm-{n['arch']}"
+    return ModelRef(s.name, m, key, {})
+
+
+def _from_zoo(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
+    cfg, info, name = ctx.cfg, ctx.info, s.text
+    folder = zoo_folder(cfg, info.name, name)
+    if read_meta(folder) is None:
+        if not cfg.zoo.get("train_missing", False) or ctx.train_missing is None:
+            raise UserError(f"zoo model '{name}' has no checkpoint in {folder}: train it with "
+                            f"`python main_pretrain.py name={name}` or set zoo.train_missing=true")
+        log.info("zoo model '%s' is missing: training it now (zoo.train_missing=true)", name)
+        ctx.train_missing(name, ctx)
+    model, meta = load_checkpoint(folder, info.num_classes, info.channels, hash_index(cfg))
+    return ModelRef(name, model, meta["hash"], meta)
+
+
+def _from_arch_file(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
+    m = _new(ctx, s.arch, checkpoint=s.path, reinit_head=not role.startswith("teacher"))
+    return ModelRef(s.text, m, f"{s.arch}-{content_hash(s.path, hash_index(ctx.cfg))}",
+                    {"arch": s.arch, "checkpoint": s.path})
+
+
+def _from_path(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
+    model, meta = load_checkpoint(Path(s.path), ctx.info.num_classes, ctx.info.channels, hash_index(ctx.cfg))
+    return ModelRef(meta.get("name", Path(s.path).name), model, meta["hash"], meta)
+
+
+def _from_timm(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
+    """A timm name: its pretrained hub weights (offline, only what the HF cache holds)."""
+    info, name = ctx.info, s.text
     try:
         m = create_model(name, info.num_classes, info.channels, info.mean, info.std, pretrained=True)
     except UserError:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from pathlib import Path
 from typing import Dict, Optional
 
 import torch
@@ -24,7 +23,7 @@ from ..models.generator import Generator
 from ..plots.transition import transition_plot
 from ..schema import LoaderConfig, OptimizerConfig, SchedulerConfig, TrainerConfig, typed
 from .context import Context, ModelRef, setup
-from .preflight import preflight, zoo_names
+from .preflight import model_spec, preflight
 from .resolve import resolve_model
 from .multi_teacher import StageTracker
 from .transfer import build_method
@@ -35,17 +34,6 @@ BASELINES = ("kd_at", "scratch")
 
 
 # ------------------------------------------------------------------------------------------------ validation
-def _arch_of(spec, cfg) -> Optional[str]:
-    """The architecture a model spec names without loading anything (None: a folder, known after loading)."""
-    if not isinstance(spec, str):
-        return spec.get("arch") if hasattr(spec, "get") else None
-    if spec in zoo_names(cfg):
-        return str(cfg.zoo.models[spec].arch)
-    if "@" in spec:
-        return spec.split("@", 1)[0]
-    return None if Path(spec).exists() else spec
-
-
 def check_stages(teacher_model, student_model, cfg, names) -> None:
     """With method.beta > 0, teacher and student need 3 stages of equal spatial sizes (WRN / CIFAR ResNet)."""
     d = cfg.dataset
@@ -83,7 +71,7 @@ def validate(cfg: DictConfig) -> None:
         typed(schema, node)  # unknown keys / wrong types fail here
     typed(TrainerConfig, cfg.trainer, fs.trainer)
     if m.beta > 0:  # a cheap look at the named architectures (zoo entries, arch@file, names) before any loading
-        archs = [_arch_of(cfg.teacher, cfg), _arch_of(cfg.student, cfg)]
+        archs = [model_spec(cfg.teacher, cfg).arch, model_spec(cfg.student, cfg).arch]
         if all(archs):
             d = cfg.dataset
             models = [create_model(a, d.num_classes, d.channels, d.mean, d.std, img_size=d.image_size)
@@ -94,8 +82,9 @@ def validate(cfg: DictConfig) -> None:
 # ------------------------------------------------------------------------------------------------ pieces
 def fresh_student(spec, ctx: Context) -> ModelRef:
     """An architecture name is a fresh, randomly initialised student; anything else resolves like a teacher."""
-    if isinstance(spec, str) and spec not in zoo_names(ctx.cfg) and "@" not in spec and not Path(spec).exists():
-        return resolve_model({"arch": spec, "name": spec}, ctx, "student")
+    s = model_spec(spec, ctx.cfg)
+    if s.is_fresh_arch:
+        return resolve_model({"arch": s.arch, "name": s.name}, ctx, "student")
     return resolve_model(spec, ctx, "student")
 
 

@@ -11,7 +11,7 @@ A model is named in one of five ways, tried in this order (the first that matche
 
 ``ModelSpec.parse`` only classifies (no timm import, no file read other than ``Path.exists``);
 ``ModelSpec.check`` is the cheap validation before any loading (it imports timm, which is slow, lazily).
-Loading stays with the caller (``src.experiments.common.resolve_model``), which needs the dataset and the zoo folder.
+Loading stays with the caller (``src.experiments.resolve.resolve_model``), which needs the dataset and the zoo folder.
 """
 from __future__ import annotations
 
