@@ -63,8 +63,15 @@ def parse_args(argv=None):
                         "(default: %(default)s)")
     p.add_argument("--chunksize", type=int, default=100, help="samples per worker task (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of --write-mode proportion (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="rewrite files that already exist")
-    return p.parse_args(argv)
+    p.add_argument("--overwrite", action="store_true",
+                   help="rewrite files that already exist (damaged ones, e.g. truncated, are always rewritten)")
+    # key=value overrides may come anywhere, also after the options (as the loader's error messages suggest:
+    # `... --overwrite paths.data=/data`); ones caught by --splits' nargs are moved back
+    args = p.parse_intermixed_args(argv)
+    if args.splits:
+        args.overrides += [s for s in args.splits if "=" in s]
+        args.splits = [s for s in args.splits if "=" not in s] or None
+    return args
 
 
 def compose_config(config_name: str, overrides):
@@ -81,7 +88,7 @@ def compose_config(config_name: str, overrides):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from src.data import build_dataset
-    from src.data.ffcv_loader import beton_path, write_beton
+    from src.data.ffcv_loader import beton_damage, beton_path, write_beton
     from src.errors import check
 
     cfg = compose_config(args.config_name, args.overrides)
@@ -96,8 +103,14 @@ def main(argv=None) -> int:
     for split in splits:
         path = beton_path(out_dir, ds.info.name, split.name)
         if path.exists() and not args.overwrite:
-            print(f"{path} exists, kept (--overwrite rewrites it)")
-            continue
+            try:  # a damaged file (an interrupted copy, a full disk) holds nothing worth keeping
+                damage = beton_damage(path) if path.is_file() else None
+            except OSError as e:
+                damage = f"unreadable: {e.strerror or type(e).__name__}"
+            if damage is None:
+                print(f"{path} exists, kept (--overwrite rewrites it)")
+                continue
+            print(f"{path} exists but is unusable ({damage}): rewriting it", flush=True)
         mode = args.write_mode
         if mode == "auto":
             mode = "raw" if split.images is not None else "proportion"

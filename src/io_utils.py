@@ -8,7 +8,8 @@
 - `content_hash(path)`: the sha256 prefix of a file's bytes, computed once per (path, size, mtime) and remembered
   (in memory and, when given, in a small JSON index): cache keys come from the weights actually loaded, never from
   what a `meta.json` claims.
-- A file that cannot be read (permissions) is named as such, never as "corrupt".
+- A file that cannot be read (permissions) is named as such, never as "corrupt"; readability and writability are
+  probed with a real open / create (`check_readable`, `write_probe`), never os.access, which says yes to root.
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def _dir_fix(folder: Path) -> str:
         if p.exists():
             if not p.is_dir():
                 return f"{p} is a regular file, not a folder: move it away or point the path elsewhere"
-            if not os.access(p, os.W_OK | os.X_OK):
+            if write_probe(p) is not None:
                 return f"{p} is not writable by you: fix its permissions or point the path elsewhere"
             break
     return "point the path at a writable folder"
@@ -81,10 +82,28 @@ def ensure_dir(folder, key: str) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{key}={folder} cannot be created ({os_reason(e)}): {_dir_fix(folder)}") from e
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"{key}={folder} is not writable by you: fix its permissions or set {key}=<a writable "
-                        f"folder>")
+    denied = write_probe(folder)
+    if denied is not None:
+        raise UserError(f"{key}={folder} is not writable by you ({os_reason(denied)}): fix its permissions "
+                        f"(e.g. chmod u+rwx {folder}) or set {key}=<a writable folder>")
     return folder
+
+
+def write_probe(folder) -> "OSError | None":
+    """None when a file can be created in `folder`, else the error that refused it. A real create (and unlink)
+    rather than os.access: access() answers yes to root for any mode, and no for some mounts, ACLs or network
+    file systems whose writes would succeed or fail otherwise."""
+    probe = Path(folder) / f".kt_write_probe.{os.getpid()}.{os.urandom(4).hex()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        return e
+    os.close(fd)
+    try:
+        os.unlink(probe)
+    except OSError:
+        pass
+    return None
 
 
 def read_json_safe(path, what: str = "file", fix: str = "delete it and rerun") -> Any:
@@ -141,9 +160,13 @@ def check_readable(path, what: str = "checkpoint") -> Path:
         raise UserError(f"{what} {path} is a folder, not a file: give the weights file inside it")
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist: check the path")
-    if not os.access(path, os.R_OK):
-        raise UserError(f"{what} {path} is not readable (permission denied): ask its owner to chmod a+r it (the "
-                        f"file itself may be fine)")
+    try:  # a real open, not os.access: access() answers yes to root for any mode
+        os.close(os.open(path, os.O_RDONLY))
+    except PermissionError as e:
+        raise UserError(f"{what} {path} is not readable ({os_reason(e)}): ask its owner to chmod a+r it (the "
+                        f"file itself may be fine)") from e
+    except OSError as e:
+        raise UserError(f"{what} {path} cannot be read ({os_reason(e)}): check the disk or copy it again") from e
     return path
 
 

@@ -16,6 +16,13 @@ Row fields
 - subprocess: also run it as a real `python main_<script>.py ...` (slow: ~8-10 s of imports; keep these few).
   Rows that only fail through Hydra's machinery (e.g. an unwritable run dir, caught by a Hydra callback) have
   `inprocess=False`.
+- requires: modules the row needs (importorskip); `ffcv` also writes the FFCV artifacts below (a real beton).
+- copy / locked: permission rows. `copy=(src, dst)` copies a file or folder first (a `dst` without `src` is made
+  an empty folder); `locked` is the path then made unreadable / unwritable: `os.open` is patched to raise
+  PermissionError for it (so the row also runs as root, which permissions do not stop), and where the tests do
+  not run as root `test_locked_rows_with_real_permissions` repeats the row with a real `chmod 000`.
+- trains: the error comes from training itself (a diverging loss), so the run has logged: the earlier run's
+  metrics.jsonl may gain this run's lines after its own, which stay byte for byte; every other output is untouched.
 
 ARTIFACTS (written once per session by the `artifacts` fixture in test_bad_input.py):
   teacher10/            a valid 10-class mlp checkpoint folder (model.safetensors + meta.json)
@@ -34,6 +41,10 @@ ARTIFACTS (written once per session by the `artifacts` fixture in test_bad_input
   swapped/              teacher10's meta.json over another model's weights (replaced by hand)
   basis_{rank,shape,nan,garbage}.safetensors   KDEP bases: V 1-D / V (5, 3) for 64-d mu / NaN / random bytes
   nan.csv, bom.csv      models CSVs: a top1 of `nan`; a UTF-8 BOM before the header (and an unknown model first)
+FFCV artifacts (rows with requires=("ffcv",); the `ffcv_artifacts` fixture):
+  ffcv_empty/           digits_{train,val,test}.beton of zero bytes (an interrupted copy)
+  ffcv_trunc/           the same names, each a real digits beton cut inside its allocation table (FFCV's Reader
+                        accepts it and would read the missing images from beyond the end of the file)
 """
 from __future__ import annotations
 
@@ -65,6 +76,10 @@ class Case:
     kind: str = "user"  # user | hydra
     subprocess: bool = False
     inprocess: bool = True
+    requires: Tuple[str, ...] = ()
+    copy: Tuple[str, ...] = ()  # (src, dst) or ("", dst): see the docstring
+    locked: str = ""
+    trains: bool = False
 
 
 def C(id, script, overrides, expect, **kw) -> Case:  # noqa: N802  (short row constructor)
@@ -327,4 +342,31 @@ CASES += [
       ["teacher10 is not a generator", "mlp classifier", "zoo generator name"]),
     C("transfer-synth-unknown-source", "transfer", ["method.synth_ratio=0.2", "method.synth_source=gann"],
       ["method.synth_source=gann", "closest: gan"]),
+]
+
+# ---- the last cases: damaged FFCV files, permissions, a diverging method -------------------------------------------
+FF = [*M, "loader=ffcv", "loader.num_workers=1", "loader.device=cpu"]
+CASES += [
+    C("pretrain-ffcv-empty-beton", "pretrain", [*FF, "loader.ffcv_dir={art}/ffcv_empty"],
+      ["ffcv_empty/digits_", ".beton", "empty (0 bytes)", "python scripts/write_ffcv.py dataset=digits --splits",
+       "--overwrite"], requires=("ffcv",)),
+    C("pretrain-ffcv-truncated-beton", "pretrain", [*FF, "loader.ffcv_dir={art}/ffcv_trunc"],
+      ["ffcv_trunc/digits_", ".beton", "truncated", "100 of 359 images", "python scripts/write_ffcv.py",
+       "--overwrite"], requires=("ffcv",)),
+    C("pretrain-checkpoints-not-writable", "pretrain", [*M, "paths.checkpoints={tmp}/locked"],
+      ["paths.checkpoints=", "locked is not writable", "Permission denied", "chmod u+rwx", "paths.checkpoints=<"],
+      copy=("", "{tmp}/locked"), locked="{tmp}/locked"),
+    C("pretrain-cache-not-writable", "pretrain", [*M, "paths.cache={tmp}/locked"],
+      ["paths.cache=", "locked is not writable", "Permission denied", "paths.cache=<"],
+      copy=("", "{tmp}/locked"), locked="{tmp}/locked"),
+    C("transfer-weights-not-readable", "transfer", [T10, "student=resnet8@{tmp}/locked.safetensors"],
+      ["locked.safetensors is not readable", "Permission denied", "chmod a+r"],
+      copy=("{art}/resnet8.safetensors", "{tmp}/locked.safetensors"), locked="{tmp}/locked.safetensors"),
+    C("transfer-teacher-weights-not-readable", "transfer", ["teacher={tmp}/lockedteacher"],
+      ["lockedteacher/model.safetensors is not readable", "chmod a+r"],
+      copy=("{art}/teacher10", "{tmp}/lockedteacher"), locked="{tmp}/lockedteacher/model.safetensors"),
+    C("transfer-non-finite-loss", "transfer", [T10, "student={art}/other10", "method=kl_dp", "optimizer.lr=1e30",
+                                               "trainer.max_steps=20"],
+      ["non-finite loss at step", "method=kl_dp (KLDP)", "method.temperature=1.0", "optimizer.lr=1e+30",
+       "lower optimizer.lr", "last good checkpoint"], trains=True),
 ]

@@ -36,6 +36,25 @@ def load_script(name: str):
     return mod
 
 
+def deny_os_open(monkeypatch, target: Path):
+    """`os.open` of `target` or of anything below it raises PermissionError, as a chmod 000 would for a user that
+    is not root: the probes in src/io_utils.py (check_readable, write_probe) and the FFCV check open files this
+    way, so the path to the one-line error is covered even where the tests run as root."""
+    import errno
+
+    real = os.open
+    target = Path(os.path.abspath(target))
+
+    def fake_open(path, flags, *args, **kwargs):
+        if not isinstance(path, int):
+            p = Path(os.path.abspath(os.fsdecode(path)))
+            if p == target or target in p.parents:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake_open)
+
+
 def find_pids(*needles: str, env_entry: str = ""):
     """pids of the processes whose command line contains every needle (and, if given, whose environment holds the
     exact entry `env_entry`, e.g. "RANK=1"); Linux /proc. Tests use it to signal one worker of a launcher."""

@@ -8,6 +8,8 @@ import importlib
 import json
 import os
 import pickle
+import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 import torch
 
 from bad_input_cases import CASES, SCRIPTS, Case
-from conftest import ROOT, compose
+from conftest import ROOT, compose, deny_os_open
 
 SENTINEL_SUMMARY = {"status": "ok", "student_acc_after": 12.5, "note": "an earlier run's result"}
 SENTINEL_METRICS = '{"step": 3, "eval/student_acc": 12.5}\n'
@@ -105,6 +107,43 @@ def _disk_artifacts(art: Path, model, digits: dict) -> None:
     (art / "bom.csv").write_text("\ufeffmodel,top1\nlenett,\nmlp_small,\n", encoding="utf-8")
 
 
+@pytest.fixture(scope="session")
+def ffcv_artifacts(artifacts):
+    """The FFCV files of the table (see bad_input_cases.py): a real digits beton, emptied and cut."""
+    import numpy as np
+    from conftest import compose
+    from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
+
+    from src.data import build_dataset
+    from src.data.ffcv_loader import write_beton
+
+    cfg = compose("pretrain/pretrain", [f"paths.data={artifacts / 'data'}"])
+    real = write_beton(build_dataset(cfg.dataset, cfg.paths).split("test"),
+                       artifacts / "ffcv_real" / "digits_test.beton", num_workers=1, page_size_mib=2)
+    data = real.read_bytes()
+    table = int(np.frombuffer(data[:HeaderType.itemsize], dtype=HeaderType)[0]["alloc_table_ptr"])
+    cut = data[:table + 100 * ALLOC_TABLE_TYPE.itemsize]  # 100 whole entries of 359: FFCV's Reader accepts it
+    for folder, content in (("ffcv_empty", b""), ("ffcv_trunc", cut)):
+        (artifacts / folder).mkdir()
+        for split in ("train", "val", "test"):
+            (artifacts / folder / f"digits_{split}.beton").write_bytes(content)
+    return artifacts
+
+
+def _prepare_locked(case: Case, art: Path, tmp: Path):
+    """Copy the row's files and return the path its `locked` names (None for rows without one)."""
+    if not case.locked:
+        return None
+    src, dst = (c.format(art=art, tmp=tmp) for c in case.copy)
+    if not src:
+        Path(dst).mkdir(parents=True)
+    elif Path(src).is_dir():
+        shutil.copytree(src, dst)
+    else:
+        shutil.copy(src, dst)
+    return Path(case.locked.format(art=art, tmp=tmp))
+
+
 def _overrides(case: Case, art: Path, tmp: Path):
     paths = [f"paths.checkpoints={tmp / 'empty_zoo'}", f"paths.cache={tmp / 'cache'}", f"paths.data={tmp / 'data'}"]
     own = [o.format(art=art, tmp=tmp) for o in case.overrides]
@@ -140,7 +179,18 @@ def _assert_nothing_trained(tmp: Path, case: Case):
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.inprocess], ids=lambda c: c.id)
-def test_bad_input_in_process(case: Case, artifacts, tmp_path, capsys):
+def test_bad_input_in_process(case: Case, artifacts, tmp_path, capsys, monkeypatch, request):
+    for module in case.requires:
+        pytest.importorskip(module)
+    if "ffcv" in case.requires:
+        request.getfixturevalue("ffcv_artifacts")
+    locked = _prepare_locked(case, artifacts, tmp_path)
+    if locked is not None:
+        deny_os_open(monkeypatch, locked)
+    _check_in_process(case, artifacts, tmp_path, capsys)
+
+
+def _check_in_process(case: Case, artifacts, tmp_path, capsys):
     from src.entry import entry
 
     script = SCRIPTS[case.script]
@@ -161,9 +211,48 @@ def test_bad_input_in_process(case: Case, artifacts, tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error: "), f"{case.id}: stderr is not one line: {err}"
     _check_message(case, err[0])
-    assert _snapshot(run_dir) == before, f"{case.id}: an earlier run's outputs were modified"
+    after = _snapshot(run_dir)
+    if case.trains:  # this run logged before it diverged: after the earlier lines, which are kept
+        m0, m1 = before.pop("metrics.jsonl"), after.pop("metrics.jsonl")
+        assert m1.startswith(m0), f"{case.id}: the earlier run's metrics lines were modified"
+    assert after == before, f"{case.id}: an earlier run's outputs were modified"
     _assert_nothing_trained(tmp_path, case)
     assert not (artifacts / "PWNED").exists(), "a checkpoint's pickle was executed"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes through any file mode, so a chmod 000 stops "
+                    "nothing; the patched-os.open variant of these rows runs in test_bad_input_in_process")
+@pytest.mark.parametrize("case", [c for c in CASES if c.locked], ids=lambda c: c.id)
+def test_locked_rows_with_real_permissions(case: Case, artifacts, tmp_path, capsys):
+    locked = _prepare_locked(case, artifacts, tmp_path)
+    mode = stat.S_IMODE(locked.stat().st_mode)
+    locked.chmod(0)
+    try:
+        _check_in_process(case, artifacts, tmp_path, capsys)
+    finally:
+        locked.chmod(mode)  # tmp_path's cleanup needs it
+
+
+def test_root_bypasses_permissions_but_the_probes_do_not_trust_access(tmp_path, monkeypatch):
+    """The probes make a real open / create: as root the locked folder is truly writable (no false error);
+    with os.open refusing, both name the path; os.access is never the judge."""
+    from src.errors import UserError
+    from src.io_utils import check_readable, ensure_dir, write_probe
+
+    d = tmp_path / "d"
+    d.mkdir()
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"x")
+    assert write_probe(d) is None and check_readable(f) == f
+    assert os.listdir(d) == []  # the probe file is removed again
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)  # an access() that says no is not believed
+    assert ensure_dir(d, "paths.cache") == d and check_readable(f) == f
+    deny_os_open(monkeypatch, d)
+    with pytest.raises(UserError, match=r"paths.cache=.*/d is not writable by you \(Permission denied\)"):
+        ensure_dir(d, "paths.cache")
+    deny_os_open(monkeypatch, f)
+    with pytest.raises(UserError, match=r"w.bin is not readable \(Permission denied\)"):
+        check_readable(f, "weights file")
 
 
 def _run_script(script: str, args, timeout=300, env_extra=None):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import compose, load_script
+from tests.conftest import compose, deny_os_open, load_script
 
 # Unoptimised numba code compiles ~25% faster; these tests decode a few hundred tiny images, so speed is moot.
 # Set before ffcv imports numba (only FFCV uses numba in this suite).
@@ -238,3 +238,96 @@ def test_stale_beton_is_a_user_error(ffcv_env):
     other.ids = other.ids + 10_000
     with pytest.raises(UserError, match="lacks 10 of the 10 sample ids"):
         build_loader(ffcv_env["digits_cfg"].loader, other, train=False)
+
+
+# ------------------------------------------------------------------------------ damaged .beton files (one line)
+
+
+def _beton_layout(path):
+    """(end of the field descriptors, end of the metadata, start of the allocation table, file size)."""
+    from ffcv.types import FieldDescType, HeaderType
+
+    data = path.read_bytes()
+    h = np.frombuffer(data[:HeaderType.itemsize], dtype=HeaderType)[0]
+    desc_end = HeaderType.itemsize + int(h["num_fields"]) * FieldDescType.itemsize
+    meta_end = desc_end + int(h["num_samples"]) * 32  # image (16 bytes aligned) + label + index
+    return desc_end, meta_end, int(h["alloc_table_ptr"]), len(data)
+
+
+def _damaged_loader(ffcv_env, tmp_path, content: bytes):
+    (tmp_path / "digits_test.beton").write_bytes(content)
+    cfg = OmegaConf.merge(ffcv_env["digits_cfg"].loader, {"ffcv_dir": str(tmp_path)})
+    return lambda: build_loader(cfg, ffcv_env["digits"].split("test"), train=False)
+
+
+# every place a cut can fall, by the part of the layout it cuts (the good file is 359 samples)
+CUTS = {
+    "empty": (lambda L: 0, "it is empty (0 bytes)"),
+    "mid-header": (lambda L: 10, "shorter than FFCV's 24-byte header"),
+    "mid-field-descriptors": (lambda L: L[0] - 1, "field descriptors end at byte"),
+    "mid-metadata": (lambda L: L[1] - 5, "the metadata of its 359 samples ends at byte"),
+    "mid-data-pages": (lambda L: (L[1] + L[2]) // 2, "its data pages end at byte"),
+    "no-allocation-table": (lambda L: L[2], "lists 0 of 359 images"),
+    "mid-allocation-entry": (lambda L: L[2] + 24 * 100 + 7, "holds a partial entry of 7 bytes"),
+    "whole-entries-missing": (lambda L: L[3] - 24, "lists 358 of 359 images (first missing: sample 358)"),
+}
+
+
+@pytest.mark.parametrize("cut", list(CUTS))
+def test_truncated_or_empty_beton_is_one_user_error(ffcv_env, tmp_path, cut):
+    """FFCV's Reader fails inside numpy on the first five cuts (IndexError, "negative dimensions") and accepts the
+    last three (fewer allocations: the missing images would be read past the end of the file). Each is caught
+    from the header and the allocation table before FFCV opens the file, and named with the command that
+    rewrites it."""
+    from ffcv.reader import Reader
+
+    good = ffcv_env["out"] / "digits_test.beton"
+    at, why = CUTS[cut]
+    content = good.read_bytes()[:at(_beton_layout(good))]
+    build = _damaged_loader(ffcv_env, tmp_path, content)
+    with pytest.raises(UserError) as e:
+        build()
+    msg = str(e.value)
+    assert "\n" not in msg and str(tmp_path / "digits_test.beton") in msg and why in msg, msg
+    assert f"python scripts/write_ffcv.py dataset=digits --splits test --out-dir {tmp_path} --overwrite" in msg
+    if cut in ("no-allocation-table", "whole-entries-missing"):  # what FFCV alone would have done: no error
+        assert len(Reader(str(tmp_path / "digits_test.beton")).metadata) == 359
+
+
+def test_the_rewrite_command_of_the_message_repairs_the_beton(ffcv_env, tmp_path):
+    """The command the message names, run as given (plus this test's paths and small pages), rewrites the file;
+    a damaged file is rewritten even without --overwrite, a whole one is kept."""
+    import re
+    import shlex
+
+    from src.data.ffcv_loader import beton_damage, read_beton_columns
+
+    good = ffcv_env["out"] / "digits_test.beton"
+    build = _damaged_loader(ffcv_env, tmp_path, good.read_bytes()[:-24])
+    with pytest.raises(UserError) as e:
+        build()
+    command = shlex.split(re.search(r"`python scripts/write_ffcv.py ([^`]*)`", str(e.value)).group(1))
+    base = tmp_path.parent / "ffcv_base"
+    extra = [f"paths.data={base / 'data'}", "--num-workers", "1", "--page-size-mib", "2"]
+    assert _write_ffcv_main()([*command, *extra]) == 0
+    beton = tmp_path / "digits_test.beton"
+    assert beton_damage(beton) is None
+    for a, b in zip(read_beton_columns(beton), read_beton_columns(good)):
+        assert np.array_equal(a, b)
+    assert len(build()) == 3  # opens now (no batch drawn: that would JIT-compile another pipeline)
+
+    beton.write_bytes(b"")  # damaged, no --overwrite: rewritten
+    assert _write_ffcv_main()([*[c for c in command if c != "--overwrite"], *extra]) == 0
+    assert beton_damage(beton) is None
+    stamp = beton.stat().st_mtime_ns  # whole, no --overwrite: kept
+    assert _write_ffcv_main()([*[c for c in command if c != "--overwrite"], *extra]) == 0
+    assert beton.stat().st_mtime_ns == stamp
+
+
+def test_unreadable_beton_is_one_user_error(ffcv_env, tmp_path, monkeypatch):
+    """chmod 000 (root reads through it, so os.open is made to refuse as it would for anyone else)."""
+    build = _damaged_loader(ffcv_env, tmp_path, (ffcv_env["out"] / "digits_test.beton").read_bytes())
+    deny_os_open(monkeypatch, tmp_path / "digits_test.beton")
+    with pytest.raises(UserError, match=r"digits_test.beton is not readable \(permission denied\): fix its "
+                                        r"permissions \(chmod a\+r .*--overwrite"):
+        build()

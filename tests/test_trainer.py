@@ -191,8 +191,44 @@ def test_resume_into_another_model_is_a_user_error(tmp_path, digits):
 
 def test_non_finite_loss_is_a_user_error(tmp_path, digits):
     t = _trainer(digits, tmp_path, max_steps=3, optim={"name": "sgd", "lr": 1e30, "momentum": 0.0})
-    with pytest.raises(UserError, match="non-finite loss"):
+    with pytest.raises(UserError, match="non-finite loss") as e:
         t.fit()
+    # a classifier built without a method config node: named by its class; the optimiser node has no parent
+    assert "(method CrossEntropy; optimizer.lr=1e+30)" in str(e.value) and "lower optimizer.lr" in str(e.value)
+
+
+@pytest.mark.parametrize("nan_at", [0, 3])
+def test_non_finite_loss_names_the_method_by_its_config_key(tmp_path, digits, nan_at):
+    """A distillation run whose loss turns NaN: the one line names the method as the config chose it
+    (method=kl) with its class, its non-zero method.* settings and the learning rate by full key, and the fix;
+    before any update it says the learning rate is not the cause. The last good checkpoint stays on disk."""
+    from src.methods import KL
+
+    cfg = compose("transfer/transfer", ["method=kl", "method.temperature=4", "optimizer.lr=0.05",
+                                        "trainer.max_steps=6", "trainer.ckpt_every_steps=2", "trainer.progress=off"])
+    method = KL(_model("mlp", digits, 0), _model("mlp", digits, 1), temperature=cfg.method.temperature,
+                alpha=cfg.method.alpha)
+    t = Trainer(method, _loader(digits), cfg.trainer, cfg.optimizer, cfg.scheduler, tmp_path, device="cpu")
+    real = method.loss
+
+    def loss(batch):
+        value, logs = real(batch)
+        return (value * float("nan") if t.step == nan_at else value), logs
+
+    method.loss = loss
+    with pytest.raises(UserError) as e:
+        t.fit()
+    msg = str(e.value)
+    assert "\n" not in msg and f"non-finite loss at step {nan_at} (method=kl (KL): method.temperature=4, " \
+                                 f"method.alpha=1.0" in msg, msg
+    if nan_at == 0:
+        assert "before any update, so not the learning rate" in msg and msg.endswith("last good checkpoint: none")
+        return
+    assert "; optimizer.lr=0.05): lower optimizer.lr (e.g. by 10x)" in msg and "trainer.grad_clip=1.0" in msg
+    good = tmp_path / "checkpoints" / "train" / "step_00000002"
+    assert msg.endswith(f"last good checkpoint: {good} (kept)")
+    assert CheckpointDir(tmp_path / "checkpoints" / "train").latest() == good
+    assert all(torch.isfinite(v).all() for v in load_state_dict(good / "model.safetensors").values())
 
 
 def test_bad_trainer_settings_are_user_errors(tmp_path, digits):

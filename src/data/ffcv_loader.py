@@ -62,10 +62,92 @@ def beton_path(ffcv_dir: Optional[str], dataset: str, split: str) -> Path:
     return Path(ffcv_dir) / f"{dataset}_{split}.beton"
 
 
-def read_beton_columns(path: Path) -> Tuple[np.ndarray, np.ndarray]:
-    """(labels, ids) of every row of a beton, read from its metadata table (no decoding, no JIT)."""
+def beton_damage(path) -> Optional[str]:
+    """Why the .beton at `path` cannot be read completely, or None when its layout is whole. Cheap (the header,
+    the field descriptors and the allocation table, which FFCV's Reader reads anyway; no sample data).
+
+    FFCV's Reader does not check sizes: a zero-byte or header-short file fails inside numpy (IndexError,
+    "negative dimensions"), and a file cut in its data pages or allocation table is accepted with fewer
+    allocations, whose samples are then read from beyond the end of the file. A beton is laid out as
+    header | field descriptors | metadata (one row per sample) | data pages | allocation table (to the end of the
+    file, at header.alloc_table_ptr; one entry per stored image), so every cut leaves a checkable trace."""
+    from ffcv.types import (ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType, TYPE_ID_HANDLER,
+                            get_handlers, get_metadata_type)
+
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        return "it is empty (0 bytes)"
+    with os.fdopen(os.open(path, os.O_RDONLY), "rb") as f:
+        head = f.read(HeaderType.itemsize)
+        if len(head) < HeaderType.itemsize:
+            return f"truncated: {size} bytes, shorter than FFCV's {HeaderType.itemsize}-byte header"
+        header = np.frombuffer(head, dtype=HeaderType)[0]
+        if int(header["version"]) != CURRENT_VERSION:
+            return (f"not a .beton of FFCV's format version {CURRENT_VERSION} (its header says version "
+                    f"{int(header['version'])})")
+        n_fields, n = int(header["num_fields"]), int(header["num_samples"])
+        desc_end = HeaderType.itemsize + n_fields * FieldDescType.itemsize
+        if n_fields == 0 or size < desc_end:
+            return f"truncated: {size} bytes, its {n_fields} field descriptors end at byte {desc_end}"
+        descs = np.frombuffer(f.read(desc_end - HeaderType.itemsize), dtype=FieldDescType)
+    types = [int(t) for t in descs["type_id"]]
+    if any(t not in TYPE_ID_HANDLER or TYPE_ID_HANDLER[t] is None for t in types):
+        return f"corrupt: unknown field type ids {types}"
+    try:
+        meta_size = n * get_metadata_type(get_handlers(descs)).itemsize
+    except Exception as e:  # a garbled field descriptor
+        return f"corrupt: unreadable field descriptors ({type(e).__name__})"
+    table = int(header["alloc_table_ptr"])
+    data_start = desc_end + meta_size
+    if size < data_start:
+        return f"truncated: {size} bytes, the metadata of its {n} samples ends at byte {data_start}"
+    if table < data_start:
+        return f"corrupt: its allocation table starts at byte {table}, inside the metadata"
+    if size < table:
+        return f"truncated: {size} bytes, its data pages end at byte {table}"
+    if (size - table) % ALLOC_TABLE_TYPE.itemsize:
+        return (f"truncated: {size} bytes, its allocation table (from byte {table}) holds a partial entry of "
+                f"{(size - table) % ALLOC_TABLE_TYPE.itemsize} bytes")
+    alloc = np.fromfile(path, dtype=ALLOC_TABLE_TYPE, offset=table)
+    ids, end = alloc["sample_id"], alloc["ptr"] + alloc["size"]
+    if len(alloc) and (int(ids.max()) >= n or int(alloc["ptr"].min()) < data_start or int(end.max()) > table):
+        return "corrupt: its allocation table points outside the data pages"
+    image_type = next(k for k, v in TYPE_ID_HANDLER.items() if v is not None and v.__name__ == "RGBImageField")
+    if image_type in types:  # every stored image has one allocation: a cut table lacks the last samples'
+        stored = np.zeros(n, dtype=bool)
+        stored[ids.astype(np.int64)] = True
+        if not stored.all():
+            return (f"truncated: {size} bytes, its allocation table lists {int(stored.sum())} of {n} images "
+                    f"(first missing: sample {int(np.flatnonzero(~stored)[0])})")
+    return None
+
+
+def check_beton(path, rewrite: str) -> None:
+    """UserError naming `path` and the fix (`rewrite`, a command) when the beton is unreadable, empty, truncated
+    or corrupt; before FFCV opens it (FFCV would fail inside numpy, or read past the end of the file)."""
+    try:
+        why = beton_damage(path)
+    except PermissionError as e:
+        raise UserError(f"FFCV file {path} is not readable (permission denied): fix its permissions "
+                        f"(chmod a+r {path}) or {rewrite}") from e
+    except OSError as e:
+        raise UserError(f"FFCV file {path} cannot be read ({e.strerror or type(e).__name__}): {rewrite}") from e
+    if why is not None:
+        raise UserError(f"FFCV file {path} is unusable, {why}: {rewrite}")
+
+
+def rewrite_hint(dataset: str, split: str, folder) -> str:
+    return (f"rewrite it with `{WRITE_COMMAND.format(dataset=dataset, split=split, dir=folder)} --overwrite` "
+            f"(plus the dataset options of this run, e.g. paths.data=...), or use loader=tensor/torch")
+
+
+def read_beton_columns(path: Path, rewrite: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """(labels, ids) of every row of a beton, read from its metadata table (no decoding, no JIT); a damaged file
+    is a UserError (`rewrite`: the fix it names)."""
     from ffcv.reader import Reader
 
+    check_beton(path, rewrite or "rewrite it with `python scripts/write_ffcv.py ... --overwrite`")
     reader = Reader(str(path))
     names = list(reader.field_names)
     if names[:3] != list(FIELDS):
@@ -205,7 +287,7 @@ class FFCVLoader:
         self.channels, self.image_size = info.channels, info.image_size
 
         # rows of the beton that hold this split's samples (the split may be a subset of the written split)
-        labels, ids = read_beton_columns(self.path)
+        labels, ids = read_beton_columns(self.path, rewrite_hint(info.name, split.name, self.path.parent))
         self.indices = self._rows_for(split, labels, ids)
 
         size = (info.image_size, info.image_size)

@@ -14,7 +14,7 @@ import random
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -41,6 +41,114 @@ def _finite(tensors) -> bool:
     """True when every floating-point tensor is finite (one host sync)."""
     flags = [t.detach().isfinite().all() for t in tensors if torch.is_tensor(t) and t.is_floating_point()]
     return bool(torch.stack(flags).all()) if flags else True
+
+
+METHOD_CONFIGS = Path(__file__).resolve().parents[2] / "config" / "method"
+
+
+def _full_key(node, default: str) -> str:
+    """The dotted key of a config node in its config (`optimizer`, `finetune.optimizer`); `default` for a node
+    that was built apart from the run's config (a typed zoo recipe, a plain dict)."""
+    try:
+        key = node._get_full_key(None)
+    except Exception:
+        return default
+    return str(key) if key else default
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _method_node(method, optim_cfg):
+    """(key, node): the top-level node of the run's config whose `_target_` built `method` (`method`,
+    `parallel_method`), found from the optimiser's node (same config tree); (None, None) when there is none."""
+    from omegaconf import OmegaConf
+
+    try:
+        root = optim_cfg._get_root()
+    except AttributeError:
+        return None, None
+    if not OmegaConf.is_dict(root):
+        return None, None
+    cls = type(method).__name__
+    for key in list(root.keys()):
+        try:
+            node = root.get(key)
+        except Exception:  # an unresolvable interpolation elsewhere in the config
+            continue
+        if OmegaConf.is_dict(node) and str(node.get("_target_", "")).rsplit(".", 1)[-1] == cls:
+            return str(key), node
+    return None, None
+
+
+def _load_method_file(name: str, depth: int = 0) -> dict:
+    """config/method/<name>.yaml with its `defaults` (sibling method files) merged in, as a plain dict."""
+    from omegaconf import OmegaConf
+
+    f = METHOD_CONFIGS / f"{name}.yaml"
+    if depth > 5 or not f.is_file():
+        return {}
+    own = OmegaConf.to_container(OmegaConf.load(f))
+    out: dict = {}
+    for d in own.pop("defaults", None) or []:
+        if isinstance(d, str) and d not in ("_self_", "_schema"):
+            out.update(_load_method_file(d, depth + 1))
+    out.update(own)
+    return out
+
+
+def _method_choice(key: str, node) -> Optional[str]:
+    """The config/method file the node came from (`kl_dp`): Hydra's choice when Hydra runs the app, else (the
+    compose API) the file of the same `_target_` whose settings the node matches best."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            choices = HydraConfig.get().runtime.choices
+            for k in (key, f"method@{key}"):
+                if choices.get(k):
+                    return str(choices.get(k))
+    except Exception:
+        pass
+    try:
+        best, best_score = None, None
+        for f in sorted(METHOD_CONFIGS.glob("*.yaml")):
+            d = _load_method_file(f.stem)
+            if d.get("_target_") != node.get("_target_"):
+                continue
+            keys = [k for k in d if k != "_target_"]
+            score = sum(d[k] == node.get(k) for k in keys) - sum(d[k] != node.get(k) for k in keys)
+            if best_score is None or score > best_score:
+                best, best_score = f.stem, score
+        return best
+    except Exception:  # a label for an error message: never a second error
+        return None
+
+
+def describe_method(method, optim_cfg) -> Tuple[str, list]:
+    """('method=kl_dp (KLDP)', ['method.temperature=1.0', ...]): how the run's config names the trained method,
+    and its non-zero numeric hyper-parameters (weights, temperatures: what makes a loss overflow) by full key.
+    A method built without a config node (a plain classifier) is named by its class and constructor settings."""
+    cls = type(method).__name__
+    key, node = _method_node(method, optim_cfg)
+    if node is not None:
+        choice = _method_choice(key, node)
+        name = f"{key}={choice} ({cls})" if choice else f"{key}._target_={node.get('_target_')}"
+        params = [f"{key}.{k}={v}" for k, v in node.items() if k != "_target_" and _number(v) and v != 0]
+        return name, params[:6]
+    import inspect
+
+    try:
+        sig = inspect.signature(type(method).__init__).parameters
+    except (TypeError, ValueError):
+        sig = {}
+    params = []
+    for k, prm in sig.items():
+        v = getattr(method, k, None)
+        if _number(prm.default) and _number(v) and v != 0:
+            params.append(f"{k}={v}")
+    return f"method {cls}", params[:6]
 
 
 def seed_everything(seed: int) -> None:
@@ -190,6 +298,7 @@ class Trainer:
                                broadcast_buffers=False, find_unused_parameters=False)
         groups = self.method.param_groups() if hasattr(self.method, "param_groups") else \
             [{"params": list(self.method.parameters())}]
+        self.optim_cfg = optim_cfg
         self.optimizer = build_optimizer(optim_cfg, groups, loader.batch_size, world_size)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(sched_cfg, self.total_steps, self.steps_per_epoch))
@@ -211,9 +320,10 @@ class Trainer:
     def save(self) -> Path:
         weights = self._trainable_state()
         if not _finite(weights.values()):  # never replace the last good checkpoint with NaN/inf weights
+            name, params = describe_method(self.method, self.optim_cfg)
             raise UserError(
-                f"non-finite weights at step {self.step}: lower optimizer.lr or use trainer.grad_clip / "
-                f"trainer.amp=none; last good checkpoint kept: {self.ckpt.latest() or 'none'}")
+                f"non-finite weights at step {self.step} ({self._settings(name, params)}): {self._fix()}; "
+                f"last good checkpoint kept: {self.ckpt.latest() or 'none (none was written yet)'}")
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                  "rng": _rng_state(), "wandb_id": getattr(self.tracker, "run_id", None),
@@ -384,18 +494,33 @@ class Trainer:
             bar.close()
         return self._last
 
+    def _settings(self, name: str, params) -> str:
+        """'method=kl_dp (KLDP): method.temperature=4.0, ...; optimizer.lr=0.1' -- what the message names."""
+        opt = _full_key(self.optim_cfg, "optimizer")
+        lr = self.optim_cfg.get("lr") if hasattr(self.optim_cfg, "get") else None
+        return f"{name}{': ' + ', '.join(params) if params else ''}; {opt}.lr={lr}"
+
+    def _fix(self) -> str:
+        opt, tr = _full_key(self.optim_cfg, "optimizer"), _full_key(self.cfg, "trainer")
+        clip = f"{tr}.grad_clip=1.0" if not self.cfg.grad_clip else f"a smaller {tr}.grad_clip"
+        amp = f" / {tr}.amp=none" if self.cfg.amp != "none" else ""
+        return (f"lower {opt}.lr (e.g. by 10x) or the method's loss weights / raise its temperatures (method.*, "
+                f"shown above), or set {clip}{amp}, and rerun in a new run dir")
+
     def _nonfinite_message(self, lazy: bool, latest) -> str:
-        """Name the settings that can cause it: before any update the learning rate cannot be the cause."""
+        """One line naming the method by its config key, the settings that can cause it and the fix; before any
+        update the learning rate cannot be the cause."""
         where = f"at step {self.step}" if not lazy or self.step == 0 else f"by step {self.step}"
-        method = type(self.method).__name__
+        name, params = describe_method(self.method, self.optim_cfg)
         if self.step == 0:
-            cause = (f"before any update, so not the learning rate: check {method}'s settings (method.*: weights, "
-                     f"temperatures, precisions), the inputs (dataset.mean/std) and any basis or cached outputs "
-                     f"it reads")
-        else:
-            cause = (f"lower optimizer.lr or {method}'s loss weights (method.*), or use trainer.grad_clip / "
-                     f"trainer.amp=none")
-        return f"non-finite loss {where} ({method}): {cause}; last good checkpoint: {latest or 'none'}"
+            shown = f"{name}{': ' + ', '.join(params) if params else ''}"
+            cause = ("before any update, so not the learning rate: check the method's settings (method.*: "
+                     "weights, temperatures, precisions), the inputs (dataset.mean/std) and any basis or cached "
+                     "outputs it reads")
+            return f"non-finite loss {where} ({shown}): {cause}; last good checkpoint: {latest or 'none'}"
+        kept = f"{latest} (kept)" if latest else "none (none was written before this step)"
+        return (f"non-finite loss {where} ({self._settings(name, params)}): {self._fix()}; last good checkpoint: "
+                f"{kept}")
 
     def _reduce(self, sums: Dict[str, torch.Tensor]) -> Dict[str, float]:
         """Running sums of the train logs as floats (one host sync per evaluation, not per step); under DDP
