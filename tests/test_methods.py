@@ -6,7 +6,10 @@ import torch
 import torch.nn as nn
 
 from src.errors import UserError
-from src.methods import CD, CRD, KL, KLDP, MCL, dp_route, kl_to_target, similarity_kl
+import src.methods as methods_pkg
+from src.methods import (CD, CRD, KDAT, KDEP, KL, KLDP, MCL, NEEDS, BTuning, CrossEntropy, FeatureKD, GANTraining,
+                         Method, MultiKLDP, ZeroShot, build_method, dp_route, kl_to_target, method_class,
+                         method_needs, similarity_kl)
 from src.methods.aft import AFT, FeatureTable, kernel_distance
 from src.methods.feature import NegativeSampler
 from src.metrics.flips import top_classes, transfer_metrics
@@ -353,3 +356,134 @@ def test_bad_hyper_parameters_are_refused():
         KL(st, te, temperature=0.0)
     with pytest.raises(UserError, match="partition"):
         KLDP(st, te, te, partition="bogus")
+
+
+# ------------------------------------------------------------------------------------------------ one builder
+def test_every_method_declares_its_needs():
+    want = {CrossEntropy: set(), KL: {"teacher"}, KDAT: {"teacher"}, KDEP: {"teacher"},
+            KLDP: {"teacher", "frozen_student"}, MCL: {"teacher"},
+            CD: {"teacher", "features"}, CRD: {"teacher", "sample_labels", "features"},
+            MultiKLDP: {"teachers", "frozen_student"}, ZeroShot: {"teacher", "generator"},
+            AFT: {"feature_table"}, FeatureKD: {"feature_table"}, BTuning: {"feature_table", "student_features"},
+            GANTraining: set()}
+    for cls, needs in want.items():
+        assert cls.needs == frozenset(needs), cls.__name__
+        assert cls.needs <= NEEDS
+        assert cls.needs_for({}) == cls.needs
+
+
+def test_mcl_needs_the_frozen_student_only_for_frozen_flips():
+    assert MCL.needs_for({}) == {"teacher"}  # default flip_source: the current student
+    assert MCL.needs_for({"flip_source": "current", "alpha": 0.5}) == {"teacher"}
+    assert MCL.needs_for({"flip_source": "frozen"}) == {"teacher", "frozen_student"}
+    assert method_needs({"_target_": "src.methods.MCL", "flip_source": "frozen"}) == {"teacher", "frozen_student"}
+    assert method_needs({"_target_": "src.methods.CRD"}) == {"teacher", "sample_labels", "features"}
+
+
+def test_every_method_class_is_exported_from_src_methods():
+    def subclasses(c):
+        for s in c.__subclasses__():
+            yield s
+            yield from subclasses(s)
+
+    public = {c for c in subclasses(Method) if not c.__name__.startswith("_") and c.__module__.startswith("src.")}
+    assert {"AFT", "FeatureKD", "BTuning", "KDEP", "ZeroShot", "KDAT", "MultiKLDP", "GANTraining"} <= \
+        {c.__name__ for c in public}
+    for c in public:
+        assert getattr(methods_pkg, c.__name__) is c
+        assert method_class({"_target_": f"src.methods.{c.__name__}"}) is c
+
+
+def test_check_rejects_unknown_keys_and_accepts_inherited_ones():
+    with pytest.raises(UserError) as e:
+        KL.check(temprature=2.0)
+    assert str(e.value) == "method KL has no parameter temprature: remove method.temprature"
+    KL.check(temperature=2.0, alpha=0.5, topk=3, mixup_alpha=0.2, synth_ratio=0.25, synth_source="gan")
+    MCL.check(ema_tau=0.5, flip_source="frozen", temperature=2.0, mixup_alpha=0.1)  # MCL <- KL <- Method
+    MultiKLDP.check(partition="most-conf_u", temperature=2.0, alpha=0.5, mixup_alpha=0.0)
+    CrossEntropy.check(label_smoothing=0.1, mixup_alpha=0.0)
+    KDEP.check(loss_w=2.0, mixup_alpha=0.0)
+    # inputs are not hyper-parameters; ZeroShot takes no **kw, so Method's distillation inputs are not its keys
+    for cls, key in ((KL, "teacher"), (KLDP, "frozen_student"), (CRD, "sample_labels"), (ZeroShot, "mixup_alpha"),
+                     (CrossEntropy, "prec"), (KDEP, "synth_ratio"), (AFT, "features")):
+        with pytest.raises(UserError) as e:
+            cls.check(**{key: 1})
+        assert str(e.value) == f"method {cls.__name__} has no parameter {key}: remove method.{key}"
+
+
+def test_check_holds_the_range_rules_the_constructors_use():
+    cases = [(KL, {"temperature": 0}, "method.temperature=0 must be > 0: use e.g. 1.0"),
+             (KL, {"alpha": 2}, "method.alpha=2 must be in [0, 1]"),
+             (KLDP, {"partition": "bogus"}, "method.partition='bogus' is unknown"),
+             (MCL, {"ema_every": 0}, "method.ema_every=0 must be >= 1"),
+             (CRD, {"mixup_alpha": 0.5}, "CRD contrasts per-sample memory entries: mixup_alpha must be 0"),
+             (MultiKLDP, {"topk": 5}, "method.topk is not supported by multi-teacher KL+DP: remove it"),
+             (MultiKLDP, {"partition": "self"}, "method.partition='self' is not available with several teachers"),
+             (KDEP, {"pts_t": 0}, "method.pts_t=0 must be > 0: use e.g. method.pts_t=0.1"),
+             (ZeroShot, {"n_s": 0}, "method.n_s=0 must be >= 1: use 10 (the paper)"),
+             (AFT, {"kernel": "poly"}, "method.kernel='poly' is unknown: use one of linear, rbf, none"),
+             (BTuning, {"temperature": -1}, "method.temperature=-1 must be > 0"),
+             (KL, {"synth_ratio": 1.0}, "method.synth_ratio=1.0 must be in [0, 1)")]
+    for cls, hp, msg in cases:
+        with pytest.raises(UserError) as e:
+            cls.check(**hp)
+        assert str(e.value).startswith(msg), (cls.__name__, str(e.value))
+    AFT.check(prec=None, kernel=None)  # None = not given (main_aft's early validation)
+    with pytest.raises(UserError, match="ema_tau=1"):  # the constructor runs the same rule
+        MCL(Table([[0.0, 0.0]]), Table([[0.0, 0.0]], trainable=False), ema_tau=1.0)
+
+
+def test_build_method_passes_exactly_the_inputs_the_class_needs():
+    st, te, fr = Table([[0.0, 0.0]]), Table([[1.0, 0.0]], trainable=False), Table([[0.0, 1.0]], trainable=False)
+    offered = dict(student=st, teacher=te, frozen_student=fr)
+    kl = build_method({"_target_": "src.methods.KL", "temperature": 2.0}, **offered)
+    assert type(kl) is KL and kl.T == 2.0 and kl.teacher.model is te and kl.frozen_student is None
+    dp = build_method({"_target_": "src.methods.KLDP", "partition": "most-conf_u"}, **offered)
+    assert dp.frozen_student.model is fr and dp.partition == "most-conf_u"
+    mcl = build_method({"_target_": "src.methods.MCL"}, **offered)
+    assert mcl.frozen_student is None  # current-student flips: no frozen model
+    mcl_f = build_method({"_target_": "src.methods.MCL", "flip_source": "frozen"}, **offered)
+    assert mcl_f.frozen_student.model is fr
+    ce = build_method({"_target_": "src.methods.base.CrossEntropy", "label_smoothing": 0.1}, **offered)
+    assert ce.teacher is None and ce.frozen_student is None and ce.label_smoothing == 0.1
+    # optional inputs given and not None reach Method (the cache serves the teacher's logits)
+    cache = {"logits": torch.tensor([[3.0, 0.0]])}
+    cached = build_method({"_target_": "src.methods.KL"}, **offered, teacher_cache=cache, frozen_student_cache=None)
+    assert cached.teacher.cache is cache and cached.frozen_student is None
+    crd = build_method({"_target_": "src.methods.CRD", "feat_dim": 4, "num_negatives": 3}, student=st, teacher=te,
+                       sample_labels=torch.tensor([0, 1]))
+    assert crd.negatives.n == 2
+    with pytest.raises(ValueError, match="'frozen_student'") as e:  # a needed input the caller did not give: a bug
+        build_method({"_target_": "src.methods.KLDP"}, student=st, teacher=te)
+    assert not isinstance(e.value, UserError)
+    with pytest.raises(UserError) as e:
+        build_method({"_target_": "src.methods.KL", "temprature": 2.0}, **offered)
+    assert str(e.value) == "method KL has no parameter temprature: remove method.temprature"
+    with pytest.raises(UserError) as e:  # under another key, the message names that key
+        build_method({"_target_": "src.methods.KL", "temperature": 0}, "few_shot.kd_at", **offered)
+    assert str(e.value).startswith("few_shot.kd_at.temperature=0 must be > 0")
+    with pytest.raises(UserError, match=r"^cannot build method KL: "):  # a TypeError is the config's
+        build_method({"_target_": "src.methods.KL", "topk": "3"}, **offered)
+
+
+def test_method_class_names_the_key_of_a_bad_target():
+    with pytest.raises(UserError) as e:
+        method_class({"_target_": "src.methods.Nope"}, "parallel_method", choices="method@parallel_method=multi_kl_dp")
+    msg = str(e.value)
+    assert msg.startswith("parallel_method._target_=src.methods.Nope cannot be imported (")
+    assert msg.endswith(": use method@parallel_method=multi_kl_dp") and "\n" not in msg
+    with pytest.raises(UserError) as e:
+        build_method({"_target_": "torch.nn.Linear"}, student=Table([[0.0, 0.0]]))
+    assert str(e.value).startswith("method._target_=torch.nn.Linear is not a Method")
+    with pytest.raises(UserError) as e:
+        method_class({"_target_": "math.sqrt"})
+    assert str(e.value).startswith("method._target_=math.sqrt is not a Method")
+    with pytest.raises(UserError) as e:
+        method_class({"temperature": 1.0}, choices="method=kl")
+    assert str(e.value) == "method has no _target_: use method=kl"
+    with pytest.raises(UserError) as e:  # not among the family's methods (`accept`)
+        method_class({"_target_": "src.methods.KL"}, "parallel_method", accept=lambda c: "teachers" in c.needs,
+                     choices="method@parallel_method=multi_kl_dp")
+    assert str(e.value) == ("parallel_method._target_=src.methods.KL: KL is not a method of this family: use "
+                            "method@parallel_method=multi_kl_dp")
+    assert method_class({"_target_": "src.methods.MultiKLDP"}, accept=lambda c: "teachers" in c.needs) is MultiKLDP

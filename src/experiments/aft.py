@@ -8,20 +8,19 @@ keyed by model hash + dataset + eval transform + split): `scripts/save_features.
 src/methods/aft.py, LogME in src/metrics/logme.py."""
 from __future__ import annotations
 
-import inspect
 import logging
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from ..data import training_split
 from ..data.datasets import Split
 from ..engine import Trainer, predict, rows_by_id
-from ..errors import UserError, check
-from ..methods.aft import FeatureTable, check_hparams
+from ..errors import check
+from ..methods import build_method, method_class, method_hparams
+from ..methods.aft import FeatureTable
 from ..methods.base import CrossEntropy
 from ..metrics import accuracy
 from ..models import save_checkpoint
@@ -37,22 +36,9 @@ SUMMARY_KEYS = ("method", "student", "features", "feature_dims", "student_acc_be
 CHOICES = "method=aft, aft_kd, aft_btune or aft_init"
 
 
-def method_class(cfg_method):
-    """The Method class of `cfg_method`; it must be a feature method (takes `features`) or plain CE (STL)."""
-    target = cfg_method.get("_target_") if cfg_method is not None else None
-    check(target is not None, f"method has no _target_: use {CHOICES}")
-    try:
-        cls = get_class(target)
-    except Exception as e:
-        raise UserError(f"method._target_={target} cannot be imported ({e}): use {CHOICES}") from e
-    takes = inspect.signature(cls.__init__).parameters
-    check("features" in takes or issubclass(cls, CrossEntropy),
-          f"method._target_={target} is not a method of this family (it takes no `features`): use {CHOICES}")
-    return cls
-
-
-def needs_features(cfg_method) -> bool:
-    return "features" in inspect.signature(method_class(cfg_method).__init__).parameters
+def in_family(cls) -> bool:
+    """This family's methods: the feature methods (they need the feature table) and plain CE (STL)."""
+    return "feature_table" in cls.needs or issubclass(cls, CrossEntropy)
 
 
 def feature_specs(cfg) -> list:
@@ -80,8 +66,9 @@ def validate(cfg: DictConfig) -> None:
     """This family's keys, before any dataset, zoo or training work: one UserError naming the value and the fix."""
     preflight(cfg)  # the shared ranges first (finite numbers, full keys), then this family's own keys
     m = cfg.method
-    feats = needs_features(m)
-    check_hparams(**{k: m[k] for k in ("prec", "kernel", "scales", "prior_lr") if m.get(k) is not None})
+    cls, hp = method_class(m, accept=in_family, choices=CHOICES), method_hparams(m)
+    feats = "feature_table" in cls.needs_for(hp)
+    cls.check(**hp)
     uv = cfg.get("use_val")
     check(isinstance(uv, bool), f"use_val={uv} must be true or false: use_val=true evaluates on the val split, "
                                 f"false on the test split")
@@ -134,18 +121,6 @@ def splits(ctx: Context) -> Tuple[Split, Split]:
             ctx.ds.split(d.val_split if ctx.cfg.use_val else d.test_split))
 
 
-def build_method(cfg_method, student: ModelRef, table: Optional[FeatureTable]):
-    """The Method of `cfg_method` (`_target_` + hyper-parameters) on the student (and the feature table)."""
-    kwargs = {k: v for k, v in as_dict(cfg_method).items() if k != "_target_"}
-    if table is not None:
-        kwargs["features"] = table
-    cls = method_class(cfg_method)
-    try:
-        return cls(student.model, **kwargs)
-    except TypeError as e:
-        raise UserError(f"cannot build method {cls.__name__}: {e}; remove the unknown method.* key") from e
-
-
 # ------------------------------------------------------------------------------------------------------ run
 
 
@@ -166,14 +141,15 @@ def print_table(row: dict, run_dir) -> None:
 
 def run(cfg: DictConfig, run_dir=None) -> dict:
     validate(cfg)
-    cls = method_class(cfg.method)
+    cls = method_class(cfg.method, accept=in_family, choices=CHOICES)
+    needs = cls.needs_for(method_hparams(cfg.method))
     name = cfg.get("method_name") or getattr(cls, "name", "init")
     ctx = setup(cfg, run_dir, job_type="aft")
     try:
         student = resolve_model(cfg.student, ctx, "student")
         student.model.to(ctx.device)
         refs = [resolve_model(s, ctx, f"features[{i}]") for i, s in enumerate(feature_specs(cfg))] \
-            if needs_features(cfg.method) else []
+            if "feature_table" in needs else []
         train_split, eval_split = splits(ctx)
         loader = ctx.train_loader(train_split)
         eval_loader = ctx.eval_loader(eval_split)
@@ -182,8 +158,9 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
         table, paths = None, []
         if refs:
             table, paths = feature_table(ctx, refs, train_split,
-                                         student if getattr(cls, "needs_student_features", False) else None)
-        method = build_method(cfg.method, student, table)
+                                         student if "student_features" in needs else None)
+        method = build_method(cfg.method, accept=in_family, choices=CHOICES, student=student.model,
+                              feature_table=table)
 
         def evaluate(model):
             return {"eval/student_acc": 100 * accuracy(predict(model, eval_loader, amp=cfg.trainer.amp)["logits"],

@@ -11,19 +11,18 @@ stages, and an unfinished one resumes from its own trainer checkpoint `checkpoin
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 from pathlib import Path
 from typing import Dict, List
 
 import torch
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from ..data import build_dataset, build_loader, training_split
 from ..engine import Trainer, predict, rows_by_id
 from ..errors import UserError, check, closest
 from ..io_utils import load_state_dict, save_safetensors
+from ..methods import build_method, method_class, method_hparams
 from ..methods.base import CrossEntropy
 from ..methods.kdep import check_dims, svd_basis
 from ..metrics import accuracy
@@ -34,7 +33,6 @@ from .preflight import check_model_spec, preflight
 from .resolve import resolve_model
 from .stage import read_stage, write_stage
 from .multi_teacher import StageTracker
-from .transfer import build_method
 
 log = logging.getLogger("kt")
 
@@ -65,13 +63,7 @@ def validate(cfg: DictConfig) -> None:
 
         raise UserError(f"unknown student.arch '{arch}'{closest(arch, timm.list_models() + nets.OUR_MODELS)}: "
                         f"use a timm name or one of ours (resnet8, resnet20, wrn_16_1, ...)")
-    cls = get_class(cfg.method._target_)
-    if hasattr(cls, "check_params"):
-        params = set(inspect.signature(cls.__init__).parameters) | {"mixup_alpha"}
-        extra = [k for k in cfg.method if k != "_target_" and k not in params]
-        check(not extra, f"method {cls.__name__} has no parameter {extra[0] if extra else ''}: remove method."
-                         f"{extra[0] if extra else ''}")
-        cls.check_params(**as_dict(cfg.method))
+    method_class(cfg.method).check(**method_hparams(cfg.method))
     if cfg.get("basis"):
         check(Path(cfg.basis).is_file(), f"basis={cfg.basis} does not exist: give a {BASIS_FILE} written by an "
                                          f"earlier run (its run dir) or basis=null to compute it")
@@ -167,7 +159,7 @@ def distill(ctx: Context, teacher: ModelRef, student: ModelRef, tracker) -> dict
         cache = {"prerelu": rows_by_id(out, split.full_size, "features").to(ctx.device),
                  "logits": rows_by_id(out, split.full_size, "logits").to(ctx.device)}
         log.info("distillation inputs are not augmented: teacher features come from the cache")
-    method = build_method(cfg.method, student.model, teacher.model, teacher_cache=cache)
+    method = build_method(cfg.method, student=student.model, teacher=teacher.model, teacher_cache=cache)
     method.set_basis(basis["mu"], basis["V"][:, :d_s])
     method.to(ctx.device)
     target_table = rows_by_id(out, split.full_size, "features")

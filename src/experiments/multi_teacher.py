@@ -10,7 +10,6 @@ delta, knowledge gain/loss), against each teacher (`vs_<teacher>/...`) and again
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import logging
 import re
@@ -25,7 +24,7 @@ from ..data import training_split
 from ..engine import Trainer, predict
 from ..errors import UserError, check
 from ..io_utils import load_state_dict
-from ..methods import mean_softmax_logits, multi_route, recompute_bn_stats, route_shares, \
+from ..methods import build_method, mean_softmax_logits, multi_route, recompute_bn_stats, route_shares, \
     uniform_soup
 from ..metrics import accuracy, agreement, flips, transfer_metrics
 from ..models import read_meta, save_checkpoint
@@ -91,23 +90,6 @@ class StageTracker:
     def truncate_after(self, step: int) -> None:
         if self.base is not None:
             self.base.truncate_after(self.offset + int(step))
-
-
-def build_multi_method(cfg_method, student, teachers: Sequence[ModelRef], frozen: ModelRef, teacher_caches,
-                       frozen_cache):
-    """Instantiate a multi-teacher method (`_target_` taking `teachers`) with the models it takes."""
-    cls = get_class(cfg_method._target_)
-    params = inspect.signature(cls.__init__).parameters
-    if "teachers" not in params:
-        raise UserError(f"parallel_method {cls.__name__} takes a single teacher: use "
-                        f"method@parallel_method=multi_kl_dp (or multi_kl_dp_u)")
-    kwargs = {k: v for k, v in as_dict(cfg_method).items() if k != "_target_"}
-    kwargs.update(student=student, teachers=[t.model for t in teachers], frozen_student=frozen.model,
-                  teacher_caches=teacher_caches, frozen_student_cache=frozen_cache, names=[t.name for t in teachers])
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise UserError(f"cannot build parallel_method {cls.__name__}: {e}") from e
 
 
 class MultiTeacher:
@@ -286,8 +268,12 @@ class MultiTeacher:
         loader = ctx.train_loader(self.train_split)
         frozen = ModelRef(student.name + "@init", copy.deepcopy(student.model), student.key)
         caches = train_caches(ctx, [*self.teachers, frozen], self.train_split, loader, False)
-        method = build_multi_method(cfg.parallel_method, student.model, self.teachers, frozen, caches[:-1],
-                                    caches[-1])
+        method = build_method(cfg.parallel_method, "parallel_method", accept=lambda c: "teachers" in c.needs,
+                              choices="a method that takes several teachers (a single-teacher one goes in `method`): "
+                                      "method@parallel_method=multi_kl_dp (or multi_kl_dp_u)",
+                              student=student.model, teachers=[t.model for t in self.teachers],
+                              frozen_student=frozen.model, teacher_caches=caches[:-1],
+                              frozen_student_cache=caches[-1], names=[t.name for t in self.teachers])
         src = multi_route(torch.stack([self.t_eval[n] for n in names]), self.s0_logits, self.labels,
                           method.partition)
         shares = route_shares(src, len(names))

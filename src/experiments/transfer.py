@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 from typing import Dict, Optional
 
@@ -12,8 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..data import training_split
 from ..engine import Trainer, digest, predict, rows_by_id, seed_everything
-from ..errors import UserError, check
-from ..methods import EnsembleTeacher, dp_route
+from ..errors import check
+from ..methods import EnsembleTeacher, build_method, dp_route, method_needs
 from ..methods.base import check_synth_ratio
 from ..metrics import accuracy, agreement, flips, kl_divergence, transfer_metrics
 from ..models import save_checkpoint
@@ -25,15 +24,6 @@ log = logging.getLogger("kt")
 
 SUMMARY_KEYS = ("student_acc_before", "student_acc_after", "teacher_acc", "transfer_delta", "knowledge_gain",
                 "knowledge_loss", "positive_flips_before", "positive_flips_after", "agreement_after")
-
-
-def method_needs(cfg_method) -> Dict[str, bool]:
-    cls = get_class(cfg_method._target_)
-    params = inspect.signature(cls.__init__).parameters
-    frozen = "frozen_student" in params and not (cls.__name__ == "MCL" and  # MCL's default flips: current student
-                                                  cfg_method.get("flip_source", "current") == "current")
-    return {"frozen_student": frozen, "sample_labels": "sample_labels" in params,
-            "features": cls.__name__ in ("CD", "CRD")}
 
 
 def synth_kwargs(ctx: Context, cfg_method) -> Dict[str, object]:
@@ -48,28 +38,6 @@ def synth_kwargs(ctx: Context, cfg_method) -> Dict[str, object]:
     log.info("synthetic distillation data: %.0f%% of every batch from generator %s (%s)", 100 * ratio,
              cfg_method.get("synth_source"), meta["folder"])
     return {"synth_generator": source.to(ctx.device), "synth_seed": int(ctx.cfg.trainer.seed)}
-
-
-def build_method(cfg_method, student, teacher, frozen_student=None, teacher_cache=None, frozen_cache=None,
-                 sample_labels=None, synth: Optional[Dict[str, object]] = None):
-    """Instantiate `cfg_method` (`_target_` + hyper-parameters) with the models it takes (`synth`: the
-    generator kwargs of `synth_kwargs`)."""
-    cls = get_class(cfg_method._target_)
-    params = inspect.signature(cls.__init__).parameters
-    kwargs = {k: v for k, v in as_dict(cfg_method).items() if k != "_target_"}
-    unknown = [k for k in kwargs if k not in params and "kw" not in params]
-    if unknown:
-        raise UserError(f"method {cls.__name__} has no parameter {unknown[0]}: remove method.{unknown[0]}")
-    extras = {"student": student, "teacher": teacher, "frozen_student": frozen_student,
-              "teacher_cache": teacher_cache, "frozen_student_cache": frozen_cache, "sample_labels": sample_labels}
-    for k, v in extras.items():
-        if k in params or (k in ("teacher_cache", "frozen_student_cache") and v is not None):
-            kwargs[k] = v
-    kwargs.update(synth or {})
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise UserError(f"cannot build method {cls.__name__}: {e}") from e
 
 
 def labels_by_id(split):
@@ -127,13 +95,14 @@ def transfer(ctx: Context, teacher: ModelRef, student: ModelRef, cfg_method, run
     train_split = training_split(ds, cfg.dataset.transfer_split, cfg.dataset.subset)
     loader = ctx.train_loader(train_split)
     frozen_ref = None
-    if needs["frozen_student"]:
+    if "frozen_student" in needs:
         frozen_ref = frozen or ModelRef(student.name + "@init", copy.deepcopy(student.model), student.key)
-    t_cache, f_cache = train_caches(ctx, [teacher, frozen_ref], train_split, loader, needs["features"])
-    method = build_method(cfg_method, student.model, teacher.model,
-                          frozen_ref.model if frozen_ref is not None else None, t_cache, f_cache,
-                          sample_labels=labels_by_id(train_split) if needs["sample_labels"] else None,
-                          synth=synth if synth is not None else synth_kwargs(ctx, cfg_method))
+    t_cache, f_cache = train_caches(ctx, [teacher, frozen_ref], train_split, loader, "features" in needs)
+    method = build_method(cfg_method, student=student.model, teacher=teacher.model,
+                          frozen_student=frozen_ref.model if frozen_ref is not None else None,
+                          teacher_cache=t_cache, frozen_student_cache=f_cache,
+                          sample_labels=labels_by_id(train_split) if "sample_labels" in needs else None,
+                          **(synth if synth is not None else synth_kwargs(ctx, cfg_method)))
     eval_loader = ctx.eval_loader(eval_split)
     top_p = float(cfg.top_p)
     check(0 < top_p <= 100, f"top_p={top_p} must be in (0, 100]: use e.g. top_p=20")

@@ -8,12 +8,12 @@ import logging
 from typing import Dict, Optional
 
 import torch
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.datasets import Split, subset_positions
 from ..engine import Trainer, predict, seed_everything
 from ..errors import UserError, check
+from ..methods import build_method, method_class, method_hparams
 from ..methods.zeroshot import NoiseBatches, ZeroShot, no_param_grads, stage_shapes
 from ..metrics import accuracy, agreement
 from ..metrics.transition import agreeing, mean_transition_error, transition_curves
@@ -26,11 +26,15 @@ from .context import Context, ModelRef, setup
 from .preflight import model_spec, preflight
 from .resolve import resolve_model
 from .multi_teacher import StageTracker
-from .transfer import build_method
 
 log = logging.getLogger("kt")
 
 BASELINES = ("kd_at", "scratch")
+ZEROSHOT_METHODS = "method._target_=src.methods.ZeroShot (or a subclass of it)"
+
+
+def is_zeroshot(cls) -> bool:
+    return issubclass(cls, ZeroShot)
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -52,7 +56,7 @@ def validate(cfg: DictConfig) -> None:
     check(cfg.pseudo_batches >= 1, f"pseudo_batches={cfg.pseudo_batches} must be >= 1: use e.g. pseudo_batches=150")
     preflight(cfg)  # the shared ranges (finite numbers, full keys), then this family's own keys
     m = cfg.method
-    ZeroShot.check_args(m.n_g, m.n_s, m.beta, m.generator_lr)
+    method_class(m, accept=is_zeroshot, choices=ZEROSHOT_METHODS).check(**method_hparams(m))
     check(cfg.trainer.max_steps is None, f"trainer.max_steps={cfg.trainer.max_steps}: zero-shot KT counts "
                                          f"pseudo-batches; remove trainer.max_steps and set pseudo_batches=N")
     Generator(cfg.generator.z_dim, cfg.dataset.image_size, cfg.dataset.channels)  # checks z_dim and image size
@@ -141,11 +145,8 @@ class ZeroShotRun:
     def zero_shot(self) -> Dict[str, float]:
         cfg, info = self.cfg, self.ctx.info
         generator = Generator(cfg.generator.z_dim, info.image_size, info.channels)
-        kw = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "_target_"}
-        try:  # method._target_: ZeroShot or a subclass of it
-            method = get_class(cfg.method._target_)(self.student.model, self.teacher.model, generator, **kw)
-        except TypeError as e:
-            raise UserError(f"cannot build method {cfg.method._target_}: {e}: remove the unknown method.* key") from e
+        method = build_method(cfg.method, accept=is_zeroshot, choices=ZEROSHOT_METHODS, student=self.student.model,
+                              teacher=self.teacher.model, generator=generator)
         loader = NoiseBatches(cfg.loader.batch_size, cfg.generator.z_dim, method.steps_per_batch,
                               cfg.trainer.seed, self.ctx.device)
         res = self.fit(method, loader, cfg.trainer, cfg.optimizer, cfg.scheduler, "zeroshot")
@@ -163,7 +164,7 @@ class ZeroShotRun:
         student, split = self.copy_of_initial_student(), self.few_shot
         loader_cfg = typed(LoaderConfig, cfg.loader, {"batch_size": min(int(cfg.loader.batch_size), len(split))})
         loader = self.ctx.train_loader(split, loader_cfg)
-        method = build_method(fs[name], student, self.teacher.model)
+        method = build_method(fs[name], f"few_shot.{name}", student=student, teacher=self.teacher.model)
         res = self.fit(method, loader, typed(TrainerConfig, cfg.trainer, fs.trainer),
                        typed(OptimizerConfig, fs.optimizer), typed(SchedulerConfig, fs.scheduler), name)
         res["model"] = student

@@ -33,19 +33,6 @@ KERNELS = ("linear", "rbf", "none")
 SCALES = ("diag", "dense")
 
 
-def check_hparams(prec: Optional[float] = None, kernel: Optional[str] = None, scales: Optional[str] = None,
-                  prior_lr: Optional[float] = None) -> None:
-    """UserError naming the bad value and the fix (the constructors and main_aft's early validation share it)."""
-    if prec is not None:
-        check(isinstance(prec, (int, float)) and prec >= 0, f"method.prec={prec} must be a number >= 0 (0 is plain fine-tuning): use e.g. method.prec=10")
-    if kernel is not None:
-        check(kernel in KERNELS, f"method.kernel='{kernel}' is unknown: use one of {', '.join(KERNELS)}")
-    if scales is not None:
-        check(scales in SCALES, f"method.scales='{scales}' is unknown: use one of {', '.join(SCALES)}")
-    if prior_lr is not None:
-        check(isinstance(prior_lr, (int, float)) and prior_lr > 0, f"method.prior_lr={prior_lr} must be > 0: use e.g. method.prior_lr=0.01")
-
-
 @dataclass
 class FeatureTable:
     """Per-sample features of the pretrained models over the training split, rows indexed by sample id."""
@@ -88,15 +75,25 @@ class _FeatureMethod(Method):
     """CE + prec * regulariser(f, phi[idx]); the feature table stays out of the state dict (it is an input)."""
 
     name = "features"
+    needs = frozenset({"feature_table"})
 
     def __init__(self, student: nn.Module, features: FeatureTable, prec: float = 10.0, **kw):
         super().__init__(student, **kw)
-        check_hparams(prec=prec)
+        _FeatureMethod.check(prec=prec)
         self.prec = float(prec)
         self.table = features
         self.phi_table = features.phi.float()
         self.d_f = int(getattr(student, "num_features"))
         self.d_phi = int(self.phi_table.shape[1])
+
+    @classmethod
+    def check(cls, **hp) -> None:
+        """(A None value counts as not given: main_aft's early validation shares these rules.)"""
+        super().check(**hp)
+        prec = hp.get("prec")
+        if prec is not None:
+            check(isinstance(prec, (int, float)) and prec >= 0,
+                  f"method.prec={prec} must be a number >= 0 (0 is plain fine-tuning): use e.g. method.prec=10")
 
     def _phi(self, idx: torch.Tensor) -> torch.Tensor:
         if self.phi_table.device != idx.device:
@@ -124,7 +121,7 @@ class AFT(_FeatureMethod):
     def __init__(self, student: nn.Module, features: FeatureTable, prec: float = 10.0, kernel: str = "linear",
                  scales: str = "diag", learn_scales: bool = True, prior_lr: float = 1e-2, **kw):
         super().__init__(student, features, prec, **kw)
-        check_hparams(kernel=kernel, scales=scales, prior_lr=prior_lr)
+        AFT.check(kernel=kernel, scales=scales, prior_lr=prior_lr)
         self.kernel, self.scales, self.prior_lr = kernel, scales, float(prior_lr)
         self.learn_scales = bool(learn_scales)
         if scales == "diag":  # sigmoid(0) = 0.5: every pretrained dimension starts with the same weight
@@ -133,6 +130,18 @@ class AFT(_FeatureMethod):
             self.s = nn.Parameter(torch.randn(self.d_phi, self.d_phi) / self.d_phi ** 0.5,
                                   requires_grad=self.learn_scales)
         self.map = nn.Linear(self.d_f, self.d_phi) if kernel == "none" else None
+
+    @classmethod
+    def check(cls, **hp) -> None:
+        super().check(**hp)
+        kernel, scales, prior_lr = hp.get("kernel"), hp.get("scales"), hp.get("prior_lr")
+        if kernel is not None:
+            check(kernel in KERNELS, f"method.kernel='{kernel}' is unknown: use one of {', '.join(KERNELS)}")
+        if scales is not None:
+            check(scales in SCALES, f"method.scales='{scales}' is unknown: use one of {', '.join(SCALES)}")
+        if prior_lr is not None:
+            check(isinstance(prior_lr, (int, float)) and prior_lr > 0,
+                  f"method.prior_lr={prior_lr} must be > 0: use e.g. method.prior_lr=0.01")
 
     def scaled_phi(self, phi: torch.Tensor) -> torch.Tensor:
         return phi * torch.sigmoid(self.s) if self.scales == "diag" else phi @ self.s
@@ -171,12 +180,12 @@ class BTuning(_FeatureMethod):
     The LogME fits (per pretrained model, and on the downstream model's initial features) run once here."""
 
     name = "btune"
-    needs_student_features = True
+    needs = frozenset({"feature_table", "student_features"})  # the table holds the student's initial features
 
     def __init__(self, student: nn.Module, features: FeatureTable, prec: float = 10.0, temperature: float = 0.1,
                  **kw):
         super().__init__(student, features, prec, **kw)
-        check(temperature > 0, f"method.temperature={temperature} must be > 0: use e.g. method.temperature=0.1")
+        BTuning.check(temperature=temperature)
         check(features.student is not None, "B-Tuning needs the downstream model's initial features")
         ids = features.ids.long()
         y = features.labels[ids]
@@ -188,6 +197,13 @@ class BTuning(_FeatureMethod):
                      for w, b, r in zip(self.model_weights, features.blocks(), fits))
         self.target_table = target.float()  # (N_full, C), fixed: no gradient into the target
         self.register_buffer("m_down", logme(features.student[ids], y, c).weights.float())
+
+    @classmethod
+    def check(cls, **hp) -> None:
+        super().check(**hp)
+        if "temperature" in hp:
+            check(hp["temperature"] > 0,
+                  f"method.temperature={hp['temperature']} must be > 0: use e.g. method.temperature=0.1")
 
     def regulariser(self, f, idx):
         if self.target_table.device != idx.device:

@@ -16,11 +16,19 @@ replaced by images of a frozen generator `synth_generator`, which the teacher th
 output caches (the inputs are new). Synthetic draws come from `StepSeeds`: a torch.Generator per training step
 seeded by (synth_seed, rank, draw count), the count being a buffer of the method's state dict, so a resumed run
 draws exactly the images an uninterrupted one does, whatever else consumed the global RNG.
+
+What a method needs beyond its student is declared, not sniffed: the class attribute `needs` (names from `NEEDS`,
+refined per config by `needs_for`) says which inputs `src.methods.build.build_method` hands to the constructor and
+what the caller must prepare (output caches with features, a feature table with the student's features). The
+classmethod `check(**hparams)` validates a config's hyper-parameters before any work: unknown keys here, value
+ranges in each class's override; constructors call their own class's check, so each rule has one home.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -28,6 +36,20 @@ import torch.nn.functional as F
 
 from ..data.loaders import mix_seed
 from ..errors import UserError, check
+
+
+# What a Method can need beyond `student` (its class attribute `needs`):
+#   teacher, frozen_student, sample_labels, teachers, generator, feature_table: constructor inputs (feature_table is
+#     the `features` argument of the AFT family: a FeatureTable);
+#   features: the frozen models' output caches must hold their intermediate features (CD, CRD);
+#   student_features: the feature table must include the student's initial features (B-Tuning).
+NEEDS: FrozenSet[str] = frozenset({"teacher", "frozen_student", "sample_labels", "features", "feature_table",
+                                   "student_features", "teachers", "generator"})
+# constructor parameters that are inputs (models, caches, tables, seeds of the run), never config hyper-parameters
+INPUT_PARAMS: FrozenSet[str] = frozenset({
+    "self", "student", "teacher", "frozen_student", "sample_labels", "features", "teachers", "generator",
+    "discriminator", "teacher_cache", "frozen_student_cache", "teacher_caches", "names", "synth_generator",
+    "synth_seed"})
 
 
 class FrozenOutputs(nn.Module):
@@ -84,7 +106,45 @@ def check_synth_ratio(synth_ratio) -> float:
     return float(synth_ratio)
 
 
+@functools.lru_cache(maxsize=None)
+def _hparam_names(cls) -> FrozenSet[str]:
+    """The config hyper-parameters of Method class `cls`: the named parameters of its __init__, and while an
+    __init__ takes **kw, of the next __init__ up the MRO (down to Method's), less the inputs (INPUT_PARAMS)."""
+    names = set()
+    for klass in cls.__mro__:
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if klass is Method or not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return frozenset(names - INPUT_PARAMS)
+
+
 class Method(nn.Module):
+    needs: FrozenSet[str] = frozenset()  # inputs beyond the student, names from NEEDS
+
+    @classmethod
+    def needs_for(cls, hparams: dict) -> FrozenSet[str]:
+        """What this method needs under the hyper-parameters `hparams` (a config's keys minus _target_)."""
+        return cls.needs
+
+    @classmethod
+    def check(cls, **hparams) -> None:
+        """One UserError for the first bad hyper-parameter, before any data work: a key the constructor does not
+        take, then (subclasses, after calling this) values out of range. Only the keys given are checked (the
+        defaults are valid)."""
+        known = _hparam_names(cls)
+        for k in hparams:
+            if k not in known:
+                raise UserError(f"method {cls.__name__} has no parameter {k}: remove method.{k}")
+        if "mixup_alpha" in hparams:
+            a = hparams["mixup_alpha"]
+            check(a >= 0, f"method.mixup_alpha={a} must be >= 0 (0 disables mixup)")
+        if "synth_ratio" in hparams:
+            check_synth_ratio(hparams["synth_ratio"])
+
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None,
                  frozen_student: Optional[nn.Module] = None, teacher_cache=None, frozen_student_cache=None,
                  mixup_alpha: float = 0.0, synth_ratio: float = 0.0, synth_source: Optional[str] = None,
@@ -94,9 +154,9 @@ class Method(nn.Module):
         self.teacher = FrozenOutputs(teacher, teacher_cache) if teacher is not None else None
         self.frozen_student = (FrozenOutputs(frozen_student, frozen_student_cache)
                                if frozen_student is not None else None)
-        check(mixup_alpha >= 0, f"method.mixup_alpha={mixup_alpha} must be >= 0 (0 disables mixup)")
+        Method.check(mixup_alpha=mixup_alpha, synth_ratio=synth_ratio)
         self.mixup_alpha = float(mixup_alpha)
-        self.synth_ratio = check_synth_ratio(synth_ratio)
+        self.synth_ratio = float(synth_ratio)
         self.synth_generator = None
         if self.synth_ratio > 0:
             if synth_generator is None:

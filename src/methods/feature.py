@@ -47,13 +47,23 @@ class CD(Method):
     penultimate features (summed over anchors, diagonal kept, similarity temperature `sim_temperature` 1), as
     the public `contrastive_distill` with `cd_dist.yaml` (its gamma 0.1 is the CE weight, not a temperature)."""
 
+    needs = frozenset({"teacher", "features"})  # the teacher's cached outputs hold its features
+
     def __init__(self, student, teacher, beta: float = 10.0, ce_weight: float = 0.1, kd_weight: float = 0.0,
                  temperature: float = 1.0, sim_temperature: float = 1.0, **kw):
         super().__init__(student, teacher, **kw)
-        check(sim_temperature > 0, f"method.sim_temperature={sim_temperature} must be > 0: use 1.0 (public code)")
-        check(temperature > 0, f"method.temperature={temperature} must be > 0")
+        CD.check(sim_temperature=sim_temperature, temperature=temperature)
         self.beta, self.kd_w, self.ce_w, self.T = beta, kd_weight, ce_weight, temperature
         self.sim_T = float(sim_temperature)
+
+    @classmethod
+    def check(cls, **hp) -> None:
+        super().check(**hp)
+        if "sim_temperature" in hp:
+            check(hp["sim_temperature"] > 0, f"method.sim_temperature={hp['sim_temperature']} must be > 0: use 1.0 "
+                                             f"(public code)")
+        if "temperature" in hp:
+            check(hp["temperature"] > 0, f"method.temperature={hp['temperature']} must be > 0")
 
     def loss(self, batch):
         x, y, idx = batch
@@ -118,19 +128,16 @@ class CRD(Method):
     one entry per sample id; `sample_labels` (N_full,) gives each training sample's label by id (-1: not in the
     training split); the NCE constants use n_data = the number of training samples."""
 
+    needs = frozenset({"teacher", "sample_labels", "features"})
+
     def __init__(self, student, teacher, sample_labels: torch.Tensor, feat_dim: int = 128,
                  num_negatives: int = 4096, nce_t: float = 0.07, momentum: float = 0.5, temperature: float = 4.0,
                  crd_weight: float = 0.8, kd_weight: float = 0.0, ce_weight: float = 1.0, **kw):
         super().__init__(student, teacher, **kw)
         check(sample_labels is not None and len(sample_labels) > 0,
               "CRD needs the training labels by sample id (sample_labels)")
-        check(num_negatives > 0, f"method.num_negatives={num_negatives} must be > 0")
-        check(nce_t > 0 and temperature > 0, "method.nce_t and method.temperature must be > 0")
-        check(0 <= momentum < 1, f"method.momentum={momentum} must be in [0, 1)")
-        if self.mixup_alpha > 0:
-            raise UserError("CRD contrasts per-sample memory entries: mixup_alpha must be 0")
-        if self.synth_ratio > 0:
-            raise UserError("CRD contrasts per-sample memory entries: method.synth_ratio must be 0")
+        CRD.check(num_negatives=num_negatives, nce_t=nce_t, temperature=temperature, momentum=momentum,
+                  mixup_alpha=self.mixup_alpha, synth_ratio=self.synth_ratio)
         self.negatives = NegativeSampler(sample_labels)
         size = len(sample_labels)
         self.n, self.k, self.nce_t, self.m = self.negatives.n, int(num_negatives), nce_t, momentum
@@ -144,6 +151,20 @@ class CRD(Method):
         self.register_buffer("z_s", torch.tensor(-1.0))
         self.register_buffer("z_t", torch.tensor(-1.0))
         self._z_ready = {}
+
+    @classmethod
+    def check(cls, **hp) -> None:
+        super().check(**hp)
+        if "num_negatives" in hp:
+            check(hp["num_negatives"] > 0, f"method.num_negatives={hp['num_negatives']} must be > 0")
+        check(all(hp[k] > 0 for k in ("nce_t", "temperature") if k in hp),
+              "method.nce_t and method.temperature must be > 0")
+        if "momentum" in hp:
+            check(0 <= hp["momentum"] < 1, f"method.momentum={hp['momentum']} must be in [0, 1)")
+        if hp.get("mixup_alpha", 0) > 0:
+            raise UserError("CRD contrasts per-sample memory entries: mixup_alpha must be 0")
+        if hp.get("synth_ratio", 0) > 0:
+            raise UserError("CRD contrasts per-sample memory entries: method.synth_ratio must be 0")
 
     def _nce(self, anchor, memory, idx, neg_idx, z):
         """NCE loss of `anchor` against memory rows [idx, neg_idx...]; sets the normalisation constant z on the

@@ -27,14 +27,24 @@ from .zeroshot import no_param_grads
 
 
 class GANTraining(Method):
+    """Built by main_pretrain's generator recipes (the trained "student" is the generator, the discriminator its
+    partner), not from a method config: no inputs beyond them."""
+
     def __init__(self, generator: nn.Module, discriminator: nn.Module, seed: int = 0, d_lr: Optional[float] = None,
                  diversity: float = 0.0):
         super().__init__(generator)  # the "student" is the generator: eval_model() is what gets saved
         self.discriminator = discriminator
-        check(d_lr is None or d_lr > 0, f"generator recipe d_lr={d_lr} must be > 0 (or null: optimizer.lr)")
-        check(diversity >= 0, f"generator recipe diversity={diversity} must be >= 0 (0 disables it)")
+        GANTraining.check(d_lr=d_lr, diversity=diversity)
         self.d_lr, self.diversity = d_lr, float(diversity)
         self.draws = StepSeeds(seed, 21)
+
+    @classmethod
+    def check(cls, **hp) -> None:
+        super().check(**hp)
+        d_lr = hp.get("d_lr")
+        check(d_lr is None or d_lr > 0, f"generator recipe d_lr={d_lr} must be > 0 (or null: optimizer.lr)")
+        if "diversity" in hp:
+            check(hp["diversity"] >= 0, f"generator recipe diversity={hp['diversity']} must be >= 0 (0 disables it)")
 
     @property
     def generator(self) -> nn.Module:

@@ -93,12 +93,22 @@ class KL(Method):
     """alpha * T^2 KL(p_t || p_s) + (1 - alpha) * CE(y, z_s); `topk` restricts the KL to the teacher's top-k
     classes. KL: alpha = 1; XE-KL: alpha = 0.5."""
 
+    needs = frozenset({"teacher"})
+
     def __init__(self, student, teacher, temperature: float = 1.0, alpha: float = 1.0, topk: int = 0, **kw):
         super().__init__(student, teacher, **kw)
-        check(temperature > 0, f"method.temperature={temperature} must be > 0: use e.g. 1.0")
-        check(0 <= alpha <= 1, f"method.alpha={alpha} must be in [0, 1]")
-        check(topk >= 0, f"method.topk={topk} must be >= 0 (0 = all classes)")
+        KL.check(temperature=temperature, alpha=alpha, topk=topk)
         self.T, self.alpha, self.topk = float(temperature), float(alpha), int(topk)
+
+    @classmethod
+    def check(cls, **hp) -> None:
+        super().check(**hp)
+        if "temperature" in hp:
+            check(hp["temperature"] > 0, f"method.temperature={hp['temperature']} must be > 0: use e.g. 1.0")
+        if "alpha" in hp:
+            check(0 <= hp["alpha"] <= 1, f"method.alpha={hp['alpha']} must be in [0, 1]")
+        if "topk" in hp:
+            check(hp["topk"] >= 0, f"method.topk={hp['topk']} must be >= 0 (0 = all classes)")
 
     def targets(self, x, y, idx, mixed: bool):
         """(target probabilities at T, per-sample teacher weight or None). Subclasses change the target."""
@@ -158,17 +168,26 @@ class KLDP(KL):
       code lets the gradient flow into the target); `'prob_avg_frozen'`: the mean of the teacher's and the frozen
       student's probabilities (our earlier variant)."""
 
+    needs = frozenset({"teacher", "frozen_student"})
+
     def __init__(self, student, teacher, frozen_student, partition: str = "most-conf", flip_source: str = "current",
                  neutral_target: str = "logit_avg_current", **kw):
         if frozen_student is None:
             raise UserError("KL+DP needs the frozen initial student (frozen_student)")
         super().__init__(student, teacher, frozen_student=frozen_student, **kw)
-        if partition not in PARTITIONS:
-            raise UserError(f"method.partition='{partition}' is unknown: use one of {', '.join(PARTITIONS)}")
-        check_flip_source(flip_source)
-        check(neutral_target in NEUTRAL_TARGETS, f"method.neutral_target='{neutral_target}' is unknown: use one "
-              f"of {', '.join(NEUTRAL_TARGETS)}")
+        KLDP.check(partition=partition, flip_source=flip_source, neutral_target=neutral_target)
         self.partition, self.flip_source, self.neutral_target = partition, flip_source, neutral_target
+
+    @classmethod
+    def check(cls, **hp) -> None:
+        super().check(**hp)
+        if "partition" in hp and hp["partition"] not in PARTITIONS:
+            raise UserError(f"method.partition='{hp['partition']}' is unknown: use one of {', '.join(PARTITIONS)}")
+        if "flip_source" in hp:
+            check_flip_source(hp["flip_source"])
+        if "neutral_target" in hp:
+            check(hp["neutral_target"] in NEUTRAL_TARGETS, f"method.neutral_target='{hp['neutral_target']}' is "
+                  f"unknown: use one of {', '.join(NEUTRAL_TARGETS)}")
 
     def loss(self, batch):
         y = batch[1]
@@ -204,15 +223,29 @@ class MCL(KL):
     def __init__(self, student, teacher, frozen_student=None, alpha: float = 0.68, topk: int = 100,
                  ema_tau: float = 0.9999, ema_every: int = 2, flip_source: str = "current", **kw):
         super().__init__(student, teacher, alpha=alpha, topk=topk, frozen_student=frozen_student, **kw)
-        check(0 <= ema_tau < 1, f"method.ema_tau={ema_tau} must be in [0, 1)")
-        check(ema_every >= 1, f"method.ema_every={ema_every} must be >= 1")
-        check_flip_source(flip_source)
+        MCL.check(ema_tau=ema_tau, ema_every=ema_every, flip_source=flip_source)
         if flip_source == "frozen" and frozen_student is None:
             raise UserError("MCL with method.flip_source=frozen needs the frozen initial student (frozen_student)")
         self.tau, self.every, self.flip_source = float(ema_tau), int(ema_every), flip_source
         self.slow = copy.deepcopy(student)
         for p in self.slow.parameters():
             p.requires_grad_(False)
+
+    @classmethod
+    def needs_for(cls, hparams: dict):
+        """The frozen initial student only for the flips of `flip_source='frozen'` (default 'current': none)."""
+        needs = super().needs_for(hparams)
+        return needs | {"frozen_student"} if hparams.get("flip_source", "current") == "frozen" else needs
+
+    @classmethod
+    def check(cls, **hp) -> None:
+        super().check(**hp)
+        if "ema_tau" in hp:
+            check(0 <= hp["ema_tau"] < 1, f"method.ema_tau={hp['ema_tau']} must be in [0, 1)")
+        if "ema_every" in hp:
+            check(hp["ema_every"] >= 1, f"method.ema_every={hp['ema_every']} must be >= 1")
+        if "flip_source" in hp:
+            check_flip_source(hp["flip_source"])
 
     def loss(self, batch):
         y = batch[1]

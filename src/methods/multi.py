@@ -64,6 +64,7 @@ class MultiKLDP(KL):
     frozen student and to each teacher (`route_<name>`)."""
 
     _FROZEN = KL._FROZEN + ("teachers.",)
+    needs = frozenset({"teachers", "frozen_student"})
 
     def __init__(self, student, teachers: Sequence[nn.Module], frozen_student, partition: str = "most-conf",
                  teacher_caches: Optional[Sequence[Optional[Dict[str, torch.Tensor]]]] = None,
@@ -72,18 +73,24 @@ class MultiKLDP(KL):
             raise UserError("multi-teacher KL+DP needs the frozen initial student (frozen_student)")
         teachers = list(teachers)
         check(len(teachers) >= 1, "multi-teacher KL+DP needs at least one teacher")
-        if partition not in MULTI_PARTITIONS:
-            raise UserError(f"method.partition='{partition}' is not available with several teachers: use one of "
-                            f"{', '.join(MULTI_PARTITIONS)}")
+        MultiKLDP.check(partition=partition)
         super().__init__(student, None, frozen_student=frozen_student, frozen_student_cache=frozen_student_cache,
                          **kw)
+        MultiKLDP.check(topk=self.topk)
         caches = list(teacher_caches) if teacher_caches is not None else [None] * len(teachers)
         check(len(caches) == len(teachers), f"{len(caches)} teacher caches for {len(teachers)} teachers")
         self.teachers = nn.ModuleList([FrozenOutputs(t, c) for t, c in zip(teachers, caches)])
-        check(self.topk == 0, "method.topk is not supported by multi-teacher KL+DP: remove it")
         self.partition = partition
         self.names = list(names) if names is not None else [f"teacher{i + 1}" for i in range(len(teachers))]
         check(len(self.names) == len(teachers), f"{len(self.names)} names for {len(teachers)} teachers")
+
+    @classmethod
+    def check(cls, **hp) -> None:
+        super().check(**hp)
+        if "partition" in hp and hp["partition"] not in MULTI_PARTITIONS:
+            raise UserError(f"method.partition='{hp['partition']}' is not available with several teachers: use one "
+                            f"of {', '.join(MULTI_PARTITIONS)}")
+        check(hp.get("topk", 0) == 0, "method.topk is not supported by multi-teacher KL+DP: remove it")
 
     def frozen_modules(self) -> List[FrozenOutputs]:
         return [*self.teachers, self.frozen_student]
