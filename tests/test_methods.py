@@ -14,7 +14,8 @@ from src.methods.aft import AFT, FeatureTable, kernel_distance
 from src.methods.feature import NegativeSampler
 from src.metrics.flips import top_classes, transfer_metrics
 from src.metrics.transition import agreeing, transition_batch
-from src.experiments.transfer import routing_stats
+from src.methods import dp_route
+from src.metrics import routing_shares
 
 
 class Table(nn.Module):
@@ -134,7 +135,7 @@ def test_kldp_loss_uses_the_chosen_target():
 def test_kldp_and_routing_stats_without_flips_are_finite():
     z = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
     y = torch.tensor([0, 1])
-    stats = routing_stats(z, z, y, "most-conf")  # identical models: no flips at all
+    stats = routing_shares(dp_route(z, z, y, "most-conf"), z, z, y)  # identical models: no flips at all
     assert stats == {"dp_share_teacher": 0.0, "dp_pos_flips_to_teacher": 0.0, "dp_neg_flips_to_teacher": 0.0}
 
 

@@ -197,7 +197,7 @@ def _same(a, b):
 
 
 def test_sequential_end_to_end_resets_between_stages(digits_zoo, tmp_path, monkeypatch):
-    import src.experiments.transfer as tr
+    import src.experiments.context as tr  # every family builds its Trainer through Context.trainer
 
     SpyTrainer.calls = []
     monkeypatch.setattr(tr, "Trainer", SpyTrainer)
@@ -252,7 +252,7 @@ class ResumeSpy(Trainer):
 
 
 def test_sequential_resumes_in_the_stage_it_was_killed_in(digits_zoo, tmp_path, monkeypatch):
-    import src.experiments.transfer as tr
+    import src.experiments.context as tr  # every family builds its Trainer through Context.trainer
 
     cfg = _cfg(digits_zoo, "sequential", "order=listed", "trainer.epochs=2")
     monkeypatch.setattr(tr, "Trainer", KilledInStage2)
@@ -272,7 +272,7 @@ def test_sequential_resumes_in_the_stage_it_was_killed_in(digits_zoo, tmp_path, 
 
 
 def test_soup_resumes_in_the_member_it_was_killed_in(digits_zoo, tmp_path, monkeypatch):
-    import src.experiments.transfer as tr
+    import src.experiments.context as tr  # every family builds its Trainer through Context.trainer
 
     cfg = _cfg(digits_zoo, "soup", "trainer.epochs=2")
     monkeypatch.setattr(tr, "Trainer", KilledInStage2)

@@ -18,7 +18,7 @@ from conftest import ROOT, compose, find_pids
 from src.data import build_dataset, build_loader
 from src.engine import OutputCache, Trainer, predict
 from src.experiments.context import ModelRef, setup
-from src.experiments.transfer import train_caches
+from src.experiments.stage import train_caches
 from src.io_utils import load_state_dict
 from src.methods import KL, CrossEntropy
 from src.models import create_model

@@ -1,6 +1,7 @@
 """Multiple teachers (`main_multi_teacher.py`): one student, a list of teachers, four modes (docs/REFERENCE.md §1.11,
-§5.2 ensembles). Single-teacher stages (sequential stages, soup members, the ensemble teacher) run through
-`transfer.transfer`; the parallel mode runs `parallel_method` (multi-teacher KL+DP) with the same Trainer.
+§5.2 ensembles), each a function of the run's shared state (`Teachers`). Single-teacher stages (sequential stages,
+soup members, the ensemble teacher) are `stage.distil`; the parallel mode trains `parallel_method` (multi-teacher
+KL+DP) with the same Trainer.
 
 Every stage ends in `<run_dir>/stages/<k>_<teacher>/` with the student after it (`student/`) and its row
 (`row.json`, written last); a rerun skips finished stages and the unfinished one resumes from its own trainer
@@ -13,32 +14,42 @@ import copy
 import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from hydra.utils import get_class
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ..data import training_split
-from ..engine import Trainer, predict
+from ..engine import predict
 from ..errors import UserError, check
 from ..io_utils import load_state_dict
-from ..methods import build_method, mean_softmax_logits, multi_route, recompute_bn_stats, route_shares, \
-    uniform_soup
-from ..metrics import accuracy, agreement, flips, transfer_metrics
-from ..models import read_meta, save_checkpoint
+from ..methods import build_method, mean_softmax_logits, method_class, multi_route, recompute_bn_stats, \
+    route_shares, same_target, uniform_soup
+from ..metrics import accuracy, transfer_report
+from ..models import read_meta
 from ..schema import as_dict
-from .context import Context, ModelRef, setup
+from .context import Context, ModelRef, run_context
+from .preflight import preflight
 from .resolve import resolve_model
-from .stage import read_stage, write_stage
-from .transfer import ensemble_ref, train_caches, transfer
+from .stage import Stages, distil, ensemble_ref, train_caches
+from .zoo import train_zoo_entry
 
 log = logging.getLogger("kt")
 
 MODES = ("sequential", "parallel", "soup", "ensemble")
 ORDERS = ("ascending", "descending", "listed")
-_STUDENT_KEYS = ("student_acc", "transfer_delta", "knowledge_gain", "knowledge_loss", "nll", "ece")
+PARALLEL_CHOICES = ("a method that takes several teachers (a single-teacher one goes in `method`): "
+                    "method@parallel_method=multi_kl_dp (or multi_kl_dp_u)")
+
+
+def validate(cfg: DictConfig) -> None:
+    """The shared ranges, then this family's own keys (before any data, zoo or training work)."""
+    preflight(cfg)
+    check(len(cfg.teachers) >= 1, "teachers=[] is empty: give at least one, e.g. teachers=[mlp_small,lenet]")
+    if cfg.mode not in MODES:
+        raise UserError(f"mode='{cfg.mode}' is unknown: use one of {', '.join(MODES)}")
 
 
 def order_teachers(accs: Sequence[float], order: str) -> List[int]:
@@ -50,256 +61,212 @@ def order_teachers(accs: Sequence[float], order: str) -> List[int]:
     return idx if order == "listed" else sorted(idx, key=lambda i: accs[i], reverse=order == "descending")
 
 
-def report(now, before, refs: Dict[str, torch.Tensor], labels, top_p: float) -> Dict[str, float]:
-    """Everything main_transfer reports, for the student `now` against the initial student `before`, with the
-    teacher-dependent numbers once per reference model in `refs` (name -> eval logits) as `vs_<name>/<metric>`."""
-    out: Dict[str, float] = {"student_acc_before": 100 * accuracy(before, labels)}
-    for name, t in refs.items():
-        m = transfer_metrics(now, before, t, labels, top_p)
-        if "student_acc_after" not in out:
-            out.update({("student_acc_after" if k == "student_acc" else k): m[k] for k in _STUDENT_KEYS})
-        f0 = flips(t, before, labels)
-        out[f"vs_{name}/teacher_acc"] = 100 * accuracy(t, labels)
-        out[f"vs_{name}/positive_flips_before"] = f0["positive_flips_pct"]
-        out[f"vs_{name}/negative_flips_before"] = f0["negative_flips_pct"]
-        out[f"vs_{name}/agreement_before"] = 100 * agreement(t, before)
-        out.update({f"vs_{name}/{k}": v for k, v in m.items() if k not in _STUDENT_KEYS})
-    return out
-
-
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("_")[-48:] or "model"
 
 
-class StageTracker:
-    """The run's tracker seen from one stage: the stage's trainer steps are offset by the steps of the stages
-    before it (metrics.jsonl stays monotonic, and resuming a stage truncates only that stage's lines), and every
-    line carries the stage number."""
+@dataclass
+class Teachers:
+    """The shared state of one run: context, teachers, the initial student, the evaluation references (each
+    teacher and their ensemble), the stages written so far."""
+    ctx: Context
+    teachers: List[ModelRef]
+    student0: ModelRef
+    init_state: dict
+    eval_loader: object
+    refs: Dict[str, torch.Tensor]
+    labels: torch.Tensor
+    s0_logits: torch.Tensor
+    train_split: object
+    stages: Stages
 
-    def __init__(self, base, offset: int, stage: int):
-        self.base, self.offset, self.stage = base, int(offset), int(stage)
+    @classmethod
+    def load(cls, ctx: Context) -> "Teachers":
+        cfg = ctx.cfg
+        teachers = [resolve_model(t, ctx, "teacher") for t in cfg.teachers]
+        names = [t.name for t in teachers]
+        dup = sorted({n for n in names if names.count(n) > 1} | ({"ensemble"} & set(names)))
+        check(not dup, f"teacher name(s) {dup} appear twice or are reserved: list each teacher once")
+        student0 = resolve_model(cfg.student, ctx, "student")
+        if student0.name in names:
+            log.warning("the student %s is also one of the teachers", student0.name)
+        for ref in (*teachers, student0):
+            ref.model.to(ctx.device)
+        split = ctx.ds.split(cfg.eval_split)
+        t_eval = {t.name: ctx.outputs(t, split)["logits"] for t in teachers}
+        s0 = ctx.outputs(student0, split)
+        refs = {**t_eval, "ensemble": mean_softmax_logits(torch.stack(list(t_eval.values())))}
+        return cls(ctx, teachers, student0, copy.deepcopy(student0.model.state_dict()), ctx.eval_loader(split), refs,
+                   s0["labels"], s0["logits"], training_split(ctx.ds, cfg.dataset.transfer_split, cfg.dataset.subset),
+                   Stages(ctx))
 
     @property
-    def run_id(self):
-        return getattr(self.base, "run_id", None)
+    def names(self) -> List[str]:
+        return [t.name for t in self.teachers]
 
-    def log(self, metrics, step: int) -> None:
-        if self.base is not None:
-            self.base.log({**metrics, "stage": self.stage}, self.offset + int(step))
-
-    def truncate_after(self, step: int) -> None:
-        if self.base is not None:
-            self.base.truncate_after(self.offset + int(step))
-
-
-class MultiTeacher:
-    """The shared state of one run: context, teachers, the initial student and the evaluation references."""
-
-    def __init__(self, cfg: DictConfig, ctx: Context):
-        self.cfg, self.ctx = cfg, ctx
-        names = [str(t) for t in cfg.teachers]
-        check(len(names) >= 1, "teachers=[] is empty: give at least one, e.g. teachers=[mlp_small,lenet]")
-        if cfg.mode not in MODES:
-            raise UserError(f"mode='{cfg.mode}' is unknown: use one of {', '.join(MODES)}")
-        self.teachers = [resolve_model(t, ctx, "teacher") for t in cfg.teachers]
-        tnames = [t.name for t in self.teachers]
-        dup = sorted({n for n in tnames if tnames.count(n) > 1} | ({"ensemble"} & set(tnames)))
-        check(not dup, f"teacher name(s) {dup} appear twice or are reserved: list each teacher once")
-        self.student0 = resolve_model(cfg.student, ctx, "student")
-        if self.student0.name in tnames:
-            log.warning("the student %s is also one of the teachers", self.student0.name)
-        for ref in (*self.teachers, self.student0):
-            ref.model.to(ctx.device)
-        self.init_state = copy.deepcopy(self.student0.model.state_dict())
-        top_p = float(cfg.top_p)
-        check(0 < top_p <= 100, f"top_p={top_p} must be in (0, 100]: use e.g. top_p=20")
-        self.top_p = top_p
-        self.eval_split = ctx.ds.split(cfg.eval_split)
-        self.eval_loader = ctx.eval_loader(self.eval_split)
-        self.t_eval = {t.name: ctx.outputs(t, self.eval_split)["logits"] for t in self.teachers}
-        s0 = ctx.outputs(self.student0, self.eval_split)
-        self.labels, self.s0_logits = s0["labels"], s0["logits"]
-        self.refs = {**self.t_eval, "ensemble": mean_softmax_logits(torch.stack(list(self.t_eval.values())))}
-        self.train_split = training_split(ctx.ds, cfg.dataset.transfer_split, cfg.dataset.subset)
-        self.stages_dir = Path(ctx.run_dir) / "stages"
-
-    # ------------------------------------------------------------------ evaluation
     def evaluate(self, model) -> Dict[str, float]:
-        out = predict(model, self.eval_loader, amp=self.cfg.trainer.amp)
-        return report(out["logits"], self.s0_logits, self.refs, self.labels, self.top_p)
+        out = predict(model, self.eval_loader, amp=self.ctx.cfg.trainer.amp)
+        return transfer_report(out["logits"], self.s0_logits, self.refs, self.labels, float(self.ctx.cfg.top_p))
 
     def eval_logged(self, model) -> Dict[str, float]:
         return {f"eval/{k}": v for k, v in self.evaluate(model).items()}
 
-    def fresh_student(self, tag: str = "") -> ModelRef:
+    def copy_of_student0(self) -> ModelRef:
         """A copy of the initial student (its cache key stays valid: the weights are the same)."""
         m = copy.deepcopy(self.student0.model)
         m.load_state_dict(self.init_state)
-        return ModelRef(self.student0.name + tag, m, self.student0.key, self.student0.meta)
+        return ModelRef(self.student0.name, m, self.student0.key, self.student0.meta)
 
-    # ------------------------------------------------------------------ stages on disk
-    def stage_dir(self, k: int, teacher_name: str) -> Path:
-        return self.stages_dir / f"{k}_{_safe(teacher_name)}"
 
-    def load_stage(self, d: Path, like: ModelRef):
-        """(student after the stage, its row) when stage `d` finished earlier, else None."""
-        done = read_stage(d, like.model, self.ctx.device)
-        if done is None:
-            return None
-        model, row, meta = done
-        return ModelRef(like.name, model, meta["hash"], like.meta), row
+def single_stage(t: Teachers, teacher: ModelRef, student: ModelRef, trainer_name: str,
+                 frozen: Optional[ModelRef] = None, extra: Optional[dict] = None):
+    """Stage k: one `method` distillation of `teacher` into `student` (trained in place), or its saved result when
+    the stage finished earlier. Returns (student after the stage, with the cache key of its weights; row)."""
+    k = t.stages.k + 1
 
-    def save_stage(self, d: Path, student: ModelRef, row: dict, label: str) -> ModelRef:
-        """Returns the student with a cache key for its new weights (None on ranks that do not write)."""
-        meta = write_stage(d, row, student.model, self._meta(label, row.get("student_acc_after")), self.ctx.rank)
-        return ModelRef(student.name, student.model, meta["hash"] if meta else None, student.meta)
-
-    def _meta(self, label: str, acc) -> dict:
-        return {"name": label, "dataset": OmegaConf.to_container(self.cfg.dataset, resolve=True),
-                "test_acc": None if acc is None else acc / 100, "kwargs": self.student0.meta.get("kwargs", {})}
-
-    def log_stage(self, k: int, row: dict, step: int) -> None:
-        if self.ctx.tracker is not None:
-            self.ctx.tracker.log({**{f"stage_eval/{key}": v for key, v in row.items()
-                                     if isinstance(v, (int, float))}, "stage": k}, step)
-
-    # ------------------------------------------------------------------ modes
-    def single_stage(self, k: int, teacher: ModelRef, student: ModelRef, trainer_name: str, offset: int,
-                     frozen: Optional[ModelRef] = None, extra: Optional[dict] = None):
-        """One `method` distillation of `teacher` into `student` (trained in place), or its saved result when
-        the stage finished earlier. Returns (student after the stage, row)."""
-        d = self.stage_dir(k, teacher.name)
-        done = self.load_stage(d, student)
-        if done is not None:
-            log.info("stage %d (%s) finished earlier: re-using %s", k, teacher.name, d)
-            return done
+    def train(tracker):
         log.info("stage %d: %s -> %s (%s)", k, teacher.name, student.name, trainer_name)
-        t_row = transfer(self.ctx, teacher, student, self.cfg.method, self.ctx.run_dir, name=trainer_name,
-                         frozen=frozen, tracker=StageTracker(self.ctx.tracker, offset, k))
-        row = {"stage": k, "teacher": teacher.name, **(extra or {}), **self.evaluate(student.model),
+        t_row = distil(t.ctx, teacher, student, t.ctx.cfg.method, trainer_name, frozen=frozen, tracker=tracker)
+        row = {"stage": k, "teacher": teacher.name, **(extra or {}), **t.evaluate(student.model),
                "steps": t_row["steps"], "stage_transfer": t_row}
-        student = self.save_stage(d, student, row, f"{student.name}<-{teacher.name}")
-        self.log_stage(k, row, offset + t_row["steps"])
-        return student, row
+        tracker.log({f"stage_eval/{key}": v for key, v in row.items() if isinstance(v, (int, float))}, row["steps"])
+        return student.model, row
 
-    def sequential(self):
-        split = self.ctx.ds.split(self.cfg.order_split)
-        accs = [100 * accuracy(self.ctx.outputs(t, split)["logits"], split.labels) for t in self.teachers]
-        order = order_teachers(accs, str(self.cfg.order))
-        log.info("sequential order (%s, accuracy on %s): %s", self.cfg.order, split.name,
-                 ", ".join(f"{self.teachers[i].name} {accs[i]:.2f}%" for i in order))
-        student, rows, offset = self.student0, [], 0
-        for k, i in enumerate(order, 1):
-            t = self.teachers[i]
-            # the student-teacher of this stage is the student after the previous stage (a frozen copy); the
-            # stage's Trainer (own name, own checkpoints) builds a fresh optimiser
-            frozen = ModelRef(f"{student.name}@stage{k}", copy.deepcopy(student.model), student.key)
-            student, row = self.single_stage(k, t, student, f"stage{k}_{_safe(t.name)}", offset, frozen=frozen,
-                                             extra={"order_acc": accs[i], "order_split": split.name})
-            offset += int(row["steps"])
-            rows.append(row)
-        return student.model, rows, {"order": [self.teachers[i].name for i in order],
-                                     "order_accs": {self.teachers[i].name: accs[i] for i in order}}
+    model, row, key = t.stages.run(f"{k}_{_safe(teacher.name)}", train, like=student.model,
+                                   label=f"{student.name}<-{teacher.name}", kwargs=t.student0.meta.get("kwargs"))
+    return ModelRef(student.name, model, key, student.meta), row
 
-    def soup(self):
-        members, rows, offset = [], [], 0
-        runs = as_dict(self.cfg.get("soup_runs"))
-        for k, t in enumerate(self.teachers, 1):
-            student = self.fresh_student()
-            reused = self.external_member(k, t, student, runs.get(t.name))
-            if reused is None:
-                reused = self.single_stage(k, t, student, f"soup{k}_{_safe(t.name)}", offset)
-            student, row = reused
-            offset += int(row.get("steps", 0))
-            members.append(student.model)
-            rows.append(row)
-        model = copy.deepcopy(self.student0.model)
-        model.load_state_dict(uniform_soup(members))
-        extra = {"soup_members": len(members), "soup_bn_samples": 0}
-        if self.cfg.soup_recompute_bn:
-            loader = self.ctx.train_loader(self.train_split)
-            extra["soup_bn_samples"] = recompute_bn_stats(model, loader.iter_epoch(0))
-        return model, rows, extra
 
-    def external_member(self, k: int, teacher: ModelRef, like: ModelRef, path) -> Optional[tuple]:
-        """A finished single-teacher run given in soup_runs (a main_transfer run dir or a student folder)."""
-        if not path:
-            return None
-        p = Path(str(path))
-        folder = p / "student" if (p / "student" / "meta.json").is_file() else p
-        meta = read_meta(folder)
-        if meta is None:
-            log.warning("soup_runs.%s=%s holds no finished student: distilling it here", teacher.name, p)
-            return None
-        model = copy.deepcopy(like.model)
-        try:
-            model.load_state_dict(load_state_dict(folder / "model.safetensors"))
-        except RuntimeError as e:
-            raise UserError(f"soup_runs.{teacher.name}={p}: its student is not a {like.name} ({e}); give a run "
-                            f"with the same student") from e
-        expect = f"{like.name}<-{teacher.name}"
-        if meta.get("name") != expect:
-            log.warning("soup_runs.%s: the student in %s is '%s', expected '%s'", teacher.name, folder,
-                        meta.get("name"), expect)
-        summary = p / "summary.json"
-        t_row = json.loads(summary.read_text()) if summary.is_file() else {}
-        if t_row.get("method_config", {}).get("_target_") not in (None, self.cfg.method._target_):
-            log.warning("soup_runs.%s was distilled with %s, this run's method is %s", teacher.name,
-                        t_row["method_config"]["_target_"], self.cfg.method._target_)
-        log.info("soup member %d (%s): re-using the finished run %s", k, teacher.name, folder)
-        model.to(self.ctx.device)
-        row = {"stage": k, "teacher": teacher.name, "reused_from": str(folder), **self.evaluate(model),
-               "steps": int(t_row.get("steps", 0)), "stage_transfer": t_row}
-        return ModelRef(like.name, model, meta["hash"], like.meta), row
+def sequential(t: Teachers):
+    """The teachers one after another (order: their accuracy on order_split), each stage's student-teacher the
+    student after the previous stage (a frozen copy); each stage's Trainer builds a fresh optimiser."""
+    ctx, cfg = t.ctx, t.ctx.cfg
+    split = ctx.ds.split(cfg.order_split)
+    accs = [100 * accuracy(ctx.outputs(m, split)["logits"], split.labels) for m in t.teachers]
+    order = order_teachers(accs, str(cfg.order))
+    log.info("sequential order (%s, accuracy on %s): %s", cfg.order, split.name,
+             ", ".join(f"{t.teachers[i].name} {accs[i]:.2f}%" for i in order))
+    student, rows = t.student0, []
+    for k, i in enumerate(order, 1):
+        teacher = t.teachers[i]
+        frozen = ModelRef(f"{student.name}@stage{k}", copy.deepcopy(student.model), student.key)
+        student, row = single_stage(t, teacher, student, f"stage{k}_{_safe(teacher.name)}", frozen=frozen,
+                                    extra={"order_acc": accs[i], "order_split": split.name})
+        rows.append(row)
+    return student.model, rows, {"order": [t.teachers[i].name for i in order],
+                                 "order_accs": {t.teachers[i].name: accs[i] for i in order}}
 
-    def ensemble(self):
-        student, row = self.single_stage(1, ensemble_ref(self.teachers), self.student0, "ensemble", 0)
-        return student.model, [row], {}
 
-    def parallel(self):
-        ctx, cfg = self.ctx, self.cfg
-        names = [t.name for t in self.teachers]
-        d = self.stage_dir(1, "parallel")
-        done = self.load_stage(d, self.student0)
-        if done is not None:
-            log.info("parallel stage finished earlier: re-using %s", d)
-            return done[0].model, [done[1]], _routing(done[1])
-        student = self.student0
-        loader = ctx.train_loader(self.train_split)
+def soup(t: Teachers):
+    """One student distilled from each teacher (or a finished run given in soup_runs), their weights averaged;
+    BatchNorm statistics recomputed on the training split when soup_recompute_bn."""
+    cfg, members, rows = t.ctx.cfg, [], []
+    runs = as_dict(cfg.get("soup_runs"))
+    for k, teacher in enumerate(t.teachers, 1):
+        student = t.copy_of_student0()
+        reused = external_member(t, k, teacher, student, runs.get(teacher.name))
+        if reused is None:
+            reused = single_stage(t, teacher, student, f"soup{k}_{_safe(teacher.name)}")
+        else:
+            t.stages.skip(reused[1])
+        student, row = reused
+        members.append(student.model)
+        rows.append(row)
+    model = copy.deepcopy(t.student0.model)
+    model.load_state_dict(uniform_soup(members))
+    extra = {"soup_members": len(members), "soup_bn_samples": 0}
+    if cfg.soup_recompute_bn:
+        extra["soup_bn_samples"] = recompute_bn_stats(model, t.ctx.train_loader(t.train_split).iter_epoch(0))
+    return model, rows, extra
+
+
+def external_member(t: Teachers, k: int, teacher: ModelRef, like: ModelRef, path) -> Optional[tuple]:
+    """A finished single-teacher run given in soup_runs (a main_transfer run dir or a student folder)."""
+    if not path:
+        return None
+    p = Path(str(path))
+    folder = p / "student" if (p / "student" / "meta.json").is_file() else p
+    meta = read_meta(folder)
+    if meta is None:
+        log.warning("soup_runs.%s=%s holds no finished student: distilling it here", teacher.name, p)
+        return None
+    model = copy.deepcopy(like.model)
+    try:
+        model.load_state_dict(load_state_dict(folder / "model.safetensors"))
+    except RuntimeError as e:
+        raise UserError(f"soup_runs.{teacher.name}={p}: its student is not a {like.name} ({e}); give a run "
+                        f"with the same student") from e
+    expect = f"{like.name}<-{teacher.name}"
+    if meta.get("name") != expect:
+        log.warning("soup_runs.%s: the student in %s is '%s', expected '%s'", teacher.name, folder,
+                    meta.get("name"), expect)
+    summary = p / "summary.json"
+    t_row = json.loads(summary.read_text()) if summary.is_file() else {}
+    target = t_row.get("method_config", {}).get("_target_")
+    if target is not None and not same_target(target, t.ctx.cfg.method._target_):
+        log.warning("soup_runs.%s was distilled with %s, this run's method is %s", teacher.name, target,
+                    t.ctx.cfg.method._target_)
+    log.info("soup member %d (%s): re-using the finished run %s", k, teacher.name, folder)
+    model.to(t.ctx.device)
+    row = {"stage": k, "teacher": teacher.name, "reused_from": str(folder), **t.evaluate(model),
+           "steps": int(t_row.get("steps", 0)), "stage_transfer": t_row}
+    return ModelRef(like.name, model, meta["hash"], like.meta), row
+
+
+
+def ensemble(t: Teachers):
+    """One distillation from the teachers' ensemble (mean softmax) as a single teacher."""
+    student, row = single_stage(t, ensemble_ref(t.teachers), t.student0, "ensemble")
+    return student.model, [row], {}
+
+
+def parallel(t: Teachers):
+    """All teachers at once with `parallel_method` (multi-teacher KL+DP: per sample the most confident of the
+    teachers and the frozen initial student is the target); one stage, logged as the run's own lines."""
+    student, names = t.student0, t.names
+
+    def train(_):
+        ctx = t.ctx
+        loader = ctx.train_loader(t.train_split)
         frozen = ModelRef(student.name + "@init", copy.deepcopy(student.model), student.key)
-        caches = train_caches(ctx, [*self.teachers, frozen], self.train_split, loader, False)
-        method = build_method(cfg.parallel_method, "parallel_method", accept=lambda c: "teachers" in c.needs,
-                              choices="a method that takes several teachers (a single-teacher one goes in `method`): "
-                                      "method@parallel_method=multi_kl_dp (or multi_kl_dp_u)",
-                              student=student.model, teachers=[t.model for t in self.teachers],
+        caches = train_caches(ctx, [*t.teachers, frozen], t.train_split, loader, False)
+        method = build_method(ctx.cfg.parallel_method, "parallel_method", accept=lambda c: "teachers" in c.needs,
+                              choices=PARALLEL_CHOICES, student=student.model, teachers=[m.model for m in t.teachers],
                               frozen_student=frozen.model, teacher_caches=caches[:-1],
-                              frozen_student_cache=caches[-1], names=[t.name for t in self.teachers])
-        src = multi_route(torch.stack([self.t_eval[n] for n in names]), self.s0_logits, self.labels,
-                          method.partition)
-        shares = route_shares(src, len(names))
+                              frozen_student_cache=caches[-1], names=names)
+        shares = route_shares(multi_route(torch.stack([t.refs[n] for n in names]), t.s0_logits, t.labels,
+                                          method.partition), len(names))
         route = {"route/student": 100 * shares[0].item(),
                  **{f"route/{n}": 100 * shares[i + 1].item() for i, n in enumerate(names)}}
-        if ctx.tracker is not None:
-            ctx.tracker.log({**self.eval_logged(student.model), **{f"eval/{k}": v for k, v in route.items()},
+        if ctx.tracker is not None:  # the starting point, logged before the Trainer (which may resume) exists
+            ctx.tracker.log({**t.eval_logged(student.model), **{f"eval/{k}": v for k, v in route.items()},
                              "epoch": 0.0}, 0)
-        trainer = Trainer(method, loader, cfg.trainer, cfg.optimizer, cfg.scheduler, ctx.run_dir,
-                          tracker=ctx.tracker, evaluate=self.eval_logged, device=ctx.device, name="parallel",
-                          rank=ctx.rank, world_size=ctx.world_size)
+        trainer = ctx.trainer(method, loader, t.eval_logged, "parallel")
         trainer.fit()
-        train_route = {}
-        for h in reversed(trainer.history):  # routing shares of the last training window
-            if any(k.startswith("train/route_") for k in h):
-                train_route = {f"train_route/{k[len('train/route_'):]}": 100 * v for k, v in h.items()
-                               if k.startswith("train/route_")}
-                break
-        row = {"stage": 1, "teacher": "+".join(names), **self.evaluate(student.model), **route, **train_route,
-               "steps": trainer.total_steps}
-        student = self.save_stage(d, student, row, f"{student.name}<-parallel({'+'.join(names)})")
-        return student.model, [row], _routing(row)
+        row = {"stage": 1, "teacher": "+".join(names), **t.evaluate(student.model), **route,
+               **_train_route(trainer.history), "steps": trainer.total_steps}
+        return student.model, row
+
+    model, row, _ = t.stages.run("1_parallel", train, like=student.model,
+                                 label=f"{student.name}<-parallel({'+'.join(names)})",
+                                 kwargs=student.meta.get("kwargs"))
+    return model, [row], _routing(row)
+
+
+def _train_route(history: List[dict]) -> dict:
+    """The routing shares (%) of the last training window that logged them."""
+    for h in reversed(history):
+        if any(k.startswith("train/route_") for k in h):
+            return {f"train_route/{k[len('train/route_'):]}": 100 * v for k, v in h.items()
+                    if k.startswith("train/route_")}
+    return {}
 
 
 def _routing(row: dict) -> dict:
     return {k: v for k, v in row.items() if k.startswith(("route/", "train_route/"))}
+
+
+RUN_MODE = {"sequential": sequential, "parallel": parallel, "soup": soup, "ensemble": ensemble}
 
 
 def print_rows(summary: dict, run_dir) -> None:
@@ -319,21 +286,16 @@ def print_rows(summary: dict, run_dir) -> None:
 
 
 def run(cfg: DictConfig, run_dir=None) -> dict:
-    ctx = setup(cfg, run_dir, job_type="multi_teacher")
-    try:
-        mt = MultiTeacher(cfg, ctx)
-        model, rows, extra = getattr(mt, str(cfg.mode))()
+    with run_context(cfg, run_dir, "multi_teacher", validate=validate, train_missing=train_zoo_entry) as ctx:
+        t = Teachers.load(ctx)
+        model, rows, extra = RUN_MODE[str(cfg.mode)](t)
         cfg_method = cfg.parallel_method if cfg.mode == "parallel" else cfg.method
-        method_name = cfg.get("method_name") or get_class(cfg_method._target_).__name__
-        final = mt.evaluate(model)
-        summary = {"status": "ok", "mode": str(cfg.mode), "method": method_name, "student": mt.student0.name,
-                   "teachers": [t.name for t in mt.teachers], "eval_split": str(cfg.eval_split),
-                   "dataset": ctx.info.name, "seed": cfg.trainer.seed, "method_config": as_dict(cfg_method),
-                   **extra, **final, "steps": sum(int(r.get("steps", 0)) for r in rows), "stages": rows}
-        if ctx.rank == 0 and cfg.get("save_student", True):
-            save_checkpoint(model, ctx.run_dir / "student",
-                            mt._meta(f"{mt.student0.name}<-{cfg.mode}({'+'.join(summary['teachers'])})",
-                                     final["student_acc_after"]))
+        method_name = cfg.get("method_name") or method_class(cfg_method).__name__
+        final = t.evaluate(model)
+        summary = {"status": "ok", "mode": str(cfg.mode), "method": method_name, "student": t.student0.name,
+                   "teachers": t.names, "eval_split": str(cfg.eval_split), "dataset": ctx.info.name,
+                   "seed": cfg.trainer.seed, "method_config": as_dict(cfg_method), **extra, **final,
+                   "steps": sum(int(r.get("steps", 0)) for r in rows), "stages": rows}
+        ctx.save_student(model, f"{t.student0.name}<-{cfg.mode}({'+'.join(t.names)})", final["student_acc_after"],
+                         kwargs=t.student0.meta.get("kwargs"))
         return ctx.report(summary, print_rows)
-    finally:
-        ctx.tracker.finish()

@@ -112,3 +112,34 @@ def transfer_metrics(now, before, teacher, labels, top_p: float = 20.0) -> Dict[
         "ensemble_acc": 100 * ensemble_accuracy(teacher, now, labels),
     }
     return out
+
+
+def routing_shares(teacher_weight, teacher, student, labels) -> Dict[str, float]:
+    """Where KL+DP's routing sends the eval samples: the share (%) whose KL target is the teacher (the mean of the
+    per-sample teacher weight), overall and among the positive / negative flips of (teacher, student); 0 when a
+    group is empty (never NaN)."""
+    w = teacher_weight.float()
+    t_ok, s_ok = _pred(teacher) == labels, _pred(student) == labels
+    share = lambda m: 100.0 * w[m].mean().item() if m.any() else 0.0  # noqa: E731
+    return {"dp_share_teacher": 100.0 * w.mean().item(), "dp_pos_flips_to_teacher": share(t_ok & ~s_ok),
+            "dp_neg_flips_to_teacher": share(~t_ok & s_ok)}
+
+
+_STUDENT_KEYS = ("student_acc", "transfer_delta", "knowledge_gain", "knowledge_loss", "nll", "ece")
+
+
+def transfer_report(now, before, refs: Dict[str, torch.Tensor], labels, top_p: float) -> Dict[str, float]:
+    """Everything main_transfer reports, for the student `now` against the initial student `before`, with the
+    teacher-dependent numbers once per reference model in `refs` (name -> eval logits) as `vs_<name>/<metric>`."""
+    out: Dict[str, float] = {"student_acc_before": 100 * accuracy(before, labels)}
+    for name, t in refs.items():
+        m = transfer_metrics(now, before, t, labels, top_p)
+        if "student_acc_after" not in out:
+            out.update({("student_acc_after" if k == "student_acc" else k): m[k] for k in _STUDENT_KEYS})
+        f0 = flips(t, before, labels)
+        out[f"vs_{name}/teacher_acc"] = 100 * accuracy(t, labels)
+        out[f"vs_{name}/positive_flips_before"] = f0["positive_flips_pct"]
+        out[f"vs_{name}/negative_flips_before"] = f0["negative_flips_pct"]
+        out[f"vs_{name}/agreement_before"] = 100 * agreement(t, before)
+        out.update({f"vs_{name}/{k}": v for k, v in m.items() if k not in _STUDENT_KEYS})
+    return out

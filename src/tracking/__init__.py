@@ -254,3 +254,6 @@ class Tracker:
                 self._wandb.finish(exit_code=exit_code)
             finally:
                 self._wandb = None
+
+
+from .stage import StageTracker  # noqa: E402,F401
