@@ -12,7 +12,8 @@ from conftest import compose
 from src.engine import Trainer
 from src.errors import Preempted, UserError
 from src.io_utils import save_safetensors
-from src.methods.zeroshot import (KDAT, NoiseBatches, ZeroShot, attention_loss, attention_map, kl_mean,
+from src.data import NoiseBatches
+from src.methods.zeroshot import (KDAT, ZeroShot, attention_loss, attention_map, kl_mean,
                                   logits_and_stages)
 from src.metrics.transition import mean_transition_error, transition_batch, transition_curves
 from src.models import create_model

@@ -1,2 +1,2 @@
 from .datasets import Dataset, DatasetInfo, Split, build_dataset, training_split  # noqa: F401
-from .loaders import build_loader, resolve_device  # noqa: F401
+from .loaders import NoiseBatches, build_loader, resolve_device  # noqa: F401

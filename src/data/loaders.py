@@ -421,3 +421,29 @@ def build_loader(cfg, split: Split, train: bool, seed: int = 0, device=None, ran
 
         return FFCVLoader(cfg, split, train=train, **common)
     raise UserError(f"loader.backend='{cfg.backend}' is unknown: use tensor, torch or ffcv")
+
+
+class NoiseBatches:
+    """The Trainer's loader for zero-shot KT: one epoch = one pseudo-batch = `steps` batches (z, phase, index)
+    sharing one z ~ N(0, I) of shape (batch_size, z_dim), drawn on the CPU from a generator seeded by
+    (seed, pseudo-batch index): the same z on any device and after a resume."""
+
+    augmented = True  # no per-sample output caches (every z is new)
+
+    def __init__(self, batch_size: int, z_dim: int, steps: int, seed: int = 0, device="cpu"):
+        check(batch_size > 0, f"loader.batch_size={batch_size} must be > 0: use e.g. 128 (the paper)")
+        self.batch_size, self.z_dim, self.steps, self.seed = int(batch_size), int(z_dim), int(steps), int(seed)
+        self.device = torch.device(device)
+        self.num_samples = self.batch_size
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def z(self, index: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(mix_seed(self.seed, index, 11))
+        return torch.randn(self.batch_size, self.z_dim, generator=g).to(self.device)
+
+    def iter_epoch(self, epoch: int = 0, start_batch: int = 0):
+        z = self.z(epoch)
+        for phase in range(start_batch, self.steps):
+            yield z, phase, epoch

@@ -17,17 +17,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..data import training_split
 from ..data.datasets import Split
-from ..engine import Trainer, predict, rows_by_id
+from ..engine import predict, rows_by_id
 from ..errors import check
 from ..methods import build_method, method_class, method_hparams
 from ..methods.aft import FeatureTable
 from ..methods.base import CrossEntropy
 from ..metrics import accuracy
-from ..models import save_checkpoint
 from ..schema import as_dict
-from .context import Context, ModelRef, setup
+from .context import Context, ModelRef, run_context
 from .preflight import check_model_spec, preflight
 from .resolve import resolve_model
+from .zoo import train_zoo_entry
 
 log = logging.getLogger("kt")
 
@@ -139,56 +139,49 @@ def print_table(row: dict, run_dir) -> None:
     print(f"outputs: {run_dir} (summary.json, metrics.jsonl, student/)")
 
 
+def train(ctx: Context, method, train_split, eval_split, acc0: float) -> Tuple[float, int]:
+    """Fine-tune with `method` (its regulariser towards the features included); returns (final accuracy %, steps)."""
+    eval_loader = ctx.eval_loader(eval_split)
+
+    def evaluate(model):
+        out = predict(model, eval_loader, amp=ctx.cfg.trainer.amp)
+        return {"eval/student_acc": 100 * accuracy(out["logits"], out["labels"])}
+
+    ctx.tracker.log({"eval/student_acc": acc0, "epoch": 0.0}, 0)
+    trainer = ctx.trainer(method, ctx.train_loader(train_split), evaluate, "aft")
+    last = trainer.fit() or evaluate(method.eval_model())  # {} when resumed from a finished run
+    return last["eval/student_acc"], trainer.total_steps
+
+
 def run(cfg: DictConfig, run_dir=None) -> dict:
-    validate(cfg)
-    cls = method_class(cfg.method, accept=in_family, choices=CHOICES)
-    needs = cls.needs_for(method_hparams(cfg.method))
-    name = cfg.get("method_name") or getattr(cls, "name", "init")
-    ctx = setup(cfg, run_dir, job_type="aft")
-    try:
+    with run_context(cfg, run_dir, "aft", validate=validate, train_missing=train_zoo_entry) as ctx:
+        cls = method_class(cfg.method, accept=in_family, choices=CHOICES)
+        needs = cls.needs_for(method_hparams(cfg.method))
+        name = cfg.get("method_name") or getattr(cls, "name", "init")
         student = resolve_model(cfg.student, ctx, "student")
         student.model.to(ctx.device)
         refs = [resolve_model(s, ctx, f"features[{i}]") for i, s in enumerate(feature_specs(cfg))] \
             if "feature_table" in needs else []
         train_split, eval_split = splits(ctx)
-        loader = ctx.train_loader(train_split)
-        eval_loader = ctx.eval_loader(eval_split)
         s0 = ctx.outputs(student, eval_split)
-        labels = s0["labels"]
         table, paths = None, []
         if refs:
-            table, paths = feature_table(ctx, refs, train_split,
-                                         student if "student_features" in needs else None)
+            table, paths = feature_table(ctx, refs, train_split, student if "student_features" in needs else None)
         method = build_method(cfg.method, accept=in_family, choices=CHOICES, student=student.model,
                               feature_table=table)
-
-        def evaluate(model):
-            return {"eval/student_acc": 100 * accuracy(predict(model, eval_loader, amp=cfg.trainer.amp)["logits"],
-                                                       labels)}
-
-        acc0 = 100 * accuracy(s0["logits"], labels)
-        ctx.tracker.log({"eval/student_acc": acc0, "epoch": 0.0}, 0)
-        trainer = Trainer(method, loader, cfg.trainer, cfg.optimizer, cfg.scheduler, ctx.run_dir,
-                          tracker=ctx.tracker, evaluate=evaluate, device=ctx.device, name="aft", rank=ctx.rank,
-                          world_size=ctx.world_size)
-        last = trainer.fit() or evaluate(method.eval_model())  # {} when resumed from a finished run
-        acc1 = last["eval/student_acc"]
+        acc0 = 100 * accuracy(s0["logits"], s0["labels"])
+        acc1, steps = train(ctx, method, train_split, eval_split, acc0)
         scales = method.scale_summary() if hasattr(method, "scale_summary") else \
             {"scales_mean": None, "scales_min": None, "scales_max": None}
         row = {"status": "ok", "method": name, "student": student.name, "features": [r.name for r in refs],
                "feature_dims": table.dims if table is not None else [], "feature_cache": paths,
                "student_acc_before": acc0, "student_acc_after": acc1, "transfer_delta": acc1 - acc0, **scales,
                "eval_split": eval_split.name, "train_split": train_split.name, "train_samples": len(train_split),
-               "dataset": ctx.info.name, "seed": cfg.trainer.seed, "steps": trainer.total_steps,
+               "dataset": ctx.info.name, "seed": cfg.trainer.seed, "steps": steps,
                "method_config": as_dict(cfg.method)}
         if hasattr(method, "scores"):  # B-Tuning: LogME score and weight of each pretrained model
             row["logme_scores"] = dict(zip(row["features"], method.scores.tolist()))
             row["btune_weights"] = dict(zip(row["features"], method.model_weights.tolist()))
-        if ctx.rank == 0 and cfg.get("save_student", True):
-            save_checkpoint(student.model, ctx.run_dir / "student",
-                            {"name": f"{student.name}<-aft[{','.join(row['features'])}]", "method": name,
-                             "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
-                             "test_acc": acc1 / 100, "kwargs": student.meta.get("kwargs", {})})
+        ctx.save_student(student.model, f"{student.name}<-aft[{','.join(row['features'])}]", acc1, name,
+                         student.meta.get("kwargs"))
         return ctx.report(row, print_table)
-    finally:
-        ctx.tracker.finish()

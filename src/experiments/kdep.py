@@ -13,13 +13,13 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..data import build_dataset, build_loader, training_split
-from ..engine import Trainer, predict, rows_by_id
+from ..engine import predict, rows_by_id
 from ..errors import UserError, check, closest
 from ..io_utils import load_state_dict, save_safetensors
 from ..methods import build_method, method_class, method_hparams
@@ -28,11 +28,11 @@ from ..methods.kdep import check_dims, svd_basis
 from ..metrics import accuracy
 from ..models.hooks import PreActivation, pre_activation_dim
 from ..schema import DatasetConfig, as_dict
-from .context import Context, ModelRef, setup
+from .context import Context, ModelRef, run_context
 from .preflight import check_model_spec, preflight
 from .resolve import resolve_model
-from .stage import read_stage, write_stage
-from .multi_teacher import StageTracker
+from .stage import Stages
+from .zoo import train_zoo_entry
 
 log = logging.getLogger("kt")
 
@@ -175,9 +175,7 @@ def distill(ctx: Context, teacher: ModelRef, student: ModelRef, tracker) -> dict
     start = evaluate(student.model)["eval/distill_loss"]
     if tracker is not None:
         tracker.log({"eval/distill_loss": start, "epoch": 0.0}, 0)
-    trainer = Trainer(method, loader, cfg.trainer, cfg.optimizer, cfg.scheduler, ctx.run_dir, tracker=tracker,
-                      evaluate=evaluate, device=ctx.device, name="distill", rank=ctx.rank,
-                      world_size=ctx.world_size)
+    trainer = ctx.trainer(method, loader, evaluate, "distill", tracker=tracker)
     last = trainer.fit() or evaluate(student.model)
     return {"distill_loss_start": start, "distill_loss_end": last["eval/distill_loss"], "steps": trainer.total_steps,
             "d_teacher": int(d_t), "d_student": int(d_s), "basis": str(basis_path),
@@ -212,37 +210,14 @@ def finetune(ctx: Context, init: torch.nn.Module, data: dict, name: str, tracker
         o = predict(m, eval_loader, amp=ft["trainer"].amp)
         return {"eval/acc": 100 * accuracy(o["logits"], o["labels"])}
 
-    trainer = Trainer(method, loader, ft["trainer"], ft["optimizer"], ft["scheduler"], ctx.run_dir,
-                      tracker=tracker, evaluate=evaluate, device=ctx.device, name=name, rank=ctx.rank,
-                      world_size=ctx.world_size)
+    trainer = ctx.trainer(method, loader, evaluate, name, tracker=tracker, trainer_cfg=ft["trainer"],
+                          optimizer_cfg=ft["optimizer"], scheduler_cfg=ft["scheduler"])
     last = trainer.fit() or evaluate(model)
     return {"acc": last["eval/acc"], "steps": trainer.total_steps, "train_size": len(data["train"]),
             "eval_size": len(data["eval"])}
 
 
 # --------------------------------------------------------------------------------------------------- the run
-class Stages:
-    """Runs named stages in order: a finished one is read back, the others run with a tracker whose steps
-    continue after the previous stages' (metrics.jsonl stays monotonic)."""
-
-    def __init__(self, ctx: Context):
-        self.ctx, self.offset, self.k = ctx, 0, 0
-        self.trained: List[str] = []
-
-    def run(self, name: str, fn, like=None):
-        self.k += 1
-        done = read_stage(self.ctx.run_dir / "stages" / name, like, self.ctx.device)
-        if done is not None:
-            log.info("stage %s finished earlier: re-using %s", name, self.ctx.run_dir / "stages" / name)
-            model, row, _ = done
-        else:
-            log.info("stage %s", name)
-            model, row = fn(StageTracker(self.ctx.tracker, self.offset, self.k))
-            self.trained.append(name)
-        self.offset += int(row.get("steps", 0))
-        return model, row
-
-
 def print_table(s: dict, run_dir) -> None:
     print(f"\nKDEP: {s['teacher']} ({s['d_teacher']}-d pre-ReLU) -> {s['student']} ({s['d_student']}-d), "
           f"distillation loss {s['distill_loss_start']:.4f} -> {s['distill_loss_end']:.4f} "
@@ -256,10 +231,32 @@ def print_table(s: dict, run_dir) -> None:
     print(f"basis: {s['basis']}\noutputs: {run_dir} (summary.json, metrics.jsonl, stages/, checkpoints/)")
 
 
+def finetune_all(ctx: Context, stages: Stages, inits: Dict[str, torch.nn.Module]) -> Dict[str, dict]:
+    """Every downstream entry fine-tuned from every initialisation (one stage each, `finetune_<name>_<init>`);
+    returns per downstream the last-epoch accuracy of each init and KDEP's difference to the baselines."""
+    downstream: Dict[str, dict] = {}
+    for d in ctx.cfg.downstream:
+        data, res = None, {}
+        for init_name, init in inits.items():
+            sname = f"finetune_{d.name}_{init_name}"
+
+            def train(tracker, init=init, sname=sname):
+                nonlocal data
+                data = data or downstream_data(ctx, d)  # built once per entry, only when a stage runs
+                return None, finetune(ctx, init, data, sname, tracker)
+
+            res[init_name] = stages.run(sname, train)[1]
+        r = {k: v["acc"] for k, v in res.items()}
+        for base in ("scratch", "supervised"):
+            if base in r:
+                r[f"delta_vs_{base}"] = r["kdep"] - r[base]
+        r["train_size"] = res["kdep"]["train_size"]
+        downstream[str(d.name)] = r
+    return downstream
+
+
 def run(cfg: DictConfig, run_dir=None) -> dict:
-    validate(cfg)
-    ctx = setup(cfg, run_dir, job_type="kdep")
-    try:
+    with run_context(cfg, run_dir, "kdep", validate=validate, train_missing=train_zoo_entry) as ctx:
         check_downstream_splits(ctx)
         teacher = resolve_model(cfg.teacher, ctx, "teacher")
         teacher.model.to(ctx.device)
@@ -267,42 +264,16 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
         student.model.to(ctx.device)
         scratch = copy.deepcopy(student.model)  # the same random init, for the `scratch` baseline
         stages = Stages(ctx)
-
-        def do_distill(tracker):
-            row = distill(ctx, teacher, student, tracker)
-            write_stage(ctx.run_dir / "stages" / "distill", row, student.model,
-                       {"name": f"{student.name}<-kdep-{teacher.name}", "kwargs": as_dict(cfg.student.get("kwargs")),
-                        "dataset": OmegaConf.to_container(cfg.dataset, resolve=True)}, ctx.rank)
-            return student.model, row
-
-        distilled, drow = stages.run("distill", do_distill, like=student.model)
+        distilled, drow, _ = stages.run("distill", lambda tracker: (student.model, distill(ctx, teacher, student,
+                                                                                          tracker)),
+                                        like=student.model, label=f"{student.name}<-kdep-{teacher.name}",
+                                        kwargs=as_dict(cfg.student.get("kwargs")))
         inits = {"kdep": distilled}
         if "scratch" in cfg.baselines:
             inits["scratch"] = scratch
         if "supervised" in cfg.baselines:
             inits["supervised"] = resolve_model(cfg.supervised, ctx, "supervised").model.to(ctx.device)
-        downstream: Dict[str, dict] = {}
-        for d in cfg.downstream:
-            data = None
-            res = {}
-            for init_name, init in inits.items():
-                sname = f"finetune_{d.name}_{init_name}"
-
-                def do_ft(tracker, init=init, sname=sname):
-                    nonlocal data
-                    data = data or downstream_data(ctx, d)
-                    row = finetune(ctx, init, data, sname, tracker)
-                    write_stage(ctx.run_dir / "stages" / sname, row, rank=ctx.rank)
-                    return None, row
-
-                res[init_name] = stages.run(sname, do_ft)[1]
-            r = {k: v["acc"] for k, v in res.items()}
-            if "scratch" in r:
-                r["delta_vs_scratch"] = r["kdep"] - r["scratch"]
-            if "supervised" in r:
-                r["delta_vs_supervised"] = r["kdep"] - r["supervised"]
-            r["train_size"] = res["kdep"]["train_size"]
-            downstream[str(d.name)] = r
+        downstream = finetune_all(ctx, stages, inits)
         summary = {
             "status": "ok", "teacher": teacher.name, "student": student.name, "dataset": ctx.info.name,
             "selection": "last epoch", "inits": list(inits),
@@ -313,5 +284,3 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
             "stages_trained": stages.trained, "method_config": as_dict(cfg.method),
         }
         return ctx.report(summary, print_table)
-    finally:
-        ctx.tracker.finish()

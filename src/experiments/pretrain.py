@@ -68,7 +68,7 @@ def print_rows(summary: dict, run_dir) -> None:
 
 
 def run(cfg: DictConfig, run_dir=None) -> dict:
-    with run_context(cfg, run_dir, "pretrain") as ctx:
+    with run_context(cfg, run_dir, "pretrain", train_missing=train_zoo_entry) as ctx:
         if cfg.name is None:
             rows = train_model_config(ctx)
         else:

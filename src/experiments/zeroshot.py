@@ -11,21 +11,23 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.datasets import Split, subset_positions
-from ..engine import Trainer, predict, seed_everything
+from ..data import NoiseBatches
+from ..engine import predict, seed_everything
 from ..errors import UserError, check
 from ..methods import build_method, method_class, method_hparams
-from ..methods.zeroshot import NoiseBatches, ZeroShot, no_param_grads, stage_shapes
+from ..methods.zeroshot import ZeroShot, no_param_grads, stage_shapes
 from ..metrics import accuracy, agreement
 from ..metrics.transition import agreeing, mean_transition_error, transition_curves
-from ..models import create_model, save_checkpoint
+from ..models import create_model
 from ..models.gan import save_generator
 from ..models.generator import Generator
 from ..plots.transition import transition_plot
 from ..schema import LoaderConfig, OptimizerConfig, SchedulerConfig, TrainerConfig, typed
-from .context import Context, ModelRef, setup
+from ..tracking import StageTracker
+from .context import Context, ModelRef, run_context
 from .preflight import model_spec, preflight
 from .resolve import resolve_model
-from .multi_teacher import StageTracker
+from .zoo import train_zoo_entry
 
 log = logging.getLogger("kt")
 
@@ -128,10 +130,9 @@ class ZeroShotRun:
 
     def fit(self, method, loader, trainer_cfg, optim_cfg, sched_cfg, name: str) -> Dict[str, float]:
         ctx = self.ctx
-        trainer = Trainer(method, loader, trainer_cfg, optim_cfg, sched_cfg, ctx.run_dir,
-                          tracker=StageTracker(ctx.tracker, self.offset, self.stage),
-                          evaluate=lambda m: self.evaluate(m, name), device=ctx.device, name=name, rank=ctx.rank,
-                          world_size=ctx.world_size)
+        trainer = ctx.trainer(method, loader, lambda m: self.evaluate(m, name), name,
+                              tracker=StageTracker(ctx.tracker, self.offset, self.stage), trainer_cfg=trainer_cfg,
+                              optimizer_cfg=optim_cfg, scheduler_cfg=sched_cfg)
         last = trainer.fit() or self.evaluate(method.eval_model(), name)  # {}: nothing left to evaluate
         self.offset, self.stage = self.offset + trainer.total_steps, self.stage + 1
         return {"acc": last[f"eval/{name}_acc"], "agreement": last[f"eval/{name}_agreement"],
@@ -198,15 +199,6 @@ class ZeroShotRun:
         self.ctx.tracker.log_figure(f"transition/{name}", path)
         return mte
 
-    def save_student(self, acc: float) -> None:
-        """The zero-shot student -> <run dir>/student/ (a checkpoint folder any family takes as a model)."""
-        if self.ctx.rank != 0 or not self.cfg.get("save_student", True):
-            return
-        meta = {"name": f"{self.student.name}<-{self.teacher.name}", "method": "zeroshot", "test_acc": acc / 100,
-                "dataset": OmegaConf.to_container(self.cfg.dataset, resolve=True),
-                "kwargs": self.student.meta.get("kwargs", {})}
-        save_checkpoint(self.student.model, self.ctx.run_dir / "student", meta)
-
 
 def print_table(row: dict, run_dir) -> None:
     print(f"\nzero-shot KT: {row['teacher']} (teacher) -> {row['student']} (student), {row['dataset']}, "
@@ -223,9 +215,7 @@ def print_table(row: dict, run_dir) -> None:
 
 
 def run(cfg: DictConfig, run_dir=None) -> dict:
-    validate(cfg)
-    ctx = setup(cfg, run_dir, job_type="zeroshot")
-    try:
+    with run_context(cfg, run_dir, "zeroshot", validate=validate, train_missing=train_zoo_entry) as ctx:
         if ctx.world_size > 1:
             raise UserError(f"zero-shot KT runs on one process (WORLD_SIZE={ctx.world_size}): launch it with "
                             f"python, not torchrun")
@@ -244,7 +234,7 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
             students[b] = res["model"]
         for name, model in students.items():
             row[f"mte_{name}"] = r.transition(name, model)
-        r.save_student(row["zeroshot_acc"])
+        # the zero-shot student: a checkpoint folder any family takes as a model
+        ctx.save_student(r.student.model, f"{r.student.name}<-{r.teacher.name}", row["zeroshot_acc"], "zeroshot",
+                         r.student.meta.get("kwargs"))
         return ctx.report(row, print_table)
-    finally:
-        ctx.tracker.finish()

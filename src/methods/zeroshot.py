@@ -2,7 +2,7 @@
 §4.3), and the few-shot KD+AT baseline (§4.4).
 
 How the adversarial loop runs in the shared Trainer (checkpoint/resume/preemption/AMP for free):
-- `NoiseBatches` is the "loader": one *epoch* is one pseudo-batch = `n_g + n_s` Trainer steps, all on the same
+- `src.data.NoiseBatches` is the "loader": one *epoch* is one pseudo-batch = `n_g + n_s` Trainer steps, all on the same
   z batch (z ~ N(0, I), seeded by (seed, pseudo-batch index), so a resumed run draws the same z). Batches are
   `(z, phase, pseudo_batch_index)`; `trainer.epochs` = number of pseudo-batches.
 - `ZeroShot.loss` does phase `< n_g`: a generator step, loss = -KL(teacher || student) on G(z) with gradients
@@ -25,7 +25,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.loaders import mix_seed
 from ..errors import UserError, check
 from .base import Method
 from .kd import KL
@@ -76,32 +75,6 @@ def no_param_grads(module: nn.Module):
     finally:
         for p in params:
             p.requires_grad_(True)
-
-
-class NoiseBatches:
-    """The Trainer's loader for zero-shot KT: one epoch = one pseudo-batch = `steps` batches (z, phase, index)
-    sharing one z ~ N(0, I) of shape (batch_size, z_dim), drawn on the CPU from a generator seeded by
-    (seed, pseudo-batch index): the same z on any device and after a resume."""
-
-    augmented = True  # no per-sample output caches (every z is new)
-
-    def __init__(self, batch_size: int, z_dim: int, steps: int, seed: int = 0, device="cpu"):
-        check(batch_size > 0, f"loader.batch_size={batch_size} must be > 0: use e.g. 128 (the paper)")
-        self.batch_size, self.z_dim, self.steps, self.seed = int(batch_size), int(z_dim), int(steps), int(seed)
-        self.device = torch.device(device)
-        self.num_samples = self.batch_size
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def z(self, index: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(mix_seed(self.seed, index, 11))
-        return torch.randn(self.batch_size, self.z_dim, generator=g).to(self.device)
-
-    def iter_epoch(self, epoch: int = 0, start_batch: int = 0):
-        z = self.z(epoch)
-        for phase in range(start_batch, self.steps):
-            yield z, phase, epoch
 
 
 class ZeroShot(Method):
