@@ -263,10 +263,12 @@ class CheckpointDir:
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, loader, cfg, optim_cfg, sched_cfg, run_dir, tracker=None,
+    """Trains a Method (`method`: its loss, its trainable modules, `eval_model()` for what `evaluate` measures)."""
+
+    def __init__(self, method: nn.Module, loader, cfg, optim_cfg, sched_cfg, run_dir, tracker=None,
                  evaluate: Optional[Callable[[nn.Module], Dict[str, float]]] = None, device="cpu",
                  name: str = "", rank: int = 0, world_size: int = 1):
-        self.method = model
+        self.method = method
         self.loader, self.cfg, self.device = loader, cfg, torch.device(device)
         self.run_dir, self.tracker, self.evaluate = Path(run_dir), tracker, evaluate
         self.name = name
@@ -313,12 +315,8 @@ class Trainer:
         self._last: Dict[str, float] = {}
 
     # ----------------------------------------------------------------------------------------- checkpoints
-    def _trainable_state(self) -> Dict[str, torch.Tensor]:
-        sd = self.method.state_dict()
-        return sd
-
     def save(self) -> Path:
-        weights = self._trainable_state()
+        weights = self.method.state_dict()  # the method's trainable state (frozen models are left out)
         if not _finite(weights.values()):  # never replace the last good checkpoint with NaN/inf weights
             name, params = describe_method(self.method, self.optim_cfg)
             raise UserError(

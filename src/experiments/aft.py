@@ -31,8 +31,6 @@ from .zoo import train_zoo_entry
 
 log = logging.getLogger("kt")
 
-SUMMARY_KEYS = ("method", "student", "features", "feature_dims", "student_acc_before", "student_acc_after",
-                "transfer_delta", "scales_mean", "scales_min", "scales_max")
 CHOICES = "method=aft, aft_kd, aft_btune or aft_init"
 
 

@@ -110,10 +110,6 @@ class KL(Method):
         if "topk" in hp:
             check(hp["topk"] >= 0, f"method.topk={hp['topk']} must be >= 0 (0 = all classes)")
 
-    def targets(self, x, y, idx, mixed: bool):
-        """(target probabilities at T, per-sample teacher weight or None). Subclasses change the target."""
-        return None, None
-
     def per_sample_kl(self, zs, zt):
         zt_k, zs_k = topk_restrict(zt, zs, self.topk)
         return kl_to_target(zs_k, (zt_k.float() / self.T).softmax(1), self.T)
