@@ -259,11 +259,7 @@ class FFCVLoader:
                  augment: str = "none", crop_padding: int = 0, flip: bool = False, seed: int = 0, device="cpu",
                  rank: int = 0, world_size: int = 1, dtype=torch.float32):
         _import_ffcv()
-        from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
-        from ffcv.loader import Loader, OrderOption
-        from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, Squeeze, ToDevice, ToTensor, \
-            ToTorchImage
+        from ffcv.loader import Loader
 
         info = split.info
         check(info is not None, f"split '{split.name}' has no DatasetInfo: build it with src.data.build_dataset")
@@ -290,27 +286,8 @@ class FFCVLoader:
         labels, ids = read_beton_columns(self.path, rewrite_hint(info.name, split.name, self.path.parent))
         self.indices = self._rows_for(split, labels, ids)
 
-        size = (info.image_size, info.image_size)
-        if self.augment == "rrc_flip":
-            image = [RandomResizedCropRGBImageDecoder(size)]
-        elif self.augment == "crop_flip":
-            image = [CenterCropRGBImageDecoder(size, ratio=1.0)]
-            if crop_padding > 0:
-                image.append(RandomTranslate(padding=int(crop_padding)))
-        else:
-            image = [CenterCropRGBImageDecoder(size, ratio=float(info.crop_pct))]
-        if self.augment != "none" and flip:
-            image.append(RandomHorizontalFlip())
-        on_device = [ToDevice(self.device, non_blocking=True)] if self.device.type != "cpu" else []
-        image += [ToTensor(), *on_device, ToTorchImage(channels_last=True)]
-        scalar = lambda: [IntDecoder(), ToTensor(), Squeeze(), *on_device]  # noqa: E731
-
-        if not self.shuffle or order_name == "sequential":
-            order = OrderOption.SEQUENTIAL
-        elif order_name == "quasi_random" and self.world_size == 1:
-            order = OrderOption.QUASI_RANDOM
-        else:
-            order = OrderOption.RANDOM
+        image, scalar = self._pipelines(info, int(crop_padding), bool(flip))
+        order = self._order(order_name)
         self.order_name = order.name.lower()
         self._loader = Loader(
             str(self.path), batch_size=self.batch_size, num_workers=int(cfg.num_workers),
@@ -330,6 +307,38 @@ class FFCVLoader:
             self._loader.traversal_order = _sharded_order_class()(
                 self._loader, self.shuffle, self.seed, self.rank, self.world_size)
             self._loader.first_traversal_order = self._loader.traversal_order.sample_order(0)
+
+    def _pipelines(self, info, crop_padding: int, flip: bool):
+        """FFCV decoders + transforms: the image pipeline of this loader's augmentation (a random-resized crop, a
+        padded random translate, or the eval centre crop), then a factory of the label / index pipelines."""
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, Squeeze, ToDevice, ToTensor, \
+            ToTorchImage
+
+        size = (info.image_size, info.image_size)
+        if self.augment == "rrc_flip":
+            image = [RandomResizedCropRGBImageDecoder(size)]
+        elif self.augment == "crop_flip":
+            image = [CenterCropRGBImageDecoder(size, ratio=1.0)]
+            if crop_padding > 0:
+                image.append(RandomTranslate(padding=crop_padding))
+        else:
+            image = [CenterCropRGBImageDecoder(size, ratio=float(info.crop_pct))]
+        if self.augment != "none" and flip:
+            image.append(RandomHorizontalFlip())
+        on_device = [ToDevice(self.device, non_blocking=True)] if self.device.type != "cpu" else []
+        image += [ToTensor(), *on_device, ToTorchImage(channels_last=True)]
+        return image, lambda: [IntDecoder(), ToTensor(), Squeeze(), *on_device]
+
+    def _order(self, order_name: str):
+        from ffcv.loader import OrderOption
+
+        if not self.shuffle or order_name == "sequential":
+            return OrderOption.SEQUENTIAL
+        if order_name == "quasi_random" and self.world_size == 1:
+            return OrderOption.QUASI_RANDOM
+        return OrderOption.RANDOM
 
     def _rows_for(self, split, labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
         want = split.ids.numpy().astype(np.int64)
