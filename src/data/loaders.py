@@ -396,9 +396,7 @@ def loader_dtype(name: str) -> torch.dtype:
 def build_loader(cfg, split: Split, train: bool, seed: int = 0, device=None, rank: int = 0,
                  world_size: int = 1):
     """A loader for `split` from a loader config node. Train loaders shuffle/augment/drop_last as configured;
-    eval loaders never do."""
-    check(cfg.batch_size > 0, f"loader.batch_size={cfg.batch_size} must be > 0: use e.g. loader.batch_size=128")
-    check(cfg.eval_batch_size > 0, f"loader.eval_batch_size={cfg.eval_batch_size} must be > 0")
+    eval loaders never do (loader.* ranges are checked once, by the config's preflight)."""
     check(len(split) > 0, f"split '{split.name}' is empty: check dataset.splits / dataset.subset")
     bs = cfg.batch_size if train else cfg.eval_batch_size
     if train:  # a training batch larger than the split is a typo (or a too small subset), not a setting
@@ -431,7 +429,6 @@ class NoiseBatches:
     augmented = True  # no per-sample output caches (every z is new)
 
     def __init__(self, batch_size: int, z_dim: int, steps: int, seed: int = 0, device="cpu"):
-        check(batch_size > 0, f"loader.batch_size={batch_size} must be > 0: use e.g. 128 (the paper)")
         self.batch_size, self.z_dim, self.steps, self.seed = int(batch_size), int(z_dim), int(steps), int(seed)
         self.device = torch.device(device)
         self.num_samples = self.batch_size

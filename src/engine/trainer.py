@@ -158,8 +158,7 @@ def seed_everything(seed: int) -> None:
 
 
 def build_optimizer(cfg, param_groups, batch_size: int = 256, world_size: int = 1):
-    check(cfg.lr > 0, f"optimizer.lr={cfg.lr} must be > 0: use e.g. optimizer.lr=0.1")
-    check(cfg.weight_decay >= 0, f"optimizer.weight_decay={cfg.weight_decay} must be >= 0")
+    """The optimiser of an `optimizer` node (its ranges are checked once, by the config's preflight)."""
     lr = cfg.lr * (batch_size * world_size / 256.0 if cfg.scale_lr else 1.0)
     groups = []
     for g in param_groups:
@@ -277,16 +276,14 @@ class Trainer:
         self.steps_per_epoch = len(loader)
         check(self.steps_per_epoch > 0, f"the training split yields no batch (batch size {loader.batch_size}, "
                                         f"{loader.num_samples} samples, drop_last): lower loader.batch_size")
+        # trainer.* ranges (max_steps, epochs, grad_clip, ...) are checked once, by the config's preflight; the
+        # names that pick a code path (amp, optimizer.name, scheduler.name) are the engine's own to refuse
         if cfg.max_steps is not None:
-            check(cfg.max_steps > 0, f"trainer.max_steps={cfg.max_steps} must be > 0")
             self.total_steps = int(cfg.max_steps)
         else:
-            check(math.isfinite(cfg.epochs) and cfg.epochs > 0, f"trainer.epochs={cfg.epochs} must be > 0 and finite")
             self.total_steps = max(1, int(math.ceil(cfg.epochs * self.steps_per_epoch)))
         if cfg.amp not in ("none", "bf16", "fp16"):
             raise UserError(f"trainer.amp='{cfg.amp}' is unknown: use none, bf16 or fp16")
-        if cfg.grad_clip is not None:
-            check(cfg.grad_clip > 0, f"trainer.grad_clip={cfg.grad_clip} must be > 0 or null")
         self.method.to(self.device)
         if cfg.channels_last:
             self.method.to(memory_format=torch.channels_last)
