@@ -7,8 +7,9 @@ Everything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import difflib
+import math
 import os
-from typing import Iterable
+from typing import Callable, Iterable, Optional
 
 
 class UserError(ValueError):
@@ -41,3 +42,45 @@ def check(cond: bool, msg: str) -> None:
 
 def debug_enabled() -> bool:
     return os.environ.get("KT_DEBUG", "0") not in ("", "0", "false", "False")
+
+
+# ---------------------------------------------------------------------------------------------- numeric rules
+# A rule is (ok, fix): `ok(v)` says whether number v is valid; `fix` completes "<key>=<v> ..." and may name the full
+# key as `{k}` (e.g. "must be > 0: use e.g. {k}=0.1"). The config checks (src/experiments/preflight.py) and the
+# methods' hyper-parameter table (src/methods/base.py: HPARAM_RULES) are written with these.
+Rule = Callable[[float], bool]
+
+
+def in_range(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Rule:
+    """The rule lo <= v <= hi; `lo_open` / `hi_open` make that end strict."""
+    def ok(v):
+        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    return ok
+
+
+POSITIVE: Rule = in_range(0, math.inf, lo_open=True)
+NON_NEGATIVE: Rule = in_range(0, math.inf)
+AT_LEAST_ONE: Rule = in_range(1, math.inf)
+
+
+def is_number(v) -> bool:
+    """An int or a float, not a bool (YAML's true / false are no numbers here)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _bad(key: str, v, fix: str):
+    raise UserError(f"{key}={v} {fix.format(k=key)}")
+
+
+def check_number(key: str, v, ok: Optional[Rule] = None, fix: str = "", require: bool = False) -> None:
+    """One UserError `<key>=<v> <fix>` when number `v` is not finite or `ok(v)` is false. A value that is not a
+    number is skipped, unless `require` (then None still counts as not given, anything else is refused)."""
+    if not is_number(v):
+        if require and v is not None:
+            _bad(key, repr(v) if isinstance(v, str) else v,
+                 "must be a number" + (f" ({fix.format(k=key)})" if fix else ""))
+        return
+    if not math.isfinite(v):
+        _bad(key, v, "must be a finite number" + (f" ({fix.format(k=key)})" if fix else ""))
+    if ok is not None and not ok(v):
+        _bad(key, v, fix)

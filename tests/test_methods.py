@@ -413,17 +413,25 @@ def test_check_rejects_unknown_keys_and_accepts_inherited_ones():
 
 
 def test_check_holds_the_range_rules_the_constructors_use():
-    cases = [(KL, {"temperature": 0}, "method.temperature=0 must be > 0: use e.g. 1.0"),
-             (KL, {"alpha": 2}, "method.alpha=2 must be in [0, 1]"),
+    cases = [(KL, {"temperature": 0}, "method.temperature=0 must be > 0, finite and in [0.01, 1000]"),
+             (KL, {"alpha": 2}, "method.alpha=2 must be in [0, 1]: use e.g. method.alpha=0.9"),
              (KLDP, {"partition": "bogus"}, "method.partition='bogus' is unknown"),
-             (MCL, {"ema_every": 0}, "method.ema_every=0 must be >= 1"),
+             (KLDP, {"partition": "most-conff"}, "method.partition='most-conff' is unknown (closest: most-conf, "
+                                                 "most-conf_u): use one of most-conf, most-conf_u, pos_flips, "
+                                                 "neg_flips, neutral_avg, self"),
+             (MCL, {"ema_every": 0}, "method.ema_every=0 must be >= 1: use e.g. method.ema_every=1"),
              (CRD, {"mixup_alpha": 0.5}, "CRD contrasts per-sample memory entries: mixup_alpha must be 0"),
              (MultiKLDP, {"topk": 5}, "method.topk is not supported by multi-teacher KL+DP: remove it"),
              (MultiKLDP, {"partition": "self"}, "method.partition='self' is not available with several teachers"),
-             (KDEP, {"pts_t": 0}, "method.pts_t=0 must be > 0: use e.g. method.pts_t=0.1"),
-             (ZeroShot, {"n_s": 0}, "method.n_s=0 must be >= 1: use 10 (the paper)"),
+             (MultiKLDP, {"partition": "most-conff"}, "method.partition='most-conff' is unknown (closest: "
+                                                      "most-conf, most-conf_u): use one of most-conf, most-conf_u"),
+             (KDEP, {"pts_t": 0}, "method.pts_t=0 must be > 0, finite and in [0.01, 1000]"),
+             (ZeroShot, {"n_s": 0}, "method.n_s=0 must be >= 1: use e.g. method.n_s=10"),
              (AFT, {"kernel": "poly"}, "method.kernel='poly' is unknown: use one of linear, rbf, none"),
-             (BTuning, {"temperature": -1}, "method.temperature=-1 must be > 0"),
+             (BTuning, {"temperature": -1}, "method.temperature=-1 must be > 0, finite and in [0.01, 1000]"),
+             (CD, {"sim_temperature": 0}, "method.sim_temperature=0 must be > 0"),  # CD's own key
+             (KL, {"topk": "3"}, "method.topk='3' must be a number (must be >= 0"),
+             (KL, {"mixup_alpha": math.inf}, "method.mixup_alpha=inf must be a finite number"),
              (KL, {"synth_ratio": 1.0}, "method.synth_ratio=1.0 must be in [0, 1)")]
     for cls, hp, msg in cases:
         with pytest.raises(UserError) as e:
@@ -462,9 +470,12 @@ def test_build_method_passes_exactly_the_inputs_the_class_needs():
     assert str(e.value) == "method KL has no parameter temprature: remove method.temprature"
     with pytest.raises(UserError) as e:  # under another key, the message names that key
         build_method({"_target_": "src.methods.KL", "temperature": 0}, "few_shot.kd_at", **offered)
-    assert str(e.value).startswith("few_shot.kd_at.temperature=0 must be > 0")
-    with pytest.raises(UserError, match=r"^cannot build method KL: "):  # a TypeError is the config's
+    assert str(e.value).startswith("few_shot.kd_at.temperature=0 must be > 0, finite and in [0.01, 1000]")
+    with pytest.raises(UserError) as e:  # a string where the table wants a number
         build_method({"_target_": "src.methods.KL", "topk": "3"}, **offered)
+    assert str(e.value).startswith("method.topk='3' must be a number")
+    with pytest.raises(UserError, match=r"^cannot build method CD: "):  # a TypeError of a class rule: the config's
+        build_method({"_target_": "src.methods.CD", "sim_temperature": "1"}, **offered)
 
 
 def test_method_class_names_the_key_of_a_bad_target():
@@ -488,3 +499,75 @@ def test_method_class_names_the_key_of_a_bad_target():
     assert str(e.value) == ("parallel_method._target_=src.methods.KL: KL is not a method of this family: use "
                             "method@parallel_method=multi_kl_dp")
     assert method_class({"_target_": "src.methods.MultiKLDP"}, accept=lambda c: "teachers" in c.needs) is MultiKLDP
+
+
+# ------------------------------------------------------------------------------------------------ one rule per key
+# every HPARAM_RULES key: a primary config, the overrides that pick a method taking it, and that method's class
+RULE_HOMES = {
+    **{k: ("transfer/transfer", ["method=kl"], KL) for k in ("temperature", "alpha", "topk", "mixup_alpha",
+                                                              "synth_ratio")},
+    **{k: ("transfer/transfer", ["method=crd"], CRD) for k in ("nce_t", "feat_dim", "num_negatives", "momentum",
+                                                                "crd_weight", "kd_weight", "ce_weight")},
+    **{k: ("transfer/transfer", ["method=mcl"], MCL) for k in ("ema_tau", "ema_every")},
+    **{k: ("kdep/kdep", [], KDEP) for k in ("pts_t", "pts_p", "kd_t", "loss_w", "kl_w", "ce_w")},
+    **{k: ("zeroshot/zeroshot", [], ZeroShot) for k in ("n_g", "n_s", "generator_lr", "beta")},
+    **{k: ("aft/aft", ["method=aft"], AFT) for k in ("prec", "prior_lr")},
+    "label_smoothing": ("aft/aft", ["method=aft_init"], CrossEntropy),
+}
+
+
+def _message(fn) -> str:
+    with pytest.raises(UserError) as e:
+        fn()
+    return str(e.value)
+
+
+def test_each_hparam_rule_has_one_home_and_one_message():
+    """A bad value of every HPARAM_RULES key gives the same one line through the class's check and through
+    preflight on a composed config (the rule lives in one table, the message names the key as the user wrote it);
+    a nested method node is named by its full key."""
+    from conftest import compose
+    from src.experiments.preflight import preflight
+    from src.methods import HPARAM_RULES
+
+    assert set(RULE_HOMES) == set(HPARAM_RULES), "a new rule needs a row in RULE_HOMES"
+    for key, (config, overrides, cls) in RULE_HOMES.items():
+        ok = HPARAM_RULES[key][0]
+        bad = [v for v in (-1, 1, 2000) if not ok(v)]  # -1 breaks every rule; 1 / 2000 the upper bounds
+        assert bad and bad[0] == -1, key
+        for v in bad:
+            direct = _message(lambda: cls.check(**{key: v}))
+            assert direct == f"method.{key}={v} " + HPARAM_RULES[key][1].format(k=f"method.{key}"), direct
+            cfg = compose(config, [*overrides, f"method.{key}={v}"])
+            assert _message(lambda: preflight(cfg)) == direct, (key, v)
+        inf = _message(lambda: cls.check(**{key: math.inf}))
+        assert inf.startswith(f"method.{key}=inf must be a finite number ("), inf
+    # nested nodes: the same class check, every `method.` of its message renamed to the node's full key
+    cfg = compose("zeroshot/zeroshot", ["few_shot.kd_at.temperature=0"])
+    direct = _message(lambda: KDAT.check(temperature=0))
+    assert _message(lambda: preflight(cfg)) == direct.replace("method.", "few_shot.kd_at.")
+    assert direct.replace("method.", "few_shot.kd_at.").startswith("few_shot.kd_at.temperature=0 must be > 0")
+    cfg = compose("multi_teacher/multi_teacher", ["mode=parallel", "parallel_method.partition=most-conff"])
+    msg = _message(lambda: preflight(cfg))
+    assert msg == _message(lambda: MultiKLDP.check(partition="most-conff")).replace("method.", "parallel_method.")
+    assert msg.startswith("parallel_method.partition='most-conff' is unknown (closest: most-conf, most-conf_u)")
+    # a key the method does not take fails at preflight too, by its full key
+    cfg = compose("zeroshot/zeroshot", ["+few_shot.kd_at.temprature=2"])
+    assert _message(lambda: preflight(cfg)) == ("method KDAT has no parameter temprature: remove "
+                                                "few_shot.kd_at.temprature")
+    # a _target_ that is not a Method is left to the family (it names the family's choices)
+    preflight(compose("transfer/transfer", ["method._target_=src.methods.Nope"]))
+    preflight(compose("transfer/transfer", ["method._target_=torch.nn.Linear"]))
+
+
+def test_check_method_node_names_the_nodes_key():
+    from src.methods import check_method_node
+
+    check_method_node({"_target_": "src.methods.KL", "temperature": 2.0}, "parallel_method")
+    check_method_node({"_target_": "src.methods.Nope", "temperature": 0}, "method")  # the family reports it
+    with pytest.raises(UserError) as e:
+        check_method_node({"_target_": "src.methods.KLDP", "partition": "most-conff"}, "parallel_method")
+    assert str(e.value) == ("parallel_method.partition='most-conff' is unknown (closest: most-conf, most-conf_u): "
+                            "use one of most-conf, most-conf_u, pos_flips, neg_flips, neutral_avg, self")
+    with pytest.raises(UserError, match=r"^cannot build method CD: "):
+        check_method_node({"_target_": "src.methods.CD", "sim_temperature": "1"})

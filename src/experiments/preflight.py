@@ -9,7 +9,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.loaders import loader_dtype
-from ..errors import UserError, closest
+from ..errors import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UserError, check_number, in_range
+from ..methods.base import TEMPERATURE
+from ..methods.build import check_method_node
 from ..models.spec import ModelSpec
 from ..schema import as_dict
 
@@ -19,75 +21,35 @@ def _num(node, key):
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def _in(lo, hi, lo_open=False, hi_open=False):
-    def ok(v):
-        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-    return ok
-
-
-_POS, _NONNEG, _ONE_UP = _in(0, math.inf, lo_open=True), _in(0, math.inf), _in(1, math.inf)
-_TEMPERATURE = (_in(0.01, 1000), "must be > 0, finite and in [0.01, 1000] (outside, the softened targets are "
-                                 "uniform or one-hot and the loss vanishes): use e.g. {k}=4")
 # (key, ok, fix) per config group; `{k}` in a fix is the full key. Applied to the group at the top level and at
 # every nested place it recurs (finetune.*, few_shot.*, zoo recipes).
 GROUP_RULES = {
-    "optimizer": [("lr", _POS, "must be > 0: use e.g. {k}=0.1"),
-                  ("weight_decay", _NONNEG, "must be >= 0: use e.g. {k}=5e-4"),
-                  ("momentum", _in(0, 1, hi_open=True), "must be in [0, 1): use e.g. {k}=0.9")],
-    "scheduler": [("warmup_epochs", _NONNEG, "must be >= 0: use e.g. {k}=1 (or 0 for no warm-up)"),
-                  ("step_size", _POS, "must be > 0 (epochs between decays): use e.g. {k}=30"),
-                  ("gamma", _in(0, 1, lo_open=True), "must be in (0, 1] (the lr factor at each step): use e.g. "
+    "optimizer": [("lr", POSITIVE, "must be > 0: use e.g. {k}=0.1"),
+                  ("weight_decay", NON_NEGATIVE, "must be >= 0: use e.g. {k}=5e-4"),
+                  ("momentum", in_range(0, 1, hi_open=True), "must be in [0, 1): use e.g. {k}=0.9")],
+    "scheduler": [("warmup_epochs", NON_NEGATIVE, "must be >= 0: use e.g. {k}=1 (or 0 for no warm-up)"),
+                  ("step_size", POSITIVE, "must be > 0 (epochs between decays): use e.g. {k}=30"),
+                  ("gamma", in_range(0, 1, lo_open=True), "must be in (0, 1] (the lr factor at each step): use e.g. "
                                                      "{k}=0.1"),
-                  ("min_lr_ratio", _in(0, 1), "must be in [0, 1] (the cosine floor as a fraction of the lr): use "
+                  ("min_lr_ratio", in_range(0, 1), "must be in [0, 1] (the cosine floor as a fraction of the lr): use "
                                               "e.g. {k}=0")],
-    "loader": [("batch_size", _POS, "must be > 0: use e.g. {k}=128"),
-               ("eval_batch_size", _POS, "must be > 0: use e.g. {k}=512"),
-               ("num_workers", _NONNEG, "must be >= 0: use e.g. {k}=4 (0: load in the main process)"),
-               ("crop_padding", _NONNEG, "must be >= 0 (pixels of padding for the random crop): use e.g. {k}=4")],
-    "trainer": [("max_steps", _POS, "must be > 0 (or null to train for trainer.epochs)"),
-                ("seed", _NONNEG, "must be >= 0: use e.g. {k}=0"),
-                ("eval_every", _ONE_UP, "must be >= 1 (epochs between evaluations): use e.g. {k}=1"),
-                ("eval_every_steps", _ONE_UP, "must be >= 1 or null: use e.g. {k}=100"),
-                ("ckpt_every_steps", _ONE_UP, "must be >= 1 or null: use e.g. {k}=500"),
-                ("grad_clip", _POS, "must be > 0 or null: use e.g. {k}=5"),
-                ("keep_checkpoints", _ONE_UP, "must be >= 1: use e.g. {k}=1")],
+    "loader": [("batch_size", POSITIVE, "must be > 0: use e.g. {k}=128"),
+               ("eval_batch_size", POSITIVE, "must be > 0: use e.g. {k}=512"),
+               ("num_workers", NON_NEGATIVE, "must be >= 0: use e.g. {k}=4 (0: load in the main process)"),
+               ("crop_padding", NON_NEGATIVE, "must be >= 0 (pixels of padding for the random crop): use e.g. {k}=4")],
+    "trainer": [("max_steps", POSITIVE, "must be > 0 (or null to train for trainer.epochs)"),
+                ("seed", NON_NEGATIVE, "must be >= 0: use e.g. {k}=0"),
+                ("eval_every", AT_LEAST_ONE, "must be >= 1 (epochs between evaluations): use e.g. {k}=1"),
+                ("eval_every_steps", AT_LEAST_ONE, "must be >= 1 or null: use e.g. {k}=100"),
+                ("ckpt_every_steps", AT_LEAST_ONE, "must be >= 1 or null: use e.g. {k}=500"),
+                ("grad_clip", POSITIVE, "must be > 0 or null: use e.g. {k}=5"),
+                ("keep_checkpoints", AT_LEAST_ONE, "must be >= 1: use e.g. {k}=1")],
 }
 CHOICES = {"trainer": {"amp": ("none", "bf16", "fp16"), "progress": ("auto", "on", "off")}}
-# hyper-parameters of method nodes (any node with a `_target_`, at any depth): the same rule wherever it is
-METHOD_RULES = {
-    "temperature": _TEMPERATURE, "nce_t": _TEMPERATURE, "pts_t": _TEMPERATURE, "kd_t": _TEMPERATURE,
-    "alpha": (_in(0, 1), "must be in [0, 1]: use e.g. {k}=0.9"),
-    "momentum": (_in(0, 1, hi_open=True), "must be in [0, 1): use e.g. {k}=0.5"),
-    "ema_tau": (_in(0, 1, hi_open=True), "must be in [0, 1): use e.g. {k}=0.999"),
-    "label_smoothing": (_in(0, 1, hi_open=True), "must be in [0, 1): use e.g. {k}=0.1"),
-    "feat_dim": (_ONE_UP, "must be >= 1: use e.g. {k}=128"),
-    "num_negatives": (_ONE_UP, "must be >= 1: use e.g. {k}=4096"),
-    "ema_every": (_ONE_UP, "must be >= 1: use e.g. {k}=1"),
-    "n_g": (_ONE_UP, "must be >= 1: use e.g. {k}=1"), "n_s": (_ONE_UP, "must be >= 1: use e.g. {k}=10"),
-    "topk": (_NONNEG, "must be >= 0 (0 = all classes): use e.g. {k}=0"),
-    "prior_lr": (_POS, "must be > 0: use e.g. {k}=0.01"), "generator_lr": (_POS, "must be > 0: use e.g. {k}=1e-3"),
-    "gamma": (_POS, "must be > 0: use e.g. {k}=0.1"), "pts_p": (_POS, "must be > 0: use e.g. {k}=3"),
-    "synth_ratio": (_in(0, 1, hi_open=True), "must be in [0, 1): use e.g. {k}=0.2 (1 synthetic : 4 real), 0 disables "
-                    "it"),
-    **{w: (_NONNEG, "must be >= 0: use e.g. {k}=1.0") for w in (
-        "prec", "beta", "loss_w", "kl_w", "ce_w", "mixup_alpha", "kd_weight", "ce_weight", "crd_weight")},
-}
-RECIPE_RULES = [("epochs", _POS, "must be > 0: use e.g. {k}=30"), ("batch_size", _POS, "must be > 0: use e.g. {k}=64"),
-                ("crop_padding", _NONNEG, "must be >= 0: use e.g. {k}=1"), ("seed", _NONNEG, "must be >= 0"),
-                ("label_smoothing", _in(0, 1, hi_open=True), "must be in [0, 1): use e.g. {k}=0.1")]
-
-
-def _bad(key: str, v, fix: str):
-    raise UserError(f"{key}={v} {fix.format(k=key)}")
-
-
-def _check_number(key: str, v, ok=None, fix: str = "") -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return
-    if not math.isfinite(v):
-        _bad(key, v, "must be a finite number" + (f" ({fix.format(k=key)})" if fix else ""))
-    if ok is not None and not ok(v):
-        _bad(key, v, fix)
+RECIPE_RULES = [("epochs", POSITIVE, "must be > 0: use e.g. {k}=30"),
+                ("batch_size", POSITIVE, "must be > 0: use e.g. {k}=64"),
+                ("crop_padding", NON_NEGATIVE, "must be >= 0: use e.g. {k}=1"), ("seed", NON_NEGATIVE, "must be >= 0"),
+                ("label_smoothing", in_range(0, 1, hi_open=True), "must be in [0, 1): use e.g. {k}=0.1")]
 
 
 def _check_rules(node, prefix: str, rules) -> None:
@@ -95,7 +57,7 @@ def _check_rules(node, prefix: str, rules) -> None:
         return
     for key, ok, fix in rules:
         if key in node:
-            _check_number(f"{prefix}.{key}" if prefix else key, node.get(key), ok, fix)
+            check_number(f"{prefix}.{key}" if prefix else key, node.get(key), ok, fix)
 
 
 def check_group(node, group: str, prefix: str) -> None:
@@ -107,13 +69,13 @@ def check_group(node, group: str, prefix: str) -> None:
         if k in node and node.get(k) not in choices:
             raise UserError(f"{prefix}.{k}='{node.get(k)}' is unknown: use one of {', '.join(choices)}")
     for k in node:
-        _check_number(f"{prefix}.{k}", node.get(k))
+        check_number(f"{prefix}.{k}", node.get(k))
     if group == "optimizer" and node.get("betas") is not None:
         b = list(node.get("betas"))
         if len(b) != 2 or not all(isinstance(x, (int, float)) and 0 <= x < 1 for x in b):
             raise UserError(f"{prefix}.betas={b} must be two numbers in [0, 1): use e.g. {prefix}.betas=[0.9,0.999]")
     if group == "trainer" and node.get("max_steps") is None and "epochs" in node:
-        _check_number(f"{prefix}.epochs", node.get("epochs"), _POS, "must be > 0: use e.g. {k}=10")
+        check_number(f"{prefix}.epochs", node.get("epochs"), POSITIVE, "must be > 0: use e.g. {k}=10")
 
 
 def _method_nodes(node, prefix: str = ""):
@@ -146,10 +108,10 @@ def check_dataset(d) -> None:
             pos = " > 0 (a 0 divides by zero)" if k == "std" else ""
             raise UserError(f"dataset.{k}={vals} must be finite numbers{pos}: use the dataset's per-channel {k}, "
                             f"e.g. dataset.{k}=[0.25]")
-    _check_rules(d, "dataset", [("val_fraction", _in(0, 1, hi_open=True), "must be in [0, 1): use e.g. {k}=0.1"),
-                                ("crop_pct", _in(0, 1, lo_open=True), "must be in (0, 1]: use e.g. {k}=0.875"),
-                                ("image_size", _POS, "must be > 0"), ("channels", _POS, "must be > 0"),
-                                ("num_classes", _POS, "must be > 0")])
+    _check_rules(d, "dataset", [("val_fraction", in_range(0, 1, hi_open=True), "must be in [0, 1): use e.g. {k}=0.1"),
+                                ("crop_pct", in_range(0, 1, lo_open=True), "must be in (0, 1]: use e.g. {k}=0.875"),
+                                ("image_size", POSITIVE, "must be > 0"), ("channels", POSITIVE, "must be > 0"),
+                                ("num_classes", POSITIVE, "must be > 0")])
 
 
 def check_zoo(cfg) -> None:
@@ -183,20 +145,15 @@ def preflight(cfg: DictConfig) -> None:
             continue
         for group in GROUP_RULES:
             check_group(base.get(group), group, f"{prefix}.{group}" if prefix else group)
-    _check_rules(cfg, "", [("top_p", _in(0, 100, lo_open=True), "must be in (0, 100]: use e.g. top_p=20"),
-                           ("temperature", _TEMPERATURE[0], _TEMPERATURE[1].replace("{k}=4", "{k}=1.0")),
-                           ("label_smoothing", _in(0, 1, hi_open=True), "must be in [0, 1): use e.g. {k}=0.1")])
+    _check_rules(cfg, "", [("top_p", in_range(0, 100, lo_open=True), "must be in (0, 100]: use e.g. top_p=20"),
+                           ("temperature", TEMPERATURE[0], TEMPERATURE[1].replace("{k}=4", "{k}=1.0")),
+                           ("label_smoothing", in_range(0, 1, hi_open=True), "must be in [0, 1): use e.g. {k}=0.1")])
     sub = cfg.get("dataset", {}).get("subset") if cfg.get("dataset") is not None else None
-    _check_rules(sub, "dataset.subset", [("fraction", _in(0, 1, lo_open=True), "is outside (0, 1]: use e.g. 0.1"),
-                                         ("per_class", _POS, "must be > 0: use e.g. 128")])
+    _check_rules(sub, "dataset.subset", [("fraction", in_range(0, 1, lo_open=True), "is outside (0, 1]: use e.g. 0.1"),
+                                         ("per_class", POSITIVE, "must be > 0: use e.g. 128")])
     check_dataset(cfg.get("dataset"))
     for key, node in _method_nodes(cfg):
-        check_partition(key, node)
-        for k in node:
-            if k in METHOD_RULES:
-                _check_number(f"{key}.{k}", node.get(k), *METHOD_RULES[k])
-            else:
-                _check_number(f"{key}.{k}", node.get(k))
+        check_method_node(node, key)  # the method's own check (src/methods/base.py: HPARAM_RULES), by full key
     check_zoo(cfg)
     zoo_seed(cfg)  # a bad zoo.seed: one UserError
     ld = cfg.get("loader")
@@ -208,27 +165,6 @@ def preflight(cfg: DictConfig) -> None:
         for i, s in enumerate(spec if OmegaConf.is_list(spec) or isinstance(spec, (list, tuple)) else [spec]):
             if isinstance(s, str) or (isinstance(s, DictConfig) and s.get("arch") is not None):
                 check_model_spec(s, cfg, role if role not in ("teachers", "models") else f"{role}[{i}]")
-
-
-def check_partition(key: str, node) -> None:
-    """`<key>.partition` among the partitions of the node's method (multi-teacher methods take fewer)."""
-    if node.get("partition") is None:
-        return
-    import inspect
-
-    from hydra.utils import get_class
-
-    from ..methods.kd import PARTITIONS
-    from ..methods.multi import MULTI_PARTITIONS
-
-    try:
-        multi = "teachers" in inspect.signature(get_class(str(node._target_)).__init__).parameters
-    except Exception:  # an unimportable _target_ is reported by the family with its choices
-        return
-    choices = MULTI_PARTITIONS if multi else PARTITIONS
-    if str(node.partition) not in choices:
-        raise UserError(f"{key}.partition='{node.partition}' is unknown{closest(str(node.partition), choices)}: use "
-                        f"one of {', '.join(choices)}")
 
 
 def check_paths(cfg) -> None:

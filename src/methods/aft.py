@@ -79,21 +79,12 @@ class _FeatureMethod(Method):
 
     def __init__(self, student: nn.Module, features: FeatureTable, prec: float = 10.0, **kw):
         super().__init__(student, **kw)
-        _FeatureMethod.check(prec=prec)
+        _FeatureMethod.check(prec=prec)  # base.HPARAM_RULES
         self.prec = float(prec)
         self.table = features
         self.phi_table = features.phi.float()
         self.d_f = int(getattr(student, "num_features"))
         self.d_phi = int(self.phi_table.shape[1])
-
-    @classmethod
-    def check(cls, **hp) -> None:
-        """(A None value counts as not given: main_aft's early validation shares these rules.)"""
-        super().check(**hp)
-        prec = hp.get("prec")
-        if prec is not None:
-            check(isinstance(prec, (int, float)) and prec >= 0,
-                  f"method.prec={prec} must be a number >= 0 (0 is plain fine-tuning): use e.g. method.prec=10")
 
     def _phi(self, idx: torch.Tensor) -> torch.Tensor:
         if self.phi_table.device != idx.device:
@@ -121,7 +112,7 @@ class AFT(_FeatureMethod):
     def __init__(self, student: nn.Module, features: FeatureTable, prec: float = 10.0, kernel: str = "linear",
                  scales: str = "diag", learn_scales: bool = True, prior_lr: float = 1e-2, **kw):
         super().__init__(student, features, prec, **kw)
-        AFT.check(kernel=kernel, scales=scales, prior_lr=prior_lr)
+        AFT.check(kernel=kernel, scales=scales, prior_lr=prior_lr)  # prior_lr: base.HPARAM_RULES
         self.kernel, self.scales, self.prior_lr = kernel, scales, float(prior_lr)
         self.learn_scales = bool(learn_scales)
         if scales == "diag":  # sigmoid(0) = 0.5: every pretrained dimension starts with the same weight
@@ -133,15 +124,13 @@ class AFT(_FeatureMethod):
 
     @classmethod
     def check(cls, **hp) -> None:
+        """(A None value counts as not given: main_aft's early validation shares these rules.)"""
         super().check(**hp)
-        kernel, scales, prior_lr = hp.get("kernel"), hp.get("scales"), hp.get("prior_lr")
+        kernel, scales = hp.get("kernel"), hp.get("scales")
         if kernel is not None:
             check(kernel in KERNELS, f"method.kernel='{kernel}' is unknown: use one of {', '.join(KERNELS)}")
         if scales is not None:
             check(scales in SCALES, f"method.scales='{scales}' is unknown: use one of {', '.join(SCALES)}")
-        if prior_lr is not None:
-            check(isinstance(prior_lr, (int, float)) and prior_lr > 0,
-                  f"method.prior_lr={prior_lr} must be > 0: use e.g. method.prior_lr=0.01")
 
     def scaled_phi(self, phi: torch.Tensor) -> torch.Tensor:
         return phi * torch.sigmoid(self.s) if self.scales == "diag" else phi @ self.s
@@ -185,7 +174,7 @@ class BTuning(_FeatureMethod):
     def __init__(self, student: nn.Module, features: FeatureTable, prec: float = 10.0, temperature: float = 0.1,
                  **kw):
         super().__init__(student, features, prec, **kw)
-        BTuning.check(temperature=temperature)
+        BTuning.check(temperature=temperature)  # base.HPARAM_RULES
         check(features.student is not None, "B-Tuning needs the downstream model's initial features")
         ids = features.ids.long()
         y = features.labels[ids]
@@ -197,13 +186,6 @@ class BTuning(_FeatureMethod):
                      for w, b, r in zip(self.model_weights, features.blocks(), fits))
         self.target_table = target.float()  # (N_full, C), fixed: no gradient into the target
         self.register_buffer("m_down", logme(features.student[ids], y, c).weights.float())
-
-    @classmethod
-    def check(cls, **hp) -> None:
-        super().check(**hp)
-        if "temperature" in hp:
-            check(hp["temperature"] > 0,
-                  f"method.temperature={hp['temperature']} must be > 0: use e.g. method.temperature=0.1")
 
     def regulariser(self, f, idx):
         if self.target_table.device != idx.device:

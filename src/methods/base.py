@@ -20,8 +20,10 @@ draws exactly the images an uninterrupted one does, whatever else consumed the g
 What a method needs beyond its student is declared, not sniffed: the class attribute `needs` (names from `NEEDS`,
 refined per config by `needs_for`) says which inputs `src.methods.build.build_method` hands to the constructor and
 what the caller must prepare (output caches with features, a feature table with the student's features). The
-classmethod `check(**hparams)` validates a config's hyper-parameters before any work: unknown keys here, value
-ranges in each class's override; constructors call their own class's check, so each rule has one home.
+classmethod `check(**hparams)` validates a config's hyper-parameters before any work: unknown keys and the ranges
+of `HPARAM_RULES` (one rule per key, shared by every method) here, choices and class-specific rules in each class's
+override; constructors call their own class's check, and preflight calls it on every method node of a config
+(`src.methods.build.check_method_node`), so each rule has one home.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.loaders import mix_seed
-from ..errors import UserError, check
+from ..errors import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UserError, check, check_number, in_range
 
 
 # What a Method can need beyond `student` (its class attribute `needs`):
@@ -50,6 +52,43 @@ INPUT_PARAMS: FrozenSet[str] = frozenset({
     "self", "student", "teacher", "frozen_student", "sample_labels", "features", "teachers", "generator",
     "discriminator", "teacher_cache", "frozen_student_cache", "teacher_caches", "names", "synth_generator",
     "synth_seed"})
+
+
+# The range of the methods' hyper-parameters, one rule per key whichever method takes it: (ok, fix) (src.errors),
+# `{k}` in the fix is the key as the user wrote it (method.<key>, or the node's full key: parallel_method.alpha,
+# few_shot.kd_at.temperature). `Method.check` applies it to every key given (keys without a rule: finite numbers);
+# preflight runs that check on every method node of a config. A class keeps only its own rules (choices, rules
+# that depend on other keys, or a stricter rule for one key: with a comment saying why).
+TEMPERATURE = (in_range(0.01, 1000), "must be > 0, finite and in [0.01, 1000] (outside, the softened targets are "
+                                     "uniform or one-hot and the loss vanishes): use e.g. {k}=4")
+HPARAM_RULES = {
+    "temperature": TEMPERATURE, "nce_t": TEMPERATURE, "pts_t": TEMPERATURE, "kd_t": TEMPERATURE,
+    "alpha": (in_range(0, 1), "must be in [0, 1]: use e.g. {k}=0.9"),
+    "momentum": (in_range(0, 1, hi_open=True), "must be in [0, 1): use e.g. {k}=0.5"),
+    "ema_tau": (in_range(0, 1, hi_open=True), "must be in [0, 1): use e.g. {k}=0.999"),
+    "label_smoothing": (in_range(0, 1, hi_open=True), "must be in [0, 1): use e.g. {k}=0.1"),
+    "feat_dim": (AT_LEAST_ONE, "must be >= 1: use e.g. {k}=128"),
+    "num_negatives": (AT_LEAST_ONE, "must be >= 1: use e.g. {k}=4096"),
+    "ema_every": (AT_LEAST_ONE, "must be >= 1: use e.g. {k}=1"),
+    "n_g": (AT_LEAST_ONE, "must be >= 1: use e.g. {k}=1"), "n_s": (AT_LEAST_ONE, "must be >= 1: use e.g. {k}=10"),
+    "topk": (NON_NEGATIVE, "must be >= 0 (0 = all classes): use e.g. {k}=0"),
+    "prior_lr": (POSITIVE, "must be > 0: use e.g. {k}=0.01"),
+    "generator_lr": (POSITIVE, "must be > 0: use e.g. {k}=1e-3"),
+    "pts_p": (POSITIVE, "must be > 0: use e.g. {k}=3"),
+    "synth_ratio": (in_range(0, 1, hi_open=True), "must be in [0, 1): use e.g. {k}=0.2 (1 synthetic : 4 real), 0 "
+                                                  "disables it"),
+    **{w: (NON_NEGATIVE, "must be >= 0: use e.g. {k}=1.0") for w in (
+        "prec", "beta", "loss_w", "kl_w", "ce_w", "mixup_alpha", "kd_weight", "ce_weight", "crd_weight")},
+}
+
+
+def check_hparam(key: str, value) -> None:
+    """`method.<key>=<value>` against HPARAM_RULES (a key without a rule: any finite number or a non-number).
+    None counts as not given; a key with a rule refuses a value that is not a number."""
+    if key in HPARAM_RULES:
+        check_number(f"method.{key}", value, *HPARAM_RULES[key], require=True)
+    else:
+        check_number(f"method.{key}", value)
 
 
 class FrozenOutputs(nn.Module):
@@ -101,8 +140,11 @@ class StepSeeds(nn.Module):
 
 
 def check_synth_ratio(synth_ratio) -> float:
-    check(isinstance(synth_ratio, (int, float)) and 0 <= synth_ratio < 1,
-          f"method.synth_ratio={synth_ratio} must be in [0, 1): use e.g. 0.2 (1 synthetic : 4 real), 0 disables it")
+    """`method.synth_ratio` by its HPARAM_RULES rule, as a float (here None is no number either)."""
+    if synth_ratio is None:
+        raise UserError(f"method.synth_ratio=null must be a number "
+                        f"({HPARAM_RULES['synth_ratio'][1].format(k='method.synth_ratio')})")
+    check_hparam("synth_ratio", synth_ratio)
     return float(synth_ratio)
 
 
@@ -133,17 +175,15 @@ class Method(nn.Module):
     @classmethod
     def check(cls, **hparams) -> None:
         """One UserError for the first bad hyper-parameter, before any data work: a key the constructor does not
-        take, then (subclasses, after calling this) values out of range. Only the keys given are checked (the
-        defaults are valid)."""
+        take, then each value by its HPARAM_RULES rule (every number finite), then (subclasses, after calling
+        this) the class's own rules. Only the keys given are checked (the defaults are valid); None counts as not
+        given. Messages name `method.<key>` (`build_method` / `check_method_node` rename it to the node's key)."""
         known = _hparam_names(cls)
         for k in hparams:
             if k not in known:
                 raise UserError(f"method {cls.__name__} has no parameter {k}: remove method.{k}")
-        if "mixup_alpha" in hparams:
-            a = hparams["mixup_alpha"]
-            check(a >= 0, f"method.mixup_alpha={a} must be >= 0 (0 disables mixup)")
-        if "synth_ratio" in hparams:
-            check_synth_ratio(hparams["synth_ratio"])
+        for k, v in hparams.items():
+            check_hparam(k, v)
 
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None,
                  frozen_student: Optional[nn.Module] = None, teacher_cache=None, frozen_student_cache=None,

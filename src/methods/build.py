@@ -6,6 +6,7 @@
   `src.methods.base.NEEDS`).
 - `build_method(cfg, what, student=..., <inputs>...)`: checks the hyper-parameters (`cls.check`) and calls the
   constructor with the student, exactly the inputs the class needs, and the optional inputs that are given.
+- `check_method_node(cfg, key)`: the same check alone, by the node's full config key (preflight, on every node).
 
 The callers offer what they have by vocabulary name (`teacher=`, `frozen_student=`, `feature_table=`, ...); a class
 that does not need an input does not receive it, and a needed input that the caller did not give is a bug
@@ -72,6 +73,29 @@ def _rename(e: UserError, what: str) -> UserError:
     return UserError(re.sub(r"\bmethod\.", f"{what}.", str(e))) if what != "method" else e
 
 
+def _check(cls: type, hp: dict, what: str) -> None:
+    """`cls.check(**hp)`, its message naming `<what>.<key>`; a TypeError (a value of the wrong type that a class
+    rule compares) is the config's too."""
+    try:
+        cls.check(**hp)
+    except UserError as e:
+        raise _rename(e, what) from e
+    except TypeError as e:
+        raise UserError(f"cannot build {what} {cls.__name__}: {e}") from e
+
+
+def check_method_node(node, key: str = "method") -> None:
+    """The hyper-parameters of the method node at config key `key` (`_target_` + hyper-parameters), by the class's
+    own `check` (HPARAM_RULES, then the class's rules), every message naming `<key>.<hparam>`: what preflight runs
+    on every node with a `_target_`. A `_target_` that cannot be imported or is no Method is left to the family,
+    which reports it with its choices."""
+    try:
+        cls = method_class(node, key)
+    except UserError:
+        return
+    _check(cls, method_hparams(node), key)
+
+
 def build_method(cfg_method, what: str = "method", *, accept: Optional[Callable[[type], bool]] = None,
                  choices: str = "", **available) -> Method:
     """The Method of `cfg_method` (`_target_` + hyper-parameters) at config key `what`.
@@ -87,12 +111,7 @@ def build_method(cfg_method, what: str = "method", *, accept: Optional[Callable[
     odd = sorted(set(available) - {"student", *INPUTS, *OPTIONAL})
     if odd:
         raise TypeError(f"build_method got unknown inputs {odd}: offer {['student', *INPUTS, *OPTIONAL]}")
-    try:
-        cls.check(**hp)
-    except UserError as e:
-        raise _rename(e, what) from e
-    except TypeError as e:  # e.g. a string where a number belongs
-        raise UserError(f"cannot build {what} {cls.__name__}: {e}") from e
+    _check(cls, hp, what)
     kwargs = {"student": available.get("student")}
     for name in ["student", *sorted(cls.needs_for(hp) & set(INPUTS))]:
         if available.get(name) is None:

@@ -52,18 +52,16 @@ class CD(Method):
     def __init__(self, student, teacher, beta: float = 10.0, ce_weight: float = 0.1, kd_weight: float = 0.0,
                  temperature: float = 1.0, sim_temperature: float = 1.0, **kw):
         super().__init__(student, teacher, **kw)
-        CD.check(sim_temperature=sim_temperature, temperature=temperature)
+        CD.check(sim_temperature=sim_temperature, temperature=temperature)  # temperature: base.HPARAM_RULES
         self.beta, self.kd_w, self.ce_w, self.T = beta, kd_weight, ce_weight, temperature
         self.sim_T = float(sim_temperature)
 
     @classmethod
     def check(cls, **hp) -> None:
         super().check(**hp)
-        if "sim_temperature" in hp:
+        if "sim_temperature" in hp:  # CD's own key (cosine similarities / T): not in base.HPARAM_RULES
             check(hp["sim_temperature"] > 0, f"method.sim_temperature={hp['sim_temperature']} must be > 0: use 1.0 "
                                              f"(public code)")
-        if "temperature" in hp:
-            check(hp["temperature"] > 0, f"method.temperature={hp['temperature']} must be > 0")
 
     def loss(self, batch):
         x, y, idx = batch
@@ -137,7 +135,7 @@ class CRD(Method):
         check(sample_labels is not None and len(sample_labels) > 0,
               "CRD needs the training labels by sample id (sample_labels)")
         CRD.check(num_negatives=num_negatives, nce_t=nce_t, temperature=temperature, momentum=momentum,
-                  mixup_alpha=self.mixup_alpha, synth_ratio=self.synth_ratio)
+                  feat_dim=feat_dim, mixup_alpha=self.mixup_alpha, synth_ratio=self.synth_ratio)
         self.negatives = NegativeSampler(sample_labels)
         size = len(sample_labels)
         self.n, self.k, self.nce_t, self.m = self.negatives.n, int(num_negatives), nce_t, momentum
@@ -154,16 +152,12 @@ class CRD(Method):
 
     @classmethod
     def check(cls, **hp) -> None:
-        super().check(**hp)
-        if "num_negatives" in hp:
-            check(hp["num_negatives"] > 0, f"method.num_negatives={hp['num_negatives']} must be > 0")
-        check(all(hp[k] > 0 for k in ("nce_t", "temperature") if k in hp),
-              "method.nce_t and method.temperature must be > 0")
-        if "momentum" in hp:
-            check(0 <= hp["momentum"] < 1, f"method.momentum={hp['momentum']} must be in [0, 1)")
-        if hp.get("mixup_alpha", 0) > 0:
+        super().check(**hp)  # num_negatives, nce_t, temperature, momentum, feat_dim: base.HPARAM_RULES
+        # stricter than the table's mixup_alpha / synth_ratio >= 0: CRD's memory banks hold one entry per real
+        # sample id, so mixed or synthetic inputs have no entry to contrast with
+        if (hp.get("mixup_alpha") or 0) > 0:
             raise UserError("CRD contrasts per-sample memory entries: mixup_alpha must be 0")
-        if hp.get("synth_ratio", 0) > 0:
+        if (hp.get("synth_ratio") or 0) > 0:
             raise UserError("CRD contrasts per-sample memory entries: method.synth_ratio must be 0")
 
     def _nce(self, anchor, memory, idx, neg_idx, z):

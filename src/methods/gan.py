@@ -15,6 +15,7 @@ added, which punishes a generator that ignores z (one image per class: the colla
 into on digits)."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -40,11 +41,14 @@ class GANTraining(Method):
 
     @classmethod
     def check(cls, **hp) -> None:
-        super().check(**hp)
+        # its own keys first: they are a zoo recipe's (named so), not a method node's (Method.check: method.<key>)
         d_lr = hp.get("d_lr")
-        check(d_lr is None or d_lr > 0, f"generator recipe d_lr={d_lr} must be > 0 (or null: optimizer.lr)")
+        check(d_lr is None or (d_lr > 0 and math.isfinite(d_lr)),
+              f"generator recipe d_lr={d_lr} must be > 0 and finite (or null: optimizer.lr)")
         if "diversity" in hp:
-            check(hp["diversity"] >= 0, f"generator recipe diversity={hp['diversity']} must be >= 0 (0 disables it)")
+            check(0 <= hp["diversity"] < math.inf,
+                  f"generator recipe diversity={hp['diversity']} must be >= 0 and finite (0 disables it)")
+        super().check(**hp)
 
     @property
     def generator(self) -> nn.Module:

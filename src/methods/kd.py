@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import UserError, check
+from ..errors import UserError, check, closest
 from .base import Method
 
 PARTITIONS = ("most-conf", "most-conf_u", "pos_flips", "neg_flips", "neutral_avg", "self")
@@ -50,6 +50,13 @@ def flip_masks(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
     return t_ok & ~s_ok, ~t_ok & s_ok
 
 
+def check_partition(partition: str, choices=PARTITIONS) -> None:
+    """`method.partition` among `choices`, the closest ones suggested."""
+    if partition not in choices:
+        raise UserError(f"method.partition='{partition}' is unknown{closest(str(partition), choices)}: use one of "
+                        f"{', '.join(choices)}")
+
+
 def check_flip_source(flip_source: str) -> None:
     check(flip_source in FLIP_SOURCES, f"method.flip_source='{flip_source}' is unknown: use one of "
           f"{', '.join(FLIP_SOURCES)}")
@@ -68,8 +75,7 @@ def dp_route(teacher_logits: torch.Tensor, frozen_logits: torch.Tensor, labels: 
     self:        always the frozen student (self-distillation)
     The flips are those of `flip_logits` (the public code: the current student) against the teacher; default
     `frozen_logits`. Ties go to the frozen student."""
-    if partition not in PARTITIONS:
-        raise UserError(f"method.partition='{partition}' is unknown: use one of {', '.join(PARTITIONS)}")
+    check_partition(partition)
     pt, ps = teacher_logits.float().softmax(1), frozen_logits.float().softmax(1)
     if partition == "most-conf_u":
         return (pt.max(1).values > ps.max(1).values).float()
@@ -97,18 +103,8 @@ class KL(Method):
 
     def __init__(self, student, teacher, temperature: float = 1.0, alpha: float = 1.0, topk: int = 0, **kw):
         super().__init__(student, teacher, **kw)
-        KL.check(temperature=temperature, alpha=alpha, topk=topk)
+        KL.check(temperature=temperature, alpha=alpha, topk=topk)  # their ranges: base.HPARAM_RULES
         self.T, self.alpha, self.topk = float(temperature), float(alpha), int(topk)
-
-    @classmethod
-    def check(cls, **hp) -> None:
-        super().check(**hp)
-        if "temperature" in hp:
-            check(hp["temperature"] > 0, f"method.temperature={hp['temperature']} must be > 0: use e.g. 1.0")
-        if "alpha" in hp:
-            check(0 <= hp["alpha"] <= 1, f"method.alpha={hp['alpha']} must be in [0, 1]")
-        if "topk" in hp:
-            check(hp["topk"] >= 0, f"method.topk={hp['topk']} must be >= 0 (0 = all classes)")
 
     def per_sample_kl(self, zs, zt):
         zt_k, zs_k = topk_restrict(zt, zs, self.topk)
@@ -177,8 +173,8 @@ class KLDP(KL):
     @classmethod
     def check(cls, **hp) -> None:
         super().check(**hp)
-        if "partition" in hp and hp["partition"] not in PARTITIONS:
-            raise UserError(f"method.partition='{hp['partition']}' is unknown: use one of {', '.join(PARTITIONS)}")
+        if "partition" in hp:
+            check_partition(hp["partition"])
         if "flip_source" in hp:
             check_flip_source(hp["flip_source"])
         if "neutral_target" in hp:
@@ -235,11 +231,7 @@ class MCL(KL):
 
     @classmethod
     def check(cls, **hp) -> None:
-        super().check(**hp)
-        if "ema_tau" in hp:
-            check(0 <= hp["ema_tau"] < 1, f"method.ema_tau={hp['ema_tau']} must be in [0, 1)")
-        if "ema_every" in hp:
-            check(hp["ema_every"] >= 1, f"method.ema_every={hp['ema_every']} must be >= 1")
+        super().check(**hp)  # ema_tau, ema_every: base.HPARAM_RULES
         if "flip_source" in hp:
             check_flip_source(hp["flip_source"])
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ..errors import UserError, check
 from .base import FrozenOutputs
-from .kd import KL, kl_to_target
+from .kd import KL, PARTITIONS, check_partition, kl_to_target
 
 MULTI_PARTITIONS = ("most-conf", "most-conf_u")
 
@@ -87,9 +87,12 @@ class MultiKLDP(KL):
     @classmethod
     def check(cls, **hp) -> None:
         super().check(**hp)
-        if "partition" in hp and hp["partition"] not in MULTI_PARTITIONS:
-            raise UserError(f"method.partition='{hp['partition']}' is not available with several teachers: use one "
-                            f"of {', '.join(MULTI_PARTITIONS)}")
+        p = hp.get("partition", MULTI_PARTITIONS[0])
+        if p in PARTITIONS and p not in MULTI_PARTITIONS:  # a single-teacher partition: say so
+            raise UserError(f"method.partition='{p}' is not available with several teachers: use one of "
+                            f"{', '.join(MULTI_PARTITIONS)}")
+        check_partition(p, MULTI_PARTITIONS)  # otherwise unknown: the closest multi-teacher ones
+        # stricter than the table's topk >= 0: `loss` takes the KL over all classes, a topk would be ignored
         check(hp.get("topk", 0) == 0, "method.topk is not supported by multi-teacher KL+DP: remove it")
 
     def frozen_modules(self) -> List[FrozenOutputs]:

@@ -86,21 +86,10 @@ class ZeroShot(Method):
     def __init__(self, student: nn.Module, teacher: nn.Module, generator: nn.Module, n_g: int = 1, n_s: int = 10,
                  beta: float = 250.0, generator_lr: float = 1e-3):
         super().__init__(student, teacher)
-        ZeroShot.check(n_g=n_g, n_s=n_s, beta=beta, generator_lr=generator_lr)
+        ZeroShot.check(n_g=n_g, n_s=n_s, beta=beta, generator_lr=generator_lr)  # base.HPARAM_RULES
         self.generator = generator
         self.n_g, self.n_s, self.beta, self.generator_lr = int(n_g), int(n_s), float(beta), float(generator_lr)
         self._target = None  # (pseudo-batch index, images, teacher logits, teacher stages): once per z batch
-
-    @classmethod
-    def check(cls, **hp) -> None:
-        super().check(**hp)
-        rules = {"n_g": (lambda v: v >= 1, "must be >= 1: use 1 (the paper)"),
-                 "n_s": (lambda v: v >= 1, "must be >= 1: use 10 (the paper)"),
-                 "beta": (lambda v: v >= 0, "must be >= 0: use 250 (the paper) or 0 to disable attention"),
-                 "generator_lr": (lambda v: v > 0, "must be > 0: use 1e-3 (the paper)")}
-        for k, (ok, fix) in rules.items():
-            if k in hp:
-                check(ok(hp[k]), f"method.{k}={hp[k]} {fix}")
 
     @property
     def steps_per_batch(self) -> int:
@@ -153,14 +142,8 @@ class KDAT(KL):
     def __init__(self, student, teacher, temperature: float = 4.0, alpha: float = 0.9, beta: float = 1000.0,
                  **kw):
         super().__init__(student, teacher, temperature=temperature, alpha=alpha, **kw)
-        KDAT.check(beta=beta)
+        KDAT.check(beta=beta)  # base.HPARAM_RULES
         self.beta = float(beta)
-
-    @classmethod
-    def check(cls, **hp) -> None:
-        super().check(**hp)
-        if "beta" in hp:
-            check(hp["beta"] >= 0, f"baseline kd_at beta={hp['beta']} must be >= 0: use 1000 (the paper)")
 
     def loss(self, batch):
         x, y, _ = batch
