@@ -64,9 +64,8 @@ def validate(cfg: DictConfig) -> None:
     """This family's keys, before any dataset, zoo or training work: one UserError naming the value and the fix."""
     preflight(cfg)  # the shared ranges first (finite numbers, full keys), then this family's own keys
     m = cfg.method
-    cls, hp = method_class(m, accept=in_family, choices=CHOICES), method_hparams(m)
-    feats = "feature_table" in cls.needs_for(hp)
-    cls.check(**hp)
+    cls = method_class(m, accept=in_family, choices=CHOICES)  # its hyper-parameters: preflight (cls.check)
+    feats = "feature_table" in cls.needs_for(method_hparams(m))
     uv = cfg.get("use_val")
     check(isinstance(uv, bool), f"use_val={uv} must be true or false: use_val=true evaluates on the val split, "
                                 f"false on the test split")

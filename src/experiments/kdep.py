@@ -22,7 +22,7 @@ from ..data import build_dataset, build_loader, training_split
 from ..engine import predict, rows_by_id
 from ..errors import UserError, check, closest
 from ..io_utils import load_state_dict, save_safetensors
-from ..methods import build_method, method_class, method_hparams
+from ..methods import build_method
 from ..methods.base import CrossEntropy
 from ..methods.kdep import check_dims, svd_basis
 from ..metrics import accuracy
@@ -63,7 +63,6 @@ def validate(cfg: DictConfig) -> None:
 
         raise UserError(f"unknown student.arch '{arch}'{closest(arch, timm.list_models() + nets.OUR_MODELS)}: "
                         f"use a timm name or one of ours (resnet8, resnet20, wrn_16_1, ...)")
-    method_class(cfg.method).check(**method_hparams(cfg.method))
     if cfg.get("basis"):
         check(Path(cfg.basis).is_file(), f"basis={cfg.basis} does not exist: give a {BASIS_FILE} written by an "
                                          f"earlier run (its run dir) or basis=null to compute it")

@@ -14,7 +14,7 @@ from ..data.datasets import Split, subset_positions
 from ..data import NoiseBatches
 from ..engine import predict, seed_everything
 from ..errors import UserError, check
-from ..methods import build_method, method_class, method_hparams
+from ..methods import build_method, method_class
 from ..methods.zeroshot import ZeroShot, no_param_grads, stage_shapes
 from ..metrics import accuracy, agreement
 from ..metrics.transition import agreeing, mean_transition_error, transition_curves
@@ -58,7 +58,7 @@ def validate(cfg: DictConfig) -> None:
     check(cfg.pseudo_batches >= 1, f"pseudo_batches={cfg.pseudo_batches} must be >= 1: use e.g. pseudo_batches=150")
     preflight(cfg)  # the shared ranges (finite numbers, full keys), then this family's own keys
     m = cfg.method
-    method_class(m, accept=is_zeroshot, choices=ZEROSHOT_METHODS).check(**method_hparams(m))
+    method_class(m, accept=is_zeroshot, choices=ZEROSHOT_METHODS)  # its hyper-parameters: preflight (cls.check)
     check(cfg.trainer.max_steps is None, f"trainer.max_steps={cfg.trainer.max_steps}: zero-shot KT counts "
                                          f"pseudo-batches; remove trainer.max_steps and set pseudo_batches=N")
     Generator(cfg.generator.z_dim, cfg.dataset.image_size, cfg.dataset.channels)  # checks z_dim and image size
