@@ -78,8 +78,9 @@ def run_all(out: Path, seeds, lanes: int, grid_methods, baselines) -> dict:
     # the biggest jobs first, so the lanes end together
     rest.sort(key=lambda j: 0 if j[0].startswith("transfer_grid") else 1)
     t0, started = time.time(), time.strftime("%Y-%m-%d %H:%M")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip() or "unknown"
+    from src.tracking.reproduce_report import commit as git_commit
+
+    commit = git_commit()
     done = []
     with ThreadPoolExecutor(max_workers=lanes) as ex:
         for phase in (zoo, rest):

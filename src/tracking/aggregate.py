@@ -12,6 +12,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
+from .stats import describe  # noqa: F401 (part of this module's API: the report and the tests use it)
+
 FAMILIES = ("pretrain", "prediction_flips", "transfer", "multi_teacher", "aft", "kdep", "zeroshot")
 _JOB_FAMILY = {f"main_{f}": f for f in ("pretrain", "transfer", "multi_teacher", "aft", "kdep", "zeroshot")}
 _JOB_FAMILY["main_flips"] = "prediction_flips"
@@ -135,26 +137,6 @@ def load_runs(paths: Iterable) -> Tuple[List[dict], List[dict]]:
 
 
 # ------------------------------------------------------------------------------------------ statistics
-
-
-def _t975(df: int) -> float:
-    try:
-        from scipy.stats import t
-
-        return float(t.ppf(0.975, df))
-    except ImportError:  # pragma: no cover - scipy comes with scikit-learn
-        return 1.96
-
-
-def describe(values: Iterable[float]) -> Dict[str, float]:
-    """n, mean, sample std (0 for one value) and the half-width of the 95% t confidence interval (nan for one)."""
-    v = [float(x) for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    n = len(v)
-    if n == 0:
-        return {"n": 0, "mean": math.nan, "std": math.nan, "ci95": math.nan}
-    mean = statistics.fmean(v)
-    std = statistics.stdev(v) if n > 1 else 0.0
-    return {"n": n, "mean": mean, "std": std, "ci95": _t975(n - 1) * std / math.sqrt(n) if n > 1 else math.nan}
 
 
 def fmt(d: Dict[str, float], digits: int = 2, unit: str = "") -> str:

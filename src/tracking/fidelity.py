@@ -10,9 +10,10 @@ Each group row holds the mean and std (sample std, 0 for one run) over its runs 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from .stats import describe
 
 # summary key -> column name
 METRICS = {"agreement_after": "test_agreement", "kl_teacher_student": "test_kl",
@@ -65,10 +66,8 @@ def _resolved(cfg: dict) -> dict:
 
 
 def _mean_std(values: List[float]):
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, std
+    d = describe(values)  # the aggregator's statistics: mean and sample std (0 for one value)
+    return d["mean"], d["std"]
 
 
 def fidelity_table(runs: List[dict]) -> List[dict]:

@@ -189,7 +189,8 @@ def zeroshot_claims(runs: List[dict]) -> List[dict]:
     return out
 
 
-def _commit() -> str:
+def commit() -> str:
+    """The short git commit of this checkout ('unknown' outside git)."""
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parents[2]).stdout.strip() or "unknown"
@@ -212,7 +213,7 @@ def build(out_dir, timing: Optional[dict] = None) -> Path:
     seeds = sorted({agg.replicate(r) for r in runs if r["family"] != "pretrain"})
     md = ["# Digits reproduction report\n\n",
           f"Written by `make reproduce` (scripts/reproduce.py): runs of commit {(timing or {}).get('commit', '?')} "
-          f"started {(timing or {}).get('started', '?')}, report built at commit {_commit()} on "
+          f"started {(timing or {}).get('started', '?')}, report built at commit {commit()} on "
           f"{time.strftime('%Y-%m-%d')}. Machine: {(timing or {}).get('machine', 'not recorded')}. "
           f"Wall time: {(timing or {}).get('seconds', float('nan')) / 60:.1f} min with "
           f"{(timing or {}).get('lanes', '?')} lanes. {len(runs)} runs over {len(seeds)} seeds ({', '.join(seeds)}: "
