@@ -13,6 +13,12 @@ sys.path.insert(0, str(ROOT))
 
 import src.schema  # noqa: E402,F401  (registers schemas/resolvers)
 
+# torch.compile's on-disk kernel cache is not keyed by ATEN_CPU_CAPABILITY: kernels built under the native back-end
+# fail to compile under `default` (`'at::vec' has not been declared`). One cache per back-end, also for the
+# subprocesses the tests start (they inherit the environment).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    __import__("tempfile").gettempdir(), f"torchinductor_kt_{os.environ.get('ATEN_CPU_CAPABILITY') or 'native'}"))
+
 CONFIG_DIR = str(ROOT / "config")
 
 
