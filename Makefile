@@ -56,7 +56,7 @@ test: $(STAMP)
 test-trained: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m trained
 
-# every family's digits-scale claim over 3 seeds -> results/digits/REPORT.md (about 35 minutes on 2 cores)
+# every family's digits-scale claim over 3 seeds -> results/digits/REPORT.md (26.5 minutes on 2 quiet cores)
 reproduce: $(STAMP)
 	$(VENV)/bin/python scripts/reproduce.py
 

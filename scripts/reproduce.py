@@ -6,7 +6,7 @@ A seed k is one draw of the digits zoo (`zoo.seed=k`, every zoo model retrained 
 the transfer's data order. The jobs are the README's own commands (Hydra multiruns of the main_*.py scripts), run in
 two lanes of one thread each; each lane's log is under <out>/logs/.
 
-    python scripts/reproduce.py                     # about 30 minutes on 2 cores (see REPORT.md for the measured time)
+    python scripts/reproduce.py                     # 26.5 minutes on 2 quiet cores (REPORT.md states the measured time)
     python scripts/reproduce.py --seeds 0 1 --lanes 1 --out /tmp/rep     # smaller
     python scripts/reproduce.py --report-only       # rebuild REPORT.md from the runs already there
 """
