@@ -141,8 +141,13 @@ class Context:
         cfg = self.cfg
         return Trainer(method, loader, trainer_cfg or cfg.trainer, optimizer_cfg or cfg.optimizer,
                        scheduler_cfg or cfg.scheduler, run_dir or self.run_dir,
-                       tracker=self.tracker if isinstance(tracker, str) and tracker == "run" else tracker,
+                       tracker=self.stage_tracker(tracker),
                        evaluate=evaluate, device=self.device, name=name, rank=self.rank, world_size=self.world_size)
+
+    def stage_tracker(self, tracker: Any = "run"):
+        """The tracker a trainer or stage logs to: "run" means the run's own, anything else (None, a
+        StageTracker) is taken as it is."""
+        return self.tracker if isinstance(tracker, str) and tracker == "run" else tracker
 
     def student_meta(self, name: str, acc: Optional[float] = None, method: Optional[str] = None,
                      kwargs: Optional[dict] = None) -> Dict[str, Any]:

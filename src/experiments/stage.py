@@ -149,7 +149,7 @@ def distil(ctx: Context, teacher: ModelRef, student: ModelRef, cfg_method, name:
     partition = getattr(method, "partition", None)
     route = routing_shares(dp_route(t_eval["logits"], s0_eval["logits"], labels, partition), t_eval["logits"],
                            s0_eval["logits"], labels) if partition else {}
-    tracker = ctx.tracker if isinstance(tracker, str) and tracker == "run" else tracker
+    tracker = ctx.stage_tracker(tracker)
     if tracker is not None:  # the starting point, logged before the Trainer (which may resume) exists
         before = transfer_metrics(s0_eval["logits"], s0_eval["logits"], t_eval["logits"], labels, top_p)
         tracker.log({**{f"eval/{k}": v for k, v in {**before, **route}.items()}, "epoch": 0.0}, 0)
