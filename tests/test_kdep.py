@@ -115,6 +115,18 @@ def test_pre_relu_refuses_architectures_without_a_final_activation(net, msg):
     assert msg in str(e.value)
 
 
+@pytest.mark.parametrize("arch, final", [("resnet50", "layer4.2.act3"), ("resnet18", "layer4.1.act2")])
+def test_final_activation_probe_runs_in_fp32_under_a_bf16_run(arch, final):
+    """The preset's `trainer.amp: bf16` wraps the probe in autocast: at 224 px its two poolings rounded apart in
+    bf16 and a timm ResNet was refused ("cannot find the final activation of 'resnet50'"). The probe is fp32."""
+    m = _model(arch, 10, 3)
+    x = torch.rand(2, 3, 224, 224)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert final_activation(m, x) == final
+        f, z = pre_activation_features(m, x)  # the training forward itself stays in the run's precision
+    assert f.shape == (2, m.num_features) and z.shape == (2, 10)
+
+
 def test_pts_by_hand():
     x = torch.tensor([-0.8, 0.0, 0.0027, 0.1])
     torch.testing.assert_close(pts(x), torch.tensor([-2.0, 0.0, 0.3, 1.0]))  # sign(x) |x / 0.1|^(1/3)

@@ -60,24 +60,30 @@ def final_activation(model: nn.Module, x: torch.Tensor) -> str:
     was = model.training
     try:
         model.eval()
-        with torch.no_grad():
-            feats = _features(model, x[:2]).float()
+        # the probe compares two poolings with an fp32 tolerance: it runs in fp32 whatever the run's autocast (in
+        # bf16 they round apart, on CPU and CUDA alike, and a timm ResNet would be refused for its precision)
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            feats = _features(model, x[:2].float()).float()
     finally:
         for h in hooks:
             h.remove()
         model.train(was)
-    ok = False
+    ok, why = False, "no activation module ran"
     if calls:
         name, out = calls[-1]
         pooled = out.float()
+        why = f"its output has shape {tuple(pooled.shape)}"
         if pooled.ndim in (2, 4):
             pooled = pool(pooled)
             ok = pooled.shape == feats.shape and torch.allclose(pooled, feats, rtol=1e-3, atol=1e-4)
+            why = (f"its pooled output {tuple(pooled.shape)} differs from the {tuple(feats.shape)} features"
+                   + (f" by up to {float((pooled - feats).abs().max()):.3g} (fp32)" if pooled.shape == feats.shape
+                      else ""))
     if not ok:
-        raise UserError(f"cannot find the final activation of '{arch}': the output of its last activation module "
-                        f"({calls[-1][0] if calls else 'none ran'}) is not what it pools into its features: KDEP "
-                        f"needs a CNN whose last stage ends in an activation module (timm ResNets, resnet8/20/56, "
-                        f"wrn_*)")
+        raise UserError(f"cannot find the final activation of '{arch}': its last activation module "
+                        f"({calls[-1][0] if calls else 'none ran'}) is not what it pools into its features ({why}): "
+                        f"KDEP needs a CNN whose last stage ends in an activation module (timm ResNets, "
+                        f"resnet8/20/56, wrn_*)")
     _FOUND[model] = name
     return name
 
