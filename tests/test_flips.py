@@ -15,7 +15,7 @@ from conftest import compose
 from src.errors import UserError
 from src.metrics import pairwise as pw
 from src.metrics.cka import cka, cka_matrix, linear_cka, rbf_cka
-from src.metrics.classification import kl_divergence
+from src.metrics.classification import ece, kl_divergence
 from src.metrics.flips import class_concentration, flips, per_class_flips
 
 
@@ -58,6 +58,19 @@ def test_known_kl():
     assert kl[0, 1] == pytest.approx(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1), rel=1e-5)
     assert kl[1, 0] == pytest.approx(0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5), rel=1e-5)
     assert kl[0, 0] == 0.0 and kl[1, 1] == 0.0
+
+
+def test_ece_bins_are_lo_hi_closed_on_an_edge():
+    """A confidence exactly on an edge (0.5 of 10 bins) belongs to (0.4, 0.5], as in gnosis' binning. By hand:
+    a (conf 0.5, right) and b (conf 0.45, wrong) share that bin: mean conf 0.475, acc 0.5 -> |0.025| * 2/2; c
+    (conf 0.9, right) is alone in (0.8, 0.9]: |0.9 - 1| * 1/3. ECE = 0.025 * 2/3 + 0.1 / 3 = 0.05. With [lo, hi)
+    bins a would sit alone in (0.5, 0.6] and c in (0.9, 1]: (0.5 + 0.45 + 0.1) / 3 = 0.35."""
+    logits = torch.tensor([[0.0, 0.0, -1e4], [0.35, 0.45, 0.2], [0.9, 0.05, 0.05]])
+    logits[1:] = logits[1:].log()
+    labels = torch.tensor([0, 0, 0])
+    assert ece(logits, labels) == pytest.approx(0.05, abs=1e-6)
+    # every sample counts once, even exactly on an edge: all-0.5 confidences, all right -> |0.5 - 1| = 0.5
+    assert ece(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)) == pytest.approx(0.5)
 
 
 def test_pos_is_neg_transposed_and_matches_loop():

@@ -15,12 +15,17 @@ def nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def ece(logits: torch.Tensor, labels: torch.Tensor, bins: int = 10) -> float:
-    """Expected calibration error with `bins` equal-width confidence bins."""
+    """Expected calibration error with `bins` equal-width confidence bins (lo, hi], as gnosis bins them: a
+    confidence exactly on an edge k/bins belongs to the bin below it (0.5 of 10 bins: (0.4, 0.5]). Named fix
+    (docs/REFERENCE.md §5.8): gnosis' float32 bounds (`linspace(1/K, 1, K)`, lower = upper - 1/K) leave gaps at
+    some edges (0.5 then lands in no bin and drops out of the sum); here every sample is in exactly one bin."""
     p = logits.float().softmax(1)
     conf, pred = p.max(1)
     correct = (pred == labels).float()
-    edges = torch.linspace(0, 1, bins + 1)
-    b = torch.bucketize(conf, edges[1:-1], right=True)  # bin index 0..bins-1 with (lo, hi] edges
+    edges = torch.linspace(0, 1, bins + 1, dtype=conf.dtype, device=conf.device)
+    # right=False: edges[b-1] < conf <= edges[b], i.e. (lo, hi] bins 0..bins-1 (a confidence is > 0)
+    b = torch.bucketize(conf, edges[1:-1], right=False).cpu()
+    conf, correct = conf.cpu(), correct.cpu()
     n = conf.numel()
     tot = torch.zeros(bins).index_add_(0, b, torch.ones(n))
     sc = torch.zeros(bins).index_add_(0, b, conf)
