@@ -117,19 +117,63 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv=None):
-    a = parser().parse_args(argv)
+MADE = ("runs", "work", "logs")  # the folders this script makes under --out (and may delete to start over)
+MARKER = ".made_by_reproduce"  # written into each of them: a folder without it is never deleted
+
+
+def transfer_methods():
+    """The `method=` choices main_transfer.py runs: config/method/*.yaml less the other families' methods."""
+    return sorted(f.stem for f in (ROOT / "config" / "method").glob("*.yaml")
+                  if not f.stem.startswith(("aft", "multi_", "kdep")))
+
+
+def check_args(a) -> None:
+    """Every argument, before anything is deleted or run (a typo must not wipe the last reproduction)."""
+    from src.errors import closest
+
     if any(k < 0 for k in a.seeds) or len(set(a.seeds)) != len(a.seeds):
         sys.exit(f"error: --seeds {a.seeds} must be distinct integers >= 0: use e.g. --seeds 0 1 2")
     if a.lanes < 1:
         sys.exit(f"error: --lanes {a.lanes} must be >= 1: use e.g. --lanes 2")
+    known = transfer_methods()
+    for flag, names in (("--methods", a.methods), ("--baselines", a.baselines)):
+        for m in names:
+            if m not in known:
+                sys.exit(f"error: {flag} {m} is not a transfer method{closest(m, known)}: use some of "
+                         f"{', '.join(known)}")
+    if not a.methods:
+        sys.exit(f"error: --methods names no method: use e.g. --methods {' '.join(GRID_METHODS)}")
+    for p in [a.out, *a.out.parents]:
+        if p.exists() and not p.is_dir():
+            sys.exit(f"error: --out {a.out}: {p} is a file, not a folder: pick another --out")
+    if a.report_only or a.keep:
+        return
+    for d in MADE:
+        if (a.out / d).exists() and not (a.out / d / MARKER).is_file():
+            sys.exit(f"error: {a.out / d} was not made by scripts/reproduce.py (no {MARKER} in it), so it is not "
+                     f"deleted: move it away, pick another --out or add --keep")
+
+
+def start_over(out: Path, keep: bool) -> None:
+    """Delete what an earlier reproduction made (only folders carrying the marker; nothing with `keep`), then make
+    the missing folders, marked as this script's."""
+    for d in MADE:
+        if not keep and (out / d / MARKER).is_file():
+            shutil.rmtree(out / d)
+    for d in MADE:
+        if not (out / d).exists():
+            (out / d).mkdir(parents=True)
+            (out / d / MARKER).touch()
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
+    check_args(a)
     from src.tracking import reproduce_report as rr
 
     timing_path = a.out / "timing.json"
     if not a.report_only:
-        if not a.keep:
-            for d in ("runs", "work", "logs"):
-                shutil.rmtree(a.out / d, ignore_errors=True)
+        start_over(a.out, a.keep)
         timing = run_all(a.out, a.seeds, a.lanes, a.methods, a.baselines)
         a.out.mkdir(parents=True, exist_ok=True)
         timing_path.write_text(json.dumps(timing, indent=1))

@@ -64,6 +64,36 @@ def test_report_claims_from_run_dirs(tmp_path):
     assert "test box" in md and "2.0 min" in md and (tmp_path / "tables" / "transfer_methods.csv").is_file()
 
 
+def test_a_bad_argument_deletes_nothing_and_only_marked_folders_are_deleted(tmp_path, monkeypatch):
+    """A typo in --methods used to wipe <out>/runs, work and logs before it was refused: every argument is checked
+    first, and only folders carrying the script's marker are ever deleted."""
+    rep = load_script("reproduce")
+    out = tmp_path / "rep"
+    for d in rep.MADE:
+        (out / d).mkdir(parents=True)
+        (out / d / "precious.json").write_text("{}")
+        (out / d / rep.MARKER).touch()
+    with pytest.raises(SystemExit, match=r"--methods kl_pd is not a transfer method \(closest: kl_dp"):
+        rep.main(["--out", str(out), "--methods", "kl", "kl_pd"])
+    with pytest.raises(SystemExit, match="--baselines crx is not a transfer method"):
+        rep.main(["--out", str(out), "--baselines", "crx"])
+    assert all((out / d / "precious.json").is_file() for d in rep.MADE)
+    # a folder the script did not make (no marker) is refused, not deleted
+    (out / "runs" / rep.MARKER).unlink()
+    with pytest.raises(SystemExit, match="was not made by scripts/reproduce.py"):
+        rep.main(["--out", str(out), "--seeds", "0"])
+    assert all((out / d / "precious.json").is_file() for d in rep.MADE)
+    # marked folders are started over (the jobs themselves are stubbed out here)
+    monkeypatch.setattr(rep, "run_all", lambda *a, **k: {"seconds": 0.0, "jobs": []})
+    (out / "runs" / rep.MARKER).touch()
+    rep.main(["--out", str(out), "--seeds", "0"])
+    assert not any((out / d / "precious.json").exists() for d in rep.MADE)
+    assert all((out / d / rep.MARKER).is_file() for d in rep.MADE)
+    (out / "file").write_text("")
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        rep.main(["--out", str(out / "file" / "sub"), "--report-only"])
+
+
 def test_bad_arguments_are_one_line():
     rep = load_script("reproduce")
     with pytest.raises(SystemExit, match="must be distinct integers"):
