@@ -324,3 +324,28 @@ def test_keep_checkpoints(tmp_path):
         ck.save(s, _weights(s), {"step": s})
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000003"]
     assert ck.latest().name == "step_00000003"
+
+
+@pytest.mark.parametrize("pointer", ["../../other/checkpoints/train/step_00000005", "/abs/step_00000005",
+                                     "step_00000005/../../../other/checkpoints/train/step_00000005", "link",
+                                     "step_00000009"])
+def test_a_latest_pointer_out_of_the_run_is_refused(tmp_path, digits, pointer):
+    """A `latest` pointer that leads out of the run's own checkpoint folder was followed: the run ended on another
+    run's weights and exited 0. Only a step_<N> folder directly inside the run's folder is taken."""
+    other = _trainer(digits, tmp_path / "other", max_steps=5, augment="none")
+    other.fit()
+    mine = CheckpointDir(tmp_path / "mine" / "checkpoints" / "train")
+    mine.save(2, _weights(2), {"step": 2})
+    if pointer == "step_00000009":  # a step folder that is a link to the other run's checkpoint
+        (mine.root / pointer).symlink_to(tmp_path / "other" / "checkpoints" / "train" / "step_00000005")
+    if pointer == "link":
+        pointer = "step_00000007"
+        (mine.root / pointer).symlink_to(tmp_path / "other" / "checkpoints" / "train" / "step_00000005")
+    (mine.root / "latest").write_text(pointer)
+    with pytest.raises(UserError, match=r"checkpoint pointer .*latest names .*not a step_<N> folder of this run"):
+        mine.latest()
+    t = _trainer(digits, tmp_path / "mine", max_steps=5, augment="none")
+    with pytest.raises(UserError, match="delete .*latest"):
+        t.fit()
+    (mine.root / "latest").write_text("step_00000002")  # its own pointer still works
+    assert mine.latest().name == "step_00000002"

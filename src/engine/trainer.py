@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -234,10 +235,17 @@ class CheckpointDir:
         self.root, self.keep = Path(root), max(1, keep)
 
     def latest(self) -> Optional[Path]:
+        """The checkpoint the `latest` pointer names: only a `step_<N>` folder directly inside this run's own
+        checkpoint folder (a pointer to `../other_run/step_N`, an absolute path or a link out is refused, so a
+        run never ends on another run's weights)."""
         ptr = self.root / "latest"
         if not ptr.is_file():
             return None
-        d = self.root / ptr.read_text().strip()
+        name = ptr.read_text(errors="replace").strip()
+        d = self.root / name
+        if not re.fullmatch(r"step_\d+", name) or d.is_symlink() or d.resolve().parent != self.root.resolve():
+            raise UserError(f"checkpoint pointer {ptr} names {name!r}, not a step_<N> folder of this run's "
+                            f"{self.root}: delete {ptr} (the run then resumes from none) or use a new run dir")
         return d if (d / "state.pt").is_file() else None
 
     def save(self, step: int, weights: Dict[str, torch.Tensor], state: dict) -> Path:
