@@ -354,6 +354,24 @@ def test_imagefolder_errors_name_the_expected_layout(tmp_path):
         _ds(IF_OVERRIDES + [f"dataset.root={tmp_path / 'three'}"])
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_imagefolder_with_an_empty_class_folder_is_refused(tmp_path, split):
+    """An empty class folder was accepted: a 3-way head trained on 2 classes. torchvision refuses it too."""
+    import shutil
+
+    _write_imagefolder(tmp_path / "if", classes=("cat", "dog", "emu"))
+    for f in (tmp_path / "if" / split / "emu").iterdir():
+        f.unlink() if f.suffix == ".png" else None
+    with pytest.raises(UserError) as e:
+        _ds(IF_OVERRIDES[:1] + ["dataset.num_classes=3"] + IF_OVERRIDES[2:] + [f"dataset.root={tmp_path / 'if'}"])
+    msg = str(e.value)
+    assert str(tmp_path / "if" / split / "emu") in msg and "hold no image" in msg and "num_classes=2" in msg
+    assert "\n" not in msg
+    shutil.rmtree(tmp_path / "if" / split / "emu")  # the fix it names (also in the other split) works
+    shutil.rmtree(tmp_path / "if" / ("val" if split == "train" else "train") / "emu")
+    assert _ds(IF_OVERRIDES + [f"dataset.root={tmp_path / 'if'}"])[1].info.classes == ["cat", "dog"]
+
+
 def test_missing_imagenet_names_the_expected_path(tmp_path):
     with pytest.raises(UserError) as e:
         _ds(["dataset=imagenet", f"paths.data={tmp_path}"])

@@ -295,6 +295,12 @@ def build_imagefolder(cfg, paths) -> Dataset:
         if not files:
             raise UserError(f"{cfg.name}: no images ({', '.join(IMG_EXTENSIONS[:3])}, ...) under {folder}; "
                             f"expected {layout}")
+        empty = [c for i, c in enumerate(classes) if i not in set(labels)]
+        if empty:  # a K-way head trained on K-1 classes (torchvision's ImageFolder refuses it too)
+            raise UserError(f"{cfg.name}: {len(empty)} class folder(s) of {folder} hold no image "
+                            f"({', '.join(str(folder / c) for c in empty[:3])}{', ...' if len(empty) > 3 else ''}): "
+                            f"add their images, or remove the empty folders from both splits and set "
+                            f"dataset.num_classes={len(classes) - len(empty)}")
         if info is None:
             check(len(classes) == cfg.num_classes,
                   f"{cfg.name}: {folder} has {len(classes)} class folders but dataset.num_classes="
