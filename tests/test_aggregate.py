@@ -95,7 +95,7 @@ def test_cli_writes_markdown_csv_and_figure(sweep, tmp_path, capsys):
     out = tmp_path / "out"
     md = (out / "results.md").read_text()
     assert "## transfer_methods" in md and "75.00 ± 35.36" in md
-    assert "Failed or incomplete runs (3; 1 skipped by design)" in md and "optimizer.lr=-1" in md
+    assert "Failed, incomplete, invalid or duplicate runs (3; 1 skipped by design)" in md and "optimizer.lr=-1" in md
     rows = list(csv.DictReader(open(out / "transfer_methods.csv")))
     assert [r["method"] for r in rows] == ["kl", "xekl"] and float(rows[0]["success_rate_mean"]) == 75.0
     fig = out / "figures" / "transfer_delta_vs_gap.png"
@@ -142,3 +142,35 @@ def test_bad_input_is_one_clear_line(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no finished runs"):
         a.main([str(tmp_path / "empty")])
+
+
+def test_duplicates_count_once_unbalanced_rows_are_flagged_nonfinite_runs_are_invalid(tmp_path):
+    """The same configuration and seeds in two directories was two samples (n=4 from seeds {0,1,2,0}); a method
+    row pooled seeds over different pair sets without a word; a NaN summary was averaged; n=1 printed '± 0.00'."""
+    a, b = tmp_path / "sweep_a", tmp_path / "copy_of_a"
+    pairs = [("t1", "s1"), ("t2", "s1"), ("t1", "s2")]
+    for seed in (0, 1, 2):
+        for i, (t, s) in enumerate(pairs if seed == 0 else pairs[:1]):  # seed 0 has 3 pairs, seeds 1-2 one
+            _run(a / f"{seed}{i}", _transfer("kl", t, s, 1.0 + seed, seed), hydra_method="kl")
+    _run(b / "00", _transfer("kl", "t1", "s1", 1.0, 0), hydra_method="kl")  # a copy of a/00
+    _run(b / "nan", '{"status": "ok", "family": "transfer", "method": "kl", "teacher": "t1", "student": "s3", '
+                    '"seed": 0, "transfer_delta": NaN, "knowledge_gain": 1.0, "knowledge_loss": 0.5, '
+                    '"teacher_acc": 90.0, "student_acc_before": 95.0, "student_acc_after": Infinity}')
+    _run(b / "null", {**_transfer("kl", "t2", "s3", 1.0, 0), "transfer_delta": None})  # the tracker's NaN
+    runs, problems = agg.load_runs([a, b])
+    assert len(runs) == 5
+    status = {p["dir"].split("/")[-1]: (p["status"], p["reason"]) for p in problems}
+    assert status["00"][0] == "duplicate" and str(a / "00") in status["00"][1]
+    assert status["nan"][0] == "invalid" and "transfer_delta" in status["nan"][1] and \
+        "student_acc_after" in status["nan"][1]
+    assert status["null"][0] == "invalid" and "transfer_delta" in status["null"][1]
+    pair = next(r for r in agg.transfer_tables(runs)["transfer_pairs"] if (r["teacher"], r["student"]) == ("t1", "s1"))
+    assert pair["delta"]["n"] == 3 and pair["delta"]["mean"] == pytest.approx(2.0)  # seeds 0, 1, 2 once each
+    row = agg.transfer_tables(runs)["transfer_methods"][0]
+    assert row["balance"] == "unbalanced: z0s0 3 pairs, z0s1 1 pair, z0s2 1 pair"
+    lone = next(r for r in agg.transfer_tables(runs)["transfer_pairs"] if (r["teacher"], r["student"]) == ("t2", "s1"))
+    assert agg.fmt(lone["delta"]) == "1.00 (n=1)"
+    md = agg.write(agg.aggregate(runs), problems, tmp_path / "out", runs).read_text()
+    assert "duplicate: " in md and "invalid: " in md and "unbalanced: z0s0 3 pairs" in md
+    balanced = [r for r in runs if r["summary"]["teacher"] == "t1" and r["summary"]["student"] == "s1"]
+    assert agg.transfer_tables(balanced)["transfer_methods"][0]["balance"] == "ok"

@@ -129,11 +129,71 @@ def load_runs(paths: Iterable) -> Tuple[List[dict], List[dict]]:
             problems.append({"dir": str(d), "family": fam, "status": "incomplete",
                              "reason": f"summary.json lacks {', '.join(missing)}"})
             continue
+        bad = nonfinite(summary, REQUIRED.get(fam, ()))
+        if bad:
+            problems.append({"dir": str(d), "family": fam, "status": "invalid",
+                             "reason": f"non-finite values in summary.json ({', '.join(bad[:4])}): not averaged"})
+            continue
         if fam == "transfer" and not summary.get("method_name") and (hydra.get("choices") or {}).get("method"):
             summary = {**summary, "method_name": hydra["choices"]["method"]}  # the config's name: kl, xekl, kl_dp_u
         runs.append({"dir": str(d), "family": fam, "cfg": cfg, "summary": summary,
-                     "seed": summary.get("seed", (cfg.get("trainer") or {}).get("seed", 0)), "zoo_seed": zs or 0})
-    return runs, problems
+                     "seed": summary.get("seed", (cfg.get("trainer") or {}).get("seed", 0)), "zoo_seed": zs or 0,
+                     "identity": identity(d, fam, cfg, summary)})
+    return drop_duplicates(runs, problems)
+
+
+def nonfinite(summary: dict, required=()) -> List[str]:
+    """Keys of a summary whose numbers are NaN or infinite (the tracker writes them as null / +-1e308), a required
+    key that is null included; library versions are not looked at."""
+    out = [k for k in required if summary.get(k, 0) is None]
+
+    def walk(v, key):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(x, f"{key}.{k}" if key else str(k))
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                walk(x, f"{key}[{i}]")
+        elif isinstance(v, float) and (not math.isfinite(v) or abs(v) >= 1e308):
+            out.append(key)
+
+    walk({k: v for k, v in summary.items() if k != "versions"}, "")
+    return out
+
+
+_NOT_IDENTITY = ("paths", "wandb", "hydra")  # where a copy of a run may differ without being another run
+
+
+def identity(d: Path, fam: str, cfg: dict, summary: dict) -> str:
+    """What a run is: its family, the configuration it ran with (seeds included; from the run's own record
+    `run_config.json`, written under the run-dir lock, else Hydra's config) and the labels its summary gives it
+    (teacher, student, method, mode, seeds: a partial config alone must not merge two different runs); without
+    any config, the whole summary."""
+    own, _ = _read_json(d / "run_config.json") if (d / "run_config.json").is_file() else (None, None)
+    if own:
+        body = {k: v for k, v in own.items() if k.split(".", 1)[0] not in _NOT_IDENTITY}
+    elif cfg:
+        body = {k: v for k, v in cfg.items() if k not in _NOT_IDENTITY}
+    else:
+        body = {k: v for k, v in summary.items() if k != "versions"}
+    labels = {k: v for k, v in summary.items()
+              if k in ("seed", "zoo_seed") or (isinstance(v, (str, list)) and k != "versions")}
+    return f"{fam}:{json.dumps([body, labels], sort_keys=True, default=str)}"
+
+
+def drop_duplicates(runs: List[dict], problems: List[dict]) -> Tuple[List[dict], List[dict]]:
+    """The same configuration and seeds found in two dirs (a copied or re-aggregated sweep) is one sample: the first
+    dir (in path order) counts, each other is listed as a duplicate naming it."""
+    kept: Dict[str, dict] = {}
+    out = []
+    for r in runs:
+        first = kept.setdefault(r["identity"], r)
+        if first is r:
+            out.append(r)
+        else:
+            problems.append({"dir": r["dir"], "family": r["family"], "status": "duplicate",
+                             "reason": f"same configuration and seeds as {first['dir']}: counted once"})
+    return out, problems
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -143,6 +203,8 @@ def fmt(d: Dict[str, float], digits: int = 2, unit: str = "") -> str:
     """'mean ± std<unit>' (and the 95% CI half-width in brackets when n > 1)."""
     if not d or d.get("n", 0) == 0:
         return "-"
+    if d["n"] == 1:  # one sample has no spread: say so instead of '± 0.00'
+        return f"{d['mean']:.{digits}f}{unit} (n=1)"
     s = f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}{unit}"
     return s + (f" [±{d['ci95']:.{digits}f}]" if d["n"] > 1 else "")
 
@@ -183,6 +245,17 @@ def method_label(s: dict) -> str:
     return f"{label}({route})" if route and route not in ("most-conf",) else label
 
 
+def balance(runs: List[dict]) -> str:
+    """'ok' when every seed of a method row has the same teacher/student pairs, else what differs: a row that
+    pools seeds over different pair sets is flagged, never averaged without a word."""
+    by = defaultdict(set)
+    for r in runs:
+        by[replicate(r)].add((r["summary"]["teacher"], r["summary"]["student"]))
+    if len({frozenset(v) for v in by.values()}) <= 1:
+        return "ok"
+    return "unbalanced: " + ", ".join(f"{k} {len(v)} pair{'s' * (len(v) != 1)}" for k, v in sorted(by.items()))
+
+
 def transfer_tables(runs: List[dict]) -> Dict[str, List[Row]]:
     """Per method over the grid: success rate (% of pairs with transfer delta > 0), mean / median / worst delta,
     knowledge gain and loss, each computed per seed and described over seeds; per (method, pair): delta over seeds."""
@@ -199,6 +272,7 @@ def transfer_tables(runs: List[dict]) -> Dict[str, List[Row]]:
                                   "worst_delta": lambda xs: min(d(xs)),
                                   "knowledge_gain": _mean("knowledge_gain"),
                                   "knowledge_loss": _mean("knowledge_loss")})}
+        row["balance"] = balance(rs)
         methods.append(row)
         per_pair = defaultdict(list)
         for x in rs:
@@ -408,7 +482,8 @@ def write(tables: Dict[str, List[Row]], problems: List[dict], out_dir, runs: Lis
         if name in figures:
             md.append(f"\n![{name}](figures/{figures[name].name})\n")
     bad = [p for p in problems if p["status"] != "skipped"]
-    md.append(f"\n## Failed or incomplete runs ({len(bad)}; {len(problems) - len(bad)} skipped by design)\n")
+    md.append(f"\n## Failed, incomplete, invalid or duplicate runs ({len(bad)}; {len(problems) - len(bad)} skipped by "
+              f"design)\n")
     md += [f"- {p['status']}: {p['dir']} ({p['family'] or 'unknown family'}): {p['reason']}\n" for p in bad] or \
         ["none\n"]
     (out / "results.md").write_text("".join(md))
