@@ -93,15 +93,35 @@ except Exception:  # pragma: no cover - hydra without callbacks
     _Callback = object
 
 
+def _lock_before_hydra_writes(path, key: str) -> None:
+    """Take the run dir's lock (held until the process ends; the run's own `lock_run_dir` then re-enters it)
+    before Hydra writes `.hydra/config.yaml`, `overrides.yaml` and the job log there: a run refused because the dir
+    is busy must leave the running one's record as it is (the aggregator reads it)."""
+    from .tracking import RunDirBusy, lock_run_dir
+
+    if int(os.environ.get("RANK", "0") or 0) != 0:  # torchrun: rank 0 holds the run dir for every rank
+        return
+    try:
+        lock_run_dir(path)
+    except (RunDirBusy, UserError) as e:
+        if debug_enabled():
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)
+
+
 class OutputDirCheck(_Callback):
     """Hydra callback: fail with one line (exit 2) when the run or sweep dir cannot be written, before Hydra
-    itself tries to create it (which would end in a traceback)."""
+    itself tries to create it (which would end in a traceback), or when another run holds it, before Hydra
+    rewrites that run's config files (a sweep dir is held by the process that launches its jobs)."""
 
     def on_run_start(self, config, **kwargs) -> None:
         _check_dir(str(config.hydra.run.dir), "hydra.run.dir")
+        _lock_before_hydra_writes(str(config.hydra.run.dir), "hydra.run.dir")
 
     def on_multirun_start(self, config, **kwargs) -> None:
         _check_dir(str(config.hydra.sweep.dir), "hydra.sweep.dir")
+        _lock_before_hydra_writes(str(config.hydra.sweep.dir), "hydra.sweep.dir")
 
 
 def _mark(out, e: Exception, known: bool) -> None:

@@ -659,6 +659,47 @@ def test_second_run_in_the_same_run_dir_exits_with_one_line(tmp_path, capsys):
     assert (run / "summary.json").is_file()
 
 
+@contextmanager
+def _held(folder: Path, pid: bytes = b"4242"):
+    """Another process holding `folder`'s run-dir lock."""
+    folder.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys\n"
+                               f"fd = os.open({str(folder / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+                               f"fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, {pid!r}); print('held', flush=True)\n"
+                               "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+@pytest.mark.parametrize("mode", ["run", "sweep"])
+def test_a_refused_busy_run_leaves_the_running_ones_hydra_files_alone(tmp_path, mode):
+    """A run refused because its run dir was busy still let Hydra rewrite that dir's .hydra/config.yaml,
+    overrides.yaml and job log first (the aggregator then filed the running KL+DP run under the refused one's
+    method). The lock is taken before Hydra writes anything; a sweep dir is held by the process launching it."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    record = {".hydra/config.yaml": "method: {_target_: src.methods.KLDP}\n", ".hydra/overrides.yaml": "- method=kl_dp\n",
+              ".hydra/hydra.yaml": "hydra: {}\n", "main_pretrain.log": "the running job's log\n"}
+    for name, text in record.items():
+        (run / name).write_text(text)
+    args = [f"hydra.run.dir={run}"] if mode == "run" else ["-m", f"hydra.sweep.dir={run}", "trainer.seed=0,1"]
+    with _held(run):
+        r = _run("main_pretrain.py", [*args[:1 if mode == "sweep" else 0], "name=null", "model=mlp",
+                                      "trainer.max_steps=2", *args[1 if mode == "sweep" else 0:],
+                                      f"paths.checkpoints={tmp_path / 'ck'}", f"paths.cache={tmp_path / 'c'}"],
+                 tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and "in use by another run (pid 4242)" in err[0], err
+    for name, text in record.items():
+        assert (run / name).read_text() == text, name
+    assert sorted(p.name for p in run.iterdir()) == [".hydra", ".lock", "main_pretrain.log"]
+
+
 def test_torn_last_metrics_line_is_dropped_before_appending(tmp_path):
     from src.tracking import Tracker
 
