@@ -178,7 +178,9 @@ def load_state_dict(path, what: str = "checkpoint") -> Dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            return check_finite(load_file(str(path)), path, what)
+        except UserError:
+            raise
         except Exception as e:
             raise UserError(f"{what} {path} is corrupt or truncated ({type(e).__name__}): re-download or "
                             f"retrain it") from e
@@ -189,7 +191,23 @@ def load_state_dict(path, what: str = "checkpoint") -> Dict[str, torch.Tensor]:
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{what} {path} holds no state dict of tensors: save model.state_dict()")
-    return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
+    return check_finite({k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}, path, what)
+
+
+def check_finite(state: Dict[str, torch.Tensor], path, what: str = "checkpoint") -> Dict[str, torch.Tensor]:
+    """`state` when every floating-point weight is finite; else one line naming the file and the first bad key (a
+    diverged or damaged file would otherwise load, have its outputs cached and fail later in a method's loss).
+    Mask buffers (-inf by design in some attention models) may hold infinities, never NaN."""
+    for k, v in state.items():
+        if not v.is_floating_point() or bool(torch.isfinite(v).all()):
+            continue
+        if "mask" in k.lower() and not bool(torch.isnan(v).any()):
+            continue
+        bad = [n for n, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        raise UserError(f"{what} {path} holds non-finite weights ({len(bad)} tensor(s), first '{k}': "
+                        f"{int((~torch.isfinite(v)).sum())} of {v.numel()} values NaN/inf): it was saved from a "
+                        f"diverged run or is damaged; retrain it or use another file")
+    return state
 
 
 def safe_torch_load(path, map_location="cpu", what: str = "checkpoint"):

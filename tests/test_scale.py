@@ -401,3 +401,35 @@ def test_cuda_crops_pairwise_statistics_and_kl_stream_equal_cpu(tmp_path):
     files = [log_prob_file(z[m], tmp_path / f"{m}.npy") for m in range(5)]
     assert torch.allclose(pw.kl_matrix_stream(files, max_bytes=5000, progress=False),
                           pw.kl_matrix_stream(files, max_bytes=5000, device="cuda", progress=False).cpu(), atol=1e-5)
+
+
+def test_a_teacher_file_with_nan_weights_is_refused_and_nonfinite_outputs_are_never_cached(tmp_path, digits):
+    """A teacher file with NaN weights loaded unchecked, its outputs were cached and the error blamed the method's
+    settings. The load names the file and key; outputs that are not finite are refused before any cache write."""
+    from src.errors import UserError
+    from src.io_utils import load_state_dict, save_safetensors
+    from src.models import load_checkpoint, save_checkpoint
+
+    model = _model(digits, hidden=[16])
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    key = next(k for k, v in sd.items() if v.is_floating_point() and v.ndim == 2)
+    sd[key][0, 0] = float("nan")
+    save_safetensors(sd, tmp_path / "nan.safetensors")
+    with pytest.raises(UserError, match=rf"nan.safetensors holds non-finite weights \(1 tensor\(s\), first '{key}'"):
+        load_state_dict(tmp_path / "nan.safetensors", "teacher weights")
+    torch.save(sd, tmp_path / "nan.pt")
+    with pytest.raises(UserError, match="nan.pt holds non-finite weights"):
+        load_state_dict(tmp_path / "nan.pt")
+    with torch.no_grad():  # the same through a zoo-style checkpoint folder
+        dict(model.named_parameters())[key][0, 0] = float("nan")
+    save_checkpoint(model, tmp_path / "folder", {"name": "t", "arch": "mlp", "num_classes": 10})
+    with pytest.raises(UserError, match="holds non-finite weights"):
+        load_checkpoint(tmp_path / "folder")
+    # finite weights, infinite outputs (a zero std): one line, nothing written to the cache
+    sane = _model(digits, hidden=[16])
+    sane.std.zero_()
+    cache = OutputCache(tmp_path / "cache")
+    split = digits.split("val")
+    with pytest.raises(UserError, match=r"model m gives non-finite logits on val \(179 of 179 samples, amp=none\): check its weights"):
+        cache.get(sane, "mlp-inf", "digits-key", split, _loader(digits, "val", train=False), label="m")
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))

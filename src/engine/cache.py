@@ -84,6 +84,13 @@ class OutputCache:
                 _remove(p)
         out = predict(model, loader, features=features, amp=amp)
         self.computed += 1
+        for k in ("logits", "features"):  # never cached, never used: a later loss would blame the method
+            if k in out and not bool(torch.isfinite(out[k]).all()):
+                n = int((~torch.isfinite(out[k])).any(dim=1).sum()) if out[k].ndim > 1 else -1
+                fp32 = ", or evaluate in fp32 (trainer.amp=none)" if amp != "none" else ""
+                raise UserError(f"model {label or model_key} gives non-finite {k} on {split.name} ({n} of "
+                                f"{len(out[k])} samples, amp={amp}): check its weights file and its input "
+                                f"statistics (mean/std){fp32}; nothing was cached")
         if p is not None:
             save_safetensors(out, p)
             log.info("output cache write: %s on %s/%s -> %s", label or model_key, dataset_key, split.name, p)
