@@ -285,3 +285,25 @@ def test_no_preset_is_only_a_method_override(primary):
     assert not _only_a_method_override(doc), (
         f"config/{primary}.yaml only overrides the method group: delete it and use `method=<name>` on its parent")
 
+
+
+def test_every_boolean_family_key_is_checked_as_a_flag():
+    """`cka=maybe` composed as a truthy string and ran CKA: every on/off key of the shipped family and zoo configs
+    is in preflight's FLAGS, and a non-boolean value is one line naming it."""
+    from src.errors import UserError
+    from src.experiments.preflight import FLAGS, preflight
+
+    found = set()
+    for p in [*CONFIG.glob("*/*.yaml"), *CONFIG.glob("zoo/*.yaml")]:
+        if p.parent.name in ("dataset", "loader", "optimizer", "scheduler", "trainer", "wandb", "paths", "model",
+                             "method", "hydra"):
+            continue  # typed groups: their schemas refuse a string for a bool at composition
+        body = yaml.safe_load(p.read_text()) or {}
+        prefix = "zoo." if p.parent.name == "zoo" else ""
+        found |= {prefix + k for k, v in body.items() if isinstance(v, bool)}
+    assert found and found <= set(FLAGS), sorted(found - set(FLAGS))
+    for primary, key in (("prediction_flips/flips", "cka"), ("transfer/transfer", "use_cache"),
+                         ("pretrain/pretrain", "zoo.train_missing")):
+        with pytest.raises(UserError, match=rf"^{re.escape(key)}='maybe' must be true or false: use {key}=true"):
+            preflight(compose(primary, [f"{key}=maybe"]))
+        preflight(compose(primary, [f"{key}=false"]))

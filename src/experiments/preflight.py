@@ -52,6 +52,20 @@ RECIPE_RULES = [("epochs", POSITIVE, "must be > 0: use e.g. {k}=30"),
                 ("label_smoothing", in_range(0, 1, hi_open=True), "must be in [0, 1): use e.g. {k}=0.1")]
 
 
+# the families' own on/off keys (untyped top-level keys of config/<family>/*.yaml and the zoo groups):
+# `cka=maybe` composed as the string 'maybe', which is truthy, and ran CKA. tests/test_config.py checks that
+# every boolean top-level key of the shipped configs is listed here.
+FLAGS = ("cka", "kl", "use_cache", "save_student", "skip_existing", "freeze_backbone", "allow_same_pair",
+         "cache_train_outputs", "use_val", "soup_recompute_bn", "zoo.train_missing")
+
+
+def check_flags(cfg) -> None:
+    for key in FLAGS:
+        v = OmegaConf.select(cfg, key, default=None)
+        if v is not None and not isinstance(v, bool):
+            raise UserError(f"{key}={v!r} must be true or false: use {key}=true or {key}=false")
+
+
 def _check_rules(node, prefix: str, rules) -> None:
     if not isinstance(node, (DictConfig, dict)):
         return
@@ -152,6 +166,7 @@ def preflight(cfg: DictConfig) -> None:
     _check_rules(sub, "dataset.subset", [("fraction", in_range(0, 1, lo_open=True), "is outside (0, 1]: use e.g. 0.1"),
                                          ("per_class", POSITIVE, "must be > 0: use e.g. 128")])
     check_dataset(cfg.get("dataset"))
+    check_flags(cfg)
     for key, node in _method_nodes(cfg):
         check_method_node(node, key)  # the method's own check (src/methods/base.py: HPARAM_RULES), by full key
     check_zoo(cfg)
