@@ -108,3 +108,49 @@ def test_clean_values():
 
     assert _clean(torch.tensor(2.5)) == 2.5 and _clean(float("-inf")) == -1e308 and _clean(math.nan) is None
     assert _clean("s") == "s"
+
+
+def test_wandb_failures_are_one_line_naming_the_fix(tmp_path, monkeypatch):
+    """wandb=online without a login or a network, and a bad WANDB_MODE in the environment, were wandb / pydantic
+    tracebacks. The network case talks only to a closed port on the loopback address."""
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
+    for k in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "bogus")
+    with pytest.raises(UserError, match=r"environment variable WANDB_MODE='bogus' is not a wandb mode: unset it"):
+        Tracker(tmp_path / "a", _wandb("offline"))
+    monkeypatch.delenv("WANDB_MODE")
+    with pytest.raises(UserError, match=r"^wandb=online needs a login and a network: .*wandb=offline"):
+        Tracker(tmp_path / "b", _wandb("online"))
+    assert not (tmp_path / "b" / "wandb").exists()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there: no network
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "5")
+    with pytest.raises(UserError) as e:
+        Tracker(tmp_path / "c", _wandb("online"))
+    assert str(e.value).startswith("wandb (mode=online) could not start: ") and "use wandb=offline" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_lock_that_is_a_directory_and_a_non_utf8_metrics_line(tmp_path, caplog):
+    """A `.lock` that is a directory was an IsADirectoryError traceback; a non-UTF-8 line in metrics.jsonl (a torn
+    write) was a UnicodeDecodeError on resume. The lock names the fix; the line is quarantined."""
+    from src.tracking import lock_run_dir
+
+    (tmp_path / "busy" / ".lock").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"run dir lock .*\.lock is a directory: remove it \(rm -r"):
+        lock_run_dir(tmp_path / "busy")
+    t = Tracker(tmp_path / "run")
+    for s in (1, 2, 3):
+        t.log({"v": float(s)}, step=s)
+    with open(t.metrics_path, "ab") as f:
+        f.write(b'{"step": 4, "v": \xff\xfe garbage}\n[1, 2]\n')
+    t2 = Tracker(tmp_path / "run")
+    assert [r["step"] for r in t2.read_metrics()] == [1, 2, 3]
+    caplog.set_level("WARNING")
+    t2.truncate_after(2)
+    assert t2.metrics_path.read_bytes() == b'{"step": 1, "v": 1.0}\n{"step": 2, "v": 2.0}\n'
+    assert (tmp_path / "run" / "metrics.jsonl.quarantine").read_bytes() == b'{"step": 4, "v": \xff\xfe garbage}\n[1, 2]\n'
+    assert any("moved 2 unreadable line(s)" in r.message for r in caplog.records)
+    t2.log({"v": 3.5}, step=3)
+    assert [r["step"] for r in t2.read_metrics()] == [1, 2, 3]

@@ -15,7 +15,7 @@ import math
 import os
 import platform
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import UserError
 from ..io_utils import ensure_dir, write_json
@@ -67,7 +67,12 @@ def lock_run_dir(run_dir) -> None:
     if key in _LOCKS:
         return
     path = Path(key) / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:  # a directory named .lock, a dangling link into a read-only place, ...
+        kind = "a directory" if path.is_dir() else f"not openable ({e.strerror or e})"
+        raise UserError(f"run dir lock {path} is {kind}: remove it (rm -r {path}) if no run uses {run_dir}, or "
+                        f"set hydra.run.dir=<another folder>") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -108,6 +113,52 @@ def drop_torn_line(path: Path) -> bool:
         return False
 
 
+def metric_rows(path: Path, quarantine: bool = False) -> List[Tuple[str, dict]]:
+    """(line, row) of every well-formed line of a metrics.jsonl. A line that is not UTF-8 or not a JSON object (a
+    torn write: a kill or a full disk inside an append) is skipped; with `quarantine` it is also moved out of the
+    file, appended to `<file>.quarantine` with a warning naming both, so the file stays readable by any tool."""
+    if not path.is_file():
+        return []
+    good, bad = [], []
+    for raw in path.read_bytes().splitlines():
+        try:
+            line = raw.decode("utf-8")
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+            good.append((line, row))
+        except (UnicodeDecodeError, ValueError):
+            bad.append(raw)
+    if bad and quarantine:
+        with open(path.with_name(path.name + ".quarantine"), "ab") as f:
+            f.write(b"".join(b + b"\n" for b in bad))
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line, _ in good))
+        os.replace(tmp, path)
+        log.warning("moved %d unreadable line(s) of %s (not UTF-8 / not JSON: a torn write) to %s.quarantine",
+                    len(bad), path, path.name)
+    return good
+
+
+WANDB_ENV_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")
+
+
+def _wandb_logged_in() -> bool:
+    """An API key is configured (WANDB_API_KEY or ~/.netrc from `wandb login`); asks no server."""
+    return bool(os.environ.get("WANDB_API_KEY") or _netrc_key())
+
+
+def _netrc_key() -> Optional[str]:
+    import netrc
+
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        auth = netrc.netrc(os.environ.get("NETRC") or os.path.expanduser("~/.netrc")).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return None
+    return auth[2] if auth else None
+
+
 class Tracker:
     def __init__(self, run_dir, wandb_cfg=None, config: Optional[dict] = None, rank: int = 0,
                  job_type: str = "train"):
@@ -138,29 +189,40 @@ class Tracker:
         if mode not in ("online", "offline", "disabled"):
             raise UserError(f"wandb.mode='{mode}' is unknown: use online, offline or disabled")
         if mode != "disabled":
-            import wandb
+            self._start_wandb(wandb_cfg, mode, state, id_file, config, job_type)
 
-            self.run_id = state.get("wandb_id") or _new_run_id()
-            write_json(id_file, {"wandb_id": self.run_id})
-            os.environ.setdefault("WANDB_SILENT", "true")
+    def _start_wandb(self, wandb_cfg, mode: str, state: dict, id_file: Path, config, job_type: str) -> None:
+        """wandb.init, or one line naming the fix: a bad WANDB_MODE in the environment (wandb reads it over the
+        config's mode), `wandb=online` without a login, or any failure to start (no network)."""
+        env_mode = os.environ.get("WANDB_MODE")
+        if env_mode is not None and env_mode not in WANDB_ENV_MODES:
+            raise UserError(f"the environment variable WANDB_MODE={env_mode!r} is not a wandb mode: unset it "
+                            f"(unset WANDB_MODE) or set it to online, offline or disabled")
+        import wandb
+
+        if mode == "online" and env_mode in (None, "online", "run") and not _wandb_logged_in():
+            raise UserError("wandb=online needs a login and a network: run `wandb login` (or set WANDB_API_KEY), "
+                            "or log locally with wandb=offline (sync later with `wandb sync <run dir>/wandb`)")
+        self.run_id = state.get("wandb_id") or _new_run_id()
+        write_json(id_file, {"wandb_id": self.run_id})
+        os.environ.setdefault("WANDB_SILENT", "true")
+        try:
             self._wandb = wandb.init(
                 project=wandb_cfg.project, entity=wandb_cfg.entity, group=wandb_cfg.group,
                 tags=list(wandb_cfg.tags or []), name=wandb_cfg.name, notes=wandb_cfg.notes, config=config,
                 dir=str(self.run_dir), mode=mode, id=self.run_id, resume="allow", job_type=job_type,
                 reinit="finish_previous")
+        except Exception as e:  # wandb's CommError / UsageError / pydantic errors: tracebacks of many lines
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f"wandb (mode={mode}) could not start: {type(e).__name__}: {first}: use "
+                            f"wandb=offline (or wandb=disabled) for runs without a network") from e
 
     # ------------------------------------------------------------------ metrics
     def truncate_after(self, step: int) -> None:
         """On resume: drop lines logged after the checkpoint's step so nothing is duplicated."""
         if not self.active or not self.metrics_path.is_file():
             return
-        keep = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", -1) <= step:
-                    keep.append(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line from a crash
+        keep = [line for line, row in metric_rows(self.metrics_path, quarantine=True) if row.get("step", -1) <= step]
         tmp = self.metrics_path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(l + "\n" for l in keep))
         os.replace(tmp, self.metrics_path)
@@ -174,13 +236,7 @@ class Tracker:
         """True when metrics.jsonl already holds a line with this step and these keys: a resumed run re-logs what
         it logs before its trainer resumes (e.g. the step-0 'before' evaluation), and that is not a new line."""
         if self._seen is None:
-            self._seen = set()
-            lines = self.metrics_path.read_text().splitlines() if self.metrics_path.is_file() else []
-            for line in lines:
-                try:
-                    self._seen.add(self._line_key(json.loads(line)))
-                except (json.JSONDecodeError, AttributeError):
-                    continue  # a torn last line from a crash
+            self._seen = {self._line_key(row) for _, row in metric_rows(self.metrics_path, quarantine=True)}
         return self._line_key(row) in self._seen
 
     def log(self, metrics: Dict[str, Any], step: int) -> None:
@@ -201,15 +257,7 @@ class Tracker:
             self._wandb.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=int(step))
 
     def read_metrics(self) -> List[dict]:
-        if not self.metrics_path.is_file():
-            return []
-        rows = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a torn last line from a crash
-        return rows
+        return [row for _, row in metric_rows(self.metrics_path)]
 
     def summary(self, values: Dict[str, Any]) -> Dict[str, Any]:
         values = {k: _clean(v) for k, v in values.items()}
