@@ -307,3 +307,32 @@ def test_every_boolean_family_key_is_checked_as_a_flag():
         with pytest.raises(UserError, match=rf"^{re.escape(key)}='maybe' must be true or false: use {key}=true"):
             preflight(compose(primary, [f"{key}=maybe"]))
         preflight(compose(primary, [f"{key}=false"]))
+
+
+@pytest.mark.parametrize("primary", PRIMARY)
+def test_every_shipped_config_has_its_required_keys_and_a_deleted_one_is_one_line(primary):
+    """`~teacher`, `~top_p` passed composition and crashed mid-run: a key the family's primary config defines is
+    required before any work."""
+    from src.errors import UserError
+    from src.experiments.preflight import check_required, required_keys
+
+    cfg = compose(primary)
+    check_required(cfg)  # every shipped config and preset has them all
+    assert {"task", "trainer", "paths"} <= set(required_keys(str(cfg.task)))
+    deleted = {"transfer/transfer": ["teacher", "top_p"], "multi_teacher/multi_teacher": ["teachers", "top_p"],
+               "kdep/kdep": ["teacher", "downstream"], "aft/aft": ["features"], "pretrain/pretrain": ["use_cache"],
+               "zeroshot/zeroshot": ["teacher", "pseudo_batches"], "prediction_flips/flips": ["cka_samples", "use_cache"]}
+    for k in deleted.get(primary, []):
+        with pytest.raises(UserError, match=rf"^{k} is required by this run's config .* was deleted \(~{k}\): drop"):
+            check_required(compose(primary, [f"~{k}"]))
+
+
+@pytest.mark.parametrize("device, match", [("bogus", "trainer.device='bogus' is not a device: use trainer.device=auto"),
+                                           ("cuda:x", "trainer.device='cuda:x' is not a device")])
+def test_a_bogus_device_is_one_line(device, match):
+    from src.errors import UserError
+    from src.experiments.preflight import preflight
+
+    with pytest.raises(UserError, match=re.escape(match)):
+        preflight(compose("transfer/transfer", [f"trainer.device={device}"]))
+    preflight(compose("transfer/transfer", ["trainer.device=cpu"]))

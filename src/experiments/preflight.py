@@ -59,6 +59,47 @@ FLAGS = ("cka", "kl", "use_cache", "save_student", "skip_existing", "freeze_back
          "cache_train_outputs", "use_val", "soup_recompute_bn", "zoo.train_missing")
 
 
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
+PRIMARY = {"prediction_flips": "prediction_flips/flips.yaml"}  # else <task>/<task>.yaml
+
+
+def required_keys(task: str) -> list:
+    """The top-level keys a family's primary config defines: its own keys and its config groups (`/method: kl`
+    -> method). A run needs all of them; `~teacher` on the command line deletes one."""
+    f = CONFIG_DIR / PRIMARY.get(task, f"{task}/{task}.yaml")
+    if not f.is_file():
+        return []
+    body = OmegaConf.to_container(OmegaConf.load(f), resolve=False) or {}
+    groups = [next(iter(d)).lstrip("/").split("@")[-1] for d in body.get("defaults", []) if isinstance(d, dict)]
+    return [k for k in [*groups, *body] if k not in ("defaults", "hydra")]
+
+
+def check_required(cfg) -> None:
+    """A key the family needs that the command line deleted (`~top_p`) fails now, not mid-run."""
+    task = cfg.get("task")
+    missing = [k for k in required_keys(str(task)) if k not in cfg] if task else []
+    if missing:
+        k = missing[0]
+        raise UserError(f"{k} is required by this run's config ({PRIMARY.get(task, f'{task}/{task}.yaml')}) but was "
+                        f"deleted (~{k}): drop ~{k} from the command line, or give it a value ({k}=...)")
+
+
+def check_device(name, key: str = "trainer.device") -> None:
+    """`trainer.device=bogus` was a torch traceback: auto, cpu, cuda, cuda:<visible index>, mps or any torch
+    device type, else one line."""
+    import torch
+
+    if name in (None, "auto"):
+        return
+    try:
+        d = torch.device(str(name))
+    except (RuntimeError, ValueError):
+        raise UserError(f"{key}={name!r} is not a device: use {key}=auto, cpu, cuda or cuda:<index>") from None
+    if d.type == "cuda" and torch.cuda.is_available() and d.index is not None and d.index >= torch.cuda.device_count():
+        raise UserError(f"{key}={name}: only {torch.cuda.device_count()} GPU(s) are visible: use {key}=cuda:0 "
+                        f"(or {key}=auto)")
+
+
 def check_flags(cfg) -> None:
     for key in FLAGS:
         v = OmegaConf.select(cfg, key, default=None)
@@ -153,6 +194,8 @@ def preflight(cfg: DictConfig) -> None:
     model names in `teacher` / `student` / `teachers` / `models` (so a typo fails in a second, not after the zoo
     models were trained). Each failure is one UserError naming the value and the fix. Families with keys of their
     own add their checks in their `validate`."""
+    check_required(cfg)
+    check_device((cfg.get("trainer") or {}).get("device"))
     for prefix in ("", "finetune", "few_shot"):
         base = cfg if not prefix else cfg.get(prefix)
         if not isinstance(base, DictConfig):
