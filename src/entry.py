@@ -122,6 +122,11 @@ class OutputDirCheck(_Callback):
     def on_multirun_start(self, config, **kwargs) -> None:
         _check_dir(str(config.hydra.sweep.dir), "hydra.sweep.dir")
         _lock_before_hydra_writes(str(config.hydra.sweep.dir), "hydra.sweep.dir")
+        SWEEP_FAILURES.clear()
+        SWEEP_JOBS[0] = 0
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_summary()
 
 
 def _mark(out, e: Exception, known: bool) -> None:
@@ -164,8 +169,52 @@ def _requeue(previous, out) -> None:
                         f"hydra.launcher.max_num_timeout / hydra.launcher.timeout_min") from refused
 
 
+SWEEP_FAILURES: list = []  # (job number, overrides, message) of the failed jobs of this process's local sweep
+SWEEP_JOBS = [0]
+
+
+def _local_sweep() -> bool:
+    """A multirun whose jobs run in this process (Hydra's basic launcher, basic sweeper): the sweep then reports
+    its failed jobs itself. Inside submitit, or under Optuna (a failed trial must raise), the sweeper does."""
+    if os.environ.get("SUBMITIT_EXECUTOR"):
+        return False
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        return "basic" in str(hc.launcher.get("_target_", "")).lower() and \
+            "basic" in str(hc.sweeper.get("_target_", "")).lower()
+    except Exception:
+        return False
+
+
+def _job():
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        return hc.job.num, " ".join(hc.overrides.task) or "no overrides"
+    except Exception:
+        return "?", "?"
+
+
+def sweep_summary() -> None:
+    """At the end of a local sweep with failed jobs: one summary line and exit code 2 (the finished jobs kept
+    their summaries; each failed job has its error.json)."""
+    if not SWEEP_FAILURES:
+        return
+    nums = ", ".join(str(n) for n, _, _ in SWEEP_FAILURES)
+    print(f"error: {len(SWEEP_FAILURES)} of {SWEEP_JOBS[0]} jobs failed (job {nums}; each has error.json in its "
+          f"dir); the other jobs finished and kept their summaries: fix the value named above and rerun those "
+          f"jobs", file=sys.stderr)
+    SWEEP_FAILURES.clear()
+    sys.exit(USER_ERROR_EXIT_CODE)
+
+
 def entry(run, cfg):
     multirun, out = _mode()
+    if multirun:
+        SWEEP_JOBS[0] += 1
     previous = {}
     try:
         with preemptible() as previous:
@@ -197,8 +246,14 @@ def entry(run, cfg):
             print(f"preempted: {e}; the sweep stops here (rerun it with the same hydra.sweep.dir to resume)",
                   file=sys.stderr)
             sys.exit(PREEMPTED_EXIT_CODE)
+        if multirun and _local_sweep():
+            # one line for this job; the sweep goes on and ends with a summary and exit code 2 (on_multirun_end)
+            num, overrides = _job()
+            SWEEP_FAILURES.append((num, overrides, str(e)))
+            print(f"error: job {num} ({overrides}) failed: {e}", file=sys.stderr)
+            return None
         if multirun:
-            raise e  # the sweeper records the failure; other jobs are not lost
+            raise e  # submitit / Optuna: the sweeper records the failure; other jobs are not lost
         if isinstance(e, Preempted):
             print(f"preempted: {e}", file=sys.stderr)
             sys.exit(PREEMPTED_EXIT_CODE)

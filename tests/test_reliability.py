@@ -750,3 +750,19 @@ def test_non_finite_loss_before_any_update_does_not_blame_the_learning_rate(tmp_
         t.fit()
     assert "at step 0" in str(ei.value) and "not the learning rate" in str(ei.value)
     assert "method." in str(ei.value) and "dataset.mean/std" in str(ei.value)
+
+
+def test_a_sweep_with_one_bad_value_prints_one_line_per_failed_job_and_a_summary(tmp_path):
+    """The good jobs finished (right), then the sweep ended in a 54-68-line traceback of the suite's own error."""
+    sweep = tmp_path / "sweep"
+    r = _run("main_pretrain.py", ["-m", "name=null", "model=mlp", "trainer.max_steps=2",
+                                  "optimizer.lr=0.01,-1,0.02", f"hydra.sweep.dir={sweep}",
+                                  f"paths.checkpoints={tmp_path / 'ck'}", f"paths.cache={tmp_path / 'c'}"], tmp_path)
+    assert r.returncode == 2
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(err) == 2 and "Traceback" not in r.stderr, err
+    assert err[0].startswith("error: job 1 (") and "optimizer.lr=-1" in err[0] and "must be > 0" in err[0]
+    assert err[1].startswith("error: 1 of 3 jobs failed (job 1;")
+    for job in ("0", "2"):
+        assert "models" in json.loads((sweep / job / "summary.json").read_text())
+    assert json.loads((sweep / "1" / "error.json").read_text())["status"] == "failed"
