@@ -110,6 +110,19 @@ def _lock_before_hydra_writes(path, key: str) -> None:
         sys.exit(USER_ERROR_EXIT_CODE)
 
 
+def _check_sweeper(sw) -> None:
+    """Optuna with `n_trials=0` (or `n_jobs=0`) ran nothing and ended in optuna's 'No trials are completed yet'
+    traceback: one line before the sweep starts."""
+    if "optuna" not in str(sw.get("_target_", "")).lower():
+        return
+    for key in ("n_trials", "n_jobs"):
+        v = sw.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            print(f"error: hydra.sweeper.{key}={v} must be an integer >= 1: use e.g. hydra.sweeper.{key}="
+                  f"{20 if key == 'n_trials' else 1}", file=sys.stderr)
+            sys.exit(USER_ERROR_EXIT_CODE)
+
+
 class OutputDirCheck(_Callback):
     """Hydra callback: fail with one line (exit 2) when the run or sweep dir cannot be written, before Hydra
     itself tries to create it (which would end in a traceback), or when another run holds it, before Hydra
@@ -122,6 +135,7 @@ class OutputDirCheck(_Callback):
     def on_multirun_start(self, config, **kwargs) -> None:
         _check_dir(str(config.hydra.sweep.dir), "hydra.sweep.dir")
         _lock_before_hydra_writes(str(config.hydra.sweep.dir), "hydra.sweep.dir")
+        _check_sweeper(config.hydra.sweeper)
         SWEEP_FAILURES.clear()
         SWEEP_JOBS[0] = 0
 

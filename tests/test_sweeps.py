@@ -68,3 +68,20 @@ def test_objective_returns_a_summary_number_or_one_clear_error(capsys):
         entry(lambda c: summary, compose("transfer/transfer", ["objective=no_such_key"]))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "no_such_key" in err and "student_acc_after" in err
+
+
+@pytest.mark.parametrize("key, value", [("n_trials", 0), ("n_jobs", -1)])
+def test_optuna_with_no_trials_is_one_line(key, value, capsys, tmp_path):
+    """n_trials=0 ran nothing, then optuna raised 'No trials are completed yet' (a traceback)."""
+    from omegaconf import OmegaConf
+
+    from src.entry import OutputDirCheck
+
+    sw = OmegaConf.create({"_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper",
+                           "n_trials": 3, "n_jobs": 1, key: value})
+    with pytest.raises(SystemExit) as e:
+        OutputDirCheck().on_multirun_start(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)},
+                                                                       "sweeper": sw}}))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 2 and err == [f"error: hydra.sweeper.{key}={value} must be an integer >= 1: use e.g. "
+                                         f"hydra.sweeper.{key}={20 if key == 'n_trials' else 1}"]
