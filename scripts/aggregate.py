@@ -20,11 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from src.cli import ArgumentParser, check_out_path, run_script  # noqa: E402
+from src.errors import UserError  # noqa: E402
 from src.tracking import aggregate as agg  # noqa: E402
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> ArgumentParser:
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dirs", nargs="+", type=Path, help="run dirs, multirun dirs, or folders holding them")
     ap.add_argument("--out", type=Path, help="where results.md, <table>.csv and figures/ go "
                                              "(default: <first dir>/aggregate)")
@@ -37,22 +39,23 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+@run_script
 def main(argv=None):
     a = parser().parse_args(argv)
     for d in a.dirs:
         if not d.is_dir():
-            sys.exit(f"error: {d} is not a directory: give the run or sweep dirs printed by the main_*.py scripts")
+            raise UserError(f"{d} is not a directory: give the run or sweep dirs printed by the main_*.py scripts")
+    out = check_out_path(a.out if a.out is not None else a.dirs[0] / "aggregate", "--out")
     runs, problems = agg.load_runs(a.dirs)
     if not runs:
-        sys.exit(f"error: no finished runs under {', '.join(map(str, a.dirs))} ({len(problems)} failed, incomplete "
-                 f"or skipped): point at dirs that hold summary.json files")
+        raise UserError(f"no finished runs under {', '.join(map(str, a.dirs))} ({len(problems)} failed, incomplete "
+                        f"or skipped): point at dirs that hold summary.json files")
     tables = agg.aggregate(runs)
-    out = a.out or a.dirs[0] / "aggregate"
+    unknown = [t for t in a.show or () if t not in tables]
+    if unknown:  # before anything is written
+        raise UserError(f"--print: no table {', '.join(unknown)} in these runs: use one of {', '.join(tables)}")
     md = agg.write(tables, problems, out, runs, title=a.title)
     if a.show:
-        unknown = [t for t in a.show if t not in tables]
-        if unknown:
-            sys.exit(f"error: no table {', '.join(unknown)} in these runs: use one of {', '.join(tables)}")
         for t in a.show:
             print(agg.markdown(tables[t]))
     else:

@@ -21,7 +21,6 @@ predictions go to a per-sample confusion class 60% of the time, else to a unifor
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -36,6 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from src.cli import (ArgumentParser, check_device, check_out_path, int_in_range, non_negative_int,  # noqa: E402
+                     positive_float, positive_int, run_script)
 from src.engine.cache import log_prob_file  # noqa: E402
 from src.metrics import pairwise as pw  # noqa: E402
 from src.metrics.classification import kl_divergence  # noqa: E402
@@ -190,20 +191,30 @@ def bench_kl(N, n, S, K, folder, seed=0, device="cpu", max_gb=2.0, loop_pairs=20
     return res
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", type=int, default=400)
-    ap.add_argument("--samples", type=int, default=50_000)
-    ap.add_argument("--classes", type=int, default=1_000)
-    ap.add_argument("--loop-pairs", type=int, default=300, help="pairs timed in the loop reference")
-    ap.add_argument("--kl-samples", type=int, default=1000, help="samples for the streamed KL timing (0: skip; "
-                    "= --samples: full size, needs models x samples x classes x 2 bytes of disk)")
-    ap.add_argument("--kl-max-gb", type=float, default=2.0, help="memory budget of one streamed KL block")
+def parser() -> ArgumentParser:
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", type=int_in_range(2), default=400, help="models (at least 2: one pair)")
+    ap.add_argument("--samples", type=positive_int(), default=50_000)
+    ap.add_argument("--classes", type=int_in_range(2), default=1_000)
+    ap.add_argument("--loop-pairs", type=positive_int(), default=300, help="pairs timed in the loop reference")
+    ap.add_argument("--kl-samples", type=non_negative_int(), default=1000,
+                    help="samples for the streamed KL timing (0: skip; = --samples: full size, needs models x "
+                         "samples x classes x 2 bytes of disk)")
+    ap.add_argument("--kl-max-gb", type=positive_float(), default=2.0, help="memory budget of one streamed KL block")
     ap.add_argument("--kl-dir", default=None, help="folder for the fp16 log-prob files (default: a temp dir)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:<index>")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="outputs/bench_flips.json")
-    a = ap.parse_args()
+    return ap
+
+
+@run_script
+def main(argv=None):
+    a = parser().parse_args(argv)
+    check_device(a.device, "--device")
+    check_out_path(a.out, "--out", folder=False)
+    if a.kl_dir is not None and a.kl_samples > 0:
+        check_out_path(a.kl_dir, "--kl-dir").mkdir(parents=True, exist_ok=True)
     N, n, K = a.models, a.samples, a.classes
     print(f"bench_flips: {N} models x {n} samples x {K} classes, {torch.get_num_threads()} threads "
           f"({os.cpu_count()} cpus)")

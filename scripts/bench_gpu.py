@@ -19,7 +19,6 @@ Synthetic data, randomly initialised timm models, no downloads.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -40,6 +39,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_flips  # noqa: E402
 import benchmark as bm  # noqa: E402
 
+from src.cli import ArgumentParser, check_device, check_out_path, positive_float, run_script  # noqa: E402
 from src.data.loaders import TensorLoader  # noqa: E402
 
 # dense bf16 tensor-core peak (no sparsity), TFLOP/s, by a substring of torch.cuda.get_device_name
@@ -49,7 +49,7 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, 
 
 
 def peak_tflops(name: str, override=None):
-    if override:
+    if override is not None:
         return float(override)
     for k, v in PEAK_BF16_TFLOPS.items():
         if k in name:
@@ -172,23 +172,27 @@ def bench_ddp(a, tmp: Path):
 # ------------------------------------------------------------------------------------------------- main
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda")
+def parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda", help="cuda | cuda:<index> | cpu")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (CPU smoke test of every arm)")
     p.add_argument("--amp", default=None, choices=["none", "bf16"])
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile arm")
     p.add_argument("--parts-compiled", action="store_true", help="also time the parts of the compiled step")
     p.add_argument("--ddp", default="auto", choices=["auto", "on", "off"],
                    help="auto: with 2+ GPUs; on: also on CPU (gloo)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU (default: table)")
+    p.add_argument("--peak-tflops", type=positive_float(989), default=None,
+                   help="dense bf16 peak of the GPU, TFLOP/s (default: table)")
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "loader", "ffcv", "flips", "kl"])
     p.add_argument("--out", default=str(ROOT / "bench_results"))
-    a = p.parse_args(argv)
-    dev = torch.device(a.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        print("bench_gpu: CUDA is not available: run on a GPU node, or use --device cpu --tiny", file=sys.stderr)
-        return 2
+    return p
+
+
+@run_script
+def main(argv=None):
+    a = parser().parse_args(argv)
+    dev = check_device(a.device, "--device", cpu_fix="run on a GPU node, or use --device cpu --tiny")
+    check_out_path(a.out, "--out")
     tiny = a.tiny
     a.device = dev.type
     a.student, a.teacher = ("resnet8", "resnet8") if tiny else ("resnet18", "resnet50")

@@ -18,7 +18,6 @@ shared CPU slows both alike; medians reported. On CUDA, timings synchronise at w
 Prints a table and writes bench_results/benchmark_<device>.json (+ .md)."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -36,9 +35,12 @@ sys.path.insert(0, str(ROOT))
 
 from omegaconf import OmegaConf  # noqa: E402
 
+from src.cli import (ArgumentParser, check_device, check_out_path, int_in_range, non_negative_int,  # noqa: E402
+                     positive_int, run_script)
 from src.data.datasets import DatasetInfo, Split  # noqa: E402
 from src.data.loaders import TensorLoader, TorchLoader  # noqa: E402
 from src.engine import Trainer  # noqa: E402
+from src.errors import UserError, closest  # noqa: E402
 from src.methods import KL, KLDP  # noqa: E402
 from src.models import create_model  # noqa: E402
 from src.schema import LoaderConfig, OptimizerConfig, SchedulerConfig, TrainerConfig  # noqa: E402
@@ -324,7 +326,7 @@ def bench_ffcv(args, dev, tmp):
         info = DatasetInfo("jpegfolder", 10, [str(i) for i in range(10)], 3, size, CIFAR_MEAN, CIFAR_STD)
         split = Split("train", src.labels, src.ids, files=files, info=info, full_size=n)
         beton = Path(tmp) / "ffcv"
-        write_beton(split, beton / "jpegfolder_train.beton", write_mode="jpg", num_workers=args.workers or 1)
+        write_beton(split, beton / "jpegfolder_train.beton", write_mode="jpg", num_workers=max(1, args.workers))
         lcfg = OmegaConf.merge(OmegaConf.structured(LoaderConfig), {"ffcv_dir": str(beton), "backend": "ffcv",
                                                                     "num_workers": max(1, args.workers)})
         common = dict(batch_size=min(128, n // 4), shuffle=True, drop_last=True, augment="rrc_flip", flip=True, seed=0,
@@ -359,38 +361,75 @@ def markdown_table(head, rows) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="auto", help="cpu | cuda | auto")
+def parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:<index> | auto")
     p.add_argument("--amp", default=None, choices=["none", "bf16"], help="default: bf16 on CUDA, none on CPU")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile student and frozen models (both arms)")
     p.add_argument("--student", default=None, help="default: resnet8 on CPU, resnet20 on CUDA")
     p.add_argument("--teacher", default=None, help="default: wrn_16_1 on CPU, wrn_16_2 on CUDA")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 64 on CPU, 256 on CUDA")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per window (default 10 CPU, 50 CUDA)")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: cpu_count, at most 8)")
-    p.add_argument("--loader-samples", type=int, default=10000)
-    p.add_argument("--dl-batches", type=int, default=8, help="DataLoader batches per timed window")
-    p.add_argument("--ffcv-samples", type=int, default=2048)
+    p.add_argument("--batch-size", type=positive_int(64), default=None, help="default: 64 on CPU, 256 on CUDA")
+    p.add_argument("--steps", type=positive_int(10), default=None,
+                   help="timed steps per window (default 10 CPU, 50 CUDA)")
+    p.add_argument("--warmup", type=non_negative_int(3), default=None)
+    p.add_argument("--repeats", type=positive_int(), default=9)
+    p.add_argument("--threads", type=positive_int(2), default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--workers", type=non_negative_int(2), default=None,
+                   help="DataLoader workers, 0 = in the main process (default: cpu_count, at most 8)")
+    p.add_argument("--loader-samples", type=int_in_range(256), default=10000,
+                   help="samples of the loader comparison, at least one batch of 256")
+    p.add_argument("--dl-batches", type=positive_int(), default=8, help="DataLoader batches per timed window")
+    p.add_argument("--ffcv-samples", type=int_in_range(4), default=2048)
     p.add_argument("--skip", nargs="*", default=[], choices=["trainer", "loader", "ffcv", "parts"])
     p.add_argument("--out", default=str(ROOT / "bench_results"))
-    args = p.parse_args(argv)
-    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if args.device == "auto" else args.device))
+    return p
+
+
+def check_model(name: str, flag: str) -> str:
+    """`name` when create_model knows it (any timm name or one of ours); else one UserError, before any work."""
+    import timm
+
+    from src.models import OUR_MODELS
+
+    if not timm.is_model(name):
+        raise UserError(f"{flag} {name!r} is not a model{closest(name, timm.list_models() + list(OUR_MODELS))}: "
+                        f"any timm name or one of {', '.join(OUR_MODELS)} works")
+    return name
+
+
+def settle(args) -> torch.device:
+    """Check the device, the output folder and the model names, and fill in the device-dependent defaults (only
+    where an argument was not given: a 0 is refused by the parser, never replaced)."""
+    dev = check_device(args.device, "--device", auto=True)
+    check_out_path(args.out, "--out")
     cuda = dev.type == "cuda"
     args.device = dev
-    args.amp = args.amp or ("bf16" if cuda else "none")
-    args.student = args.student or ("resnet20" if cuda else "resnet8")
-    args.teacher = args.teacher or ("wrn_16_2" if cuda else "wrn_16_1")
-    args.batch_size = args.batch_size or (256 if cuda else 64)
-    args.steps = args.steps or (50 if cuda else 10)
-    args.warmup = args.warmup if args.warmup is not None else (20 if args.compile else 5 if cuda else 3)
-    args.workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 2)
-    if args.threads:
+    if args.amp is None:
+        args.amp = "bf16" if cuda else "none"
+    if args.student is None:
+        args.student = "resnet20" if cuda else "resnet8"
+    if args.teacher is None:
+        args.teacher = "wrn_16_2" if cuda else "wrn_16_1"
+    check_model(args.student, "--student")
+    check_model(args.teacher, "--teacher")
+    if args.batch_size is None:
+        args.batch_size = 256 if cuda else 64
+    if args.steps is None:
+        args.steps = 50 if cuda else 10
+    if args.warmup is None:
+        args.warmup = 20 if args.compile else 5 if cuda else 3
+    if args.workers is None:
+        args.workers = min(8, os.cpu_count() or 2)
+    return dev
+
+
+@run_script
+def main(argv=None):
+    args = parser().parse_args(argv)
+    dev = settle(args)
+    cuda = dev.type == "cuda"
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     if cuda:
         torch.backends.cudnn.benchmark = True

@@ -26,6 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from src.cli import ArgumentParser, check_out_path, non_negative_int, run_script  # noqa: E402
+from src.errors import UserError  # noqa: E402
+
 ZOO = ["mlp_small", "mlp_wide", "lenet", "resnet8", "resnet20", "wrn_16_2"]
 GRID_METHODS = ["kl", "kl_dp", "kl_dp_u"]  # over every pair of the zoo
 BASELINES = ["xekl", "mcl", "cd", "crd"]  # over the two weaker-teacher pairs below (the grid would add ~40 minutes)
@@ -104,10 +107,10 @@ def machine() -> str:
             f"{os.environ.get('ATEN_CPU_CAPABILITY', 'auto')} ({torch.backends.cpu.get_cpu_capability()})")
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> ArgumentParser:
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "digits")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=non_negative_int(0), nargs="+", default=[0, 1, 2])
     ap.add_argument("--lanes", type=int, default=2, help="jobs run at once (one thread each)")
     ap.add_argument("--methods", nargs="+", default=GRID_METHODS, help="transfer methods of the zoo grid")
     ap.add_argument("--baselines", nargs="*", default=BASELINES,
@@ -132,26 +135,27 @@ def check_args(a) -> None:
     from src.errors import closest
 
     if any(k < 0 for k in a.seeds) or len(set(a.seeds)) != len(a.seeds):
-        sys.exit(f"error: --seeds {a.seeds} must be distinct integers >= 0: use e.g. --seeds 0 1 2")
+        raise UserError(f"--seeds {a.seeds} must be distinct integers >= 0: use e.g. --seeds 0 1 2")
     if a.lanes < 1:
-        sys.exit(f"error: --lanes {a.lanes} must be >= 1: use e.g. --lanes 2")
+        raise UserError(f"--lanes {a.lanes} must be >= 1: use e.g. --lanes 2")
     known = transfer_methods()
     for flag, names in (("--methods", a.methods), ("--baselines", a.baselines)):
         for m in names:
             if m not in known:
-                sys.exit(f"error: {flag} {m} is not a transfer method{closest(m, known)}: use some of "
-                         f"{', '.join(known)}")
+                raise UserError(f"{flag} {m} is not a transfer method{closest(m, known)}: use some of "
+                                f"{', '.join(known)}")
     if not a.methods:
-        sys.exit(f"error: --methods names no method: use e.g. --methods {' '.join(GRID_METHODS)}")
+        raise UserError(f"--methods names no method: use e.g. --methods {' '.join(GRID_METHODS)}")
     for p in [a.out, *a.out.parents]:
         if p.exists() and not p.is_dir():
-            sys.exit(f"error: --out {a.out}: {p} is a file, not a folder: pick another --out")
+            raise UserError(f"--out {a.out}: {p} is a file, not a folder: pick another --out")
+    check_out_path(a.out, "--out")  # writable
     if a.report_only or a.keep:
         return
     for d in MADE:
         if (a.out / d).exists() and not (a.out / d / MARKER).is_file():
-            sys.exit(f"error: {a.out / d} was not made by scripts/reproduce.py (no {MARKER} in it), so it is not "
-                     f"deleted: move it away, pick another --out or add --keep")
+            raise UserError(f"{a.out / d} was not made by scripts/reproduce.py (no {MARKER} in it), so it is "
+                            f"not deleted: move it away, pick another --out or add --keep")
 
 
 def start_over(out: Path, keep: bool) -> None:
@@ -166,6 +170,7 @@ def start_over(out: Path, keep: bool) -> None:
             (out / d / MARKER).touch()
 
 
+@run_script
 def main(argv=None):
     a = parser().parse_args(argv)
     check_args(a)
@@ -178,7 +183,7 @@ def main(argv=None):
         a.out.mkdir(parents=True, exist_ok=True)
         timing_path.write_text(json.dumps(timing, indent=1))
     if not (a.out / "runs").is_dir():
-        sys.exit(f"error: {a.out / 'runs'} holds no runs: run `python scripts/reproduce.py` first")
+        raise UserError(f"{a.out / 'runs'} holds no runs: run `python scripts/reproduce.py` first")
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else None
     report = rr.build(a.out, timing)
     print(report.read_text())

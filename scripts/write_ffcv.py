@@ -33,9 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from src.cli import (ArgumentParser, in_range_float, int_in_range, non_negative_int, positive_int,  # noqa: E402
+                     run_script)
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="write_ffcv.py", description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -48,20 +51,22 @@ def parse_args(argv=None):
                    help="output folder (default: loader.ffcv_dir of loader=ffcv, i.e. <paths.data>/ffcv)")
     p.add_argument("--write-mode", default="auto", choices=["auto", "raw", "jpg", "proportion", "smart"],
                    help="image storage, see above (default: %(default)s)")
-    p.add_argument("--max-res", type=int, default=None,
+    p.add_argument("--max-res", type=positive_int(256), default=None,
                    help="longest image side stored, larger images are resized (e.g. 256 or 512; default: keep)")
-    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100 (default: %(default)s)")
-    p.add_argument("--compress-probability", type=float, default=0.5,
+    p.add_argument("--jpeg-quality", type=int_in_range(1, 100), default=90,
+                   help="JPEG quality 1-100 (default: %(default)s)")
+    p.add_argument("--compress-probability", type=in_range_float(0, 1), default=0.5,
                    help="share of JPEG-compressed images with --write-mode proportion (default: %(default)s)")
-    p.add_argument("--smart-threshold", type=int, default=None,
+    p.add_argument("--smart-threshold", type=non_negative_int(65536), default=None,
                    help="--write-mode smart: JPEG-compress images whose raw size exceeds this many bytes")
-    p.add_argument("--num-workers", type=int, default=4,
+    p.add_argument("--num-workers", type=positive_int(), default=4,
                    help="writer processes (default: %(default)s)")
-    p.add_argument("--page-size-mib", type=int, default=8,
+    p.add_argument("--page-size-mib", type=int_in_range(2), default=8,
                    help="FFCV page size in MiB, a power of two >= 2 holding the largest stored image; every writer "
                         "process fills its own pages, so small datasets take about num-workers x page size "
                         "(default: %(default)s)")
-    p.add_argument("--chunksize", type=int, default=100, help="samples per worker task (default: %(default)s)")
+    p.add_argument("--chunksize", type=positive_int(), default=100,
+                   help="samples per worker task (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of --write-mode proportion (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="rewrite files that already exist (damaged ones, e.g. truncated, are always rewritten)")
@@ -71,6 +76,14 @@ def parse_args(argv=None):
     if args.splits:
         args.overrides += [s for s in args.splits if "=" in s]
         args.splits = [s for s in args.splits if "=" not in s] or None
+    if args.page_size_mib & (args.page_size_mib - 1):
+        p.error(f"argument --page-size-mib: {args.page_size_mib} must be a power of two >= 2 (use e.g. "
+                f"--page-size-mib 8)")
+    if (args.write_mode == "smart") != (args.smart_threshold is not None):
+        p.error("argument --write-mode: smart needs --smart-threshold <bytes> (use e.g. --write-mode smart "
+                "--smart-threshold 65536)" if args.write_mode == "smart" else
+                f"argument --smart-threshold: {args.smart_threshold} is only used with --write-mode smart (got "
+                f"--write-mode {args.write_mode}): add --write-mode smart or drop --smart-threshold")
     return args
 
 
@@ -85,6 +98,7 @@ def compose_config(config_name: str, overrides):
         return compose(config_name=config_name, overrides=["loader=ffcv", *overrides])
 
 
+@run_script
 def main(argv=None) -> int:
     args = parse_args(argv)
     from src.data import build_dataset
@@ -95,11 +109,11 @@ def main(argv=None) -> int:
     ds = build_dataset(cfg.dataset, cfg.paths)
     names = args.splits or sorted(ds.splits)
     splits = [ds.split(n) for n in names]  # UserError for an unknown name, before anything is written
-    out_dir = args.out_dir or cfg.loader.ffcv_dir
-    check(args.max_res is None or args.max_res > 0, f"--max-res={args.max_res} must be > 0")
+    out_dir = args.out_dir if args.out_dir is not None else cfg.loader.ffcv_dir
+    check(out_dir is not None, "loader.ffcv_dir is null: give --out-dir <folder> or loader.ffcv_dir=<folder>")
     from src.io_utils import ensure_dir
 
-    ensure_dir(out_dir, "--out-dir" if args.out_dir else "loader.ffcv_dir")  # below a file: one line, now
+    ensure_dir(out_dir, "--out-dir" if args.out_dir is not None else "loader.ffcv_dir")  # below a file: one line, now
     for split in splits:
         path = beton_path(out_dir, ds.info.name, split.name)
         if path.exists() and not args.overwrite:

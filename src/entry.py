@@ -183,46 +183,6 @@ def _requeue(previous, out) -> None:
                         f"hydra.launcher.max_num_timeout / hydra.launcher.timeout_min") from refused
 
 
-def composition_error_line(e: BaseException):
-    """One line for Hydra's own composition errors (a group typo, an unknown key, a wrong type, a parse error, a
-    YAML file Hydra cannot read), naming the value and the fix; None for anything else. An unknown key suggests the
-    closest existing key (never `+key`, which would add the typo as a new key)."""
-    import re
-
-    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-
-    from .errors import closest
-
-    cause, text = e.__cause__, str(e).strip()
-    if isinstance(e, MissingConfigException) or "Could not find '" in text:
-        m = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
-        listing = text.split("Available options in", 1)[-1].split("Config search path", 1)[0]
-        opts = [o.strip() for o in listing.split("\n")[1:]
-                if o.startswith("\t") and o.strip() != "_schema"] if "Available options" in text else []
-        if m:
-            group, val = m.group(1).split("/")[-1], m.group(2)
-            return (f"{group}={val} is not a config of group '{group}'{closest(val, opts)}: use one of "
-                    f"{', '.join(opts[:25])}" if opts else f"config '{m.group(1)}/{val}' not found")
-        return text.splitlines()[0]
-    if isinstance(e, OverrideParseException):
-        return f"{text.splitlines()[0]}: check the override's quoting (e.g. 'key=[a,b]' in single quotes)"
-    key = getattr(cause, "full_key", None)
-    parent = getattr(cause, "parent_node", None)
-    if key and "not in" in str(cause):
-        names = [str(k) for k in parent.keys()] if parent is not None else []
-        prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
-        near = closest(key.rsplit(".", 1)[-1], names)
-        near = near.replace("(closest: ", f"(closest: {prefix}").replace(", ", f", {prefix}") if near else ""
-        add = "" if near else f"; a new key is added with +{key}=<value>"
-        return f"unknown key '{key}'{near}: check the spelling (the keys there: {', '.join(names[:12])}){add}"
-    if key and cause is not None and "could not be converted" in str(cause):
-        return f"{key}: {str(cause).splitlines()[0]}: give a value of that type"
-    if isinstance(e, HydraException) or type(e).__module__.startswith(("omegaconf", "yaml")):
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        return " ".join(lines[:3])[:400] if lines else type(e).__name__
-    return None
-
-
 def _one_line_composition_errors() -> None:
     """Hydra prints its composition errors in 4-25 lines with exit code 1; the suite promises one `error:` line
     and exit code 2. Wraps Hydra's `run_and_report` (what `@hydra.main` calls); HYDRA_FULL_ERROR=1 or KT_DEBUG=1
@@ -239,8 +199,9 @@ def _one_line_composition_errors() -> None:
         try:
             return func()
         except Exception as e:
-            line = None if debug_enabled() or os.environ.get("HYDRA_FULL_ERROR") == "1" else \
-                composition_error_line(e)
+            from .cli import composition_error
+
+            line = None if debug_enabled() or os.environ.get("HYDRA_FULL_ERROR") == "1" else composition_error(e)
             if line is None:
                 def again():
                     raise e

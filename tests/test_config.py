@@ -339,13 +339,15 @@ def test_a_bogus_device_is_one_line(device, match):
 
 
 @pytest.mark.parametrize("override, want", [
-    ("method=kll", r"^method=kll is not a config of group 'method' \(closest: kl, xekl, kl_dp\): use one of aft, "),
-    ("loader=tensr", r"^loader=tensr is not a config of group 'loader' \(closest: tensor\): use one of ffcv, tensor, "
-                     r"torch$"),
+    ("method=kll", r"^method=kll: there is no config 'method/kll' \(closest: kl, xekl, kl_dp\): use one of "
+                   r"method=aft, "),
+    ("loader=tensr", r"^loader=tensr: there is no config 'loader/tensr' \(closest: tensor\): use one of "
+                     r"loader=ffcv, loader=tensor, loader=torch$"),
     ("optimizer.lrr=1", r"^unknown key 'optimizer.lrr' \(closest: optimizer.lr\): check the spelling"),
-    ("qqqqqq=1", r"^unknown key 'qqqqqq'.*a new key is added with \+qqqqqq=<value>$"),
-    ("optimizer.lr=abc", r"^optimizer.lr: Value 'abc' of type 'str' could not be converted to Float"),
-    ("trainer.epochs=[1", r"check the override's quoting"),
+    ("qqqqqq=1", r"^unknown key 'qqqqqq' \(the keys there: .*\): check the spelling, or add a new key with "
+                 r"\+qqqqqq=<value>$"),
+    ("optimizer.lr=abc", r"optimizer.lr=abc .*'abc' of type 'str' could not be converted to Float"),
+    ("trainer.epochs=[1", r"check its quoting"),
     ("+optimizer.lr=1", r"^Could not append to config. An item is already at 'optimizer.lr'"),
 ])
 def test_hydra_composition_errors_are_one_line_and_exit_2(override, want, capsys, monkeypatch):
