@@ -42,7 +42,7 @@ from src.data.loaders import TensorLoader, TorchLoader  # noqa: E402
 from src.engine import Trainer  # noqa: E402
 from src.errors import UserError, closest  # noqa: E402
 from src.methods import KL, KLDP  # noqa: E402
-from src.models import create_model  # noqa: E402
+from src.models import ImageInputs, create_model  # noqa: E402
 from src.schema import LoaderConfig, OptimizerConfig, SchedulerConfig, TrainerConfig  # noqa: E402
 
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.247, 0.243, 0.261]
@@ -89,7 +89,7 @@ class ListLoader:
 def make_models(args, dev, seed=0):
     torch.manual_seed(seed)
     size = getattr(args, "img_size", 32)
-    mk = lambda arch: create_model(arch, 10, 3, CIFAR_MEAN, CIFAR_STD, img_size=size).to(dev)  # noqa: E731
+    mk = lambda arch: create_model(arch, ImageInputs(10, 3, CIFAR_MEAN, CIFAR_STD, size)).to(dev)  # noqa: E731
     student, teacher = mk(args.student), mk(args.teacher)
     frozen = mk(args.student)
     frozen.load_state_dict(student.state_dict())

@@ -13,7 +13,7 @@ from src.engine import build_optimizer
 from src.experiments import aft as aft_exp
 from src.methods.aft import AFT, BTuning, FeatureKD, FeatureTable, kernel_distance
 from src.metrics.logme import log_evidence, logme
-from src.models import create_model
+from src.models import ImageInputs, create_model
 
 SUMMARY_KEYS = ["status", "method", "student", "features", "feature_dims", "student_acc_before",
                 "student_acc_after", "transfer_delta", "scales_mean", "scales_min", "scales_max", "steps"]
@@ -76,7 +76,7 @@ def test_logme_ranks_informative_features_above_noise():
 
 def _student(hidden, classes=3, in_size=2):
     torch.manual_seed(0)
-    return create_model("mlp", classes, 1, [0.0], [1.0], img_size=in_size, kwargs={"hidden": [hidden]})
+    return create_model("mlp", ImageInputs(classes, 1, [0.0], [1.0], in_size), kwargs={"hidden": [hidden]})
 
 
 def _table(phi, labels=None, dims=None, student=None):

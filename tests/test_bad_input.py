@@ -36,13 +36,13 @@ class _Evil:
 def artifacts(tmp_path_factory):
     """The files the table's `{art}` placeholders point at (see the docstring of bad_input_cases.py)."""
     from src.io_utils import save_safetensors
-    from src.models import create_model, save_checkpoint
+    from src.models import ImageInputs, create_model, save_checkpoint
 
     art = tmp_path_factory.mktemp("bad_input_art")
 
     def model(arch, classes, **kw):
         torch.manual_seed(0)
-        return create_model(arch, classes, 1, [0.3], [0.38], img_size=8, kwargs=kw)
+        return create_model(arch, ImageInputs(classes, 1, [0.3], [0.38], 8), kwargs=kw)
 
     digits = {"name": "digits", "image_size": 8, "channels": 1}
     save_checkpoint(model("mlp", 10, hidden=[8]), art / "teacher10",
@@ -95,7 +95,7 @@ def _disk_artifacts(art: Path, model, digits: dict) -> None:
     shutil.copytree(art / "teacher10", art / "swapped")  # weights replaced by hand, the old meta.json left
     other = model("mlp", 10, hidden=[8])
     with torch.no_grad():
-        other.net.fc.weight.add_(1.0)  # the same architecture, other weights
+        other.classifier.weight.add_(1.0)  # the same architecture, other weights
     save_checkpoint(other, art / "other10", {"name": "other10", "kwargs": {"hidden": [8]},
                                                                    "dataset": digits})
     shutil.copy(art / "other10" / "model.safetensors", art / "swapped" / "model.safetensors")

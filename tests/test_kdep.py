@@ -13,7 +13,7 @@ from src.errors import UserError
 from src.experiments import kdep
 from src.io_utils import load_state_dict
 from src.methods.kdep import KDEP, check_dims, project, pts, svd_basis
-from src.models import create_model, save_checkpoint
+from src.models import ImageInputs, create_model, save_checkpoint
 from src.models.hooks import final_activation, pre_activation_features
 
 DIGITS = {"name": "digits", "image_size": 8, "channels": 1}
@@ -21,7 +21,8 @@ DIGITS = {"name": "digits", "image_size": 8, "channels": 1}
 
 def _model(arch, classes=10, chans=1, **kw):
     torch.manual_seed(0)
-    return create_model(arch, classes, chans, [0.3] * chans, [0.38] * chans, **kw)
+    inputs = ImageInputs(classes, chans, [0.3] * chans, [0.38] * chans, kw.pop("img_size", None))
+    return create_model(arch, inputs, **kw)
 
 
 def _check_pre_relu(m, x, expected_pre_map):

@@ -13,8 +13,8 @@ import torch.nn as nn
 
 from src.errors import UserError
 from src.io_utils import file_hash, load_state_dict, save_safetensors
-from src.models import (OUR_MODELS, Normalized, create_model, freeze, load_checkpoint, load_weights, read_meta,
-                        save_checkpoint)
+from src.models import (OUR_MODELS, ImageInputs, Normalized, TransferModel, create_model, freeze, load_checkpoint,
+                        load_weights, read_meta, save_checkpoint)
 
 GREY = dict(in_chans=1, mean=[0.3], std=[0.38])
 RGB = dict(in_chans=3, mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26])
@@ -23,7 +23,8 @@ RGB = dict(in_chans=3, mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26])
 def _make(arch, num_classes=10, rgb=False, seed=0, **kw):
     torch.manual_seed(seed)
     stats = RGB if rgb else GREY
-    return create_model(arch, num_classes, stats["in_chans"], stats["mean"], stats["std"], **kw)
+    inputs = ImageInputs(num_classes, stats["in_chans"], stats["mean"], stats["std"], kw.pop("img_size", None))
+    return create_model(arch, inputs, **kw)
 
 
 def test_our_models_are_the_advertised_ones():
@@ -60,7 +61,7 @@ def test_each_of_our_nets_on_digits_and_cifar_shapes(arch):
         assert z.shape == (2, 10) and torch.isfinite(z).all()
         assert f.shape == (2, m.num_features)
         torch.testing.assert_close(z, z2)
-        assert m.net.get_classifier().in_features == m.num_features
+        assert m.classifier.in_features == m.num_features
 
 
 @pytest.mark.parametrize("arch,widths", [("wrn_16_1", (16, 32, 64)), ("wrn_16_2", (32, 64, 128)),
@@ -219,7 +220,7 @@ def test_malicious_pickle_is_refused_and_not_executed(tmp_path, how):
 
 
 def test_zoo_checkpoint_round_trip(tmp_path):
-    m = create_model("wrn_16_1", 10, 3, [0.1, 0.2, 0.3], [0.9, 0.8, 0.7], kwargs={"drop_rate": 0.1})
+    m = create_model("wrn_16_1", ImageInputs(10, 3, [0.1, 0.2, 0.3], [0.9, 0.8, 0.7]), kwargs={"drop_rate": 0.1})
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.01)
@@ -252,10 +253,10 @@ def test_zoo_checkpoint_round_trip(tmp_path):
 
 
 def test_normalized_checkpoint_loads_through_create_model(tmp_path):
-    m = create_model("lenet", 10, 1, [0.25], [0.5])
+    m = create_model("lenet", ImageInputs(10, 1, [0.25], [0.5]))
     path = tmp_path / "m.safetensors"
     save_safetensors(m.state_dict(), path)  # keys net.* + mean/std
-    m2 = create_model("lenet", 10, 1, [0.0], [1.0], checkpoint=str(path))
+    m2 = create_model("lenet", ImageInputs(10, 1, [0.0], [1.0]), checkpoint=str(path))
     assert m2.mean.item() == 0.25 and m2.std.item() == 0.5
     x = torch.rand(2, 1, 8, 8)
     torch.testing.assert_close(_outputs(m2, x), _outputs(m, x))
@@ -264,6 +265,62 @@ def test_normalized_checkpoint_loads_through_create_model(tmp_path):
 def test_freeze():
     m = freeze(_make("mlp", img_size=8).train())
     assert not m.training and not any(p.requires_grad for p in m.parameters())
+
+
+# ------------------------------------------------------------------------------------------- the protocol
+def _protocol_model(kind, tmp_path):
+    """A zoo net (one of ours, saved and loaded as a zoo checkpoint) or a timm net, 3-channel 32x32."""
+    if kind == "timm":
+        return _make("resnet18", num_classes=7, rgb=True)
+    save_checkpoint(_make("wrn_16_1", num_classes=7, rgb=True), tmp_path / "w",
+                    {"name": "w", "dataset": {"channels": 3, "image_size": 32}})
+    return load_checkpoint(tmp_path / "w", expect_classes=7, expect_channels=3)[0]
+
+
+@pytest.mark.parametrize("kind", ["zoo", "timm"])
+def test_every_model_implements_the_protocol(kind, tmp_path):
+    m = _protocol_model(kind, tmp_path).eval()
+    assert isinstance(m, TransferModel) and m.arch == ("resnet18" if kind == "timm" else "wrn_16_1")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        z, f = m(x), m.features(x)
+        f2, z2 = m.features_and_logits(x)
+        inter = m.intermediates(x)
+        z3, inter3 = m.logits_and_intermediates(x)
+        z4 = m.forward_normalized(m.normalize(x))
+        head = m.classifier(f)
+    assert m.num_classes == 7 and z.shape == (2, 7) and f.shape == (2, m.num_features)
+    for other in (z2, z3, z4, head):
+        torch.testing.assert_close(other, z)
+    torch.testing.assert_close(f2, f)
+    assert m.has_intermediates and len(inter) == len(inter3) >= 3
+    for a, b in zip(inter, inter3):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(m.denormalize(m.normalize(x)), x)
+    assert m.pretrained_tag == (getattr(m.net, "pretrained_cfg", {}).get("tag") or "")
+
+
+@pytest.mark.parametrize("kind", ["zoo", "timm"])
+def test_protocol_head_reset_and_linear_probe(kind, tmp_path):
+    m = _protocol_model(kind, tmp_path)
+    m.reset_classifier(4)
+    assert m.num_classes == 4 and m.classifier.weight.shape == (4, m.num_features)
+    assert m.eval()(torch.rand(2, 3, 32, 32)).shape == (2, 4)
+    m.train()
+    assert m.freeze_backbone() is m and not m.net.training
+    trainable = {id(p) for p in m.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in m.classifier.parameters()} and len(trainable) == 2  # weight and bias
+    assert len(list(m.parameters())) > 2
+
+
+def test_protocol_without_stages_and_other_modalities():
+    m = _make("mlp", img_size=8)
+    assert isinstance(m, TransferModel) and not m.has_intermediates
+    with pytest.raises(UserError, match="intermediate"):
+        m.logits_and_intermediates(torch.rand(1, 1, 8, 8))
+    assert _make("mlp", img_size=4).net.img_size == 4  # info.image_size reaches the mlp (only it takes one)
+    with pytest.raises(UserError, match="modality 'text' has no model class yet"):
+        create_model("mlp", ImageInputs(10, 1, [0.3], [0.38], 8, modality="text"))
 
 
 # ------------------------------------------------------------------------------------------- model specs

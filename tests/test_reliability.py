@@ -388,7 +388,7 @@ def _digits_trainer(run_dir, **tcfg):
     ds = build_dataset(cfg.dataset, cfg.paths)
     torch.manual_seed(0)
     i = ds.info
-    model = create_model("mlp", i.num_classes, i.channels, i.mean, i.std, img_size=i.image_size)
+    model = create_model("mlp", i)
     t = OmegaConf.merge(OmegaConf.structured(TrainerConfig), {"progress": "off", "max_steps": 10, **tcfg})
     return Trainer(CrossEntropy(model), build_loader(cfg.loader, ds.split("train"), train=True, device="cpu"), t,
                    OmegaConf.structured(OptimizerConfig), OmegaConf.structured(SchedulerConfig), run_dir,
@@ -414,7 +414,7 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(tmp_path, 
         def poison(step):  # the weights blow up after step 4, before its checkpoint
             if step == 4:
                 with torch.no_grad():
-                    t.method.student.net.fc.weight.fill_(float("inf"))
+                    t.method.student.classifier.weight.fill_(float("inf"))
 
         t.method.after_step = poison
     with pytest.raises(UserError, match="non-finite") as ei:
@@ -475,10 +475,10 @@ def test_same_command_twice_gives_identical_summaries(tmp_path):
 
 def test_multirun_with_a_failing_job_keeps_the_others_and_finishes_every_wandb_run(zoo, tmp_path):
     from src.io_utils import save_safetensors
-    from src.models import create_model
+    from src.models import ImageInputs, create_model
 
     weights = tmp_path / "resnet8.safetensors"
-    save_safetensors(create_model("resnet8", 10, 1, [0.3], [0.38]).state_dict(), weights)
+    save_safetensors(create_model("resnet8", ImageInputs(10, 1, [0.3], [0.38])).state_dict(), weights)
     sweep = tmp_path / "sweep"
     # job 0 is fine; job 1 fails after its tracker started (a checkpoint of another architecture)
     res = _run("main_transfer.py", ["-m", "teacher=mlp_small", f"student=resnet8,'resnet20@{weights}'",
@@ -504,12 +504,12 @@ def test_multirun_with_a_failing_job_keeps_the_others_and_finishes_every_wandb_r
 
 def _ckpt(folder: Path, bump: float = 0.0):
     """An untrained 10-class digits mlp saved as a checkpoint folder (bump: other weights, same architecture)."""
-    from src.models import create_model, save_checkpoint
+    from src.models import ImageInputs, create_model, save_checkpoint
 
     torch.manual_seed(0)
-    m = create_model("mlp", 10, 1, [0.3], [0.38], img_size=8, kwargs={"hidden": [8]})
+    m = create_model("mlp", ImageInputs(10, 1, [0.3], [0.38], 8), kwargs={"hidden": [8]})
     with torch.no_grad():
-        m.net.fc.weight.add_(bump)
+        m.classifier.weight.add_(bump)
     return save_checkpoint(m, folder, {"name": folder.name, "kwargs": {"hidden": [8]},
                                        "dataset": {"name": "digits", "image_size": 8, "channels": 1}})
 

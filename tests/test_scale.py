@@ -34,7 +34,7 @@ def digits():
 def _model(ds, seed=0, arch="mlp", **kw):
     torch.manual_seed(seed)
     i = ds.info
-    return create_model(arch, i.num_classes, i.channels, i.mean, i.std, kwargs=kw, img_size=i.image_size)
+    return create_model(arch, i, kwargs=kw)
 
 
 def _loader(ds, split="train", augment="none", batch_size=64, train=True):

@@ -17,7 +17,7 @@ from src.engine import Trainer
 from src.errors import Preempted, UserError
 from src.methods import KL, GANTraining
 from src.methods.kd import kl_to_target
-from src.models import create_model, save_checkpoint
+from src.models import ImageInputs, create_model, save_checkpoint
 from src.models.gan import CondGenerator, GANSource, SNDiscriminator, ZeroShotSource, load_generator, \
     save_generator
 from src.models.generator import Generator
@@ -27,7 +27,8 @@ from src.tracking.fidelity import data_setting, fidelity_table, format_table, pl
 
 def _net(seed, arch="mlp", classes=10):
     torch.manual_seed(seed)
-    return create_model(arch, classes, 1, [0.3], [0.38], img_size=8, kwargs={"hidden": [16]} if arch == "mlp" else {})
+    return create_model(arch, ImageInputs(classes, 1, [0.3], [0.38], 8),
+                        kwargs={"hidden": [16]} if arch == "mlp" else {})
 
 
 def _source(seed=0):

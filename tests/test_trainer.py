@@ -41,7 +41,7 @@ def _typed(schema, **kw):
 def _model(arch, ds, seed, **kwargs):
     torch.manual_seed(seed)
     i = ds.info
-    return create_model(arch, i.num_classes, i.channels, i.mean, i.std, kwargs=kwargs, img_size=i.image_size)
+    return create_model(arch, i, kwargs=kwargs)
 
 
 def _trainer(ds, run_dir, arch="mlp", init_seed=0, optim=None, sched=None, tracker=None, evaluate=None,
@@ -144,8 +144,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, digits, case
     _assert_same_state(_optimizer_tensors(resumed.optimizer), _optimizer_tensors(ref.optimizer))
     assert resumed.scheduler.get_last_lr() == ref.scheduler.get_last_lr()
     # and the interruption really changed something: a run that restarted from scratch would not match
-    assert not torch.equal(_model(c["arch"], digits, 99, **c["model_kwargs"]).net.fc.weight,
-                           ref.method.student.net.fc.weight)
+    assert not torch.equal(_model(c["arch"], digits, 99, **c["model_kwargs"]).classifier.weight,
+                           ref.method.student.classifier.weight)
 
 
 def test_crash_resumes_from_last_checkpoint_and_metrics_are_not_duplicated(tmp_path, digits):

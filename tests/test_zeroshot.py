@@ -16,14 +16,14 @@ from src.data import NoiseBatches
 from src.methods.zeroshot import (KDAT, ZeroShot, attention_loss, attention_map, kl_mean,
                                   logits_and_stages)
 from src.metrics.transition import mean_transition_error, transition_batch, transition_curves
-from src.models import create_model
+from src.models import ImageInputs, create_model
 from src.models.generator import Generator
 from src.schema import OptimizerConfig, SchedulerConfig, TrainerConfig
 
 
 def wrn(arch="wrn_16_1", seed=0, channels=1):
     torch.manual_seed(seed)
-    return create_model(arch, 10, channels, [0.3] * channels, [0.38] * channels, img_size=8)
+    return create_model(arch, ImageInputs(10, channels, [0.3] * channels, [0.38] * channels, 8))
 
 
 # ------------------------------------------------------------------------------------------------ generator
@@ -58,7 +58,7 @@ def test_teacher_sees_the_generator_output_as_its_normalised_input():
     z = torch.randn(6, 100)
     x_raw = m.images(z)
     g = m.generator(z)
-    assert torch.allclose(teacher(x_raw), teacher.net(g), atol=1e-5)  # = what the paper's teacher sees
+    assert torch.allclose(teacher(x_raw), teacher.forward_normalized(g), atol=1e-5)  # = what the paper's teacher sees
     assert torch.allclose(teacher.normalize(x_raw), g, atol=1e-5)
 
 

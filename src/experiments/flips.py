@@ -142,8 +142,7 @@ def random_student(ctx: Context) -> ModelRef:
     spec = ctx.cfg.random_student
     info = ctx.info
     torch.manual_seed(int(ctx.cfg.trainer.seed))
-    m = create_model(spec.arch, info.num_classes, info.channels, info.mean, info.std,
-                     kwargs=as_dict(spec.get("kwargs")), img_size=info.image_size)
+    m = create_model(spec.arch, info, kwargs=as_dict(spec.get("kwargs")))
     return ModelRef(spec.get("name") or f"random_{spec.arch}", m, None, {"arch": spec.arch, "random_init": True})
 
 

@@ -200,7 +200,7 @@ def finetune(ctx: Context, init: torch.nn.Module, data: dict, name: str, tracker
     ft = {g: finetune_cfg(cfg, g) for g in FINETUNE_GROUPS}
     model = copy.deepcopy(init)
     torch.manual_seed(cfg.trainer.seed)
-    model.net.reset_classifier(data["ds"].info.num_classes)
+    model.reset_classifier(data["ds"].info.num_classes)
     method = CrossEntropy(model).to(ctx.device)
     loader = ctx.train_loader(data["train"], loader_cfg=ft["loader"])
     eval_loader = build_loader(ft["loader"], data["eval"], train=False, device=ctx.device)

@@ -39,7 +39,7 @@ def resolve_model(spec, ctx: Context, role: str = "model") -> ModelRef:
 
 def _new(ctx: Context, arch: str, **kw):
     info = ctx.info
-    return create_model(arch, info.num_classes, info.channels, info.mean, info.std, img_size=info.image_size, **kw)
+    return create_model(arch, info, **kw)
 
 
 def _from_node(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
@@ -81,11 +81,11 @@ def _from_timm(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
     """A timm name: its pretrained hub weights (offline, only what the HF cache holds)."""
     info, name = ctx.info, s.text
     try:
-        m = create_model(name, info.num_classes, info.channels, info.mean, info.std, pretrained=True)
+        m = create_model(name, info, pretrained=True)
     except UserError:
         raise
     except Exception as e:
         raise UserError(f"could not load pretrained weights for timm model '{name}' ({type(e).__name__}); "
                         f"offline, use '{name}@/path/to/weights.safetensors' or pre-fill the HF cache") from e
-    tag = getattr(m.net, "pretrained_cfg", {}).get("tag") or ""
+    tag = m.pretrained_tag
     return ModelRef(name, m, f"timm-{name}-{tag}", {"arch": name})

@@ -80,8 +80,7 @@ def validate(cfg: DictConfig) -> None:
         archs = [model_spec(cfg.teacher, cfg).arch, model_spec(cfg.student, cfg).arch]
         if all(archs):
             d = cfg.dataset
-            models = [create_model(a, d.num_classes, d.channels, d.mean, d.std, img_size=d.image_size)
-                      for a in archs]
+            models = [create_model(a, d) for a in archs]
             check_stages(*models, cfg, [str(cfg.teacher), str(cfg.student)])
 
 
@@ -188,7 +187,7 @@ class ZeroShotRun:
         x = student.normalize(x[pos.to(x.device)])
         labels = self.t_eval["labels"][pos.to(self.t_eval["labels"].device)].to(x.device)  # true labels
         with no_param_grads(student):
-            curves = transition_curves(student.net, lambda u: teacher(u * student.std + student.mean), x, labels,
+            curves = transition_curves(student.forward_normalized, lambda u: teacher(student.denormalize(u)), x, labels,
                                        self.ctx.info.num_classes, int(t.steps), float(t.lr), t.chunk)
         mte = mean_transition_error(curves["student"], curves["teacher"], int(t.mte_steps))
         log.info("transition curves of %s on %d images x %d classes: MTE %.4f", name, len(pos),

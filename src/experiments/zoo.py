@@ -80,13 +80,10 @@ def train_classifier(ctx: Context, r: DictConfig, run_dir: Path, name: str) -> D
                                                       "max_steps": None if "epochs" in r else
                                                       cfg.trainer.max_steps})
     seed_everything(trainer_cfg.seed)
-    model = create_model(r.arch, info.num_classes, info.channels, info.mean, info.std,
-                         pretrained=bool(r.get("pretrained", False)), checkpoint=r.get("checkpoint"),
-                         kwargs=as_dict(r.get("kwargs")), img_size=info.image_size)
+    model = create_model(r.arch, info, pretrained=bool(r.get("pretrained", False)), checkpoint=r.get("checkpoint"),
+                         kwargs=as_dict(r.get("kwargs")))
     if r.get("freeze_backbone", False):  # linear probe: only the classifier trains
-        freeze(model.net)
-        for p in model.net.get_classifier().parameters():
-            p.requires_grad_(True)
+        model.freeze_backbone()
     train_split = training_split(ctx.ds, cfg.dataset.pretrain_split, cfg.dataset.subset)
     loader = ctx.train_loader(train_split, loader_cfg, seed=trainer_cfg.seed)
     val_name = cfg.dataset.val_split if cfg.dataset.val_split in ctx.ds.splits else None

@@ -57,11 +57,10 @@ def logits_and_stages(model: nn.Module, x: torch.Tensor, stages: bool) -> Tuple[
     """Logits of a Normalized model on raw input x, and (with `stages`) its stage outputs from the same pass."""
     if not stages:
         return model(x), []
-    if not hasattr(model.net, "forward_intermediates"):
+    if not model.has_intermediates:
         raise UserError(f"model '{getattr(model, 'arch', '?')}' exposes no intermediate stages for attention "
                         f"transfer: set method.beta=0")
-    final, inter = model.net.forward_intermediates(model.normalize(x))
-    return model.net.forward_head(final), list(inter)
+    return model.logits_and_intermediates(x)
 
 
 @contextmanager

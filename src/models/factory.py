@@ -11,16 +11,21 @@ import torch.nn as nn
 from ..errors import UserError, closest
 from ..io_utils import load_state_dict
 from . import nets  # noqa: F401  (registers our models in timm)
+from .protocol import ModelInputs, TransferModel
 
 log = logging.getLogger(__name__)
 
 
 class Normalized(nn.Module):
-    """`net` behind its own input normalisation. Inputs are raw images in [0, 1].
+    """`net` behind its own input normalisation: the image model of the `TransferModel` protocol (protocol.py).
+    Inputs are raw images in [0, 1].
 
-    - `forward(x)` -> logits
+    - `forward(x)` -> logits; `features(x)` -> pooled pre-logits
     - `features_and_logits(x)` -> (penultimate features, logits) in one pass
-    - `intermediates(x)` -> list of stage outputs (models that implement timm's `forward_intermediates`)
+    - `intermediates(x)` -> list of stage outputs (models that implement timm's `forward_intermediates`);
+      `logits_and_intermediates(x)` -> (logits, stage outputs) in one pass
+    - `classifier`, `reset_classifier(n)`, `freeze_backbone()` (linear probe), `pretrained_tag`
+    - `normalize(x)` / `denormalize(z)` / `forward_normalized(z)`: the mean/std-normalised space the net sees
     """
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], arch: str = ""):
@@ -38,11 +43,39 @@ class Normalized(nn.Module):
     def num_features(self) -> int:
         return int(getattr(self.net, "num_features"))
 
+    @property
+    def classifier(self) -> nn.Module:
+        return self.net.get_classifier()
+
+    @property
+    def pretrained_tag(self) -> str:
+        return getattr(self.net, "pretrained_cfg", {}).get("tag") or ""
+
+    @property
+    def has_intermediates(self) -> bool:
+        return hasattr(self.net, "forward_intermediates")
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.net.reset_classifier(num_classes)
+
+    def freeze_backbone(self) -> "Normalized":
+        """Linear probe: the net in eval mode, every parameter frozen but the classifier's."""
+        freeze(self.net)
+        for p in self.classifier.parameters():
+            p.requires_grad_(True)
+        return self
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """In the model's own dtype (that of its buffers): a bf16/fp16 batch (loader.dtype) runs through an fp32
         model without autocast, and under autocast the first layer casts as usual."""
         x = x.to(self.mean.dtype)
         return (x - self.mean) / self.std
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.std + self.mean
+
+    def forward_normalized(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.normalize(x))
@@ -54,10 +87,18 @@ class Normalized(nn.Module):
         f = self.features(x)
         return f, self.net.get_classifier()(f)
 
-    def intermediates(self, x: torch.Tensor) -> List[torch.Tensor]:
-        if not hasattr(self.net, "forward_intermediates"):
+    def _need_intermediates(self) -> None:
+        if not self.has_intermediates:
             raise UserError(f"model '{self.arch}' exposes no intermediate stages (forward_intermediates)")
+
+    def intermediates(self, x: torch.Tensor) -> List[torch.Tensor]:
+        self._need_intermediates()
         return self.net.forward_intermediates(self.normalize(x), intermediates_only=True)
+
+    def logits_and_intermediates(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        self._need_intermediates()
+        final, inter = self.net.forward_intermediates(self.normalize(x))
+        return self.net.forward_head(final), list(inter)
 
 
 def _classifier_keys(net: nn.Module) -> List[str]:
@@ -103,14 +144,28 @@ def load_weights(net: nn.Module, state: Dict[str, torch.Tensor], source: str, re
     return ""
 
 
-def create_model(arch: str, num_classes: int, in_chans: int, mean: Sequence[float], std: Sequence[float],
-                 pretrained: bool = False, checkpoint: Optional[str] = None, kwargs: Optional[dict] = None,
-                 img_size: Optional[int] = None, reinit_head: bool = True) -> Normalized:
-    """Any timm name or one of ours. `pretrained` takes timm's hub weights (GPU nodes with internet or a warm
-    HF cache) and their mean/std; `checkpoint` loads a local weight file (safetensors or torch weights-only),
+def create_model(arch: str, info: ModelInputs, pretrained: bool = False, checkpoint: Optional[str] = None,
+                 kwargs: Optional[dict] = None, reinit_head: bool = True) -> TransferModel:
+    """The model `arch` for the data `info` describes (a `src.data.DatasetInfo`, a dataset config node, an
+    `ImageInputs`: anything with num_classes, channels, mean, std, image_size and optionally `modality`, default
+    'image'), built by the model class of its modality."""
+    modality = getattr(info, "modality", None) or "image"
+    build = _BUILDERS.get(str(modality))
+    if build is None:
+        raise UserError(f"modality '{modality}' has no model class yet (create_model builds "
+                        f"{', '.join(_BUILDERS)} models): use a dataset of one of those modalities")
+    return build(arch, info, pretrained=pretrained, checkpoint=checkpoint, kwargs=kwargs, reinit_head=reinit_head)
+
+
+def image_model(arch: str, info: ModelInputs, pretrained: bool = False, checkpoint: Optional[str] = None,
+                kwargs: Optional[dict] = None, reinit_head: bool = True) -> Normalized:
+    """Any timm name or one of ours, for `info.num_classes` classes of `info.channels`-channel images (`mlp` also
+    takes `info.image_size`). `pretrained` takes timm's hub weights (GPU nodes with internet or a warm HF cache)
+    and their mean/std; `checkpoint` loads a local weight file (safetensors or torch weights-only),
     re-initialising the head when the class count differs; otherwise the dataset's mean/std are used."""
     import timm
 
+    num_classes, in_chans, mean, std, img_size = info.num_classes, info.channels, info.mean, info.std, info.image_size
     kwargs = dict(kwargs or {})
     if not timm.is_model(arch):
         raise UserError(f"unknown model '{arch}'{closest(arch, timm.list_models() + nets.OUR_MODELS)}; any timm "
@@ -136,6 +191,10 @@ def create_model(arch: str, num_classes: int, in_chans: int, mean: Sequence[floa
             state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
         load_weights(net, state, str(checkpoint), reinit_head=reinit_head)
     return model
+
+
+# modality -> model class builder (a text model class adds its entry here)
+_BUILDERS = {"image": image_model}
 
 
 def check_kwargs(arch: str, kwargs: dict, key: str = "kwargs") -> None:

@@ -9,6 +9,7 @@ from typing import Optional
 from ..errors import UserError
 from ..io_utils import content_hash, file_hash, read_json_safe, save_safetensors, write_json
 from .factory import Normalized, create_model
+from .protocol import ImageInputs
 
 
 def zoo_dir(checkpoints: str, dataset: str, name: str) -> Path:
@@ -98,7 +99,7 @@ def load_checkpoint(folder, expect_classes: Optional[int] = None, expect_channel
     if expect_channels is not None and channels != expect_channels:
         raise UserError(f"checkpoint {folder} takes {channels}-channel input but dataset.channels={expect_channels}: "
                         f"set dataset.channels={channels}")
-    model = create_model(meta["arch"], meta["num_classes"], channels, [0.0] * channels, [1.0] * channels,
-                         checkpoint=str(folder / "model.safetensors"), kwargs=meta.get("kwargs") or {},
-                         img_size=ds.get("image_size"))
+    inputs = ImageInputs(meta["num_classes"], channels, [0.0] * channels, [1.0] * channels, ds.get("image_size"))
+    model = create_model(meta["arch"], inputs, checkpoint=str(folder / "model.safetensors"),
+                         kwargs=meta.get("kwargs") or {})
     return model, meta
