@@ -515,3 +515,29 @@ def test_to_unit_is_x_over_255_rounded_once(dtype):
 
     x = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
     assert torch.equal(to_unit(x, dtype), (x.double() / 255.0).to(dtype))
+
+
+def test_bad_image_files_are_named_when_the_split_is_built(tmp_path, monkeypatch):
+    """0-byte, truncated and non-image files gave PIL tracebacks (the truncated one naming no file), with
+    loader=torch only when a batch happened to draw the file. The split's build names each one."""
+    _write_imagefolder(tmp_path / "if", classes=("cat", "dog"), n_train=3, n_val=2, size=32)
+    train = tmp_path / "if" / "train"
+    (train / "cat" / "empty.png").write_bytes(b"")
+    good = (train / "dog" / "img0.png").read_bytes()
+    (train / "dog" / "cut.png").write_bytes(good[: len(good) // 2])
+    (train / "dog" / "text.jpg").write_text("this is not a picture")
+    from PIL import Image
+
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(train / "cat" / "whole.jpg", quality=90)
+    jpg = (train / "cat" / "whole.jpg").read_bytes()
+    (train / "cat" / "cut.jpg").write_bytes(jpg[:-300])
+    with pytest.raises(UserError) as e:
+        _ds(IF_OVERRIDES + [f"dataset.root={tmp_path / 'if'}"])
+    msg = str(e.value)
+    assert msg.startswith(f"4 image file(s) under {train} cannot be decoded (") and "\n" not in msg
+    for name, why in (("cat/empty.png", "empty (0 bytes)"), ("dog/cut.png", "truncated (png"),
+                      ("dog/text.jpg", "not an image"), ("cat/cut.jpg", "truncated (jpeg")):
+        assert f"{train / name}: {why}" in msg, (name, msg)
+    assert "whole.jpg" not in msg and "img0.png" not in msg
+    monkeypatch.setenv("KT_CHECK_IMAGES", "0")  # the documented way out for a verified copy
+    assert len(_ds(IF_OVERRIDES + [f"dataset.root={tmp_path / 'if'}"])[1].split("train")) == 11

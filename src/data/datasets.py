@@ -279,6 +279,59 @@ def scan_image_folder(folder: Path):
     return classes, files, labels
 
 
+_MAGIC = {b"\xff\xd8\xff": "jpeg", b"\x89PNG\r\n\x1a\n": "png", b"BM": "bmp", b"GIF8": "gif",
+          b"II*\x00": "tiff", b"MM\x00*": "tiff", b"RIFF": "webp", b"P5": "pnm", b"P6": "pnm", b"P2": "pnm",
+          b"P3": "pnm"}
+_END = {"jpeg": b"\xff\xd9", "png": b"IEND"}  # what a complete file holds near its end
+_TAIL = 4096  # bytes searched for the end marker (some writers append a little metadata after it)
+
+
+def image_file_problem(path: str) -> Optional[str]:
+    """Why an image file cannot be decoded, from a cheap look at its first and last bytes (no decoding): 'empty',
+    'not an image' (no known header), 'truncated' (a JPEG without its end marker, a PNG without IEND); None when
+    it looks whole. Unknown headers are asked of PIL (it reads only the header)."""
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "empty (0 bytes)"
+        with open(path, "rb") as f:
+            head = f.read(16)
+            f.seek(max(0, size - _TAIL))
+            tail = f.read()
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    kind = next((k for m, k in _MAGIC.items() if head.startswith(m)), None)
+    if kind is None:
+        try:
+            from PIL import Image
+
+            with Image.open(path):
+                return None
+        except Exception:
+            return f"not an image ({size} bytes, no image header)"
+    end = _END.get(kind)
+    if end is not None and end not in tail:
+        return f"truncated ({kind} without its end marker, {size} bytes)"
+    return None
+
+
+def check_image_files(files: Sequence[str], folder: Path, workers: int = 16) -> None:
+    """Every image of a split is looked at once when the split is built (its first 16 and last 4096 bytes, in
+    threads: the reads wait on the disk), so a bad file is named now, not when a batch happens to draw it hours in.
+    KT_CHECK_IMAGES=0 skips it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if os.environ.get("KT_CHECK_IMAGES", "1") == "0":  # e.g. a verified copy on a slow network file system
+        return
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(files)))) as ex:
+        problems = [(f, p) for f, p in zip(files, ex.map(image_file_problem, files, chunksize=256)) if p]
+    if problems:
+        shown = "; ".join(f"{f}: {p}" for f, p in problems[:5])
+        raise UserError(f"{len(problems)} image file(s) under {folder} cannot be decoded ({shown}"
+                        f"{'; ...' if len(problems) > 5 else ''}): replace or delete them (a deleted file leaves "
+                        f"its class folder; keep at least one image per class)")
+
+
 def build_imagefolder(cfg, paths) -> Dataset:
     if cfg.name == "imagefolder" and not cfg.root:
         raise UserError("dataset=imagefolder needs dataset.root=<dir with train/ and val/ class folders> and "
@@ -295,6 +348,7 @@ def build_imagefolder(cfg, paths) -> Dataset:
         if not files:
             raise UserError(f"{cfg.name}: no images ({', '.join(IMG_EXTENSIONS[:3])}, ...) under {folder}; "
                             f"expected {layout}")
+        check_image_files(files, folder)
         empty = [c for i, c in enumerate(classes) if i not in set(labels)]
         if empty:  # a K-way head trained on K-1 classes (torchvision's ImageFolder refuses it too)
             raise UserError(f"{cfg.name}: {len(empty)} class folder(s) of {folder} hold no image "
