@@ -110,6 +110,25 @@ def _lock_before_hydra_writes(path, key: str) -> None:
         sys.exit(USER_ERROR_EXIT_CODE)
 
 
+PLUGIN_LAUNCHERS = {"submitit_slurm": "slurm", "submitit_local": "local"}
+
+
+def _check_launcher(config) -> None:
+    """`hydra/launcher=submitit_slurm` (the plugin's own name) has none of the suite's settings: no requeue
+    (max_num_timeout 0), no GPU, 60 minutes. Refused with one line naming the suite's launcher config."""
+    try:
+        choice = str(config.hydra.runtime.choices.get("hydra/launcher") or "")
+    except Exception:
+        return
+    if choice in PLUGIN_LAUNCHERS:
+        ours = PLUGIN_LAUNCHERS[choice]
+        print(f"error: hydra/launcher={choice} is the plugin's bare config (no requeue on preemption or timeout, no "
+              f"GPU, 60-minute limit): use hydra/launcher={ours} (config/hydra/launcher/{ours}.yaml, the same "
+              f"launcher with the suite's preemption and resource settings; its keys are overridable as "
+              f"hydra.launcher.*)", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)
+
+
 def _check_sweeper(sw) -> None:
     """Optuna with `n_trials=0` (or `n_jobs=0`) ran nothing and ended in optuna's 'No trials are completed yet'
     traceback: one line before the sweep starts."""
@@ -136,6 +155,7 @@ class OutputDirCheck(_Callback):
         _check_dir(str(config.hydra.sweep.dir), "hydra.sweep.dir")
         _lock_before_hydra_writes(str(config.hydra.sweep.dir), "hydra.sweep.dir")
         _check_sweeper(config.hydra.sweeper)
+        _check_launcher(config)
         SWEEP_FAILURES.clear()
         SWEEP_JOBS[0] = 0
 
@@ -257,6 +277,27 @@ def sweep_summary() -> None:
     sys.exit(USER_ERROR_EXIT_CODE)
 
 
+def resume_command(kind: str) -> str:
+    """The exact command that resumes this run (`kind` run) or sweep: the script and its command-line overrides
+    with `hydra.run.dir=<this run's dir>` (`hydra.sweep.dir=<this sweep's dir>`) pinned, since the default dirs
+    are timestamped and 'the same command' would start over in a new one."""
+    import shlex
+
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        key, where = (("hydra.sweep.dir", hc.sweep.dir) if kind == "sweep" else
+                      ("hydra.run.dir", hc.runtime.output_dir))
+        args = [a for a in sys.argv[1:] if not a.startswith(f"{key}=")]
+    except Exception:
+        return "the same command with the same run dir"
+    if kind == "sweep" and "-m" not in args and "--multirun" not in args:
+        args.insert(0, "-m")
+    return " ".join(["python", shlex.quote(os.path.basename(sys.argv[0]) or "main.py"),
+                     *map(shlex.quote, args), shlex.quote(f"{key}={os.path.abspath(str(where))}")])
+
+
 def entry(run, cfg):
     multirun, out = _mode()
     if multirun:
@@ -289,7 +330,7 @@ def entry(run, cfg):
             # a local sweep (Hydra's basic launcher runs every job in this process): the signal stops the sweep,
             # not just this job. SystemExit passes Hydra's per-job `except Exception`; the jobs that finished keep
             # their summaries and the same command with the same hydra.sweep.dir resumes this one.
-            print(f"preempted: {e}; the sweep stops here (rerun it with the same hydra.sweep.dir to resume)",
+            print(f"preempted: {e}; the sweep stops here; resume it with: {resume_command('sweep')}",
                   file=sys.stderr)
             sys.exit(PREEMPTED_EXIT_CODE)
         if multirun and _local_sweep():
@@ -301,7 +342,7 @@ def entry(run, cfg):
         if multirun:
             raise e  # submitit / Optuna: the sweeper records the failure; other jobs are not lost
         if isinstance(e, Preempted):
-            print(f"preempted: {e}", file=sys.stderr)
+            print(f"preempted: {e}; resume with: {resume_command('run')}", file=sys.stderr)
             sys.exit(PREEMPTED_EXIT_CODE)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT_CODE)

@@ -165,7 +165,11 @@ def _preempt_and_resume(script, args, run: Path, tmp: Path, ready, stop_below: i
     step = int(ckpts[-1].name.split("_")[-1])
     assert 0 < step < stop_below, f"checkpoint at step {step}: the run was not interrupted mid-way"
     wandb_id = json.loads((run / ".tracker.json").read_text())["wandb_id"]
-    res = _run(script, cmd, tmp)
+    import shlex
+
+    advice = shlex.split(err.split("resume with: ", 1)[1].splitlines()[0])  # the exact command, run dir pinned
+    assert advice[:2] == ["python", script] and advice[-1] == f"hydra.run.dir={run}", advice
+    res = _run(script, advice[2:], tmp)
     assert res.returncode == 0, f"resume failed ({res.returncode}): {res.stderr[-3000:]}"
     assert "resumed from" in res.stdout + res.stderr
     return wandb_id
@@ -284,7 +288,12 @@ def test_sigterm_stops_a_local_sweep_and_the_same_command_finishes_it(zoo, tmp_p
     assert sent and p.returncode == 124, f"exit {p.returncode}: {err[-2000:]}"
     assert "the sweep stops here" in err
     assert (sweep / "0" / "preempted.json").is_file() and not (sweep / "1").exists()
-    res = _run("main_transfer.py", args, tmp_path)
+    # the advice is the exact command, the sweep dir pinned: run what it printed
+    import shlex
+
+    cmd = shlex.split(err.split("resume it with: ", 1)[1].splitlines()[0])
+    assert cmd[:3] == ["python", "main_transfer.py", "-m"] and cmd[-1] == f"hydra.sweep.dir={sweep}", cmd
+    res = _run(cmd[1], cmd[2:], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads((sweep / k / "summary.json").read_text()) for k in ("0", "1")]
     assert [r["method"] for r in rows] == ["KL", "KLDP"] and all(r["status"] == "ok" for r in rows)

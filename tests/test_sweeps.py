@@ -85,3 +85,22 @@ def test_optuna_with_no_trials_is_one_line(key, value, capsys, tmp_path):
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert e.value.code == 2 and err == [f"error: hydra.sweeper.{key}={value} must be an integer >= 1: use e.g. "
                                          f"hydra.sweeper.{key}={20 if key == 'n_trials' else 1}"]
+
+
+@pytest.mark.parametrize("choice, ours", [("submitit_slurm", "slurm"), ("submitit_local", "local"),
+                                          ("slurm", None), ("basic", None)])
+def test_the_plugins_bare_launcher_configs_are_refused_naming_ours(choice, ours, capsys, tmp_path):
+    """hydra/launcher=submitit_slurm, the name every Hydra user types, silently lost requeue and GPUs."""
+    from omegaconf import OmegaConf
+
+    from src.entry import OutputDirCheck
+
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / choice)}, "sweeper": {"_target_": "basic"},
+                                      "runtime": {"choices": {"hydra/launcher": choice}}}})
+    if ours is None:
+        OutputDirCheck().on_multirun_start(cfg)
+        return
+    with pytest.raises(SystemExit) as e:
+        OutputDirCheck().on_multirun_start(cfg)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 2 and len(err) == 1 and f"use hydra/launcher={ours} " in err[0]
