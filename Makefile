@@ -2,14 +2,17 @@
 # Both create .venv and install requirements.txt into it on first use; a second run installs nothing.
 PY ?= python3
 VENV := .venv
-STAMP := $(VENV)/.installed
+# the install stamp is keyed on requirements.txt's content, not its mtime: a checkout that touches the file without
+# changing it installs nothing
+REQ_HASH := $(shell sha256sum requirements.txt 2>/dev/null | cut -c1-16)
+STAMP := $(VENV)/.installed-$(REQ_HASH)
 # a first install needs ~8 GiB free (torch is a CUDA build)
 MIN_FREE_KB ?= 8000000
 SHELL := /bin/bash
 
 .PHONY: demo test test-trained install gpu-test bench bench-gpu reproduce clean
 
-$(STAMP): requirements.txt
+$(STAMP):
 	@set -e; \
 	pkgs="libopencv-dev libturbojpeg0-dev pkg-config g++"; \
 	inc=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])'); \
@@ -35,7 +38,7 @@ $(STAMP): requirements.txt
 	  echo "WARNING: $$ffcv_req did not build (it needs $$pkgs: ask an admin to apt-get install them, or use" \
 	       "conda's opencv/libjpeg-turbo); everything but loader=ffcv works, its tests are skipped" >&2; \
 	fi; \
-	touch $(STAMP)
+	rm -f $(VENV)/.installed $(VENV)/.installed-*; touch $(STAMP)
 
 install: $(STAMP)
 

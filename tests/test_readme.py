@@ -127,3 +127,26 @@ def test_readme_aggregate_and_reproduce_commands_parse(cmd):
 def test_readme_shows_the_aggregator_and_the_reproduction():
     used = {shlex.split(c)[1] for c in COMMANDS}
     assert {"scripts/aggregate.py", "scripts/reproduce.py"} <= used
+
+
+def test_the_install_stamp_is_keyed_on_requirements_content(tmp_path):
+    """`make demo` reinstalled whenever requirements.txt was newer than the stamp (any checkout touching it)."""
+    import os
+    import shutil
+    import subprocess
+
+    for f in ("Makefile", "requirements.txt"):
+        shutil.copy(ROOT / f, tmp_path / f)
+    q = lambda: subprocess.run(["make", "-q", "install", "VENV=venv"], cwd=tmp_path).returncode  # noqa: E731
+    assert q() != 0  # no stamp yet: the install would run
+    stamp = subprocess.run(["make", "-s", "-p", "-n", "install", "VENV=venv"], cwd=tmp_path, capture_output=True,
+                           text=True).stdout.split("STAMP := ")[1].split("\n")[0]
+    (tmp_path / "venv").mkdir()
+    (tmp_path / stamp.replace("$(VENV)", "venv")).touch()
+    assert q() == 0
+    later = os.stat(tmp_path / "requirements.txt").st_mtime + 100
+    os.utime(tmp_path / "requirements.txt", (later, later))  # touched, same content: nothing to do
+    assert q() == 0
+    with open(tmp_path / "requirements.txt", "a") as f:
+        f.write("# changed\n")
+    assert q() != 0  # another content: the install runs
