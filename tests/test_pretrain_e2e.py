@@ -115,3 +115,26 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
     assert "error:" in res.stderr and "Traceback" not in res.stderr
     assert str(tmp_path / "data" / "cifar10" / "cifar-10-batches-py") in res.stderr
     assert json.loads((tmp_path / "run" / "error.json").read_text())["status"] == "failed"
+
+
+def test_a_second_pretrain_skips_an_existing_entry_unless_asked(kt_paths, tmp_path, caplog):
+    """main_pretrain.py silently retrained and overwrote existing zoo checkpoints (skip_existing: false): a stray
+    run replaced a 90-epoch teacher under old results. Now an existing entry is skipped with one line."""
+    from conftest import compose
+    from src.experiments import pretrain
+
+    ck = tmp_path / "ck"
+    common = ["name=mlp_small", "zoo.models.mlp_small.epochs=1", f"paths.checkpoints={ck}",
+              f"paths.cache={tmp_path / 'cache'}", kt_paths[2]]
+    pretrain.run(compose("pretrain/pretrain", common), run_dir=tmp_path / "r0")
+    meta = (ck / "digits" / "mlp_small" / "meta.json").read_text()
+    caplog.set_level("INFO")
+    s = pretrain.run(compose("pretrain/pretrain", common), run_dir=tmp_path / "r1")
+    assert (ck / "digits" / "mlp_small" / "meta.json").read_text() == meta  # not retrained
+    assert not (tmp_path / "r1" / "metrics.jsonl").exists()
+    assert any(r.message.startswith("exists: mlp_small (") and "retrain it with skip_existing=false" in r.message
+               for r in caplog.records)
+    assert s["models"]["mlp_small"]["test_acc"] == json.loads(meta)["test_acc"]
+    pretrain.run(compose("pretrain/pretrain", [*common, "skip_existing=false", "trainer.seed=5"]),
+                 run_dir=tmp_path / "r2")
+    assert (tmp_path / "r2" / "metrics.jsonl").is_file()  # asked: retrained

@@ -43,12 +43,14 @@ def train_zoo(ctx: Context, names: list) -> dict:
             meta = read_generator_meta(folder)
             if meta is None or not cfg.skip_existing:
                 meta = train_generator(n, ctx, ctx.run_dir)
+            else:
+                log.info("exists: %s (%s): skipped; retrain it with skip_existing=false", n, folder)
             rows[n] = {"kind": "generator", "judge_acc": meta.get("judge_acc"), "fid": meta.get("fid"),
                        "fid_real": meta.get("fid_real"), "path": str(folder)}
             continue
         meta = read_meta(folder)
         if meta is not None and cfg.skip_existing:
-            log.info("zoo model %s exists (%s): skipped (skip_existing=true)", n, folder)
+            log.info("exists: %s (%s): skipped; retrain it with skip_existing=false", n, folder)
         else:
             meta = train_zoo_entry(n, ctx, ctx.run_dir / n if len(names) > 1 else ctx.run_dir)
         rows[n] = {"test_acc": meta["test_acc"], "val_acc": meta.get("val_acc"), "path": str(folder)}
