@@ -72,8 +72,8 @@ def bench_args(a, dev, compile_: bool) -> SimpleNamespace:
 def device_batches(args, dev, n_batches=4):
     split = bm.cifar_split(args.batch_size * n_batches, size=args.img_size, seed=2)
     tl = TensorLoader(split, args.batch_size, shuffle=True, drop_last=True, augment="crop_flip", crop_padding=4,
-                      flip=True, device=dev)
-    return [(x.contiguous(memory_format=torch.channels_last), y, i) for x, y, i in tl.iter_epoch(0)]
+                      flip=True, device=dev, channels_last=True)
+    return list(tl.iter_epoch(0))
 
 
 def step_flops(args, dev, batches) -> float:
@@ -83,9 +83,8 @@ def step_flops(args, dev, batches) -> float:
     s, t, f = bm.make_models(args, dev)
     opt = torch.optim.SGD(s.parameters(), lr=0.01)
     step = bm.minimal_step_fn("kldp", s, t, f, opt, SimpleNamespace(**{**vars(args), "compile": False}), dev)
-    x, y, _ = batches[0]
     with FlopCounterMode(display=False) as fc:
-        step(x, y)
+        step(batches[0].inputs, batches[0].targets)
     return float(fc.get_total_flops())
 
 
@@ -126,7 +125,8 @@ def _ddp_worker(rank, world, port, a, out_dir):
         s, _, _ = bm.make_models(args, dev, seed=0)
         model = torch.nn.parallel.DistributedDataParallel(s, device_ids=[rank] if dev.type == "cuda" else None)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        x, y, _ = device_batches(args, dev, 1)[0]
+        batch = device_batches(args, dev, 1)[0]
+        x, y = batch.inputs, batch.targets
 
         def step():
             with bm.autocast(args, dev):

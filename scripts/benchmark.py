@@ -76,7 +76,7 @@ class ListLoader:
     """Pre-built device batches behind the loader interface: both arms of a comparison see the same tensors."""
 
     def __init__(self, batches):
-        self.batches, self.batch_size = batches, batches[0][0].shape[0]
+        self.batches, self.batch_size = batches, len(batches[0])
         self.num_samples = self.batch_size * len(batches)
 
     def __len__(self):
@@ -136,8 +136,8 @@ def time_loop(step, batches, n, dev):
     sync(dev)
     t0 = time.perf_counter()
     for i in range(n):
-        x, y, _ = batches[i % len(batches)]
-        step(x, y)
+        b = batches[i % len(batches)]
+        step(b.inputs, b.targets)
     sync(dev)
     return time.perf_counter() - t0
 
@@ -193,7 +193,7 @@ def bench_trainer_vs_minimal(kind, batches, args, dev, tmp):
     time_loop(step, batches, args.warmup, dev)
     tr, mn = paired_windows(method, batches, lambda: time_loop(step, batches, args.steps, dev), args, dev,
                             Path(tmp) / kind)
-    bs = batches[0][0].shape[0]
+    bs = len(batches[0])
     t_ips, m_ips = bs * args.steps / statistics.median(tr), bs * args.steps / statistics.median(mn)
     # the ratio: median over the paired (adjacent, interleaved) windows, robust to load that changes over time
     paired = statistics.median(m / t for t, m in zip(tr, mn))
@@ -256,12 +256,12 @@ def time_epoch(loader, dev, max_batches):
     sync(dev)
     start = t0 = time.perf_counter()
     n = first = 0
-    for b, (x, y, i) in enumerate(loader.iter_epoch(0)):
+    for b, batch in enumerate(loader.iter_epoch(0)):
         if b == 0:
             sync(dev)
-            t0, first = time.perf_counter(), x.shape[0]
+            t0, first = time.perf_counter(), len(batch)
             continue
-        n += x.shape[0]
+        n += len(batch)
         if b + 1 >= max_batches:
             break
     sync(dev)
@@ -436,9 +436,8 @@ def main(argv=None):
     torch.manual_seed(0)
     split = cifar_split(args.batch_size * 8, seed=2)
     tl = TensorLoader(split, args.batch_size, shuffle=True, drop_last=True, augment="crop_flip", crop_padding=4,
-                      flip=True, device=dev)
-    batches = [(x.contiguous(memory_format=torch.channels_last) if args.channels_last else x, y, i)
-               for x, y, i in tl.iter_epoch(0)]
+                      flip=True, device=dev, channels_last=args.channels_last)
+    batches = list(tl.iter_epoch(0))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if "trainer" not in args.skip:

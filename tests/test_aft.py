@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import compose, load_script
+from src.batch import Batch
 from src.engine import build_optimizer
 from src.experiments import aft as aft_exp
 from src.methods.aft import AFT, BTuning, FeatureKD, FeatureTable, kernel_distance
@@ -123,14 +124,14 @@ def test_aft_regulariser_scales_and_loss():
     # loss = CE + prec * R on a real batch; prec = 0 is plain cross-entropy
     x = torch.rand(3, 1, 2, 2)
     y = torch.tensor([0, 1, 2])
-    loss, logs = m.loss((x, y, idx))
+    loss, logs = m.loss(Batch(x, y, idx))
     with torch.no_grad():
         z = student(x)
     assert float(logs["ce"]) == pytest.approx(float(F.cross_entropy(z, y)), rel=1e-6)
     assert float(loss.detach()) == pytest.approx(float(logs["ce"] + 10.0 * logs["reg"]), rel=1e-6)
     m0 = AFT(student, _table(phi), prec=0.0)
     with torch.no_grad():
-        assert float(m0.loss((x, y, idx))[0]) == pytest.approx(float(F.cross_entropy(student(x), y)), rel=1e-6)
+        assert float(m0.loss(Batch(x, y, idx))[0]) == pytest.approx(float(F.cross_entropy(student(x), y)), rel=1e-6)
 
 
 def test_aft_scales_have_their_own_param_group():
@@ -148,7 +149,7 @@ def test_aft_scales_have_their_own_param_group():
     dense = AFT(_student(hidden=3), _table(phi), scales="dense", kernel="none")  # init randn / 2 (prior.py)
     assert dense.s.shape == (4, 4) and torch.allclose(dense.scaled_phi(phi), phi @ dense.s)
     x, y, idx = torch.rand(6, 1, 2, 2), torch.arange(6) % 3, torch.arange(6)
-    dense.loss((x, y, idx))[0].backward()
+    dense.loss(Batch(x, y, idx))[0].backward()
     assert dense.s.grad is not None and dense.map.weight.grad is not None
     want = dense.s.detach().norm(dim=1).mean().item()  # mean row norm of the matrix
     assert dense.scale_summary()["scales_mean"] == pytest.approx(want)
@@ -163,7 +164,7 @@ def test_feature_kd_loss_by_hand():
     hand = ((0 ** 2 + 1 ** 2) + (2 ** 2 + 2 ** 2) + (1 ** 2 + 0.5 ** 2)) / 6
     assert float(m.regulariser(torch.randn(3, 2), torch.arange(3)).detach()) == pytest.approx(hand)
     x, y = torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 2])
-    loss, logs = m.loss((x, y, torch.arange(3)))
+    loss, logs = m.loss(Batch(x, y, torch.arange(3)))
     assert float(loss.detach()) == pytest.approx(float(logs["ce"]) + 2.0 * hand, rel=1e-6)
 
 
@@ -185,7 +186,7 @@ def test_btuning_target_and_loss_by_hand():
     hand = ((f @ m.m_down - target[idx].float()) ** 2).mean()
     assert float(m.regulariser(f, idx)) == pytest.approx(float(hand), rel=1e-5)
     x = torch.rand(5, 1, 2, 2)
-    loss, logs = m.loss((x, y[idx], idx))
+    loss, logs = m.loss(Batch(x, y[idx], idx))
     loss.backward()  # no gradient into the target: only the student trains
     assert {n for n, p in m.named_parameters() if p.grad is not None} == {n for n, _ in m.named_parameters()}
     assert not m.target_table.requires_grad and not m.m_down.requires_grad

@@ -11,6 +11,7 @@ import torch
 
 from conftest import compose
 
+from src.batch import Batch
 from src.data import build_dataset, build_loader, training_split
 from src.data.datasets import stratified_partition, subset_positions
 from src.errors import UserError
@@ -171,7 +172,9 @@ def _as_images(flat):
 
 def _check_loader_batches(loader, split, exact: bool, size):
     seen_ids = []
-    for x, y, idx in loader.iter_epoch(0):
+    for b in loader.iter_epoch(0):
+        assert isinstance(b, Batch)
+        x, y, idx = b.inputs, b.targets, b.ids
         assert x.dtype == torch.float32 and x.ndim == 4 and x.shape[1:] == (split.info.channels, size, size)
         assert y.dtype == torch.int64 and idx.dtype == torch.int64
         assert x.shape[0] == y.shape[0] == idx.shape[0] <= loader.batch_size
@@ -228,8 +231,8 @@ def test_cifar100_round_trip(tmp_path):
     assert torch.equal(ds.split("test").images, _as_images(tex))
     assert torch.equal(ds.split("test").labels, torch.from_numpy(tey))
     lcfg = compose("pretrain/pretrain", ["loader.batch_size=5"]).loader
-    x, y, idx = next(iter(build_loader(lcfg, ds.split("train"), train=True, device="cpu")))
-    assert x.shape == (5, 3, 32, 32) and y.shape == (5,) and idx.shape == (5,)
+    b = next(iter(build_loader(lcfg, ds.split("train"), train=True, device="cpu")))
+    assert b.inputs.shape == (5, 3, 32, 32) and b.targets.shape == (5,) and b.ids.shape == (5,) and len(b) == 5
 
 
 @pytest.mark.parametrize("name,expected", [("cifar10", "cifar10/cifar-10-batches-py/data_batch_1"),
@@ -314,7 +317,8 @@ def test_imagefolder_round_trip_and_loaders(tmp_path):
                                              "loader.flip=true"]).loader
         ev = build_loader(lcfg, te, train=False, device="cpu")
         seen = []
-        for x, y, idx in ev.iter_epoch(0):
+        for b in ev.iter_epoch(0):
+            x, y, idx = b.inputs, b.targets, b.ids
             assert x.dtype == torch.float32 and x.shape[1:] == (3, 16, 16) and 0 <= x.min() and x.max() <= 1
             assert torch.equal(y, te.labels[idx])
             for xi, k in zip(x, idx.tolist()):
@@ -325,19 +329,21 @@ def test_imagefolder_round_trip_and_loaders(tmp_path):
         assert torch.cat(seen).tolist() == [0, 1, 2, 3]
         trl = build_loader(lcfg, tr, train=True, seed=1, device="cpu")
         batches = list(trl.iter_epoch(0))
-        assert [b[0].shape[0] for b in batches] == [4, 2]
-        ids = torch.cat([b[2] for b in batches])
+        assert [len(b) for b in batches] == [4, 2]
+        ids = torch.cat([b.ids for b in batches])
         assert sorted(ids.tolist()) == list(range(6))
-        for x, y, idx in batches:
-            assert x.shape[1:] == (3, 16, 16) and 0 <= x.min() and x.max() <= 1 and torch.equal(y, tr.labels[idx])
+        for b in batches:
+            x = b.inputs
+            assert x.shape[1:] == (3, 16, 16) and 0 <= x.min() and x.max() <= 1
+            assert torch.equal(b.targets, tr.labels[b.ids])
 
 
 def test_imagefolder_resizes_and_uses_workers(tmp_path):
     _write_imagefolder(tmp_path / "tiny", size=20)
     _, ds = _ds(IF_OVERRIDES + [f"dataset.root={tmp_path / 'tiny'}"])  # crop_pct 0.875: resize 18, crop 16
     lcfg = compose("pretrain/pretrain", ["loader=torch", "loader.num_workers=1", "loader.eval_batch_size=8"]).loader
-    x, y, idx = next(iter(build_loader(lcfg, ds.split("test"), train=False, device="cpu")))
-    assert x.shape == (4, 3, 16, 16) and idx.tolist() == [0, 1, 2, 3]
+    b = next(iter(build_loader(lcfg, ds.split("test"), train=False, device="cpu")))
+    assert b.inputs.shape == (4, 3, 16, 16) and b.ids.tolist() == [0, 1, 2, 3]
     assert ds.split("train").materialize().images.shape == (6, 3, 16, 16)
 
 
@@ -390,15 +396,15 @@ def test_tensor_loader_order_is_seeded_per_epoch_and_resumable():
     assert len(a) == len(tr) // 100
     e0 = list(a.iter_epoch(0))
     e0b = list(b.iter_epoch(0))
-    for (x1, y1, i1), (x2, y2, i2) in zip(e0, e0b):
-        assert torch.equal(x1, x2) and torch.equal(i1, i2)  # same seed: same order and augmentation
+    for b1, b2 in zip(e0, e0b):
+        assert torch.equal(b1.inputs, b2.inputs) and torch.equal(b1.ids, b2.ids)  # same order and augmentation
     e1 = list(a.iter_epoch(1))
-    assert not torch.equal(e0[0][2], e1[0][2])  # a fresh order every epoch
+    assert not torch.equal(e0[0].ids, e1[0].ids)  # a fresh order every epoch
     tail = list(a.iter_epoch(1, start_batch=2))  # resume inside an epoch
     assert len(tail) == len(e1) - 2
-    for (x1, _, i1), (x2, _, i2) in zip(e1[2:], tail):
-        assert torch.equal(i1, i2) and torch.equal(x1, x2)
-    assert all(x.shape[0] == 100 for x, _, _ in e0)  # drop_last
+    for b1, b2 in zip(e1[2:], tail):
+        assert torch.equal(b1.ids, b2.ids) and torch.equal(b1.inputs, b2.inputs)
+    assert all(len(b) == 100 and b.inputs.shape[0] == 100 for b in e0)  # drop_last
 
 
 def test_loader_bad_settings_are_user_errors():
@@ -477,15 +483,16 @@ def test_tensor_loader_augmentation_is_per_position_so_resume_and_ranks_reproduc
     one = TensorLoader(split, 8, **kw)
     ranks = [TensorLoader(split, 4, rank=r, world_size=2, **kw) for r in range(2)]
     full = list(one.iter_epoch(3))
-    assert len(full) == 6 and all(x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1 for x, _, _ in full)
-    for (x1, y1, i1), (x2, y2, i2) in zip(full[2:], one.iter_epoch(3, start_batch=2)):
-        assert torch.equal(x1, x2) and torch.equal(i1, i2) and torch.equal(y1, y2)
-    for (x, y, ids), (xa, ya, ia), (xb, yb, ib) in zip(full, *(r.iter_epoch(3) for r in ranks)):
-        both_ids, both_x = torch.cat([ia, ib]), torch.cat([xa, xb])
-        assert sorted(both_ids.tolist()) == sorted(ids.tolist())
-        for j, i in enumerate(ids.tolist()):
-            assert torch.equal(both_x[both_ids.tolist().index(i)], x[j])
-    assert not torch.equal(full[0][0], next(iter(one.iter_epoch(4)))[0])  # another epoch, other draws
+    assert len(full) == 6 and all(b.inputs.dtype == torch.float32 and 0 <= b.inputs.min() and b.inputs.max() <= 1
+                                  for b in full)
+    for b1, b2 in zip(full[2:], one.iter_epoch(3, start_batch=2)):
+        assert torch.equal(b1.inputs, b2.inputs) and torch.equal(b1.ids, b2.ids) and torch.equal(b1.targets, b2.targets)
+    for b, ba, bb in zip(full, *(r.iter_epoch(3) for r in ranks)):
+        both_ids, both_x = torch.cat([ba.ids, bb.ids]), torch.cat([ba.inputs, bb.inputs])
+        assert sorted(both_ids.tolist()) == sorted(b.ids.tolist())
+        for j, i in enumerate(b.ids.tolist()):
+            assert torch.equal(both_x[both_ids.tolist().index(i)], b.inputs[j])
+    assert not torch.equal(full[0].inputs, next(iter(one.iter_epoch(4))).inputs)  # another epoch, other draws
 
 
 def test_resized_crop_flip_equals_grid_sample_and_a_full_box_is_the_identity():
@@ -541,3 +548,100 @@ def test_bad_image_files_are_named_when_the_split_is_built(tmp_path, monkeypatch
     assert "whole.jpg" not in msg and "img0.png" not in msg
     monkeypatch.setenv("KT_CHECK_IMAGES", "0")  # the documented way out for a verified copy
     assert len(_ds(IF_OVERRIDES + [f"dataset.root={tmp_path / 'if'}"])[1].split("train")) == 11
+
+
+# ------------------------------------------------------------------------------------------- batches
+
+
+@pytest.mark.parametrize("backend", ["tensor", "torch"])
+@pytest.mark.parametrize("train", [False, True])
+def test_every_backend_yields_batches_whose_ids_are_the_splits(backend, train):
+    """Batch(inputs, targets, ids): every sample of the split once per epoch, each row's target its label."""
+    from omegaconf import OmegaConf
+
+    _, ds = _ds()
+    split = training_split(ds, "train", OmegaConf.create({"fraction": 0.2, "per_class": None, "seed": 0}))
+    assert not torch.equal(split.ids, torch.arange(len(split)))  # a subset: ids are not positions
+    lcfg = compose("pretrain/pretrain", [f"loader={backend}", "loader.batch_size=32", "loader.eval_batch_size=50",
+                                         "loader.num_workers=0", "loader.drop_last=false"]).loader
+    loader = build_loader(lcfg, split, train=train, seed=2, device="cpu")
+    batches = list(loader.iter_epoch(0))
+    assert batches and all(isinstance(b, Batch) for b in batches)
+    ids = torch.cat([b.ids for b in batches])
+    assert sorted(ids.tolist()) == sorted(split.ids.tolist())
+    by_id = dict(zip(split.ids.tolist(), split.labels.tolist()))
+    for b in batches:
+        assert b.ids.dtype == torch.int64 and len(b) == b.inputs.shape[0] == b.targets.shape[0] and b.is_image
+        assert b.targets.tolist() == [by_id[i] for i in b.ids.tolist()]
+    with pytest.raises(TypeError):  # opened by name only: no tuple unpacking of a Batch
+        x, y, idx = batches[0]
+
+
+@pytest.mark.parametrize("backend", ["tensor", "torch"])
+@pytest.mark.parametrize("augment", ["none", "crop_flip"])
+def test_loader_delivers_channels_last_images_when_asked(backend, augment):
+    lcfg = compose("pretrain/pretrain", [f"loader={backend}", "loader.batch_size=16", "loader.num_workers=0",
+                                         f"loader.augment={augment}", "loader.crop_padding=2"]).loader
+    split = _uint8_split()  # 3 channels: channels_last differs from the default layout (not so for 1 channel)
+    plain = next(build_loader(lcfg, split, train=True, seed=1, device="cpu").iter_epoch(0))
+    cl = next(build_loader(lcfg, split, train=True, seed=1, device="cpu", channels_last=True).iter_epoch(0))
+    assert cl.inputs.is_contiguous(memory_format=torch.channels_last) and cl.inputs.stride(1) == 1
+    assert plain.inputs.is_contiguous() and plain.inputs.stride(3) == 1
+    if augment == "none" or backend == "tensor":  # torchvision's random ops are not seeded per loader
+        assert torch.equal(cl.inputs, plain.inputs) and torch.equal(cl.ids, plain.ids)
+
+
+def test_batch_to_moves_nested_tensors_and_len_counts_samples():
+    ids = torch.arange(3)
+    b = Batch({"input_ids": torch.ones(3, 5, dtype=torch.long), "mask": [torch.zeros(3, 5)]},
+              [{"boxes": torch.zeros(1, 4), "labels": torch.tensor([1])}] * 3, ids, {"phase": 2, "t": torch.ones(1)})
+    moved = b.to("meta")
+    assert moved is not b and len(moved) == 3 and moved.extra["phase"] == 2
+    assert moved.inputs["input_ids"].device.type == "meta" and moved.inputs["mask"][0].device.type == "meta"
+    assert all(t["boxes"].device.type == "meta" for t in moved.targets) and moved.ids.device.type == "meta"
+    assert moved.extra["t"].device.type == "meta" and b.ids.device.type == "cpu"  # the original is unchanged
+    assert not b.is_image and Batch(torch.rand(2, 1, 4, 4)).is_image and len(Batch(torch.rand(2, 1, 4, 4))) == 2
+    assert not Batch(torch.randint(0, 9, (2, 1, 4, 4))).is_image  # uint8 / int images are not float images
+    assert len(Batch({"input_ids": torch.ones(4, 7)})) == 4 and len(Batch([torch.rand(3, 5, 5)] * 6)) == 6
+
+
+def test_batch_passes_through_ddp_forward():
+    """DistributedDataParallel hands a Batch to the wrapped module as it is (one gloo process)."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.utils import _recursive_to
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    b = Batch(torch.rand(4, 3), torch.tensor([0, 1, 0, 1]), torch.arange(4), {"phase": 1})
+    assert _recursive_to(b, torch.device("cpu"), False)[0] is b
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 2)
+
+        def forward(self, batch):
+            assert isinstance(batch, Batch) and batch.extra["phase"] == 1
+            return torch.nn.functional.cross_entropy(self.fc(batch.inputs), batch.targets)
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        DDP(Probe())(b).backward()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_noise_batches_are_batches_of_one_z_per_pseudo_batch():
+    from src.data import NoiseBatches
+
+    nb = NoiseBatches(4, 10, 3, seed=1)
+    batches = list(nb.iter_epoch(5, 1))
+    assert [b.extra for b in batches] == [{"phase": 1, "pseudo_batch": 5}, {"phase": 2, "pseudo_batch": 5}]
+    assert all(isinstance(b, Batch) and b.ids is None and b.targets is None and len(b) == 4 for b in batches)
+    assert torch.equal(batches[0].inputs, nb.z(5)) and batches[0].inputs is batches[1].inputs

@@ -27,6 +27,7 @@ pytest.importorskip("ffcv")  # safety net only: `make install` installs ffcv, CI
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 from src.data import build_dataset, build_loader  # noqa: E402
+from src.batch import Batch  # noqa: E402
 from src.data.ffcv_loader import FFCVLoader  # noqa: E402
 from src.errors import UserError  # noqa: E402
 
@@ -39,10 +40,11 @@ def _write_ffcv_main():
 
 def _collect(loader, epoch=0, start_batch=0):
     xs, ys, ids = [], [], []
-    for x, y, i in loader.iter_epoch(epoch, start_batch):
-        xs.append(x)
-        ys.append(y)
-        ids.append(i)
+    for b in loader.iter_epoch(epoch, start_batch):
+        assert isinstance(b, Batch) and len(b) == b.inputs.shape[0]
+        xs.append(b.inputs)
+        ys.append(b.targets)
+        ids.append(b.ids)
     return torch.cat(xs), torch.cat(ys), torch.cat(ids)
 
 
@@ -170,7 +172,8 @@ def test_digits_train_crop_flip(ffcv_env):
     assert len(loader) == 6  # ceil(359 / 64), drop_last=false
     shapes = []
     ids = []
-    for x, y, i in loader.iter_epoch(0):
+    for b in loader.iter_epoch(0):
+        x, y, i = b.inputs, b.targets, b.ids
         shapes.append(tuple(x.shape))
         ids.append(i)
         assert x.dtype == torch.float32 and 0 <= float(x.min()) and float(x.max()) <= 1
@@ -179,8 +182,8 @@ def test_digits_train_crop_flip(ffcv_env):
     ids = torch.cat(ids)
     assert sorted(ids.tolist()) == split.ids.tolist()
     assert not torch.equal(ids, split.ids)  # shuffled
-    again = torch.cat([i for _, _, i in loader.iter_epoch(0)])
-    other = torch.cat([i for _, _, i in loader.iter_epoch(1)])
+    again = torch.cat([b.ids for b in loader.iter_epoch(0)])
+    other = torch.cat([b.ids for b in loader.iter_epoch(1)])
     assert torch.equal(ids, again) and not torch.equal(ids, other)  # order = f(seed, epoch)
 
 
@@ -213,8 +216,8 @@ def test_imagefolder_train_rrc_flip(ffcv_env):
     split = ffcv_env["folder"].split("train")
     loader = build_loader(ffcv_env["folder_cfg"].loader, split, train=True, seed=0)
     assert loader.augmented and len(loader) == 3  # 18 images, batch 8
-    got = [(tuple(x.shape), x.dtype, float(x.min()) >= 0 and float(x.max()) <= 1) for x, _, _ in
-           loader.iter_epoch(0)]
+    got = [(tuple(b.inputs.shape), b.inputs.dtype, float(b.inputs.min()) >= 0 and float(b.inputs.max()) <= 1)
+           for b in loader.iter_epoch(0)]
     assert got == [((8, 3, IMG_SIZE, IMG_SIZE), torch.float32, True)] * 2 + \
         [((2, 3, IMG_SIZE, IMG_SIZE), torch.float32, True)]
 
@@ -331,3 +334,17 @@ def test_unreadable_beton_is_one_user_error(ffcv_env, tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"digits_test.beton is not readable \(permission denied\): fix its "
                                         r"permissions \(chmod a\+r .*--overwrite"):
         build()
+
+
+def test_batches_carry_the_splits_ids_and_come_channels_last_when_asked(ffcv_env):
+    """Every FFCV batch is a Batch whose ids are the split's (each once per epoch, targets their labels); with
+    channels_last=True the images come in channels_last memory format, the same pixels."""
+    split = ffcv_env["folder"].split("test")
+    plain = build_loader(ffcv_env["folder_cfg"].loader, split, train=False)
+    cl = build_loader(ffcv_env["folder_cfg"].loader, split, train=False, channels_last=True)
+    by_id = dict(zip(split.ids.tolist(), split.labels.tolist()))
+    for a, b in zip(plain.iter_epoch(0), cl.iter_epoch(0)):
+        assert isinstance(b, Batch) and b.is_image and b.targets.tolist() == [by_id[i] for i in b.ids.tolist()]
+        assert b.inputs.is_contiguous(memory_format=torch.channels_last) and b.inputs.stride(1) == 1
+        assert a.inputs.is_contiguous() and torch.equal(a.inputs, b.inputs) and torch.equal(a.ids, b.ids)
+    assert sorted(_collect(cl)[2].tolist()) == sorted(split.ids.tolist())

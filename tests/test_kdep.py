@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import compose
+from src.batch import Batch
 from src.errors import UserError
 from src.experiments import kdep
 from src.io_utils import load_state_dict
@@ -171,20 +172,20 @@ def test_method_loss_uses_the_student_pre_relu_features():
     m = KDEP(_model("resnet8"), teacher, loss_w=2.0).set_basis(b["mu"], v)
     m.student.eval()
     with torch.no_grad():
-        loss, logs = m.loss((x, y, idx))
+        loss, logs = m.loss(Batch(x, y, idx))
         f_s = pre_activation_features(m.student, x)[0]
     want = 2.0 * F.mse_loss(f_s, pts(project(f_t[:5], b["mu"], v)))
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
     assert set(logs) == {"feat_loss"}  # kl_w = ce_w = 0: no logit or label term
     m.kl_w, m.ce_w = 1.0, 1.0
     with torch.no_grad():
-        assert set(m.loss((x, y, idx))[1]) == {"feat_loss", "kl", "ce"}
+        assert set(m.loss(Batch(x, y, idx))[1]) == {"feat_loss", "kl", "ce"}
     with pytest.raises(UserError, match="64-d student features but the basis projects to 4"):
-        KDEP(_model("resnet8"), teacher).set_basis(b["mu"], b["V"][:, :4]).loss((x, y, idx))
+        KDEP(_model("resnet8"), teacher).set_basis(b["mu"], b["V"][:, :4]).loss(Batch(x, y, idx))
     bad = KDEP(_model("resnet8"), teacher).set_basis(b["mu"], v)
     bad.student.net.stages[-1][-1].act = nn.Identity()  # the final activation is gone: refused, not mis-hooked
     with pytest.raises(UserError, match="cannot find the final activation"):
-        bad.loss((x, y, idx))
+        bad.loss(Batch(x, y, idx))
 
 
 def test_dimension_mismatch_is_refused():

@@ -12,11 +12,12 @@ from conftest import ROOT
 
 SRC = ROOT / "src"
 FAMILIES = ("transfer", "multi_teacher", "kdep", "zeroshot", "aft", "flips", "pretrain")
-# package -> the packages it may import (besides itself and the top-level helpers errors/io_utils/schema)
+# package -> the packages it may import (besides itself and the top-level helpers in TOP: errors, io_utils, schema,
+# entry, batch, seeding)
 ALLOWED = {"metrics": set(), "data": set(), "models": set(), "engine": {"data", "models", "metrics"},
-           "methods": {"models", "data", "metrics"}, "tracking": {"plots", "metrics"}, "plots": set(),
+           "methods": {"models", "metrics"}, "tracking": {"plots", "metrics"}, "plots": set(),
            "experiments": {"data", "models", "methods", "engine", "metrics", "tracking", "plots"}}
-TOP = {"errors", "io_utils", "schema", "entry"}
+TOP = {"errors", "io_utils", "schema", "entry", "batch", "seeding"}
 
 
 def _module(path: Path) -> str:
@@ -95,7 +96,7 @@ def test_no_import_cycle():
     assert not cycles, cycles
 
 
-@pytest.mark.parametrize("limit", [66])
+@pytest.mark.parametrize("limit", [60])
 def test_no_function_over_sixty_lines(limit):
     long = []
     for path in SRC.rglob("*.py"):

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from src.batch import Batch
 from src.errors import UserError
 import src.methods as methods_pkg
 from src.methods import (CD, CRD, KDAT, KDEP, KL, KLDP, MCL, NEEDS, BTuning, CrossEntropy, FeatureKD, GANTraining,
@@ -44,7 +45,7 @@ class Table(nn.Module):
 
 def batch(n, labels):
     x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1)
-    return x, torch.as_tensor(labels), torch.arange(n)
+    return Batch(x, torch.as_tensor(labels), torch.arange(n))
 
 
 def kl_hand(p, q):
@@ -201,7 +202,7 @@ def test_crd_is_ce_plus_crd_and_negatives_come_from_other_classes():
     m = CRD(st, te, sample_labels=torch.tensor([0, 1, 2, 0]), feat_dim=4, num_negatives=7)
     mem_before = m.memory_s.clone()
     y = [0, 1, 2]
-    loss, logs = m((torch.arange(3.0).view(3, 1, 1, 1), torch.tensor(y), torch.arange(3)))
+    loss, logs = m(Batch(torch.arange(3.0).view(3, 1, 1, 1), torch.tensor(y), torch.arange(3)))
     ce = sum(-math.log(softmax(z)[c]) for z, c in zip(zs, y)) / 3
     assert logs["ce"].item() == pytest.approx(ce, abs=1e-5) and "kl" not in logs
     assert loss.item() == pytest.approx(ce + 0.8 * logs["crd"].item(), abs=1e-4)
@@ -571,3 +572,51 @@ def test_check_method_node_names_the_nodes_key():
                             "use one of most-conf, most-conf_u, pos_flips, neg_flips, neutral_avg, self")
     with pytest.raises(UserError, match=r"^cannot build method CD: "):
         check_method_node({"_target_": "src.methods.CD", "sim_temperature": "1"})
+
+
+# ------------------------------------------------------------------------------------------------ modalities
+
+
+def test_a_method_refuses_a_modality_it_cannot_handle_in_one_line():
+    from src.methods import check_method_node, methods_for
+
+    st, te = Table([[0.0, 0.0]]), Table([[1.0, 0.0]], trainable=False)
+    text = methods_for("text")
+    assert "kl" in text and "xekl" in text and "kl_dp" in text and "aft" in text and "kdep" not in text
+    with pytest.raises(UserError) as e:
+        build_method({"_target_": "src.methods.KDEP"}, modality="text", student=st, teacher=te)
+    msg = str(e.value)
+    assert msg == f"method=kdep (KDEP) does not handle text inputs: use one of {', '.join(text)}" and "\n" not in msg
+    with pytest.raises(UserError) as e:  # a class without a config file is named by its _target_ and full key
+        check_method_node({"_target_": "src.methods.KDAT"}, "few_shot.kd_at", modality="text")
+    assert str(e.value).startswith("few_shot.kd_at._target_=src.methods.KDAT (KDAT) does not handle text inputs: ")
+    with pytest.raises(UserError) as e:  # text inputs cannot be mixed
+        build_method({"_target_": "src.methods.KL", "mixup_alpha": 0.2}, modality="text", student=st, teacher=te)
+    assert str(e.value) == "method.mixup_alpha=0.2 mixes images, which text inputs are not: set method.mixup_alpha=0"
+    assert type(build_method({"_target_": "src.methods.KL"}, modality="text", student=st, teacher=te)) is KL
+    assert type(build_method({"_target_": "src.methods.KDEP"}, modality="image", student=st, teacher=te)) is KDEP
+    build_method({"_target_": "src.methods.KDEP"}, student=st, teacher=te)  # no modality given: no check
+    check_method_node({"_target_": "src.methods.KDEP"}, "method")  # preflight: no dataset, no check
+    image_only = {KDEP, ZeroShot, KDAT, GANTraining}
+    for cls in (CrossEntropy, KL, KLDP, MCL, MultiKLDP, CD, CRD, AFT, FeatureKD, BTuning, *image_only):
+        assert cls.modalities == ({"image"} if cls in image_only else {"image", "text"}), cls.__name__
+    assert Method.modalities == {"image"}
+
+
+def test_mix_refuses_inputs_that_are_not_float_images():
+    st, te = Table([[0.0, 1.0], [1.0, 0.0]]), Table([[1.0, 0.0], [0.0, 1.0]], trainable=False)
+    y, ids = torch.tensor([0, 1]), torch.arange(2)
+    tokens = {"input_ids": torch.tensor([[0, 3], [1, 4]]), "attention_mask": torch.ones(2, 2, dtype=torch.long)}
+    mixing = KL(st, te, mixup_alpha=0.4).train()
+    for inputs, what in ((tokens, "a dict of tensors (input_ids, attention_mask)"),
+                         (torch.tensor([[0, 3], [1, 4]]), "a 2-D int64 tensor"),
+                         (torch.arange(2.0).view(2, 1), "a 2-D float32 tensor")):
+        with pytest.raises(UserError) as e:
+            mixing.loss(Batch(inputs, y, ids))
+        assert str(e.value) == (f"method.mixup_alpha=0.4 / method.synth_ratio=0.0 mix float images, but KL's batch "
+                                f"holds {what}: set method.mixup_alpha=0 and method.synth_ratio=0")
+    # the same non-image batch without mixing: KL only reads logits, by sample id
+    loss, _ = KL(st, te).train().loss(Batch(torch.arange(2.0).view(2, 1), y, ids))
+    assert loss.item() == pytest.approx(kl_hand(softmax([1.0, 0.0]), softmax([0.0, 1.0])), abs=1e-5)
+    x, fresh = mixing.mix(batch(2, [0, 1]))  # float images mix
+    assert fresh and x.shape == (2, 1, 1, 1)

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from conftest import ROOT, compose
 
+from src.batch import Batch
 from src.engine import Trainer
 from src.errors import UserError
 from src.experiments import multi_teacher as mtx
@@ -63,19 +64,19 @@ def test_multi_kldp_loss_distils_each_sample_from_its_routed_source():
     m = MultiKLDP(Fixed(zs), [Fixed(t1), Fixed(t2)], Fixed(zf), partition="most-conf", temperature=2.0,
                   names=["a", "b"])
     x, y = torch.arange(5).float(), torch.zeros(5, dtype=torch.long)
-    loss, logs = m.loss((x, y, torch.arange(5)))
+    loss, logs = m.loss(Batch(x, y, torch.arange(5)))
     chosen = torch.stack([[zf, t1, t2][s][i] for i, s in enumerate([0, 1, 2, 0, 1])])
     expect = kl_to_target(zs, (chosen / 2.0).softmax(1), 2.0).mean()
     assert loss.item() == pytest.approx(expect.item(), rel=1e-5)
     assert logs["route_student"].item() == pytest.approx(0.4) and logs["route_b"].item() == pytest.approx(0.2)
     # a student that already predicts each routed target has zero loss
     m2 = MultiKLDP(Fixed(chosen), [Fixed(t1), Fixed(t2)], Fixed(zf))
-    assert m2.loss((x, y, torch.arange(5)))[0].item() == pytest.approx(0.0, abs=1e-6)
+    assert m2.loss(Batch(x, y, torch.arange(5)))[0].item() == pytest.approx(0.0, abs=1e-6)
     # cached outputs (per sample id) are used instead of running the frozen models
     m3 = MultiKLDP(Fixed(zs), [Fixed(torch.zeros(5, 3)), Fixed(torch.zeros(5, 3))], Fixed(torch.zeros(5, 3)),
                    teacher_caches=[{"logits": t1}, {"logits": t2}], frozen_student_cache={"logits": zf},
                    temperature=2.0)
-    assert m3.loss((x, y, torch.arange(5)))[0].item() == pytest.approx(expect.item(), rel=1e-5)
+    assert m3.loss(Batch(x, y, torch.arange(5)))[0].item() == pytest.approx(expect.item(), rel=1e-5)
     # frozen models stay out of checkpoints; only the student is saved
     assert all(k.startswith("student.") for k in m.state_dict())
     assert len(m.frozen_modules()) == 3
@@ -91,10 +92,10 @@ def test_multi_kldp_value_by_hand():
     m = MultiKLDP(Fixed(torch.zeros(1, 2)), [Fixed(t1), Fixed(t2)], Fixed(zf))
     x, idx = torch.zeros(1), torch.arange(1)
     kl = lambda p: sum(pi * math.log(pi / 0.5) for pi in p)  # noqa: E731
-    assert m.loss((x, torch.tensor([0]), idx))[0].item() == pytest.approx(kl([.7, .3]), abs=1e-6)  # t1 wins
-    assert m.loss((x, torch.tensor([1]), idx))[0].item() == pytest.approx(kl([.2, .8]), abs=1e-6)  # t2 wins
+    assert m.loss(Batch(x, torch.tensor([0]), idx))[0].item() == pytest.approx(kl([.7, .3]), abs=1e-6)  # t1 wins
+    assert m.loss(Batch(x, torch.tensor([1]), idx))[0].item() == pytest.approx(kl([.2, .8]), abs=1e-6)  # t2 wins
     mu = MultiKLDP(Fixed(torch.zeros(1, 2)), [Fixed(t1), Fixed(t2)], Fixed(zf), partition="most-conf_u")
-    assert mu.loss((x, torch.tensor([0]), idx))[0].item() == pytest.approx(kl([.2, .8]), abs=1e-6)  # max prob
+    assert mu.loss(Batch(x, torch.tensor([0]), idx))[0].item() == pytest.approx(kl([.2, .8]), abs=1e-6)  # max prob
 
 
 def test_sequential_order_by_accuracy():
@@ -137,7 +138,7 @@ def test_soup_of_identical_students_is_that_student():
 def test_bn_statistics_are_recomputed_on_data():
     net = _bn_net()
     data = [torch.randn(16, 4) * 3 + 1 for _ in range(4)]
-    n = recompute_bn_stats(net, [(x, None) for x in data])
+    n = recompute_bn_stats(net, [Batch(x, None, torch.arange(len(x))) for x in data])
     assert n == 64
     with torch.no_grad():
         h = [net[0](x) for x in data]
@@ -159,7 +160,7 @@ def test_ensemble_teacher_is_the_mean_softmax():
     assert torch.allclose(mean_softmax_logits(torch.stack([z1, z2, z3])), mean_p.log(), atol=1e-6)
     # the single-teacher KL distils the ensemble unchanged: a student predicting the mean softmax has zero loss
     kl = KL(Fixed(mean_p.log()), ens)
-    assert kl.loss((x, torch.zeros(6, dtype=torch.long), None))[0].item() == pytest.approx(0.0, abs=1e-6)
+    assert kl.loss(Batch(x, torch.zeros(6, dtype=torch.long), None))[0].item() == pytest.approx(0.0, abs=1e-6)
     assert all(k.startswith("student.") for k in kl.state_dict())
 
 

@@ -37,9 +37,9 @@ def _model(ds, seed=0, arch="mlp", **kw):
     return create_model(arch, i, kwargs=kw)
 
 
-def _loader(ds, split="train", augment="none", batch_size=64, train=True):
+def _loader(ds, split="train", augment="none", batch_size=64, train=True, channels_last=False):
     lcfg = compose("pretrain/pretrain", [f"loader.batch_size={batch_size}", f"loader.augment={augment}"]).loader
-    return build_loader(lcfg, ds.split(split), train=train, seed=0, device="cpu")
+    return build_loader(lcfg, ds.split(split), train=train, seed=0, device="cpu", channels_last=channels_last)
 
 
 # ------------------------------------------------------------------------------------------------------ caches
@@ -78,9 +78,9 @@ def test_frozen_logits_from_the_training_cache_equal_recomputed(tmp_path, kt_pat
     assert table is not None and any("using cached outputs" in r.message for r in caplog.records)
     method = KL(_model(ctx.ds, 2, hidden=[32]), teacher.model, teacher_cache=table)
     n = 0
-    for x, y, idx in loader.iter_epoch(0):
-        cached = method.teacher.logits(x, idx)
-        recomputed = method.teacher.logits(x, idx, use_cache=False)
+    for b in loader.iter_epoch(0):
+        cached = method.teacher.logits(b.inputs, b.ids)
+        recomputed = method.teacher.logits(b.inputs, b.ids, use_cache=False)
         assert torch.allclose(cached, recomputed, atol=1e-5), (cached - recomputed).abs().max()
         n += 1
     assert n == len(loader)
@@ -122,11 +122,12 @@ def test_loader_dtype_delivers_images_in_that_dtype(digits, backend):
     ref = next(build_loader(lcfg.loader, digits.split("val"), train=False).iter_epoch(0))
     for name, dt in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
         cfg = OmegaConf.merge(lcfg.loader, {"dtype": name})
-        x, y, idx = next(build_loader(cfg, digits.split("val"), train=False).iter_epoch(0))
-        assert x.dtype == dt and y.dtype == torch.int64 and torch.equal(idx, ref[2])
-        assert torch.equal(x, ref[0].to(dt)) and 0 <= float(x.min()) and float(x.max()) <= 1
+        b = next(build_loader(cfg, digits.split("val"), train=False).iter_epoch(0))
+        x = b.inputs
+        assert x.dtype == dt and b.targets.dtype == torch.int64 and torch.equal(b.ids, ref.ids)
+        assert torch.equal(x, ref.inputs.to(dt)) and 0 <= float(x.min()) and float(x.max()) <= 1
         # augmented batches too (the augmentation itself runs in fp32)
-        xa = next(build_loader(cfg, digits.split("train"), train=True, seed=0).iter_epoch(0))[0]
+        xa = next(build_loader(cfg, digits.split("train"), train=True, seed=0).iter_epoch(0)).inputs
         assert xa.dtype == dt and xa.shape[0] == 64
     model = _model(digits, hidden=[16])  # normalisation promotes to fp32: a bf16 batch runs without autocast
     assert model(x.to(torch.bfloat16)).dtype == torch.float32
@@ -137,7 +138,8 @@ def test_loader_dtype_delivers_images_in_that_dtype(digits, backend):
 
 def _fit(ds, run_dir, method, **tcfg):
     tcfg = {"seed": 0, "progress": "off", "device": "cpu", "max_steps": 3, **tcfg}
-    t = Trainer(method, _loader(ds, augment="crop_flip", batch_size=32),
+    loader = _loader(ds, augment="crop_flip", batch_size=32, channels_last=tcfg.get("channels_last", False))
+    t = Trainer(method, loader,
                 OmegaConf.merge(OmegaConf.structured(TrainerConfig), tcfg),
                 OmegaConf.merge(OmegaConf.structured(OptimizerConfig), {"name": "sgd", "lr": 0.05}),
                 OmegaConf.merge(OmegaConf.structured(SchedulerConfig), {"name": "none"}), run_dir, device="cpu")
@@ -172,7 +174,7 @@ def test_compile_student_and_frozen_models_on_cpu(tmp_path, digits):
 def test_cuda_amp_channels_last_compile(tmp_path, digits, amp):
     model = _model(digits, 0, arch="resnet8")
     lcfg = compose("pretrain/pretrain", ["loader.batch_size=64", "loader.augment=crop_flip"]).loader
-    loader = build_loader(lcfg, digits.split("train"), train=True, seed=0, device="cuda")
+    loader = build_loader(lcfg, digits.split("train"), train=True, seed=0, device="cuda", channels_last=True)
     assert loader.images.is_cuda and loader.images.dtype == torch.uint8  # the split is moved once
     t = Trainer(CrossEntropy(model), loader,
                 OmegaConf.merge(OmegaConf.structured(TrainerConfig),
@@ -391,7 +393,7 @@ def test_cuda_crops_pairwise_statistics_and_kl_stream_equal_cpu(tmp_path):
     split = Split("train", torch.randint(0, 4, (40,), generator=g), torch.arange(40), images=imgs, info=info,
                   full_size=40)
     ld = TensorLoader(split, 8, True, True, augment="crop_flip", crop_padding=2, flip=True, device="cuda")
-    x, y, i = next(ld.iter_epoch(0))
+    x = next(ld.iter_epoch(0)).inputs
     assert x.is_cuda and x.shape == (8, 3, 10, 10) and 0 <= float(x.min()) and float(x.max()) <= 1
     preds, labels = _preds_with_confusions()
     a, b = pw.pairwise_stats(preds, labels, 6), pw.pairwise_stats(preds.cuda(), labels.cuda(), 6)

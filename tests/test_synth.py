@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from conftest import compose, load_script
 
+from src.batch import Batch
 from src.data.loaders import mix_seed
 from src.engine import Trainer
 from src.errors import Preempted, UserError
@@ -45,7 +46,7 @@ def _kl(ratio=0.25, cache=None, seed=5):
 def test_exact_share_of_generated_rows(batch, ratio, expect):
     m = _kl(ratio).train()
     x = torch.rand(batch, 1, 8, 8)
-    out, fresh = m.mix(x)
+    out, fresh = m.mix(Batch(x))
     assert out.shape == x.shape and m.synth_count(batch) == expect
     assert torch.equal(out[expect:], x[expect:])  # the real rows are untouched
     assert fresh == (expect > 0)
@@ -60,22 +61,22 @@ def test_draws_differ_per_step_and_follow_the_seed_not_the_global_rng():
     a, b = _kl(), _kl()
     a.train(), b.train()
     x = torch.rand(8, 1, 8, 8)
-    first = a.mix(x)[0][:2]
+    first = a.mix(Batch(x))[0][:2]
     torch.manual_seed(123)  # the global stream does not matter
-    assert torch.equal(b.mix(x)[0][:2], first)
-    assert not torch.equal(a.mix(x)[0][:2], first)  # the next step draws new images
+    assert torch.equal(b.mix(Batch(x))[0][:2], first)
+    assert not torch.equal(a.mix(Batch(x))[0][:2], first)  # the next step draws new images
     assert int(a.synth_draws.count) == 2 and "synth_draws.count" in a.state_dict()
     assert not any(k.startswith("synth_generator.") for k in a.state_dict())  # the frozen generator is not saved
     c = _kl(seed=6).train()
-    assert not torch.equal(c.mix(x)[0][:2], first)
+    assert not torch.equal(c.mix(Batch(x))[0][:2], first)
 
 
 def test_eval_mode_and_ratio_zero_leave_the_batch_alone():
     x = torch.rand(8, 1, 8, 8)
     m = _kl().eval()
-    out, fresh = m.mix(x)
+    out, fresh = m.mix(Batch(x))
     assert out is x and not fresh and int(m.synth_draws.count) == 0
-    out, fresh = _kl(0.0).train().mix(x)
+    out, fresh = _kl(0.0).train().mix(Batch(x))
     assert out is x and not fresh
 
 
@@ -85,12 +86,12 @@ def test_generated_rows_are_labelled_by_the_teacher_and_never_served_from_the_ca
     x, y, idx = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,)), torch.arange(8)
     cache = {"logits": torch.zeros(8, 10)}
     plain = _kl(0.0, cache=cache).train()
-    loss0, _ = plain.loss((x, y, idx))
+    loss0, _ = plain.loss(Batch(x, y, idx))
     want0 = kl_to_target(plain.student(x), torch.full((8, 10), 0.1), 2.0).mean()
     assert torch.allclose(loss0, want0, atol=1e-6)
 
     m = _kl(0.25, cache=cache).train()
-    loss, _ = m.loss((x, y, idx))
+    loss, _ = m.loss(Batch(x, y, idx))
     xs = torch.cat([_source().sample(2, torch.Generator().manual_seed(mix_seed(5, 0, 0))), x[2:]])
     zt = m.teacher.model(xs)
     want = kl_to_target(m.student(xs), (zt / 2.0).softmax(1), 2.0).mean()
@@ -115,7 +116,7 @@ class _Batches:
     def iter_epoch(self, epoch, start=0):
         for b in range(start, 4):
             s = slice(8 * b, 8 * b + 8)
-            yield self.x[s], self.y[s], torch.arange(32)[s]
+            yield Batch(self.x[s], self.y[s], torch.arange(32)[s])
 
 
 def _synth_trainer(run_dir, init_seed=0):
@@ -186,7 +187,7 @@ def test_gan_step_updates_each_net_with_its_own_loss():
     g0, d0 = copy.deepcopy(g), copy.deepcopy(d)  # the state before the step (spectral-norm vectors included)
     m = GANTraining(g, d, seed=0).train()
     x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,))
-    loss, logs = m.loss((x, y, None))
+    loss, logs = m.loss(Batch(x, y, None))
     loss.backward()
     assert torch.allclose(loss, logs["d_loss"] + logs["g_loss"])
     # replay the step by hand: D's gradient is that of the hinge loss alone, G's that of -D(G(z)) alone

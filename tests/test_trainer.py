@@ -349,3 +349,77 @@ def test_a_latest_pointer_out_of_the_run_is_refused(tmp_path, digits, pointer):
         t.fit()
     (mine.root / "latest").write_text("step_00000002")  # its own pointer still works
     assert mine.latest().name == "step_00000002"
+
+
+# ------------------------------------------------------------------------------------ batches and inference
+
+
+def test_trainer_hands_each_batch_to_the_method_untouched(tmp_path, digits):
+    """The engine never opens a batch: the method receives the very Batch objects the loader yielded (no
+    unpacking, no channels_last conversion even with trainer.channels_last: that is the loader's job)."""
+    from src.batch import Batch
+
+    loader = _loader(digits, batch_size=64, augment="none")
+    yielded, seen = [], []
+    real_iter = loader.iter_epoch
+
+    def iter_epoch(epoch=0, start_batch=0):
+        for b in real_iter(epoch, start_batch):
+            yielded.append((b, b.inputs))
+            yield b
+
+    loader.iter_epoch = iter_epoch
+    method = CrossEntropy(_model("lenet", digits, 0))
+    real_loss = method.loss
+
+    def loss(batch):
+        seen.append(batch)
+        return real_loss(batch)
+
+    method.loss = loss
+    t = Trainer(method, loader, _typed(TrainerConfig, seed=0, progress="off", max_steps=3, channels_last=True),
+                _typed(OptimizerConfig, name="sgd", lr=0.05), _typed(SchedulerConfig, name="none"), tmp_path,
+                device="cpu")
+    t.fit()
+    assert len(seen) == 3 and all(isinstance(b, Batch) for b in seen)
+    assert all(s is y and s.inputs is x for s, (y, x) in zip(seen, yielded[:3]))
+    assert all(b.inputs.is_contiguous() for b in seen)  # the loader was not asked for channels_last
+
+
+def test_collect_orders_by_id_from_a_shuffled_loader_and_takes_an_accumulator(digits):
+    from src.engine import collect
+
+    loader = _loader(digits, batch_size=50, augment="none", seed=3)  # shuffled, not augmented
+    order = torch.cat([b.ids for b in loader.iter_epoch(0)])
+    assert not torch.equal(order, order.sort().values)  # the batches come in a shuffled order
+    split = digits.split("train")
+    out = collect(lambda b: {"labels": b.targets, "mean": b.inputs.flatten(1).mean(1)}, loader)
+    assert list(out) == ["labels", "mean", "ids"] and torch.equal(out["ids"], split.ids.sort().values)
+    rows = split.ids.sort().indices
+    assert torch.equal(out["labels"], split.labels[rows])
+    want = (split.images[rows].float() / 255).flatten(1).mean(1)
+    assert torch.allclose(out["mean"], want, atol=1e-6)
+    # a caller that accumulates itself: per_batch returns None, collect keeps nothing
+    seen = {"n": 0, "sum": torch.zeros(())}
+
+    def accumulate(b):
+        seen["n"] += len(b)
+        seen["sum"] += b.targets.sum()
+
+    assert collect(accumulate, loader, amp="bf16") == {}
+    assert seen["n"] == len(split) and int(seen["sum"]) == int(split.labels.sum())
+
+
+def test_predict_is_id_ordered_logits_labels_and_features(digits):
+    model = _model("mlp", digits, 0, hidden=[16]).eval()
+    loader = _loader(digits, batch_size=40, augment="none", seed=1)
+    out = predict(model, loader, features=True)
+    assert list(out) == ["logits", "labels", "ids", "features"]
+    split = digits.split("train")
+    rows = split.ids.sort().indices
+    x = split.images[rows].float() / 255
+    with torch.no_grad():
+        f, z = model.features_and_logits(x)
+    assert torch.equal(out["ids"], split.ids[rows]) and torch.equal(out["labels"], split.labels[rows])
+    assert torch.allclose(out["logits"], z, atol=1e-5) and torch.allclose(out["features"], f, atol=1e-5)
+    assert list(predict(model, loader)) == ["logits", "labels", "ids"] and model.training is False

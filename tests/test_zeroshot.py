@@ -9,6 +9,7 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 
 from conftest import compose
+from src.batch import Batch
 from src.engine import Trainer
 from src.errors import Preempted, UserError
 from src.io_utils import save_safetensors
@@ -92,7 +93,7 @@ def test_kd_at_loss_is_kd_plus_ce_plus_attention():
     x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
     m = KDAT(student, teacher)  # alpha 0.9, T 4, beta 1000
     student.eval()
-    loss, logs = m.loss((x, y, None))
+    loss, logs = m.loss(Batch(x, y, None))
     zt, at_t = logits_and_stages(teacher, x, True)
     zs, at_s = logits_and_stages(student, x, True)
     pt, log_ps = (zt / 4).softmax(1), (zs / 4).log_softmax(1)
@@ -150,7 +151,7 @@ def test_generator_steps_increase_the_disagreement_on_a_fixed_z():
 
     kls = [kl()]
     for _ in range(5):
-        loss, logs = m.loss((z, 0, 0))
+        loss, logs = m.loss(Batch(z, extra={"phase": 0, "pseudo_batch": 0}))
         assert loss.item() == pytest.approx(-logs["generator_kl"].item() / m.steps_per_batch, rel=1e-5)
         opt.zero_grad()
         loss.backward()
@@ -182,9 +183,9 @@ def test_resume_after_a_kill_mid_pseudo_batch_is_bit_exact(tmp_path):
 def test_noise_batches_repeat_z_within_a_pseudo_batch_and_reproduce_it():
     nb = NoiseBatches(4, 10, 3, seed=1)
     batches = list(nb.iter_epoch(5))
-    assert [(p, i) for _, p, i in batches] == [(0, 5), (1, 5), (2, 5)]
-    assert all(torch.equal(batches[0][0], b[0]) for b in batches)
-    assert torch.equal(next(nb.iter_epoch(5, 2))[0], batches[0][0]) and not torch.equal(nb.z(6), nb.z(5))
+    assert [(b.extra["phase"], b.extra["pseudo_batch"]) for b in batches] == [(0, 5), (1, 5), (2, 5)]
+    assert all(torch.equal(batches[0].inputs, b.inputs) for b in batches)
+    assert torch.equal(next(nb.iter_epoch(5, 2)).inputs, batches[0].inputs) and not torch.equal(nb.z(6), nb.z(5))
 
 
 # ------------------------------------------------------------------------------------------------ transition

@@ -30,6 +30,7 @@ class DatasetInfo:
     mean: List[float]
     std: List[float]
     crop_pct: float = 1.0
+    modality: str = "image"  # what the inputs are (image | text): methods refuse the ones they cannot handle
 
 
 @dataclass

@@ -13,7 +13,8 @@ Pipelines (all image work happens in FFCV's decoders and numba ops, on CPU threa
   ``crop_pct`` x the short side resized to image_size (= resize to image_size / crop_pct, centre crop)
 then ToTensor -> ToDevice (when the device is not the CPU) -> ToTorchImage; the uint8 batch is turned into
 float32 in [0, 1] on the device (no normalisation: models normalise themselves) and, for 1-channel datasets,
-averaged back to one channel.
+averaged back to one channel, then (``channels_last=True``) laid out channels_last. Batches are
+`src.batch.Batch`es (inputs = the images, targets = the labels, ids = the ``index`` field).
 
 Ordering: ``loader.ffcv_order`` = random | quasi_random | sequential for shuffled (train) loaders, seeded with
 the loader's seed; evaluation loaders are sequential. With ``world_size > 1`` the loader is distributed: every
@@ -39,6 +40,7 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 import torch
 
+from ..batch import Batch
 from ..errors import UserError, check
 
 FIELDS = ("image", "label", "index")
@@ -253,11 +255,11 @@ def _sharded_order_class():
 
 
 class FFCVLoader:
-    """Batches `(x, y, index)` from `<ffcv_dir>/<dataset>_<split>.beton`; same interface as TensorLoader."""
+    """Batches (inputs, targets, ids) from `<ffcv_dir>/<dataset>_<split>.beton`; same interface as TensorLoader."""
 
     def __init__(self, cfg, split, train: bool, batch_size: int, shuffle: bool, drop_last: bool,
                  augment: str = "none", crop_padding: int = 0, flip: bool = False, seed: int = 0, device="cpu",
-                 rank: int = 0, world_size: int = 1, dtype=torch.float32):
+                 rank: int = 0, world_size: int = 1, dtype=torch.float32, channels_last: bool = False):
         _import_ffcv()
         from ffcv.loader import Loader
 
@@ -279,6 +281,7 @@ class FFCVLoader:
         self.shuffle, self.drop_last, self.seed = bool(shuffle), bool(drop_last), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.device, self.dtype = torch.device(device), dtype
+        self.channels_last = bool(channels_last)
         self.augment = augment if train else "none"
         self.channels, self.image_size = info.channels, info.image_size
 
@@ -378,7 +381,7 @@ class FFCVLoader:
             self._loader.traversal_order.page_to_samples_array[...] = self._qr_pages
         return np.asarray(self._loader.traversal_order.sample_order(int(epoch)))
 
-    def iter_epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[Tuple[torch.Tensor, ...]]:
+    def iter_epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[Batch]:
         from ffcv.loader.epoch_iterator import EpochIterator
 
         ld = self._loader
@@ -402,7 +405,9 @@ class FFCVLoader:
                 if self.channels == 1 and x.shape[1] != 1:
                     x = x.mean(1, keepdim=True)
                 x = x.div_(255.0)
-                yield x, y.reshape(-1).to(torch.long).clone(), idx.reshape(-1).to(torch.long).clone()
+                if self.channels_last:  # the memory format of the trainer's models (trainer.channels_last)
+                    x = x.contiguous(memory_format=torch.channels_last)
+                yield Batch(x, y.reshape(-1).to(torch.long).clone(), idx.reshape(-1).to(torch.long).clone())
             done = True  # the iterator closed itself
         finally:
             if not done:  # abandoned mid-epoch: stop FFCV's producer thread

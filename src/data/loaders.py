@@ -1,5 +1,7 @@
-"""Loaders yield `(x, y, index)` batches: x float in [0, 1] (N, C, H, W) on the device, y int64, index = the
-sample id within its split (cache key).
+"""Loaders yield `src.batch.Batch`es on the device: `inputs` float images in [0, 1] (N, C, H, W) (in
+channels_last memory format when the loader is built with `channels_last=True`, the trainer's
+`trainer.channels_last`), `targets` int64 labels (N,), `ids` int64 (N,) = the sample ids within their split (the
+output caches' key).
 
 Semantics shared by every backend
 - `shuffle`: a fresh permutation every epoch, drawn from `seed + epoch`; the order of epoch e is the same in every
@@ -16,15 +18,15 @@ torchvision transforms; ImageFolder scale), `ffcv` (.beton files, see `ffcv_load
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
+from ..batch import Batch
 from ..errors import UserError, check
+from ..seeding import mix_seed  # noqa: F401  (re-exported: src.data.loaders.mix_seed)
 from .datasets import Split
-
-Batch = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -33,13 +35,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device '{name}' requested but CUDA is not available: use device=cpu or device=auto")
     return torch.device(name)
-
-
-def mix_seed(*parts: int) -> int:
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) + 0x9E3779B9 + ((h << 6) & 0xFFFFFFFFFFFFFFFF) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
-    return h & 0x7FFFFFFFFFFFFFFF
 
 
 class _OrderMixin:
@@ -96,6 +91,12 @@ class _OrderMixin:
 # The tensor loader draws every random parameter of an epoch at its start, from one generator seeded with
 # (seed, epoch), one value per global epoch position, sharded like the order: batch b of any resume point and
 # any rank split gets exactly the augmentation it gets in one uninterrupted single-process epoch.
+
+
+def image_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A batch of images in the memory format the trainer's models run in: channels_last for a 4-D batch when
+    asked (`trainer.channels_last`), else unchanged."""
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
 
 
 def to_unit(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -238,7 +239,7 @@ class TensorLoader(_OrderMixin):
 
     def __init__(self, split: Split, batch_size: int, shuffle: bool, drop_last: bool, augment: str = "none",
                  crop_padding: int = 0, flip: bool = False, seed: int = 0, device="cpu", dtype=torch.float32,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, channels_last: bool = False):
         if split.images is None:
             split = split.materialize()
         self.device = torch.device(device)
@@ -248,6 +249,7 @@ class TensorLoader(_OrderMixin):
         self.n, self.batch_size, self.shuffle, self.drop_last = len(split), batch_size, shuffle, drop_last
         self.augment, self.crop_padding, self.flip = augment, crop_padding, flip
         self.seed, self.dtype, self.rank, self.world_size = seed, dtype, rank, world_size
+        self.channels_last = bool(channels_last)
         self.image_size = int(self.images.shape[-1])
         self.store: Optional[CropStore] = None
         if augment == "crop_flip" and (crop_padding > 0 or flip) and \
@@ -293,7 +295,8 @@ class TensorLoader(_OrderMixin):
                                       pb["cx"], pb["cy"], pb.get("mirror"), self.dtype)
             else:
                 x = to_unit(self.images.index_select(0, pos), self.dtype)
-            yield x, self.labels.index_select(0, pos), self.ids.index_select(0, pos)
+            yield Batch(image_layout(x, self.channels_last), self.labels.index_select(0, pos),
+                        self.ids.index_select(0, pos))
 
     def __iter__(self):
         return self.iter_epoch(0)
@@ -354,11 +357,12 @@ class TorchLoader(_OrderMixin):
     def __init__(self, split: Split, batch_size: int, shuffle: bool, drop_last: bool, augment: str = "none",
                  crop_padding: int = 0, flip: bool = False, seed: int = 0, device="cpu", num_workers: int = 0,
                  pin_memory: bool = True, train: bool = True, dtype=torch.float32, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, channels_last: bool = False):
         self.split = split
         self.n, self.batch_size, self.shuffle, self.drop_last = len(split), batch_size, shuffle, drop_last
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device, self.dtype = torch.device(device), dtype
+        self.channels_last = bool(channels_last)
         self.augment = augment if train else "none"
         self.dataset = _TorchDataset(split, torchvision_transform(split.info, self.augment, crop_padding, flip,
                                                                   train))
@@ -376,9 +380,9 @@ class TorchLoader(_OrderMixin):
             self.dataset, batch_size=self.batch_size, sampler=_ListSampler(order), num_workers=self.num_workers,
             pin_memory=self.pin_memory, drop_last=False, generator=g,
             persistent_workers=False)
-        for x, y, idx in dl:
-            yield (x.to(self.device, self.dtype, non_blocking=True), y.to(self.device, non_blocking=True),
-                   idx.to(self.device, non_blocking=True))
+        for x, y, idx in dl:  # the DataLoader collates _TorchDataset's (image, label, id) samples
+            yield Batch(image_layout(x.to(self.device, self.dtype, non_blocking=True), self.channels_last),
+                        y.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True))
 
     def __iter__(self):
         return self.iter_epoch(0)
@@ -394,9 +398,10 @@ def loader_dtype(name: str) -> torch.dtype:
 
 
 def build_loader(cfg, split: Split, train: bool, seed: int = 0, device=None, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, channels_last: bool = False):
     """A loader for `split` from a loader config node. Train loaders shuffle/augment/drop_last as configured;
-    eval loaders never do (loader.* ranges are checked once, by the config's preflight)."""
+    eval loaders never do (loader.* ranges are checked once, by the config's preflight). `channels_last`: image
+    batches come in channels_last memory format (pass `trainer.channels_last`: the format its models run in)."""
     check(len(split) > 0, f"split '{split.name}' is empty: check dataset.splits / dataset.subset")
     bs = cfg.batch_size if train else cfg.eval_batch_size
     if train:  # a training batch larger than the split is a typo (or a too small subset), not a setting
@@ -407,7 +412,7 @@ def build_loader(cfg, split: Split, train: bool, seed: int = 0, device=None, ran
     common = dict(batch_size=bs, shuffle=cfg.shuffle and train, drop_last=cfg.drop_last and train,
                   augment=cfg.augment if train else "none", crop_padding=cfg.crop_padding, flip=cfg.flip,
                   seed=seed, device=device, rank=rank, world_size=world_size,
-                  dtype=loader_dtype(cfg.get("dtype", "float32")))
+                  dtype=loader_dtype(cfg.get("dtype", "float32")), channels_last=bool(channels_last))
     if cfg.augment not in ("none", "crop_flip", "rrc_flip"):
         raise UserError(f"loader.augment='{cfg.augment}' is unknown: use none, crop_flip or rrc_flip")
     if cfg.backend == "tensor":
@@ -422,9 +427,10 @@ def build_loader(cfg, split: Split, train: bool, seed: int = 0, device=None, ran
 
 
 class NoiseBatches:
-    """The Trainer's loader for zero-shot KT: one epoch = one pseudo-batch = `steps` batches (z, phase, index)
-    sharing one z ~ N(0, I) of shape (batch_size, z_dim), drawn on the CPU from a generator seeded by
-    (seed, pseudo-batch index): the same z on any device and after a resume."""
+    """The Trainer's loader for zero-shot KT: one epoch = one pseudo-batch = `steps` Batches sharing one
+    z ~ N(0, I) of shape (batch_size, z_dim) as `inputs` (no targets, no ids: every z is new), with
+    `extra={"phase": step within the pseudo-batch, "pseudo_batch": its index}`; z is drawn on the CPU from a
+    generator seeded by (seed, pseudo-batch index): the same z on any device and after a resume."""
 
     augmented = True  # no per-sample output caches (every z is new)
 
@@ -440,7 +446,7 @@ class NoiseBatches:
         g = torch.Generator().manual_seed(mix_seed(self.seed, index, 11))
         return torch.randn(self.batch_size, self.z_dim, generator=g).to(self.device)
 
-    def iter_epoch(self, epoch: int = 0, start_batch: int = 0):
+    def iter_epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[Batch]:
         z = self.z(epoch)
         for phase in range(start_batch, self.steps):
-            yield z, phase, epoch
+            yield Batch(z, extra={"phase": phase, "pseudo_batch": epoch})

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from ..errors import Preempted, UserError, check
 from ..io_utils import atomic_path, load_state_dict, safe_torch_load, save_safetensors, torch_save
+from ..seeding import seed_everything  # noqa: F401  (moved to src/seeding.py; re-exported)
 from . import preemption
 from .preemption import STOP_REQUESTED
 
@@ -150,12 +151,6 @@ def describe_method(method, optim_cfg) -> Tuple[str, list]:
         if _number(prm.default) and _number(v) and v != 0:
             params.append(f"{k}={v}")
     return f"method {cls}", params[:6]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
 
 
 def build_optimizer(cfg, param_groups, batch_size: int = 256, world_size: int = 1):
@@ -432,6 +427,19 @@ class Trainer:
 
         return tqdm(total=self.total_steps, initial=self.step, desc=self.name or "train", dynamic_ncols=True)
 
+    def _update(self, loss: torch.Tensor) -> None:
+        """One optimiser update from `loss`: backward (scaled under fp16), optional grad-norm clipping, the
+        optimiser and the schedule step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+
     def _loop(self) -> Dict[str, float]:
         if self._stop_requested() and self.step < self.total_steps:  # signalled before this trainer started
             if self.rank == 0 and self.step > 0:
@@ -444,11 +452,9 @@ class Trainer:
         while self.step < self.total_steps:
             epoch, start = divmod(self.step, self.steps_per_epoch)
             self.method.train()
-            for x, y, idx in self.loader.iter_epoch(epoch, start):
-                if self.cfg.channels_last and x.ndim == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
+            for batch in self.loader.iter_epoch(epoch, start):  # opaque: only the method opens it
                 with self._autocast():
-                    loss, logs = self.forward((x, y, idx))
+                    loss, logs = self.forward(batch)
                 # on CUDA the finiteness flag accumulates on the device and is read every FINITE_CHECK_EVERY
                 # steps and before any eval/checkpoint (no host sync per step); on CPU it is read every step
                 nonfinite = nonfinite | ~torch.isfinite(loss.detach()).all()
@@ -456,15 +462,7 @@ class Trainer:
                         or self._ckpt_due(False, self.step + 1) or self._stop_requested()) and nonfinite.item():
                     latest = self.ckpt.latest()
                     raise UserError(self._nonfinite_message(lazy, latest))
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                if self.cfg.grad_clip:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.scheduler.step()
+                self._update(loss)
                 self.step += 1
                 if hasattr(self.method, "after_step"):
                     self.method.after_step(self.step)

@@ -164,8 +164,8 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
         table, paths = None, []
         if refs:
             table, paths = feature_table(ctx, refs, train_split, student if "student_features" in needs else None)
-        method = build_method(cfg.method, accept=in_family, choices=CHOICES, student=student.model,
-                              feature_table=table)
+        method = build_method(cfg.method, accept=in_family, choices=CHOICES, modality=ctx.info.modality,
+                              student=student.model, feature_table=table)
         acc0 = 100 * accuracy(s0["logits"], s0["labels"])
         acc1, steps = train(ctx, method, train_split, eval_split, acc0)
         scales = method.scale_summary() if hasattr(method, "scale_summary") else \

@@ -101,12 +101,17 @@ class Context:
         return self.ds.info
 
     def eval_loader(self, split: Split):
-        return build_loader(self.cfg.loader, split, train=False, device=self.device)
+        return build_loader(self.cfg.loader, split, train=False, device=self.device,
+                            channels_last=bool(self.cfg.trainer.channels_last))
 
-    def train_loader(self, split: Split, loader_cfg=None, seed: Optional[int] = None):
+    def train_loader(self, split: Split, loader_cfg=None, seed: Optional[int] = None,
+                     channels_last: Optional[bool] = None):
+        """A trainer's loader; `channels_last` is its trainer config's (default the run's trainer.channels_last)."""
         return build_loader(loader_cfg or self.cfg.loader, split, train=True,
                             seed=self.cfg.trainer.seed if seed is None else seed, device=self.device,
-                            rank=self.rank, world_size=self.world_size)
+                            rank=self.rank, world_size=self.world_size,
+                            channels_last=bool(self.cfg.trainer.channels_last if channels_last is None
+                                               else channels_last))
 
     @property
     def inputs_key(self) -> str:
@@ -128,8 +133,8 @@ class Context:
     def eval_images(self, split: Split):
         """(images, labels) of a split in sample-id order (the order of `predict`'s outputs), on the device."""
         xs, ys, ids = [], [], []
-        for x, y, i in self.eval_loader(split).iter_epoch(0):
-            xs.append(x.float()), ys.append(y), ids.append(i)
+        for b in self.eval_loader(split).iter_epoch(0):
+            xs.append(b.inputs.float()), ys.append(b.targets), ids.append(b.ids)
         order = torch.argsort(torch.cat(ids))
         return torch.cat(xs)[order.to(xs[0].device)], torch.cat(ys)[order.to(ys[0].device)]
 

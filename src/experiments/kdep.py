@@ -147,7 +147,7 @@ def distill(ctx: Context, teacher: ModelRef, student: ModelRef, tracker) -> dict
     split = training_split(ctx.ds, cfg.upstream_split, cfg.dataset.subset)
     out = teacher_outputs(ctx, teacher, split)
     f_t = out["features"]
-    probe = next(iter(ctx.eval_loader(split).iter_epoch(0)))[0]
+    probe = next(iter(ctx.eval_loader(split).iter_epoch(0))).inputs
     d_s, d_t = pre_activation_dim(student.model, probe), f_t.shape[1]
     check_dims(d_s, d_t, d_t, teacher.name, student.name)  # before the SVD: the public code's MobileNetV2 bug
     basis, basis_path = basis_for(cfg, f_t, ctx.run_dir, teacher.name)
@@ -158,7 +158,8 @@ def distill(ctx: Context, teacher: ModelRef, student: ModelRef, tracker) -> dict
         cache = {"prerelu": rows_by_id(out, split.full_size, "features").to(ctx.device),
                  "logits": rows_by_id(out, split.full_size, "logits").to(ctx.device)}
         log.info("distillation inputs are not augmented: teacher features come from the cache")
-    method = build_method(cfg.method, student=student.model, teacher=teacher.model, teacher_cache=cache)
+    method = build_method(cfg.method, modality=ctx.info.modality, student=student.model, teacher=teacher.model,
+                          teacher_cache=cache)
     method.set_basis(basis["mu"], basis["V"][:, :d_s])
     method.to(ctx.device)
     target_table = rows_by_id(out, split.full_size, "features")
@@ -202,8 +203,9 @@ def finetune(ctx: Context, init: torch.nn.Module, data: dict, name: str, tracker
     torch.manual_seed(cfg.trainer.seed)
     model.reset_classifier(data["ds"].info.num_classes)
     method = CrossEntropy(model).to(ctx.device)
-    loader = ctx.train_loader(data["train"], loader_cfg=ft["loader"])
-    eval_loader = build_loader(ft["loader"], data["eval"], train=False, device=ctx.device)
+    loader = ctx.train_loader(data["train"], loader_cfg=ft["loader"], channels_last=ft["trainer"].channels_last)
+    eval_loader = build_loader(ft["loader"], data["eval"], train=False, device=ctx.device,
+                               channels_last=bool(ft["trainer"].channels_last))
 
     def evaluate(m) -> Dict[str, float]:
         o = predict(m, eval_loader, amp=ft["trainer"].amp)

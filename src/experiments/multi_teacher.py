@@ -231,9 +231,9 @@ def parallel(t: Teachers):
         frozen = ModelRef(student.name + "@init", copy.deepcopy(student.model), student.key)
         caches = train_caches(ctx, [*t.teachers, frozen], t.train_split, loader, False)
         method = build_method(ctx.cfg.parallel_method, "parallel_method", accept=lambda c: "teachers" in c.needs,
-                              choices=PARALLEL_CHOICES, student=student.model, teachers=[m.model for m in t.teachers],
-                              frozen_student=frozen.model, teacher_caches=caches[:-1],
-                              frozen_student_cache=caches[-1], names=names)
+                              choices=PARALLEL_CHOICES, modality=ctx.info.modality, student=student.model,
+                              teachers=[m.model for m in t.teachers], frozen_student=frozen.model,
+                              teacher_caches=caches[:-1], frozen_student_cache=caches[-1], names=names)
         shares = route_shares(multi_route(torch.stack([t.refs[n] for n in names]), t.s0_logits, t.labels,
                                           method.partition), len(names))
         route = {"route/student": 100 * shares[0].item(),

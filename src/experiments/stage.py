@@ -87,7 +87,7 @@ def stage_method(ctx: Context, teacher: ModelRef, student: ModelRef, cfg_method,
     else:
         frozen = None
     t_cache, f_cache = train_caches(ctx, [teacher, frozen], train_split, loader, "features" in needs)
-    return build_method(cfg_method, student=student.model, teacher=teacher.model,
+    return build_method(cfg_method, modality=ctx.info.modality, student=student.model, teacher=teacher.model,
                         frozen_student=frozen.model if frozen is not None else None,
                         teacher_cache=t_cache, frozen_student_cache=f_cache,
                         sample_labels=labels_by_id(train_split) if "sample_labels" in needs else None,

@@ -145,8 +145,8 @@ class ZeroShotRun:
     def zero_shot(self) -> Dict[str, float]:
         cfg, info = self.cfg, self.ctx.info
         generator = Generator(cfg.generator.z_dim, info.image_size, info.channels)
-        method = build_method(cfg.method, accept=is_zeroshot, choices=ZEROSHOT_METHODS, student=self.student.model,
-                              teacher=self.teacher.model, generator=generator)
+        method = build_method(cfg.method, accept=is_zeroshot, choices=ZEROSHOT_METHODS, modality=info.modality,
+                              student=self.student.model, teacher=self.teacher.model, generator=generator)
         loader = NoiseBatches(cfg.loader.batch_size, cfg.generator.z_dim, method.steps_per_batch,
                               cfg.trainer.seed, self.ctx.device)
         res = self.fit(method, loader, cfg.trainer, cfg.optimizer, cfg.scheduler, "zeroshot")
@@ -163,9 +163,11 @@ class ZeroShotRun:
         seed_everything(cfg.trainer.seed)
         student, split = self.copy_of_initial_student(), self.few_shot
         loader_cfg = typed(LoaderConfig, cfg.loader, {"batch_size": min(int(cfg.loader.batch_size), len(split))})
-        loader = self.ctx.train_loader(split, loader_cfg)
-        method = build_method(fs[name], f"few_shot.{name}", student=student, teacher=self.teacher.model)
-        res = self.fit(method, loader, typed(TrainerConfig, cfg.trainer, fs.trainer),
+        trainer_cfg = typed(TrainerConfig, cfg.trainer, fs.trainer)
+        loader = self.ctx.train_loader(split, loader_cfg, channels_last=trainer_cfg.channels_last)
+        method = build_method(fs[name], f"few_shot.{name}", modality=self.ctx.info.modality, student=student,
+                              teacher=self.teacher.model)
+        res = self.fit(method, loader, trainer_cfg,
                        typed(OptimizerConfig, fs.optimizer), typed(SchedulerConfig, fs.scheduler), name)
         res["model"] = student
         return res

@@ -10,4 +10,5 @@ from .aft import AFT, BTuning, FeatureKD, FeatureTable  # noqa: F401
 from .kdep import KDEP  # noqa: F401
 from .zeroshot import KDAT, ZeroShot  # noqa: F401
 from .targets import canonical_target, same_target  # noqa: F401
-from .build import build_method, check_method_node, method_class, method_hparams, method_needs  # noqa: F401
+from .build import (build_method, check_method_node, check_modality, method_class, method_hparams,  # noqa: F401
+                    method_needs, methods_for)

@@ -76,6 +76,7 @@ class _FeatureMethod(Method):
 
     name = "features"
     needs = frozenset({"feature_table"})
+    modalities = frozenset({"image", "text"})  # pooled features, logits and the table rows by id only
 
     def __init__(self, student: nn.Module, features: FeatureTable, prec: float = 10.0, **kw):
         super().__init__(student, **kw)
@@ -95,8 +96,8 @@ class _FeatureMethod(Method):
         raise NotImplementedError
 
     def loss(self, batch):
-        x, y, idx = batch
-        f, z = self.student.features_and_logits(x)
+        y, idx = batch.targets, batch.ids
+        f, z = self.student.features_and_logits(batch.inputs)
         ce = F.cross_entropy(z.float(), y)
         with torch.autocast(f.device.type, enabled=False):  # kernels / LogME heads in fp32 under bf16/fp16 AMP
             reg = self.regulariser(f.float(), idx)

@@ -2,18 +2,22 @@
 
 - constructor arguments: the student (trained), the frozen models it needs (teacher, frozen initial student) and
   its hyper-parameters; extra trainable modules (projection heads, memory banks) are submodules;
-- `loss(batch) -> (loss, logs)`; `forward` is `loss`, so DDP can wrap the method;
+- `loss(batch) -> (loss, logs)` on a `src.batch.Batch`, opened by name (`batch.inputs`, `batch.targets`,
+  `batch.ids`); `forward` is `loss`, so DDP can wrap the method (the Trainer hands the batch over untouched);
+- `modalities`: the inputs it handles (DatasetInfo.modality: image, text); `build_method(..., modality=...)`
+  refuses the others with one line;
 - `eval_model()`: the weights to evaluate (MCL evaluates its slow EMA weights);
 - `after_step(step)`: per-step updates outside autograd (EMA);
 - frozen models are excluded from `state_dict()` (checkpoints hold what training changes) and stay in eval mode.
 
 Frozen models answer through `FrozenOutputs`, which serves logits/features from a per-sample cache (keyed by the
-batch's sample index) when the training inputs are not randomly augmented, and runs the model otherwise.
+batch's sample ids, `batch.ids`) when the training inputs are not randomly augmented, and runs the model otherwise.
 
 Distillation inputs (gnosis, docs/REFERENCE.md §5.3), shared by every distillation method through `mix`: mixup
 (`mixup_alpha`) and synthetic samples (`synth_ratio`: that fraction of each batch, round(ratio * B) rows, is
 replaced by images of a frozen generator `synth_generator`, which the teacher then labels). Either bypasses the
-output caches (the inputs are new). Synthetic draws come from `StepSeeds`: a torch.Generator per training step
+output caches (the inputs are new), and either needs float image inputs (`Batch.is_image`): another batch is a
+UserError. Synthetic draws come from `StepSeeds`: a torch.Generator per training step
 seeded by (synth_seed, rank, draw count), the count being a buffer of the method's state dict, so a resumed run
 draws exactly the images an uninterrupted one does, whatever else consumed the global RNG.
 
@@ -36,8 +40,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.loaders import mix_seed
+from ..batch import Batch
 from ..errors import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UserError, check, check_number, in_range
+from ..seeding import mix_seed
 
 
 # What a Method can need beyond `student` (its class attribute `needs`):
@@ -148,6 +153,15 @@ def check_synth_ratio(synth_ratio) -> float:
     return float(synth_ratio)
 
 
+def describe_inputs(inputs) -> str:
+    """A batch's inputs in a few words, for messages: 'a 2-D int64 tensor', 'a dict of tensors (input_ids, ...)'."""
+    if torch.is_tensor(inputs):
+        return f"a {inputs.ndim}-D {str(inputs.dtype).replace('torch.', '')} tensor"
+    if isinstance(inputs, dict):
+        return f"a dict of tensors ({', '.join(map(str, inputs))})"
+    return f"a {type(inputs).__name__} of {len(inputs)}" if hasattr(inputs, "__len__") else type(inputs).__name__
+
+
 @functools.lru_cache(maxsize=None)
 def _hparam_names(cls) -> FrozenSet[str]:
     """The config hyper-parameters of Method class `cls`: the named parameters of its __init__, and while an
@@ -166,6 +180,9 @@ def _hparam_names(cls) -> FrozenSet[str]:
 
 class Method(nn.Module):
     needs: FrozenSet[str] = frozenset()  # inputs beyond the student, names from NEEDS
+    # the input modalities (DatasetInfo.modality) this method's loss handles: a method that opens only logits,
+    # pooled features and ids declares {"image", "text"}; one that reads pixels or stages keeps {"image"}
+    modalities: FrozenSet[str] = frozenset({"image"})
 
     @classmethod
     def needs_for(cls, hparams: dict) -> FrozenSet[str]:
@@ -215,7 +232,7 @@ class Method(nn.Module):
     def forward(self, batch):
         return self.loss(batch)
 
-    def loss(self, batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:  # pragma: no cover - abstract
+    def loss(self, batch: Batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def eval_model(self) -> nn.Module:
@@ -249,11 +266,17 @@ class Method(nn.Module):
                 m.model.compile()
 
     # ------------------------------------------------------------------ distillation inputs
-    def mix(self, x: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+    def mix(self, batch: Batch) -> Tuple[torch.Tensor, bool]:
         """The distillation inputs of a training batch (gnosis). Mixup: one lambda ~ Beta(a, a) per batch, inputs
         mixed with a permutation of themselves. Then synthetic data: the first round(synth_ratio * B) rows are
-        replaced by generated images. The teacher relabels both, so caches are bypassed. Returns (x, fresh):
-        fresh = the inputs are not the dataset's samples (no cached outputs, no true labels)."""
+        replaced by generated images. The teacher relabels both, so caches are bypassed. Returns (inputs, fresh):
+        fresh = the inputs are not the dataset's samples (no cached outputs, no true labels). Mixing blends float
+        images only: with mixup_alpha > 0 or synth_ratio > 0, another batch (text, ...) is a UserError."""
+        x = batch.inputs
+        if (self.mixup_alpha > 0 or self.synth_generator is not None) and not batch.is_image:
+            raise UserError(f"method.mixup_alpha={self.mixup_alpha} / method.synth_ratio={self.synth_ratio} mix "
+                            f"float images, but {type(self).__name__}'s batch holds {describe_inputs(x)}: set "
+                            f"method.mixup_alpha=0 and method.synth_ratio=0")
         if not self.training:
             return x, False
         fresh = False
@@ -279,8 +302,10 @@ class CrossEntropy(Method):
         super().__init__(student, **kw)
         self.label_smoothing = label_smoothing
 
+    modalities = frozenset({"image", "text"})  # logits and labels only
+
     def loss(self, batch):
-        x, y, _ = batch
-        z = self.student(x)
+        y = batch.targets
+        z = self.student(batch.inputs)
         loss = F.cross_entropy(z, y, label_smoothing=self.label_smoothing)
         return loss, {"acc": (z.detach().argmax(1) == y).float().mean()}

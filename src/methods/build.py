@@ -4,9 +4,14 @@
 - `method_hparams(cfg)`: the node minus `_target_`, as a plain (resolved) dict.
 - `method_needs(cfg, what, accept, choices)`: `cls.needs_for(hparams)`, what the caller must prepare (see
   `src.methods.base.NEEDS`).
-- `build_method(cfg, what, student=..., <inputs>...)`: checks the hyper-parameters (`cls.check`) and calls the
-  constructor with the student, exactly the inputs the class needs, and the optional inputs that are given.
-- `check_method_node(cfg, key)`: the same check alone, by the node's full config key (preflight, on every node).
+- `build_method(cfg, what, modality=..., student=..., <inputs>...)`: checks the input modality (`modality`, the
+  dataset's `DatasetInfo.modality`, against `cls.modalities`; not given: no check) and the hyper-parameters
+  (`cls.check`), then calls the constructor with the student, exactly the inputs the class needs, and the optional
+  inputs that are given.
+- `check_method_node(cfg, key, modality=None)`: the same checks alone, by the node's full config key (preflight,
+  on every node; it knows no dataset, so no modality).
+- `check_modality(cls, cfg, what, modality)`: one UserError naming the method, the modality and the method
+  configs (config/method/*.yaml) that accept it, when `cls` does not handle those inputs.
 
 The callers offer what they have by vocabulary name (`teacher=`, `frozen_student=`, `feature_table=`, ...); a class
 that does not need an input does not receive it, and a needed input that the caller did not give is a bug
@@ -14,15 +19,18 @@ that does not need an input does not receive it, and a needed input that the cal
 """
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
-from typing import Callable, Dict, FrozenSet, Optional
+from pathlib import Path
+from typing import Callable, Dict, FrozenSet, List, Optional
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import UserError
 from .base import NEEDS, Method
+from .targets import canonical_target
 
 # needs that are constructor inputs -> the constructor's parameter name (the rest of NEEDS are requirements on
 # what the caller prepares: caches with features, a feature table with the student's features)
@@ -84,21 +92,100 @@ def _check(cls: type, hp: dict, what: str) -> None:
         raise UserError(f"cannot build {what} {cls.__name__}: {e}") from e
 
 
-def check_method_node(node, key: str = "method") -> None:
+METHOD_CONFIGS = Path(__file__).resolve().parents[2] / "config" / "method"
+MIXING = ("mixup_alpha", "synth_ratio")  # hyper-parameters that blend or replace images (Method.mix)
+
+
+def _config_target(name: str, depth: int = 0) -> Optional[str]:
+    """The `_target_` of config/method/<name>.yaml, its `defaults` (sibling files) followed, canonical form."""
+    f = METHOD_CONFIGS / f"{name}.yaml"
+    if depth > 5 or not f.is_file():
+        return None
+    d = OmegaConf.to_container(OmegaConf.load(f)) or {}
+    if d.get("_target_"):
+        return canonical_target(str(d["_target_"]))
+    for parent in reversed(d.get("defaults") or []):
+        if isinstance(parent, str) and parent not in ("_self_", "_schema"):
+            target = _config_target(parent, depth + 1)
+            if target:
+                return target
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def method_configs() -> Dict[str, type]:
+    """config/method/<name>.yaml -> the Method class its `_target_` names (files that name none are left out)."""
+    out = {}
+    for f in sorted(METHOD_CONFIGS.glob("*.yaml")):
+        target = _config_target(f.stem)
+        try:
+            cls = get_object(target) if target else None
+        except Exception:  # a broken file is the config's own error, reported where it is used
+            continue
+        if isinstance(cls, type) and issubclass(cls, Method):
+            out[f.stem] = cls
+    return out
+
+
+def methods_for(modality: str) -> List[str]:
+    """The method configs (config/method/*.yaml names) whose class handles `modality` inputs."""
+    return [name for name, cls in method_configs().items() if modality in cls.modalities]
+
+
+def _method_label(cls: type, cfg_method, what: str) -> str:
+    """'method=kdep (KDEP)': the node by its config choice (Hydra's, else the one config file of its class),
+    or by its `_target_`."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            choices = HydraConfig.get().runtime.choices
+            for k in (what, f"method@{what}"):
+                if choices.get(k):
+                    return f"{what}={choices.get(k)} ({cls.__name__})"
+    except Exception:  # a label for a message: never a second error
+        pass
+    names = [n for n, c in method_configs().items() if c is cls]
+    if len(names) == 1:
+        return f"{what}={names[0]} ({cls.__name__})"
+    return f"{what}._target_={cfg_method.get('_target_')} ({cls.__name__})"
+
+
+def check_modality(cls: type, cfg_method, what: str = "method", modality: Optional[str] = None) -> None:
+    """One UserError when the method class `cls` (of node `cfg_method` at key `what`) does not handle `modality`
+    inputs (`cls.modalities`), naming the method configs that do; or when a non-image modality is asked to be
+    mixed (mixup_alpha, synth_ratio > 0: `Method.mix` blends float images). `modality` None: no check."""
+    if modality is None:
+        return
+    if modality not in cls.modalities:
+        names = methods_for(modality)
+        use = f"use one of {', '.join(names)}" if names else "no method config handles them"
+        raise UserError(f"{_method_label(cls, cfg_method, what)} does not handle {modality} inputs: {use}")
+    if modality != "image":
+        hp = method_hparams(cfg_method)
+        for k in MIXING:
+            v = hp.get(k)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+                raise UserError(f"{what}.{k}={v} mixes images, which {modality} inputs are not: set {what}.{k}=0")
+
+
+def check_method_node(node, key: str = "method", modality: Optional[str] = None) -> None:
     """The hyper-parameters of the method node at config key `key` (`_target_` + hyper-parameters), by the class's
     own `check` (HPARAM_RULES, then the class's rules), every message naming `<key>.<hparam>`: what preflight runs
-    on every node with a `_target_`. A `_target_` that cannot be imported or is no Method is left to the family,
-    which reports it with its choices."""
+    on every node with a `_target_`; with `modality` (the dataset's) also `check_modality` first. A `_target_`
+    that cannot be imported or is no Method is left to the family, which reports it with its choices."""
     try:
         cls = method_class(node, key)
     except UserError:
         return
+    check_modality(cls, node, key, modality)
     _check(cls, method_hparams(node), key)
 
 
 def build_method(cfg_method, what: str = "method", *, accept: Optional[Callable[[type], bool]] = None,
-                 choices: str = "", **available) -> Method:
-    """The Method of `cfg_method` (`_target_` + hyper-parameters) at config key `what`.
+                 choices: str = "", modality: Optional[str] = None, **available) -> Method:
+    """The Method of `cfg_method` (`_target_` + hyper-parameters) at config key `what`; with `modality` (the
+    dataset's DatasetInfo.modality) it first refuses a method that does not handle those inputs (`check_modality`).
 
     `available`: `student` and the inputs the caller has, by their names in `NEEDS` (teacher, frozen_student,
     sample_labels, feature_table, teachers, generator) plus the optional ones (teacher_cache,
@@ -111,6 +198,7 @@ def build_method(cfg_method, what: str = "method", *, accept: Optional[Callable[
     odd = sorted(set(available) - {"student", *INPUTS, *OPTIONAL})
     if odd:
         raise TypeError(f"build_method got unknown inputs {odd}: offer {['student', *INPUTS, *OPTIONAL]}")
+    check_modality(cls, cfg_method, what, modality)
     _check(cls, hp, what)
     kwargs = {"student": available.get("student")}
     for name in ["student", *sorted(cls.needs_for(hp) & set(INPUTS))]:

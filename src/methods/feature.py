@@ -48,6 +48,7 @@ class CD(Method):
     the public `contrastive_distill` with `cd_dist.yaml` (its gamma 0.1 is the CE weight, not a temperature)."""
 
     needs = frozenset({"teacher", "features"})  # the teacher's cached outputs hold its features
+    modalities = frozenset({"image", "text"})  # pooled (B, D) features and logits only
 
     def __init__(self, student, teacher, beta: float = 10.0, ce_weight: float = 0.1, kd_weight: float = 0.0,
                  temperature: float = 1.0, sim_temperature: float = 1.0, **kw):
@@ -64,9 +65,9 @@ class CD(Method):
                                              f"(public code)")
 
     def loss(self, batch):
-        x, y, idx = batch
-        x, mixed = self.mix(x)
-        ft, zt = self.teacher.features_and_logits(x, idx, use_cache=not mixed)  # frozen first (KL.three_logits)
+        y = batch.targets
+        x, mixed = self.mix(batch)
+        ft, zt = self.teacher.features_and_logits(x, batch.ids, use_cache=not mixed)  # frozen first (KL.three_logits)
         fs, zs = self.student.features_and_logits(x)
         cd = similarity_kl(fs, ft, self.sim_T)
         return logit_terms(self.beta * cd, {"cd": cd.detach()}, zs, zt, y, self.T, self.kd_w,
@@ -127,6 +128,7 @@ class CRD(Method):
     training split); the NCE constants use n_data = the number of training samples."""
 
     needs = frozenset({"teacher", "sample_labels", "features"})
+    modalities = frozenset({"image", "text"})  # pooled (B, D) features, logits and per-id memory banks only
 
     def __init__(self, student, teacher, sample_labels: torch.Tensor, feat_dim: int = 128,
                  num_negatives: int = 4096, nce_t: float = 0.07, momentum: float = 0.5, temperature: float = 4.0,
@@ -180,7 +182,7 @@ class CRD(Method):
         return -(log_d1.sum() + log_d0.sum()) / anchor.shape[0]
 
     def loss(self, batch):
-        x, y, idx = batch
+        x, y, idx = batch.inputs, batch.targets, batch.ids
         ft, zt = self.teacher.features_and_logits(x, idx)  # frozen first (KL.three_logits)
         fs, zs = self.student.features_and_logits(x)
         vs, vt = self.embed_s(fs), self.embed_t(ft)

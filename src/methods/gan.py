@@ -61,7 +61,7 @@ class GANTraining(Method):
         return [{"params": list(self.generator.parameters())}, d]
 
     def loss(self, batch):
-        x, y, _ = batch
+        x, y = batch.inputs, batch.targets
         n = x.shape[0]
         z, yf = self.generator.inputs(n, self.draws.next())
         half = n // 2

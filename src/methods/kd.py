@@ -100,6 +100,7 @@ class KL(Method):
     classes. KL: alpha = 1; XE-KL: alpha = 0.5."""
 
     needs = frozenset({"teacher"})
+    modalities = frozenset({"image", "text"})  # logits, labels and ids only (mixing refuses text itself)
 
     def __init__(self, student, teacher, temperature: float = 1.0, alpha: float = 1.0, topk: int = 0, **kw):
         super().__init__(student, teacher, **kw)
@@ -111,12 +112,11 @@ class KL(Method):
         return kl_to_target(zs_k, (zt_k.float() / self.T).softmax(1), self.T)
 
     def loss(self, batch):
-        x, y, idx = batch
-        x, mixed = self.mix(x)
-        zt = self.teacher.logits(x, idx, use_cache=not mixed)  # frozen forwards first: see three_logits
+        x, mixed = self.mix(batch)
+        zt = self.teacher.logits(x, batch.ids, use_cache=not mixed)  # frozen forwards first: see three_logits
         zs = self.student(x)
         kl = self.per_sample_kl(zs, zt)
-        return self.combine(kl, zs, y, mixed)
+        return self.combine(kl, zs, batch.targets, mixed)
 
     def three_logits(self, batch):
         """Student, teacher and frozen-student logits of one (possibly mixed) batch; frozen outputs come from
@@ -124,8 +124,8 @@ class KL(Method):
         then the student's saved activations are not pushed out of the CPU caches by them before its backward
         (a KL+DP step was 17% slower than the sum of its parts in the other order, scripts/benchmark.py), and
         their buffers are freed before the student's graph is built (lower peak memory on GPU)."""
-        x, _, idx = batch
-        x, mixed = self.mix(x)
+        idx = batch.ids
+        x, mixed = self.mix(batch)
         zt = self.teacher.logits(x, idx, use_cache=not mixed)
         zf = self.frozen_student.logits(x, idx, use_cache=not mixed)
         zs = self.student(x)
@@ -182,7 +182,7 @@ class KLDP(KL):
                   f"unknown: use one of {', '.join(NEUTRAL_TARGETS)}")
 
     def loss(self, batch):
-        y = batch[1]
+        y = batch.targets
         zs, zt, zf, mixed = self.three_logits(batch)
         labels = None if (mixed or self.partition == "most-conf_u") else y
         partition = "most-conf_u" if mixed and self.partition == "most-conf" else self.partition
@@ -236,13 +236,12 @@ class MCL(KL):
             check_flip_source(hp["flip_source"])
 
     def loss(self, batch):
-        y = batch[1]
+        y = batch.targets
         if self.flip_source == "frozen":
             zs, zt, flip_logits, mixed = self.three_logits(batch)
         else:  # no frozen forward needed
-            x, _, idx = batch
-            x, mixed = self.mix(x)
-            zt = self.teacher.logits(x, idx, use_cache=not mixed)
+            x, mixed = self.mix(batch)
+            zt = self.teacher.logits(x, batch.ids, use_cache=not mixed)
             zs = self.student(x)
             flip_logits = zs.detach()
         _, neg = flip_masks(zt, flip_logits, y)

@@ -101,8 +101,8 @@ class KDEP(Method):
         return self.loss_w * F.mse_loss(f_student.float(), self.target(f_teacher))
 
     def loss(self, batch):
-        x, y, idx = batch
-        f_t, z_t = self.teacher_prerelu(x, idx)
+        x, y = batch.inputs, batch.targets
+        f_t, z_t = self.teacher_prerelu(x, batch.ids)
         f_s, z_s = pre_activation_features(self.student, x)
         feat = self.feature_loss(f_s, f_t)
         loss, logs = feat, {"feat_loss": feat.detach()}

@@ -17,6 +17,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ..batch import Batch
 from ..errors import UserError, check
 from .base import FrozenOutputs
 from .kd import KL, PARTITIONS, check_partition, kl_to_target
@@ -99,8 +100,8 @@ class MultiKLDP(KL):
         return [*self.teachers, self.frozen_student]
 
     def loss(self, batch):
-        x, y, idx = batch
-        x, mixed = self.mix(x)
+        y, idx = batch.targets, batch.ids
+        x, mixed = self.mix(batch)
         zt = torch.stack([t.logits(x, idx, use_cache=not mixed) for t in self.teachers])  # (M, B, K)
         zf = self.frozen_student.logits(x, idx, use_cache=not mixed)
         zs = self.student(x)  # after the frozen forwards (see KL.three_logits)
@@ -173,8 +174,9 @@ def has_batchnorm(model: nn.Module) -> bool:
 @torch.no_grad()
 def recompute_bn_stats(model: nn.Module, batches: Iterable) -> int:
     """Reset every batch-norm layer's running statistics and re-estimate them as exact averages (momentum None)
-    over `batches` ((x, ...) tuples) with the model in train mode; returns the number of samples seen. Weights
-    are unchanged. Averaged weights change the activations' statistics, so a soup needs this."""
+    over `batches` (`src.batch.Batch`es, e.g. a loader's `iter_epoch(0)`, or input tensors) with the model in
+    train mode; returns the number of samples seen. Weights are unchanged. Averaged weights change the
+    activations' statistics, so a soup needs this."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return 0
@@ -186,9 +188,12 @@ def recompute_bn_stats(model: nn.Module, batches: Iterable) -> int:
     model.train()
     n = 0
     for batch in batches:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        model(x)
-        n += x.shape[0]
+        if isinstance(batch, Batch):
+            model(batch.inputs)
+            n += len(batch)
+        else:
+            model(batch)
+            n += batch.shape[0]
     for bn, m in zip(bns, saved):
         bn.momentum = m
     model.train(was)

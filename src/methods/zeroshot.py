@@ -4,7 +4,7 @@
 How the adversarial loop runs in the shared Trainer (checkpoint/resume/preemption/AMP for free):
 - `src.data.NoiseBatches` is the "loader": one *epoch* is one pseudo-batch = `n_g + n_s` Trainer steps, all on the same
   z batch (z ~ N(0, I), seeded by (seed, pseudo-batch index), so a resumed run draws the same z). Batches are
-  `(z, phase, pseudo_batch_index)`; `trainer.epochs` = number of pseudo-batches.
+  `Batch(inputs=z, extra={"phase", "pseudo_batch"})`; `trainer.epochs` = number of pseudo-batches.
 - `ZeroShot.loss` does phase `< n_g`: a generator step, loss = -KL(teacher || student) on G(z) with gradients
   through both nets into the generator; the student's parameters are excluded from autograd for that step, so
   the optimiser (which skips parameters without a gradient) updates only the generator. Phases `>= n_g`: a
@@ -109,7 +109,7 @@ class ZeroShot(Method):
         return logits_and_stages(self.teacher.model, x, self.beta > 0)
 
     def loss(self, batch):
-        z, phase, index = batch
+        z, phase, index = batch.inputs, batch.extra["phase"], batch.extra["pseudo_batch"]
         zero = torch.zeros((), device=z.device)
         if int(phase) < self.n_g:
             self._target = None
@@ -138,6 +138,8 @@ class KDAT(KL):
     alpha * T^2 KL(p_t^T || p_s^T) + (1 - alpha) CE(y, z_s) + beta * AT over the 3 stages (alpha 0.9, T 4,
     beta 1000)."""
 
+    modalities = frozenset({"image"})  # attention maps of image stages (KL's own loss would handle text)
+
     def __init__(self, student, teacher, temperature: float = 4.0, alpha: float = 0.9, beta: float = 1000.0,
                  **kw):
         super().__init__(student, teacher, temperature=temperature, alpha=alpha, **kw)
@@ -145,7 +147,7 @@ class KDAT(KL):
         self.beta = float(beta)
 
     def loss(self, batch):
-        x, y, _ = batch
+        x, y = batch.inputs, batch.targets
         with torch.no_grad():
             zt, at_t = logits_and_stages(self.teacher.model, x, self.beta > 0)
         zs, at_s = logits_and_stages(self.student, x, self.beta > 0)
