@@ -109,6 +109,9 @@ def main(argv=None) -> int:
     ds = build_dataset(cfg.dataset, cfg.paths)
     names = args.splits or sorted(ds.splits)
     splits = [ds.split(n) for n in names]  # UserError for an unknown name, before anything is written
+    empty = [sp.name for sp in splits if len(sp) == 0]
+    check(not empty, f"split(s) {', '.join(empty)} of {ds.info.name} hold no samples (nothing was written): give "
+                     f"--splits without them, or fix the dataset's splits (dataset.splits / dataset.val_fraction)")
     out_dir = args.out_dir if args.out_dir is not None else cfg.loader.ffcv_dir
     check(out_dir is not None, "loader.ffcv_dir is null: give --out-dir <folder> or loader.ffcv_dir=<folder>")
     from src.io_utils import ensure_dir

@@ -302,3 +302,23 @@ def test_subprocess_write_ffcv_unknown_dataset_is_one_line(tmp_path):
 def test_subprocess_benchmark_batch_size_0_is_one_line(tmp_path):
     line = _run("benchmark", ["--batch-size", "0", "--out", str(tmp_path)], tmp_path)
     assert line == "error: argument --batch-size: 0 must be >= 1 (use e.g. --batch-size 64)"
+
+
+def test_write_ffcv_checks_every_split_before_writing_any(tmp_path):
+    """write_ffcv.py failed on an empty split after it had written the others: every split is checked first."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / "if" / split / c).mkdir(parents=True)
+            for j in range(3):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+                    tmp_path / "if" / split / c / f"{j}.png")
+    ffcv = load_script("write_ffcv")
+    args = ["--out-dir", str(tmp_path / "ff"), "dataset=imagefolder", f"dataset.root={tmp_path / 'if'}",
+            "dataset.num_classes=2", "dataset.image_size=16", "dataset.val_fraction=0.1"]  # 6 images: val is empty
+    with pytest.raises(SystemExit, match=r"split\(s\) val of imagefolder hold no samples \(nothing was written\)"):
+        ffcv.main(args)
+    assert not (tmp_path / "ff").exists()
