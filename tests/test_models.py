@@ -495,3 +495,26 @@ def test_model_spec_check_matches_check_model_spec(tmp_path):
     for spec in ("mlp_small", str(tmp_path), f"resnet8@{f}", "resnet18"):  # both accept these
         check_model_spec(spec, cfg, "teacher")
         ModelSpec.parse(spec, cfg.zoo.models).check("teacher")
+
+
+def test_a_hub_shaped_dinov2_file_loads_headless_with_its_position_table_resampled(tmp_path):
+    """AFT's DINOv2 features from a local file: the hub file has no head and a 518 px position table. A headless
+    feature model needs no head, and the table is resampled to the built size as timm does for hub weights."""
+    import timm
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(0)
+    hub = timm.create_model("vit_small_patch14_dinov2", num_classes=0, img_size=518)
+    sd = hub.state_dict()
+    assert sd["pos_embed"].shape == (1, 37 * 37 + 1, 384) and not any(k.startswith("head.") for k in sd)
+    save_safetensors(sd, tmp_path / "dinov2.safetensors")
+    info = ImageInputs(100, 3, [0.5] * 3, [0.25] * 3, 224)
+    m = create_model("vit_small_patch14_dinov2", info, checkpoint=str(tmp_path / "dinov2.safetensors"),
+                     kwargs={"img_size": 224}, headless=True)
+    want = resample_abs_pos_embed(sd["pos_embed"], (16, 16), num_prefix_tokens=1)
+    assert torch.equal(m.net.pos_embed.detach(), want)
+    assert torch.equal(m.net.blocks[0].attn.qkv.weight.detach(), sd["blocks.0.attn.qkv.weight"])
+    assert m.num_classes == 0 and m.features(torch.rand(2, 3, 224, 224)).shape == (2, 384)
+    with pytest.raises(UserError, match="missing from the checkpoint"):  # a classifier role still needs its head
+        create_model("vit_small_patch14_dinov2", info, checkpoint=str(tmp_path / "dinov2.safetensors"),
+                     kwargs={"img_size": 224})

@@ -145,20 +145,47 @@ def load_weights(net: nn.Module, state: Dict[str, torch.Tensor], source: str, re
 
 
 def create_model(arch: str, info: ModelInputs, pretrained: bool = False, checkpoint: Optional[str] = None,
-                 kwargs: Optional[dict] = None, reinit_head: bool = True) -> TransferModel:
+                 kwargs: Optional[dict] = None, reinit_head: bool = True, headless: bool = False) -> TransferModel:
     """The model `arch` for the data `info` describes (a `src.data.DatasetInfo`, a dataset config node, an
     `ImageInputs`: anything with num_classes, channels, mean, std, image_size and optionally `modality`, default
-    'image'), built by the model class of its modality."""
+    'image'), built by the model class of its modality. `headless`: a feature extractor (AFT's foundation models):
+    no classifier, and a weight file's head (or its absence: DINOv2's hub files have none) is not asked for."""
     modality = getattr(info, "modality", None) or "image"
     build = _BUILDERS.get(str(modality))
     if build is None:
         raise UserError(f"modality '{modality}' has no model class yet (create_model builds "
                         f"{', '.join(_BUILDERS)} models): use a dataset of one of those modalities")
-    return build(arch, info, pretrained=pretrained, checkpoint=checkpoint, kwargs=kwargs, reinit_head=reinit_head)
+    return build(arch, info, pretrained=pretrained, checkpoint=checkpoint, kwargs=kwargs, reinit_head=reinit_head,
+                 headless=headless)
+
+
+def timm_filter(net: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A raw timm-format state dict as timm itself prepares hub weights for `net`: the model module's
+    `checkpoint_filter_fn` (a ViT's position table resampled to the built image size, e.g. DINOv2's 518 px table
+    for 224 px; old layouts converted). Our own nets have none: `state` unchanged."""
+    import sys
+
+    fn = getattr(sys.modules.get(type(net).__module__), "checkpoint_filter_fn", None)
+    if fn is None:
+        return state
+    try:
+        return fn(dict(state), net)
+    except Exception as e:  # a filter that does not know this file: the shape check below names the mismatch
+        log.warning("timm's checkpoint filter for %s did not apply (%s): loading the file as it is",
+                    type(net).__name__, e)
+        return state
+
+
+def _drop_head(net: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A headless model's state: the file's classifier keys (timm's `pretrained_cfg['classifier']`) dropped."""
+    heads = (getattr(net, "pretrained_cfg", {}) or {}).get("classifier") or "head"
+    heads = [heads] if isinstance(heads, str) else list(heads)
+    own = net.state_dict()
+    return {k: v for k, v in state.items() if k in own or not any(k == h or k.startswith(h + ".") for h in heads)}
 
 
 def image_model(arch: str, info: ModelInputs, pretrained: bool = False, checkpoint: Optional[str] = None,
-                kwargs: Optional[dict] = None, reinit_head: bool = True) -> Normalized:
+                kwargs: Optional[dict] = None, reinit_head: bool = True, headless: bool = False) -> Normalized:
     """Any timm name or one of ours, for `info.num_classes` classes of `info.channels`-channel images (`mlp` also
     takes `info.image_size`). `pretrained` takes timm's hub weights (GPU nodes with internet or a warm HF cache)
     and their mean/std; `checkpoint` loads a local weight file (safetensors or torch weights-only),
@@ -166,6 +193,7 @@ def image_model(arch: str, info: ModelInputs, pretrained: bool = False, checkpoi
     import timm
 
     num_classes, in_chans, mean, std, img_size = info.num_classes, info.channels, info.mean, info.std, info.image_size
+    num_classes = 0 if headless else num_classes
     kwargs = dict(kwargs or {})
     if not timm.is_model(arch):
         raise UserError(f"unknown model '{arch}'{closest(arch, timm.list_models() + nets.OUR_MODELS)}; any timm "
@@ -189,6 +217,10 @@ def image_model(arch: str, info: ModelInputs, pretrained: bool = False, checkpoi
             model.mean.copy_(state.pop("mean").view_as(model.mean))
             model.std.copy_(state.pop("std").view_as(model.std))
             state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+        else:
+            state = timm_filter(net, state)
+        if headless:
+            state = _drop_head(net, state)
         load_weights(net, state, str(checkpoint), reinit_head=reinit_head)
     return model
 
