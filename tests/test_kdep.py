@@ -261,7 +261,7 @@ def test_basis_file_round_trip_and_reuse(first_run, kt_paths, teacher_dir, tmp_p
 
 
 def test_teacher_features_are_cached_on_disk(first_run, kt_paths, teacher_dir, tmp_path, caplog):
-    caplog.set_level("INFO")
+    caplog.set_level("DEBUG")  # cache hits/writes are DEBUG lines
     kdep.run(_cfg(kt_paths, teacher_dir, "trainer.max_steps=2", "finetune.trainer.max_steps=1"),
              run_dir=tmp_path)
     assert any("output cache hit" in r.message and "pre-ReLU" in r.message for r in caplog.records)

@@ -46,7 +46,7 @@ def _loader(ds, split="train", augment="none", batch_size=64, train=True, channe
 
 
 def test_output_cache_hit_miss_and_equality(tmp_path, digits, caplog):
-    caplog.set_level("INFO")
+    caplog.set_level("DEBUG")  # cache hits/writes are DEBUG lines
     model = _model(digits, hidden=[16])
     split = digits.split("val")
     cache = OutputCache(tmp_path)

@@ -62,7 +62,7 @@ def test_every_method_end_to_end(method, digits_zoo, tmp_path):
 def test_second_run_reuses_the_output_cache(digits_zoo, tmp_path, caplog):
     cfg = compose("transfer/transfer", [*digits_zoo, "teacher=mlp_small", "student=resnet8", "trainer.epochs=1"])
     transfer.run(cfg, run_dir=tmp_path / "a")
-    caplog.set_level("INFO")
+    caplog.set_level("DEBUG")  # cache hits/writes are DEBUG lines
     transfer.run(cfg, run_dir=tmp_path / "b")
     hits = [r.message for r in caplog.records if "output cache hit" in r.message]
     # teacher and initial student on the eval split, and on the transfer split (the teacher's once more for the

@@ -76,7 +76,7 @@ class OutputCache:
             out, why = self._read(p, model, split, features)
             if out is not None:
                 self.hits += 1
-                log.info("output cache hit: %s on %s/%s (%s)", label or model_key, dataset_key, split.name, p)
+                log.debug("output cache hit: %s on %s/%s (%s)", label or model_key, dataset_key, split.name, p)
                 return out
             if why:
                 self.rejected += 1
@@ -93,7 +93,7 @@ class OutputCache:
                                 f"statistics (mean/std){fp32}; nothing was cached")
         if p is not None:
             save_safetensors(out, p)
-            log.info("output cache write: %s on %s/%s -> %s", label or model_key, dataset_key, split.name, p)
+            log.debug("output cache write: %s on %s/%s -> %s", label or model_key, dataset_key, split.name, p)
         return out
 
 
