@@ -42,13 +42,13 @@ def save(cfg, run_dir=None) -> dict:
                         "use_cache=false (main_aft.py use_cache=false computes them without storing)")
     ctx = setup(cfg, run_dir, job_type="save_features", tracker=False)
     try:
-        return _save(ctx, specs)
+        return _save(ctx, cfg, specs)
     finally:
         unlock_run_dir(ctx.run_dir)
 
 
-def _save(ctx, specs) -> dict:
-    train, evaluation = splits(ctx)
+def _save(ctx, cfg, specs) -> dict:
+    train, evaluation = splits(ctx, cfg)
     result = {}
     for i, spec in enumerate(specs):
         ref = resolve_model(spec, ctx, f"features[{i}]")

@@ -96,6 +96,28 @@ def test_no_import_cycle():
     assert not cycles, cycles
 
 
+def test_the_engine_knows_no_configs():
+    """src/engine reads no config (../shared/DESIGN.md): its caller names the method and the keys of its messages
+    (`RunLabels`); nothing in it reads Hydra's state, walks a config tree, imports omegaconf or globs YAML files."""
+    words = ("HydraConfig", "_get_root", "_get_full_key", "glob(", "omegaconf")
+    bad = [f"{path.relative_to(ROOT)}:{i} {w}" for path in sorted((SRC / "engine").rglob("*.py"))
+           for i, line in enumerate(path.read_text().splitlines(), 1) for w in words if w in line]
+    assert not bad, bad
+
+
+def test_the_shared_code_reads_no_run_config():
+    """The walk of a run's config ends at the family's `run` and `run_context`: the shared code reads what setup
+    took from it (`ctx.settings`), the families pass their own keys as arguments, and a Context holds no config."""
+    from dataclasses import fields
+
+    from src.experiments.context import Context
+
+    assert "cfg" not in {f.name for f in fields(Context)}
+    bad = [f"{path.relative_to(ROOT)}:{i}" for path in sorted(SRC.rglob("*.py"))
+           for i, line in enumerate(path.read_text().splitlines(), 1) if "ctx.cfg" in line]
+    assert not bad, bad
+
+
 @pytest.mark.parametrize("limit", [60])
 def test_no_function_over_sixty_lines(limit):
     long = []

@@ -202,13 +202,16 @@ def test_non_finite_loss_names_the_method_by_its_config_key(tmp_path, digits, na
     """A distillation run whose loss turns NaN: the one line names the method as the config chose it
     (method=kl) with its class, its non-zero method.* settings and the learning rate by full key, and the fix;
     before any update it says the learning rate is not the cause. The last good checkpoint stays on disk."""
+    from src.experiments.naming import run_labels
     from src.methods import KL
 
     cfg = compose("transfer/transfer", ["method=kl", "method.temperature=4", "optimizer.lr=0.05",
                                         "trainer.max_steps=6", "trainer.ckpt_every_steps=2", "trainer.progress=off"])
     method = KL(_model("mlp", digits, 0), _model("mlp", digits, 1), temperature=cfg.method.temperature,
                 alpha=cfg.method.alpha)
-    t = Trainer(method, _loader(digits), cfg.trainer, cfg.optimizer, cfg.scheduler, tmp_path, device="cpu")
+    # the engine knows no configs: its caller (Context.trainer) words the labels from the run's config
+    t = Trainer(method, _loader(digits), cfg.trainer, cfg.optimizer, cfg.scheduler, tmp_path, device="cpu",
+                labels=run_labels(method, cfg.optimizer, cfg.trainer))
     real = method.loss
 
     def loss(batch):
@@ -229,6 +232,57 @@ def test_non_finite_loss_names_the_method_by_its_config_key(tmp_path, digits, na
     assert msg.endswith(f"last good checkpoint: {good} (kept)")
     assert CheckpointDir(tmp_path / "checkpoints" / "train").latest() == good
     assert all(torch.isfinite(v).all() for v in load_state_dict(good / "model.safetensors").values())
+
+
+class NaNAt(torch.nn.Module):
+    """A tiny method: cross-entropy of a linear classifier, NaN from its call `at` on (call k = trainer step k)."""
+
+    def __init__(self, in_dim: int, classes: int, temperature: float = 4.0, at: int = 2):
+        super().__init__()
+        self.net, self.temperature, self.at, self.calls = torch.nn.Linear(in_dim, classes), temperature, at, 0
+
+    def forward(self, batch):
+        x, y, _ = batch
+        loss = torch.nn.functional.cross_entropy(self.net(x.flatten(1)), y)
+        self.calls += 1
+        return (loss * float("nan") if self.calls > self.at else loss), {}
+
+
+@pytest.mark.parametrize("at,labelled", [(2, True), (0, True), (2, False)])
+def test_a_trainer_of_plain_typed_settings_words_its_callers_labels(tmp_path, at, labelled):
+    """The engine knows no configs: a Trainer built from the schema dataclasses themselves (plain Python: no Hydra,
+    no OmegaConf) and a real loader of src.data; its one-line non-finite-loss message names what the caller's
+    labels name (a method and keys of its choosing), and without labels the method's class and settings."""
+    from src.data import Split
+    from src.data.loaders import TensorLoader
+    from src.engine import RunLabels
+
+    g = torch.Generator().manual_seed(0)
+    split = Split(name="train", labels=torch.randint(0, 5, (40,), generator=g), ids=torch.arange(40),
+                  images=torch.randint(0, 256, (40, 3, 4, 4), dtype=torch.uint8, generator=g), full_size=40)
+    loader = TensorLoader(split, batch_size=8, shuffle=True, drop_last=False, seed=0, device="cpu")
+    settings = (TrainerConfig(max_steps=4, progress="off"), OptimizerConfig(lr=0.05), SchedulerConfig(name="none"))
+    assert [type(c) for c in settings] == [TrainerConfig, OptimizerConfig, SchedulerConfig]  # no config nodes
+    labels = RunLabels(method="method=kl_dp (KLDP)", params=["method.temperature=4.0"],
+                       optimizer="finetune.optimizer", trainer="finetune.trainer") if labelled else None
+    t = Trainer(NaNAt(3 * 4 * 4, 5, at=at), loader, *settings, tmp_path, device="cpu", labels=labels)
+    with pytest.raises(UserError) as e:
+        t.fit()
+    fix = ("lower {o}.lr (e.g. by 10x) or the method's loss weights / raise its temperatures (method.*, shown above), "
+           "or set {t}.grad_clip=1.0, and rerun in a new run dir; last good checkpoint: none (none was written before "
+           "this step)")
+    if not labelled:
+        assert str(e.value) == ("non-finite loss at step 2 (method NaNAt: temperature=4.0, at=2; optimizer.lr=0.05): "
+                                + fix.format(o="optimizer", t="trainer"))
+    elif at == 0:
+        assert str(e.value) == (
+            "non-finite loss at step 0 (method=kl_dp (KLDP): method.temperature=4.0): before any update, so not the "
+            "learning rate: check the method's settings (method.*: weights, temperatures, precisions), the inputs "
+            "(dataset.mean/std) and any basis or cached outputs it reads; last good checkpoint: none")
+    else:
+        assert str(e.value) == ("non-finite loss at step 2 (method=kl_dp (KLDP): method.temperature=4.0; "
+                                "finetune.optimizer.lr=0.05): "
+                                + fix.format(o="finetune.optimizer", t="finetune.trainer"))
 
 
 def test_bad_trainer_settings_are_user_errors(tmp_path, digits):

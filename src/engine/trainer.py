@@ -14,8 +14,9 @@ import random
 import re
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -45,100 +46,33 @@ def _finite(tensors) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-METHOD_CONFIGS = Path(__file__).resolve().parents[2] / "config" / "method"
-
-
-def _full_key(node, default: str) -> str:
-    """The dotted key of a config node in its config (`optimizer`, `finetune.optimizer`); `default` for a node
-    that was built apart from the run's config (a typed zoo recipe, a plain dict)."""
-    try:
-        key = node._get_full_key(None)
-    except Exception:
-        return default
-    return str(key) if key else default
-
-
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _method_node(method, optim_cfg):
-    """(key, node): the top-level node of the run's config whose `_target_` built `method` (`method`,
-    `parallel_method`), found from the optimiser's node (same config tree); (None, None) when there is none."""
-    from omegaconf import OmegaConf
+@dataclass(frozen=True)
+class RunLabels:
+    """How the Trainer's one-line errors (non-finite loss, non-finite weights) name what its caller configured: the
+    method (`method=kl_dp (KLDP)`), its settings that can make a loss overflow (`method.temperature=4.0`), and the
+    key prefixes of the optimizer and trainer settings (`optimizer`, `finetune.trainer`). The caller holds the
+    config and words them; the engine reads no config. `method=None`: the method is named by its class and its
+    non-zero numeric constructor settings (`method CrossEntropy: label_smoothing=0.1`), read when a message is
+    worded -- how a method built without a config node is named."""
+    method: Optional[str] = None
+    params: Sequence[str] = ()
+    optimizer: str = "optimizer"
+    trainer: str = "trainer"
 
-    try:
-        root = optim_cfg._get_root()
-    except AttributeError:
-        return None, None
-    if not OmegaConf.is_dict(root):
-        return None, None
-    cls = type(method).__name__
-    for key in list(root.keys()):
-        try:
-            node = root.get(key)
-        except Exception:  # an unresolvable interpolation elsewhere in the config
-            continue
-        if OmegaConf.is_dict(node) and str(node.get("_target_", "")).rsplit(".", 1)[-1] == cls:
-            return str(key), node
-    return None, None
+    def describe(self, method) -> Tuple[str, list]:
+        """(name, settings) of `method` for a message: the caller's words, else its class and settings."""
+        if self.method is not None:
+            return self.method, list(self.params)
+        return describe_by_class(method)
 
 
-def _load_method_file(name: str, depth: int = 0) -> dict:
-    """config/method/<name>.yaml with its `defaults` (sibling method files) merged in, as a plain dict."""
-    from omegaconf import OmegaConf
-
-    f = METHOD_CONFIGS / f"{name}.yaml"
-    if depth > 5 or not f.is_file():
-        return {}
-    own = OmegaConf.to_container(OmegaConf.load(f))
-    out: dict = {}
-    for d in own.pop("defaults", None) or []:
-        if isinstance(d, str) and d not in ("_self_", "_schema"):
-            out.update(_load_method_file(d, depth + 1))
-    out.update(own)
-    return out
-
-
-def _method_choice(key: str, node) -> Optional[str]:
-    """The config/method file the node came from (`kl_dp`): Hydra's choice when Hydra runs the app, else (the
-    compose API) the file of the same `_target_` whose settings the node matches best."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized():
-            choices = HydraConfig.get().runtime.choices
-            for k in (key, f"method@{key}"):
-                if choices.get(k):
-                    return str(choices.get(k))
-    except Exception:
-        pass
-    try:
-        best, best_score = None, None
-        for f in sorted(METHOD_CONFIGS.glob("*.yaml")):
-            d = _load_method_file(f.stem)
-            if d.get("_target_") != node.get("_target_"):
-                continue
-            keys = [k for k in d if k != "_target_"]
-            score = sum(d[k] == node.get(k) for k in keys) - sum(d[k] != node.get(k) for k in keys)
-            if best_score is None or score > best_score:
-                best, best_score = f.stem, score
-        return best
-    except Exception:  # a label for an error message: never a second error
-        return None
-
-
-def describe_method(method, optim_cfg) -> Tuple[str, list]:
-    """('method=kl_dp (KLDP)', ['method.temperature=1.0', ...]): how the run's config names the trained method,
-    and its non-zero numeric hyper-parameters (weights, temperatures: what makes a loss overflow) by full key.
-    A method built without a config node (a plain classifier) is named by its class and constructor settings."""
-    cls = type(method).__name__
-    key, node = _method_node(method, optim_cfg)
-    if node is not None:
-        choice = _method_choice(key, node)
-        name = f"{key}={choice} ({cls})" if choice else f"{key}._target_={node.get('_target_')}"
-        params = [f"{key}.{k}={v}" for k, v in node.items() if k != "_target_" and _number(v) and v != 0]
-        return name, params[:6]
+def describe_by_class(method) -> Tuple[str, list]:
+    """('method KL', ['temperature=4.0', ...]): a method by its class and its (at most 6) non-zero numeric
+    constructor settings that have a numeric default."""
     import inspect
 
     try:
@@ -150,7 +84,7 @@ def describe_method(method, optim_cfg) -> Tuple[str, list]:
         v = getattr(method, k, None)
         if _number(prm.default) and _number(v) and v != 0:
             params.append(f"{k}={v}")
-    return f"method {cls}", params[:6]
+    return f"method {type(method).__name__}", params[:6]
 
 
 def build_optimizer(cfg, param_groups, batch_size: int = 256, world_size: int = 1):
@@ -254,7 +188,7 @@ class CheckpointDir:
         tmp.rename(d)
         with atomic_path(self.root / "latest") as p:
             p.write_text(d.name)
-        olds = sorted(x for x in self.root.glob("step_*") if x.is_dir() and x != d)
+        olds = sorted(x for x in self.root.iterdir() if x.name.startswith("step_") and x.is_dir() and x != d)
         for old in olds[: max(0, len(olds) - (self.keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
         return d
@@ -265,12 +199,16 @@ class CheckpointDir:
 
 
 class Trainer:
-    """Trains a Method (`method`: its loss, its trainable modules, `eval_model()` for what `evaluate` measures)."""
+    """Trains a Method (`method`: its loss, its trainable modules, `eval_model()` for what `evaluate` measures).
+    `cfg`, `optim_cfg`, `sched_cfg`: objects with the fields of the trainer / optimizer / scheduler schemas
+    (src/schema.py: config nodes or the plain dataclasses); `labels`: how its errors name the method and the keys
+    of those settings (default: the method's class, `optimizer.*`, `trainer.*`)."""
 
     def __init__(self, method: nn.Module, loader, cfg, optim_cfg, sched_cfg, run_dir, tracker=None,
                  evaluate: Optional[Callable[[nn.Module], Dict[str, float]]] = None, device="cpu",
-                 name: str = "", rank: int = 0, world_size: int = 1):
+                 name: str = "", rank: int = 0, world_size: int = 1, labels: Optional[RunLabels] = None):
         self.method = method
+        self.labels = labels if labels is not None else RunLabels()  # how the errors name the caller's settings
         self.loader, self.cfg, self.device = loader, cfg, torch.device(device)
         self.run_dir, self.tracker, self.evaluate = Path(run_dir), tracker, evaluate
         self.name = name
@@ -318,7 +256,7 @@ class Trainer:
     def save(self) -> Path:
         weights = self.method.state_dict()  # the method's trainable state (frozen models are left out)
         if not _finite(weights.values()):  # never replace the last good checkpoint with NaN/inf weights
-            name, params = describe_method(self.method, self.optim_cfg)
+            name, params = self.labels.describe(self.method)
             raise UserError(
                 f"non-finite weights at step {self.step} ({self._settings(name, params)}): {self._fix()}; "
                 f"last good checkpoint kept: {self.ckpt.latest() or 'none (none was written yet)'}")
@@ -497,22 +435,22 @@ class Trainer:
 
     def _settings(self, name: str, params) -> str:
         """'method=kl_dp (KLDP): method.temperature=4.0, ...; optimizer.lr=0.1' -- what the message names."""
-        opt = _full_key(self.optim_cfg, "optimizer")
-        lr = self.optim_cfg.get("lr") if hasattr(self.optim_cfg, "get") else None
+        opt = self.labels.optimizer
+        lr = getattr(self.optim_cfg, "lr", None)
         return f"{name}{': ' + ', '.join(params) if params else ''}; {opt}.lr={lr}"
 
     def _fix(self) -> str:
-        opt, tr = _full_key(self.optim_cfg, "optimizer"), _full_key(self.cfg, "trainer")
+        opt, tr = self.labels.optimizer, self.labels.trainer
         clip = f"{tr}.grad_clip=1.0" if not self.cfg.grad_clip else f"a smaller {tr}.grad_clip"
         amp = f" / {tr}.amp=none" if self.cfg.amp != "none" else ""
         return (f"lower {opt}.lr (e.g. by 10x) or the method's loss weights / raise its temperatures (method.*, "
                 f"shown above), or set {clip}{amp}, and rerun in a new run dir")
 
     def _nonfinite_message(self, lazy: bool, latest) -> str:
-        """One line naming the method by its config key, the settings that can cause it and the fix; before any
-        update the learning rate cannot be the cause."""
+        """One line naming the method as the caller labelled it (`labels`), the settings that can cause it and the
+        fix; before any update the learning rate cannot be the cause."""
         where = f"at step {self.step}" if not lazy or self.step == 0 else f"by step {self.step}"
-        name, params = describe_method(self.method, self.optim_cfg)
+        name, params = self.labels.describe(self.method)
         if self.step == 0:
             shown = f"{name}{': ' + ', '.join(params) if params else ''}"
             cause = ("before any update, so not the learning rate: check the method's settings (method.*: "

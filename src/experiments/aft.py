@@ -110,12 +110,12 @@ def feature_table(ctx: Context, refs: List[ModelRef], split: Split,
     return table, paths
 
 
-def splits(ctx: Context) -> Tuple[Split, Split]:
+def splits(ctx: Context, cfg: DictConfig) -> Tuple[Split, Split]:
     """(training split, evaluation split): the dataset's transfer split (with dataset.subset applied), and its val
     split when use_val else its test split."""
-    d = ctx.cfg.dataset
+    d = cfg.dataset
     return (training_split(ctx.ds, d.transfer_split, d.subset),
-            ctx.ds.split(d.val_split if ctx.cfg.use_val else d.test_split))
+            ctx.ds.split(d.val_split if cfg.use_val else d.test_split))
 
 
 # ------------------------------------------------------------------------------------------------------ run
@@ -141,7 +141,7 @@ def train(ctx: Context, method, train_split, eval_split, acc0: float) -> Tuple[f
     eval_loader = ctx.eval_loader(eval_split)
 
     def evaluate(model):
-        out = predict(model, eval_loader, amp=ctx.cfg.trainer.amp)
+        out = predict(model, eval_loader, amp=ctx.settings.amp)
         return {"eval/student_acc": 100 * accuracy(out["logits"], out["labels"])}
 
     ctx.tracker.log({"eval/student_acc": acc0, "epoch": 0.0}, 0)
@@ -159,7 +159,7 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
         student.model.to(ctx.device)
         refs = [resolve_model(s, ctx, f"features[{i}]") for i, s in enumerate(feature_specs(cfg))] \
             if "feature_table" in needs else []
-        train_split, eval_split = splits(ctx)
+        train_split, eval_split = splits(ctx, cfg)
         s0 = ctx.outputs(student, eval_split)
         table, paths = None, []
         if refs:

@@ -1,5 +1,9 @@
 """The run context every family works in: run dir, device and ranks, dataset, output cache, loaders, tracker,
-and the trainer / student-checkpoint plumbing they share. No maths here."""
+and the trainer / student-checkpoint plumbing they share. No maths here.
+
+`setup` takes from the run's config, once, what the shared code needs (`RunSettings`); past it the shared modules
+(this one, stage, resolve, zoo) read no config: the families pass their own keys (method, eval_split, top_p, ...)
+as arguments."""
 from __future__ import annotations
 
 import logging
@@ -18,7 +22,8 @@ from ..engine import OutputCache, Trainer, digest, seed_everything
 from ..io_utils import ensure_dir
 from ..models import Normalized, save_checkpoint
 from ..tracking import Tracker, lock_run_dir
-from .preflight import preflight
+from .naming import run_labels
+from .preflight import preflight, zoo_seed
 from .resume import check_resume
 
 log = logging.getLogger("kt")
@@ -81,9 +86,38 @@ class ModelRef:
     meta: Dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """What the shared code reads of one run's config, taken from it once by `setup`."""
+    loader: Any  # the `loader` node: every loader's settings unless a family passes its own
+    trainer: Any  # the `trainer`, `optimizer`, `scheduler` nodes: Context.trainer's defaults
+    optimizer: Any
+    scheduler: Any
+    dataset: Any  # the `dataset` node: the splits by role, dataset.subset, the student meta
+    paths: Any  # the `paths` node: checkpoints, cache
+    zoo: Any  # the `zoo` node (None without one): its models, generators, recipes, name, train_missing
+    zoo_seed: int  # which draw of the zoo (zoo.seed)
+    seed: int  # trainer.seed
+    amp: str  # trainer.amp: the precision of every evaluation
+    input_key: str  # how the inputs are decoded and evaluated: part of every output-cache key (`input_key`)
+    use_cache: bool = True
+    save_student: bool = True
+    cache_train_outputs: bool = True
+
+    @classmethod
+    def of(cls, cfg: DictConfig) -> "RunSettings":
+        return cls(loader=cfg.loader, trainer=cfg.trainer, optimizer=cfg.get("optimizer"),
+                   scheduler=cfg.get("scheduler"), dataset=cfg.dataset, paths=cfg.paths, zoo=cfg.get("zoo"),
+                   zoo_seed=zoo_seed(cfg), seed=cfg.trainer.seed, amp=cfg.trainer.amp, input_key=input_key(cfg),
+                   use_cache=bool(cfg.get("use_cache", True)), save_student=bool(cfg.get("save_student", True)),
+                   cache_train_outputs=bool(cfg.get("cache_train_outputs", True)))
+
+
 @dataclass
 class Context:
-    cfg: DictConfig
+    """One run's context (`setup`): what the shared code reads of the config is `settings`; the config itself stays
+    with the family's `run`."""
+    settings: RunSettings
     run_dir: Path
     device: torch.device
     ds: Dataset
@@ -101,26 +135,26 @@ class Context:
         return self.ds.info
 
     def eval_loader(self, split: Split):
-        return build_loader(self.cfg.loader, split, train=False, device=self.device,
-                            channels_last=bool(self.cfg.trainer.channels_last))
+        return build_loader(self.settings.loader, split, train=False, device=self.device,
+                            channels_last=bool(self.settings.trainer.channels_last))
 
     def train_loader(self, split: Split, loader_cfg=None, seed: Optional[int] = None,
                      channels_last: Optional[bool] = None):
         """A trainer's loader; `channels_last` is its trainer config's (default the run's trainer.channels_last)."""
-        return build_loader(loader_cfg or self.cfg.loader, split, train=True,
-                            seed=self.cfg.trainer.seed if seed is None else seed, device=self.device,
+        return build_loader(loader_cfg or self.settings.loader, split, train=True,
+                            seed=self.settings.seed if seed is None else seed, device=self.device,
                             rank=self.rank, world_size=self.world_size,
-                            channels_last=bool(self.cfg.trainer.channels_last if channels_last is None
+                            channels_last=bool(self.settings.trainer.channels_last if channels_last is None
                                                else channels_last))
 
     @property
     def inputs_key(self) -> str:
         """The data part of every output-cache key: dataset + how its images are decoded and evaluated."""
-        return f"{self.dataset_key}-{input_key(self.cfg)}"
+        return f"{self.dataset_key}-{self.settings.input_key}"
 
     def outputs(self, ref: ModelRef, split: Split, features: bool = False) -> Dict[str, torch.Tensor]:
         return self.cache.get(ref.model.to(self.device), ref.key, self.inputs_key, split, self.eval_loader(split),
-                              features=features, amp=self.cfg.trainer.amp, label=ref.name)
+                              features=features, amp=self.settings.amp, label=ref.name)
 
     def report(self, row: Dict[str, Any], printer: Callable[[Dict[str, Any], Path], None]) -> Dict[str, Any]:
         """The end of every family's run: `summary.json` (+ wandb summary) from `row`, then `printer(summary,
@@ -142,12 +176,14 @@ class Context:
                 optimizer_cfg=None, scheduler_cfg=None, run_dir=None) -> Trainer:
         """A Trainer for `method` on this run's device and ranks; its groups default to the run's `trainer`,
         `optimizer` and `scheduler` nodes, its tracker to the run's ("run"; None for none, or e.g. a
-        StageTracker), its checkpoints to <run_dir>/checkpoints/<name>/."""
-        cfg = self.cfg
-        return Trainer(method, loader, trainer_cfg or cfg.trainer, optimizer_cfg or cfg.optimizer,
-                       scheduler_cfg or cfg.scheduler, run_dir or self.run_dir,
-                       tracker=self.stage_tracker(tracker),
-                       evaluate=evaluate, device=self.device, name=name, rank=self.rank, world_size=self.world_size)
+        StageTracker), its checkpoints to <run_dir>/checkpoints/<name>/; its errors name the method and the
+        groups' keys as the config does (src/experiments/naming.py)."""
+        s = self.settings
+        trainer_cfg, optimizer_cfg = trainer_cfg or s.trainer, optimizer_cfg or s.optimizer
+        return Trainer(method, loader, trainer_cfg, optimizer_cfg, scheduler_cfg or s.scheduler,
+                       run_dir or self.run_dir, tracker=self.stage_tracker(tracker), evaluate=evaluate,
+                       device=self.device, name=name, rank=self.rank, world_size=self.world_size,
+                       labels=run_labels(method, optimizer_cfg, trainer_cfg))
 
     def stage_tracker(self, tracker: Any = "run"):
         """The tracker a trainer or stage logs to: "run" means the run's own, anything else (None, a
@@ -157,7 +193,7 @@ class Context:
     def student_meta(self, name: str, acc: Optional[float] = None, method: Optional[str] = None,
                      kwargs: Optional[dict] = None) -> Dict[str, Any]:
         """The meta.json of a student this run writes: its display name, the dataset, its accuracy in percent."""
-        meta = {"name": name, "dataset": OmegaConf.to_container(self.cfg.dataset, resolve=True),
+        meta = {"name": name, "dataset": OmegaConf.to_container(self.settings.dataset, resolve=True),
                 "kwargs": dict(kwargs or {}), "acc_unit": "percent"}
         if method is not None:
             meta["method"] = method
@@ -169,7 +205,7 @@ class Context:
                      kwargs: Optional[dict] = None, folder: Optional[Path] = None) -> Optional[dict]:
         """`model` -> <run_dir>/student/ (a checkpoint folder every family takes as a model), on rank 0 and unless
         save_student=false; `acc` in percent. Returns the saved meta (with the weights' hash), else None."""
-        if self.rank != 0 or (folder is None and not self.cfg.get("save_student", True)):
+        if self.rank != 0 or (folder is None and not self.settings.save_student):
             return None
         return save_checkpoint(model, folder or self.run_dir / "student", self.student_meta(name, acc, method, kwargs))
 
@@ -220,8 +256,9 @@ def setup(cfg: DictConfig, run_dir=None, job_type: str = "train", tracker: bool 
     trk = None
     if tracker:
         trk = Tracker(run_dir, cfg.wandb, OmegaConf.to_container(cfg, resolve=True), rank=rank, job_type=job_type)
-    cache = OutputCache(Path(cfg.paths.cache) / "outputs", enabled=bool(cfg.get("use_cache", True)))
-    return Context(cfg, run_dir, device, ds, dataset_key(cfg.dataset), trk, cache, rank, world, train_missing)
+    settings = RunSettings.of(cfg)
+    cache = OutputCache(Path(cfg.paths.cache) / "outputs", enabled=settings.use_cache)
+    return Context(settings, run_dir, device, ds, dataset_key(cfg.dataset), trk, cache, rank, world, train_missing)
 
 
 @contextmanager

@@ -137,11 +137,11 @@ def select_pairs(cfg, names: List[str]) -> Tuple[List[str], List[Tuple[int, int]
     return [names[i] for i in used], [(remap[t], remap[s]) for t, s in chosen]
 
 
-def random_student(ctx: Context) -> ModelRef:
+def random_student(ctx: Context, cfg: DictConfig) -> ModelRef:
     """A randomly initialised student (seeded with trainer.seed); never cached (it has no content key)."""
-    spec = ctx.cfg.random_student
+    spec = cfg.random_student
     info = ctx.info
-    torch.manual_seed(int(ctx.cfg.trainer.seed))
+    torch.manual_seed(int(cfg.trainer.seed))
     m = create_model(spec.arch, info, kwargs=as_dict(spec.get("kwargs")))
     return ModelRef(spec.get("name") or f"random_{spec.arch}", m, None, {"arch": spec.arch, "random_init": True})
 
@@ -198,9 +198,9 @@ def check_options(cfg, names: List[str]) -> List[float]:
     return ps
 
 
-def kl_scratch_dir(ctx: Context, n_models: int, n: int, k: int) -> Path:
+def kl_scratch_dir(cfg: DictConfig, n_models: int, n: int, k: int) -> Path:
     """Where the fp16 log-probabilities of kl=true go; one UserError when the disk cannot hold them."""
-    kl_dir = Path(ctx.cfg.paths.cache) / "outputs" / "log_probs"
+    kl_dir = Path(cfg.paths.cache) / "outputs" / "log_probs"
     need = n_models * n * k * 2
     kl_dir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(kl_dir).free
@@ -211,11 +211,11 @@ def kl_scratch_dir(ctx: Context, n_models: int, n: int, k: int) -> Path:
     return kl_dir
 
 
-def collect(ctx: Context, refs: List[ModelRef], split) -> Dict[str, object]:
+def collect(ctx: Context, cfg: DictConfig, refs: List[ModelRef], split) -> Dict[str, object]:
     """Pay once per model: its cached outputs -> predicted classes, and, when asked, its fp16 log-probabilities on
     disk (kl) and its features on a seeded sample subset (cka). Checks label space and sample ids agree."""
-    cfg, n, K = ctx.cfg, len(split), ctx.info.num_classes
-    kl_dir = kl_scratch_dir(ctx, len(refs), n, K) if cfg.kl else None
+    n, K = len(split), ctx.info.num_classes
+    kl_dir = kl_scratch_dir(cfg, len(refs), n, K) if cfg.kl else None
     got = {"labels": None, "preds": [], "log_probs": [], "scratch": [], "feats": []}
     cka_rows = None
     if cfg.cka:
@@ -246,10 +246,10 @@ def collect(ctx: Context, refs: List[ModelRef], split) -> Dict[str, object]:
     return got
 
 
-def pair_matrices(ctx: Context, got: Dict[str, object], ps: List[float]) -> Dict[str, object]:
+def pair_matrices(ctx: Context, cfg: DictConfig, got: Dict[str, object], ps: List[float]) -> Dict[str, object]:
     """Every pairwise statistic as an N x N matrix, with matrix operations on the stacked predictions (KL streamed
     from the log-probability files, CKA from the features)."""
-    cfg, dev, K = ctx.cfg, ctx.device, ctx.info.num_classes
+    dev, K = ctx.device, ctx.info.num_classes
     P = torch.stack(got["preds"]).to(dev)
     N = P.shape[0]
     keep_pc = N * N * K <= 20_000_000
@@ -293,12 +293,13 @@ def write_files(ctx: Context, rows: List[dict], names: List[str], m: Dict[str, o
     return npz
 
 
-def plot(ctx: Context, rows: List[dict], names: List[str], pairs, m: Dict[str, object], labels) -> Dict[str, Path]:
+def plot(ctx: Context, cfg: DictConfig, rows: List[dict], names: List[str], pairs, m: Dict[str, object],
+         labels) -> Dict[str, Path]:
     """The positive-flips heatmap, flips vs accuracy difference (+ lower envelope) and the per-class flips of one
     pair (plot_pair, else the pair with the most positive flips); logged to the tracker with the pairs table."""
     from ..plots import flip_heatmap, flips_vs_acc_diff, per_class_flips_plot
 
-    cfg, mats, plots = ctx.cfg, m["mats"], ctx.run_dir / "plots"
+    mats, plots = m["mats"], ctx.run_dir / "plots"
     figures = {"heatmap_positive_flips": flip_heatmap(mats["pos_flips_pct"], names,
                                                       plots / "heatmap_positive_flips.png")}
     xd, yd = [r["acc_diff"] for r in rows], [r["pos_flips_pct"] for r in rows]
@@ -337,16 +338,16 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
         computed0, hits0 = ctx.cache.computed, ctx.cache.hits
         refs: List[ModelRef] = [resolve_model(m, ctx) for m in names]
         if cfg.mode == "random_baseline":
-            refs.append(random_student(ctx))
-        got = collect(ctx, refs, split)
+            refs.append(random_student(ctx, cfg))
+        got = collect(ctx, cfg, refs, split)
         model_names = [r.name for r in refs]
         if len(set(model_names)) != len(model_names):
             raise UserError(f"two models resolve to the same name in {model_names}: give each model once")
         evaluations = ctx.cache.computed - computed0
-        m = pair_matrices(ctx, got, ps)
+        m = pair_matrices(ctx, cfg, got, ps)
         rows = pair_rows(pairs, model_names, m, top1)
         npz = write_files(ctx, rows, model_names, m)
-        figures = plot(ctx, rows, model_names, pairs, m, got["labels"]) if ctx.rank == 0 else {}
+        figures = plot(ctx, cfg, rows, model_names, pairs, m, got["labels"]) if ctx.rank == 0 else {}
         summary = {
             "task": "prediction_flips", "dataset": ctx.info.name, "split": split.name, "num_samples": len(split),
             "num_classes": ctx.info.num_classes, "mode": str(cfg.mode), "n_models": len(refs),

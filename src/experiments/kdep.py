@@ -101,9 +101,9 @@ def check_basis(b: dict, path) -> None:
     check(bool(mu.isfinite().all() and v.isfinite().all()), f"basis={path} holds non-finite values: {fix}")
 
 
-def check_downstream_splits(ctx: Context) -> None:
+def check_downstream_splits(ctx: Context, cfg: DictConfig) -> None:
     """Every downstream entry's splits exist (run right after setup, before the distillation)."""
-    for d in ctx.cfg.downstream:
+    for d in cfg.downstream:
         if d.get("dataset"):
             continue  # another dataset: checked when it is built
         for k in ("train_split", "eval_split"):
@@ -118,7 +118,7 @@ def teacher_outputs(ctx: Context, teacher: ModelRef, split) -> Dict[str, torch.T
     augmentation and cached on disk by the shared output cache (key: teacher hash, dataset, split, 'prerelu')."""
     return ctx.cache.get(PreActivation(teacher.model.to(ctx.device)), teacher.key,
                          f"{ctx.inputs_key}-prerelu", split, ctx.eval_loader(split),
-                         features=True, amp=ctx.cfg.trainer.amp, label=f"{teacher.name} (pre-ReLU)")
+                         features=True, amp=ctx.settings.amp, label=f"{teacher.name} (pre-ReLU)")
 
 
 def basis_for(cfg: DictConfig, features: torch.Tensor, run_dir: Path, teacher: str) -> tuple:
@@ -141,9 +141,8 @@ def basis_for(cfg: DictConfig, features: torch.Tensor, run_dir: Path, teacher: s
     return b, path
 
 
-def distill(ctx: Context, teacher: ModelRef, student: ModelRef, tracker) -> dict:
+def distill(ctx: Context, cfg: DictConfig, teacher: ModelRef, student: ModelRef, tracker) -> dict:
     """Stage 1: distil `teacher` into `student` (in place) on the upstream split; returns the stage's row."""
-    cfg = ctx.cfg
     split = training_split(ctx.ds, cfg.upstream_split, cfg.dataset.subset)
     out = teacher_outputs(ctx, teacher, split)
     f_t = out["features"]
@@ -188,16 +187,15 @@ def downstream_data(ctx: Context, d) -> dict:
     """A downstream entry's dataset (the run's own, or `d.dataset` built with the same paths) and splits."""
     ds = ctx.ds
     if d.get("dataset"):
-        ds = build_dataset(OmegaConf.merge(OmegaConf.structured(DatasetConfig), d.dataset), ctx.cfg.paths)
+        ds = build_dataset(OmegaConf.merge(OmegaConf.structured(DatasetConfig), d.dataset), ctx.settings.paths)
     sub = OmegaConf.create({"fraction": d.get("fraction"), "per_class": d.get("per_class"),
                             "seed": int(d.get("seed") or 0)})
     return {"ds": ds, "train": training_split(ds, d.train_split, sub), "eval": ds.split(d.eval_split)}
 
 
-def finetune(ctx: Context, init: torch.nn.Module, data: dict, name: str, tracker) -> dict:
+def finetune(ctx: Context, cfg: DictConfig, init: torch.nn.Module, data: dict, name: str, tracker) -> dict:
     """Full fine-tuning of a copy of `init` with a new head on the downstream data (plain CE); returns the
     last-epoch accuracy on the eval split."""
-    cfg = ctx.cfg
     ft = {g: finetune_cfg(cfg, g) for g in FINETUNE_GROUPS}
     model = copy.deepcopy(init)
     torch.manual_seed(cfg.trainer.seed)
@@ -232,11 +230,12 @@ def print_table(s: dict, run_dir) -> None:
     print(f"basis: {s['basis']}\noutputs: {run_dir} (summary.json, metrics.jsonl, stages/, checkpoints/)")
 
 
-def finetune_all(ctx: Context, stages: Stages, inits: Dict[str, torch.nn.Module]) -> Dict[str, dict]:
+def finetune_all(ctx: Context, cfg: DictConfig, stages: Stages, inits: Dict[str, torch.nn.Module]
+                 ) -> Dict[str, dict]:
     """Every downstream entry fine-tuned from every initialisation (one stage each, `finetune_<name>_<init>`);
     returns per downstream the last-epoch accuracy of each init and KDEP's difference to the baselines."""
     downstream: Dict[str, dict] = {}
-    for d in ctx.cfg.downstream:
+    for d in cfg.downstream:
         data, res = None, {}
         for init_name, init in inits.items():
             sname = f"finetune_{d.name}_{init_name}"
@@ -244,7 +243,7 @@ def finetune_all(ctx: Context, stages: Stages, inits: Dict[str, torch.nn.Module]
             def train(tracker, init=init, sname=sname):
                 nonlocal data
                 data = data or downstream_data(ctx, d)  # built once per entry, only when a stage runs
-                return None, finetune(ctx, init, data, sname, tracker)
+                return None, finetune(ctx, cfg, init, data, sname, tracker)
 
             res[init_name] = stages.run(sname, train)[1]
         r = {k: v["acc"] for k, v in res.items()}
@@ -258,15 +257,15 @@ def finetune_all(ctx: Context, stages: Stages, inits: Dict[str, torch.nn.Module]
 
 def run(cfg: DictConfig, run_dir=None) -> dict:
     with run_context(cfg, run_dir, "kdep", validate=validate, train_missing=train_zoo_entry) as ctx:
-        check_downstream_splits(ctx)
+        check_downstream_splits(ctx, cfg)
         teacher = resolve_model(cfg.teacher, ctx, "teacher")
         teacher.model.to(ctx.device)
         student = resolve_model(cfg.student, ctx, "student")
         student.model.to(ctx.device)
         scratch = copy.deepcopy(student.model)  # the same random init, for the `scratch` baseline
         stages = Stages(ctx)
-        distilled, drow, _ = stages.run("distill", lambda tracker: (student.model, distill(ctx, teacher, student,
-                                                                                          tracker)),
+        distilled, drow, _ = stages.run("distill", lambda tracker: (student.model, distill(ctx, cfg, teacher,
+                                                                                          student, tracker)),
                                         like=student.model, label=f"{student.name}<-kdep-{teacher.name}",
                                         kwargs=as_dict(cfg.student.get("kwargs")))
         inits = {"kdep": distilled}
@@ -274,7 +273,7 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
             inits["scratch"] = scratch
         if "supervised" in cfg.baselines:
             inits["supervised"] = resolve_model(cfg.supervised, ctx, "supervised").model.to(ctx.device)
-        downstream = finetune_all(ctx, stages, inits)
+        downstream = finetune_all(ctx, cfg, stages, inits)
         summary = {
             "status": "ok", "teacher": teacher.name, "student": student.name, "dataset": ctx.info.name,
             "selection": "last epoch", "inits": list(inits),

@@ -67,9 +67,10 @@ def _safe(name: str) -> str:
 
 @dataclass
 class Teachers:
-    """The shared state of one run: context, teachers, the initial student, the evaluation references (each
-    teacher and their ensemble), the stages written so far."""
+    """The shared state of one run: context, config, teachers, the initial student, the evaluation references
+    (each teacher and their ensemble), the stages written so far."""
     ctx: Context
+    cfg: DictConfig
     teachers: List[ModelRef]
     student0: ModelRef
     init_state: dict
@@ -81,8 +82,7 @@ class Teachers:
     stages: Stages
 
     @classmethod
-    def load(cls, ctx: Context) -> "Teachers":
-        cfg = ctx.cfg
+    def load(cls, ctx: Context, cfg: DictConfig) -> "Teachers":
         teachers = [resolve_model(t, ctx, "teacher") for t in cfg.teachers]
         names = [t.name for t in teachers]
         dup = sorted({n for n in names if names.count(n) > 1} | ({"ensemble"} & set(names)))
@@ -96,17 +96,17 @@ class Teachers:
         t_eval = {t.name: ctx.outputs(t, split)["logits"] for t in teachers}
         s0 = ctx.outputs(student0, split)
         refs = {**t_eval, "ensemble": mean_softmax_logits(torch.stack(list(t_eval.values())))}
-        return cls(ctx, teachers, student0, copy.deepcopy(student0.model.state_dict()), ctx.eval_loader(split), refs,
-                   s0["labels"], s0["logits"], training_split(ctx.ds, cfg.dataset.transfer_split, cfg.dataset.subset),
-                   Stages(ctx))
+        return cls(ctx, cfg, teachers, student0, copy.deepcopy(student0.model.state_dict()), ctx.eval_loader(split),
+                   refs, s0["labels"], s0["logits"],
+                   training_split(ctx.ds, cfg.dataset.transfer_split, cfg.dataset.subset), Stages(ctx))
 
     @property
     def names(self) -> List[str]:
         return [t.name for t in self.teachers]
 
     def evaluate(self, model) -> Dict[str, float]:
-        out = predict(model, self.eval_loader, amp=self.ctx.cfg.trainer.amp)
-        return transfer_report(out["logits"], self.s0_logits, self.refs, self.labels, float(self.ctx.cfg.top_p))
+        out = predict(model, self.eval_loader, amp=self.cfg.trainer.amp)
+        return transfer_report(out["logits"], self.s0_logits, self.refs, self.labels, float(self.cfg.top_p))
 
     def eval_logged(self, model) -> Dict[str, float]:
         return {f"eval/{k}": v for k, v in self.evaluate(model).items()}
@@ -126,7 +126,8 @@ def single_stage(t: Teachers, teacher: ModelRef, student: ModelRef, trainer_name
 
     def train(tracker):
         log.info("stage %d: %s -> %s (%s)", k, teacher.name, student.name, trainer_name)
-        t_row = distil(t.ctx, teacher, student, t.ctx.cfg.method, trainer_name, frozen=frozen, tracker=tracker)
+        t_row = distil(t.ctx, teacher, student, t.cfg.method, t.cfg.eval_split, t.cfg.top_p, trainer_name,
+                       frozen=frozen, tracker=tracker)
         row = {"stage": k, "teacher": teacher.name, **(extra or {}), **t.evaluate(student.model),
                "steps": t_row["steps"], "stage_transfer": t_row}
         tracker.log({f"stage_eval/{key}": v for key, v in row.items() if isinstance(v, (int, float))}, row["steps"])
@@ -140,7 +141,7 @@ def single_stage(t: Teachers, teacher: ModelRef, student: ModelRef, trainer_name
 def sequential(t: Teachers):
     """The teachers one after another (order: their accuracy on order_split), each stage's student-teacher the
     student after the previous stage (a frozen copy); each stage's Trainer builds a fresh optimiser."""
-    ctx, cfg = t.ctx, t.ctx.cfg
+    ctx, cfg = t.ctx, t.cfg
     split = ctx.ds.split(cfg.order_split)
     accs = [100 * accuracy(ctx.outputs(m, split)["logits"], split.labels) for m in t.teachers]
     order = order_teachers(accs, str(cfg.order))
@@ -160,7 +161,7 @@ def sequential(t: Teachers):
 def soup(t: Teachers):
     """One student distilled from each teacher (or a finished run given in soup_runs), their weights averaged;
     BatchNorm statistics recomputed on the training split when soup_recompute_bn."""
-    cfg, members, rows = t.ctx.cfg, [], []
+    cfg, members, rows = t.cfg, [], []
     runs = as_dict(cfg.get("soup_runs"))
     for k, teacher in enumerate(t.teachers, 1):
         student = t.copy_of_student0()
@@ -203,9 +204,9 @@ def external_member(t: Teachers, k: int, teacher: ModelRef, like: ModelRef, path
     summary = p / "summary.json"
     t_row = json.loads(summary.read_text()) if summary.is_file() else {}
     target = t_row.get("method_config", {}).get("_target_")
-    if target is not None and not same_target(target, t.ctx.cfg.method._target_):
+    if target is not None and not same_target(target, t.cfg.method._target_):
         log.warning("soup_runs.%s was distilled with %s, this run's method is %s", teacher.name, target,
-                    t.ctx.cfg.method._target_)
+                    t.cfg.method._target_)
     log.info("soup member %d (%s): re-using the finished run %s", k, teacher.name, folder)
     model.to(t.ctx.device)
     row = {"stage": k, "teacher": teacher.name, "reused_from": str(folder), **t.evaluate(model),
@@ -230,7 +231,7 @@ def parallel(t: Teachers):
         loader = ctx.train_loader(t.train_split)
         frozen = ModelRef(student.name + "@init", copy.deepcopy(student.model), student.key)
         caches = train_caches(ctx, [*t.teachers, frozen], t.train_split, loader, False)
-        method = build_method(ctx.cfg.parallel_method, "parallel_method", accept=lambda c: "teachers" in c.needs,
+        method = build_method(t.cfg.parallel_method, "parallel_method", accept=lambda c: "teachers" in c.needs,
                               choices=PARALLEL_CHOICES, modality=ctx.info.modality, student=student.model,
                               teachers=[m.model for m in t.teachers], frozen_student=frozen.model,
                               teacher_caches=caches[:-1], frozen_student_cache=caches[-1], names=names)
@@ -287,7 +288,7 @@ def print_rows(summary: dict, run_dir) -> None:
 
 def run(cfg: DictConfig, run_dir=None) -> dict:
     with run_context(cfg, run_dir, "multi_teacher", validate=validate, train_missing=train_zoo_entry) as ctx:
-        t = Teachers.load(ctx)
+        t = Teachers.load(ctx, cfg)
         model, rows, extra = RUN_MODE[str(cfg.mode)](t)
         cfg_method = cfg.parallel_method if cfg.mode == "parallel" else cfg.method
         method_name = cfg.get("method_name") or method_class(cfg_method).__name__

@@ -248,8 +248,12 @@ def check_paths(cfg) -> None:
 
 def model_spec(spec, cfg) -> ModelSpec:
     """`spec` (a name or a model node) parsed against the run's zoo: the one grammar, src/models/spec.py."""
-    z = cfg.get("zoo")
-    return ModelSpec.parse(spec, z.models if z is not None and z.get("models") else None)
+    return spec_in_zoo(spec, cfg.get("zoo"))
+
+
+def spec_in_zoo(spec, zoo) -> ModelSpec:
+    """`spec` parsed against the zoo node `zoo` (None: no zoo)."""
+    return ModelSpec.parse(spec, zoo.models if zoo is not None and zoo.get("models") else None)
 
 
 def check_model_spec(name, cfg, role: str = "model") -> None:
@@ -258,8 +262,12 @@ def check_model_spec(name, cfg, role: str = "model") -> None:
 
 
 def zoo_names(cfg) -> list:
-    z = cfg.get("zoo")
-    return list(z.models.keys()) if z is not None and z.get("models") else []
+    return zoo_entries(cfg.get("zoo"))
+
+
+def zoo_entries(zoo) -> list:
+    """The model names of the zoo node `zoo` (None: no zoo)."""
+    return list(zoo.models.keys()) if zoo is not None and zoo.get("models") else []
 
 
 def zoo_seed(cfg) -> int:

@@ -17,10 +17,9 @@ from .zoo import generator_names, train_classifier, train_generator, train_zoo_e
 log = logging.getLogger("kt")
 
 
-def train_model_config(ctx: Context) -> dict:
+def train_model_config(ctx: Context, cfg: DictConfig) -> dict:
     """name=null: the `model` config trained with the run's own optimizer / scheduler / trainer; saved to the zoo
     folder as `save_as`, else to <run_dir>/model/. Returns {display name: row}."""
-    cfg = ctx.cfg
     r = OmegaConf.create({"arch": cfg.model.arch, "kwargs": cfg.model.get("kwargs") or {},
                           "pretrained": cfg.model.get("pretrained", False), "checkpoint": cfg.model.get("checkpoint"),
                           "freeze_backbone": cfg.get("freeze_backbone", False)})
@@ -33,13 +32,13 @@ def train_model_config(ctx: Context) -> dict:
     return {name: {"test_acc": res["test_acc"], "val_acc": res["val_acc"], "path": str(folder)}}
 
 
-def train_zoo(ctx: Context, names: list) -> dict:
+def train_zoo(ctx: Context, cfg: DictConfig, names: list) -> dict:
     """The zoo entries `names` (classifiers and generators), each trained unless it exists and skip_existing;
     returns {name: row} (a generator's row holds its sample quality)."""
-    cfg, rows = ctx.cfg, {}
+    rows = {}
     for n in names:
-        folder = zoo_folder(cfg, ctx.info.name, n)
-        if n in generator_names(cfg):
+        folder = zoo_folder(ctx.settings, ctx.info.name, n)
+        if n in generator_names(cfg.get("zoo")):
             meta = read_generator_meta(folder)
             if meta is None or not cfg.skip_existing:
                 meta = train_generator(n, ctx, ctx.run_dir)
@@ -72,8 +71,8 @@ def print_rows(summary: dict, run_dir) -> None:
 def run(cfg: DictConfig, run_dir=None) -> dict:
     with run_context(cfg, run_dir, "pretrain", train_missing=train_zoo_entry) as ctx:
         if cfg.name is None:
-            rows = train_model_config(ctx)
+            rows = train_model_config(ctx, cfg)
         else:
-            rows = train_zoo(ctx, zoo_names(cfg) if cfg.name == "all" else [cfg.name])
+            rows = train_zoo(ctx, cfg, zoo_names(cfg) if cfg.name == "all" else [cfg.name])
         return ctx.report({"task": "pretrain", "dataset": ctx.info.name, "models": rows, "acc_unit": "percent",
                            "seed": cfg.trainer.seed, "zoo_seed": zoo_seed(cfg)}, print_rows)

@@ -9,30 +9,31 @@ from ..errors import UserError
 from ..io_utils import content_hash
 from ..models import create_model, load_checkpoint, read_meta, zoo_dir
 from ..models.spec import ModelSpec
-from .context import Context, ModelRef
-from .preflight import model_spec, zoo_names, zoo_seed
+from .context import Context, ModelRef, RunSettings
+from .preflight import spec_in_zoo, zoo_entries
 
 log = logging.getLogger("kt")
 
 
-def zoo_folder(cfg, dataset_name: str, name: str) -> Path:
+def zoo_folder(s: RunSettings, dataset_name: str, name: str) -> Path:
     """Checkpoint folder of zoo entry `name`; draw k > 0 of the zoo (zoo.seed=k) lives under zoo_seed<k>/."""
-    k = zoo_seed(cfg)
-    return zoo_dir(cfg.paths.checkpoints, dataset_name if k == 0 else f"{dataset_name}/zoo_seed{k}", name)
+    k = s.zoo_seed
+    return zoo_dir(s.paths.checkpoints, dataset_name if k == 0 else f"{dataset_name}/zoo_seed{k}", name)
 
 
-def hash_index(cfg) -> Path:
+def hash_index(s: RunSettings) -> Path:
     """Where content hashes of weight files are remembered across runs (by path, size and mtime)."""
-    return Path(cfg.paths.cache) / "content_hashes.json"
+    return Path(s.paths.cache) / "content_hashes.json"
 
 
 def resolve_model(spec, ctx: Context, role: str = "model") -> ModelRef:
     """A model from a zoo name, a checkpoint folder/file written by this suite, `arch@weights_file`, a timm name
     (pretrained hub weights), or a model config node {arch, pretrained, checkpoint, kwargs, name}: one branch per
     kind of `ModelSpec` (src/models/spec.py)."""
-    s = model_spec(spec, ctx.cfg)
+    zoo = ctx.settings.zoo
+    s = spec_in_zoo(spec, zoo)
     if s.kind != "node":
-        s.check(role, zoo_names(ctx.cfg))  # unknown names and missing weight files fail here, before any loading
+        s.check(role, zoo_entries(zoo))  # unknown names and missing weight files fail here, before any loading
     return {"node": _from_node, "zoo": _from_zoo, "arch_file": _from_arch_file, "path": _from_path,
             "timm": _from_timm}[s.kind](s, ctx, role)
 
@@ -47,33 +48,33 @@ def _from_node(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
     m = _new(ctx, n["arch"], pretrained=n["pretrained"], checkpoint=n["checkpoint"], kwargs=n["kwargs"])
     key = None
     if n["checkpoint"]:
-        key = f"{n['arch']}-{content_hash(n['checkpoint'], hash_index(ctx.cfg))}"
+        key = f"{n['arch']}-{content_hash(n['checkpoint'], hash_index(ctx.settings))}"
     elif n["pretrained"]:
         key = f"timm-{n['arch']}"
     return ModelRef(s.name, m, key, {})
 
 
 def _from_zoo(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
-    cfg, info, name = ctx.cfg, ctx.info, s.text
-    folder = zoo_folder(cfg, info.name, name)
+    settings, info, name = ctx.settings, ctx.info, s.text
+    folder = zoo_folder(settings, info.name, name)
     if read_meta(folder) is None:
-        if not cfg.zoo.get("train_missing", False) or ctx.train_missing is None:
+        if not settings.zoo.get("train_missing", False) or ctx.train_missing is None:
             raise UserError(f"zoo model '{name}' has no checkpoint in {folder}: train it with "
                             f"`python main_pretrain.py name={name}` or set zoo.train_missing=true")
         log.info("zoo model '%s' is missing: training it now (zoo.train_missing=true)", name)
         ctx.train_missing(name, ctx)
-    model, meta = load_checkpoint(folder, info.num_classes, info.channels, hash_index(cfg))
+    model, meta = load_checkpoint(folder, info.num_classes, info.channels, hash_index(settings))
     return ModelRef(name, model, meta["hash"], meta)
 
 
 def _from_arch_file(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
     m = _new(ctx, s.arch, checkpoint=s.path, reinit_head=not role.startswith("teacher"))
-    return ModelRef(s.text, m, f"{s.arch}-{content_hash(s.path, hash_index(ctx.cfg))}",
+    return ModelRef(s.text, m, f"{s.arch}-{content_hash(s.path, hash_index(ctx.settings))}",
                     {"arch": s.arch, "checkpoint": s.path})
 
 
 def _from_path(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
-    model, meta = load_checkpoint(Path(s.path), ctx.info.num_classes, ctx.info.channels, hash_index(ctx.cfg))
+    model, meta = load_checkpoint(Path(s.path), ctx.info.num_classes, ctx.info.channels, hash_index(ctx.settings))
     return ModelRef(meta.get("name", Path(s.path).name), model, meta["hash"], meta)
 
 

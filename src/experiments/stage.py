@@ -36,7 +36,7 @@ def synth_inputs(ctx: Context, cfg_method) -> Dict[str, object]:
     source, meta = resolve_generator(cfg_method.get("synth_source"), ctx)
     log.info("synthetic distillation data: %.0f%% of every batch from generator %s (%s)", 100 * ratio,
              cfg_method.get("synth_source"), meta["folder"])
-    return {"synth_generator": source.to(ctx.device), "synth_seed": int(ctx.cfg.trainer.seed)}
+    return {"synth_generator": source.to(ctx.device), "synth_seed": int(ctx.settings.seed)}
 
 
 def labels_by_id(split):
@@ -49,7 +49,7 @@ def labels_by_id(split):
 def train_caches(ctx: Context, refs, split, loader, features: bool):
     """Per-sample output tables of the frozen models over the training split, when its inputs are not randomly
     augmented (then each sample's output never changes): one evaluation instead of one per epoch."""
-    if loader.augmented or not ctx.cfg.get("cache_train_outputs", True):
+    if loader.augmented or not ctx.settings.cache_train_outputs:
         if loader.augmented:
             log.info("training inputs are augmented: frozen models run on every batch (no output cache)")
         return [None] * len(refs)
@@ -118,31 +118,32 @@ def train_fidelity(ctx: Context, teacher: ModelRef, model, split) -> Dict[str, f
     with the teacher (%), KL(p_teacher || p_student) at T = 1 and both accuracies (%) on the (un-augmented)
     training split."""
     t = ctx.outputs(teacher, split)
-    s = predict(model, ctx.eval_loader(split), amp=ctx.cfg.trainer.amp)
+    s = predict(model, ctx.eval_loader(split), amp=ctx.settings.amp)
     return {"train_agreement": 100 * agreement(t["logits"], s["logits"]),
             "train_kl": kl_divergence(t["logits"], s["logits"]),
             "train_student_acc": 100 * accuracy(s["logits"], s["labels"]),
             "train_teacher_acc": 100 * accuracy(t["logits"], t["labels"])}
 
 
-def distil(ctx: Context, teacher: ModelRef, student: ModelRef, cfg_method, name: str = "",
-           frozen: Optional[ModelRef] = None, tracker: Any = "run", synth: Optional[Dict[str, object]] = None
-           ) -> Dict[str, object]:
-    """One distillation stage: `teacher` into `student` (trained in place) with `cfg_method`, evaluated on
-    eval_split with the transfer metrics before and after (and KL+DP's routing shares); returns the stage's row.
-    `name`: the trainer's checkpoint folder; `tracker`: the run's ("run") or a StageTracker; `synth`: the result
-    of `synth_inputs` when the caller resolved it already."""
-    cfg = ctx.cfg
-    eval_split = ctx.ds.split(cfg.eval_split)
+def distil(ctx: Context, teacher: ModelRef, student: ModelRef, cfg_method, eval_split: str, top_p: float,
+           name: str = "", frozen: Optional[ModelRef] = None, tracker: Any = "run",
+           synth: Optional[Dict[str, object]] = None) -> Dict[str, object]:
+    """One distillation stage: `teacher` into `student` (trained in place) with `cfg_method` on the dataset's
+    transfer split, evaluated on split `eval_split` with the transfer metrics (`top_p`: their concentration level,
+    %) before and after (and KL+DP's routing shares); returns the stage's row. `name`: the trainer's checkpoint
+    folder; `tracker`: the run's ("run") or a StageTracker; `synth`: the result of `synth_inputs` when the caller
+    resolved it already."""
+    amp, d = ctx.settings.amp, ctx.settings.dataset
+    eval_split = ctx.ds.split(eval_split)
     t_eval, s0_eval = ctx.outputs(teacher, eval_split), ctx.outputs(student, eval_split)
-    labels, top_p = t_eval["labels"], float(cfg.top_p)
-    train_split = training_split(ctx.ds, cfg.dataset.transfer_split, cfg.dataset.subset)
+    labels, top_p = t_eval["labels"], float(top_p)
+    train_split = training_split(ctx.ds, d.transfer_split, d.subset)
     loader = ctx.train_loader(train_split)
     method = stage_method(ctx, teacher, student, cfg_method, train_split, loader, frozen, synth)
     eval_loader = ctx.eval_loader(eval_split)
 
     def evaluate(model):
-        out = predict(model, eval_loader, amp=cfg.trainer.amp)
+        out = predict(model, eval_loader, amp=amp)
         return {f"eval/{k}": v for k, v in transfer_metrics(out["logits"], s0_eval["logits"], t_eval["logits"],
                                                              labels, top_p).items()}
 

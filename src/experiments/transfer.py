@@ -51,7 +51,7 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
         student = resolve_model(cfg.student, ctx, "student")
         for ref in (teacher, student):
             ref.model.to(ctx.device)
-        row = distil(ctx, teacher, student, cfg.method, synth=synth)
+        row = distil(ctx, teacher, student, cfg.method, cfg.eval_split, cfg.top_p, synth=synth)
         row.update(status="ok", method=method_name, teacher=teacher.name, student=student.name,
                    eval_split=cfg.eval_split, dataset=ctx.info.name, seed=cfg.trainer.seed,
                    method_config=as_dict(cfg.method))

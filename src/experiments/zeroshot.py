@@ -85,16 +85,15 @@ def validate(cfg: DictConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ pieces
-def fresh_student(spec, ctx: Context) -> ModelRef:
+def fresh_student(spec, ctx: Context, cfg: DictConfig) -> ModelRef:
     """An architecture name is a fresh, randomly initialised student; anything else resolves like a teacher."""
-    s = model_spec(spec, ctx.cfg)
+    s = model_spec(spec, cfg)
     if s.is_fresh_arch:
         return resolve_model({"arch": s.arch, "name": s.name}, ctx, "student")
     return resolve_model(spec, ctx, "student")
 
 
-def few_shot_split(ctx: Context) -> Split:
-    cfg = ctx.cfg
+def few_shot_split(ctx: Context, cfg: DictConfig) -> Split:
     split = ctx.ds.split(cfg.few_shot.split)
     m = int(cfg.shots_per_class)
     fewest = int(torch.bincount(split.labels, minlength=ctx.info.num_classes).min())
@@ -108,11 +107,12 @@ class ZeroShotRun:
 
     def __init__(self, cfg: DictConfig, ctx: Context):
         self.cfg, self.ctx = cfg, ctx
-        self.few_shot = few_shot_split(ctx) if cfg.baselines else None  # a bad shots_per_class fails before training
+        # a bad shots_per_class fails before training
+        self.few_shot = few_shot_split(ctx, cfg) if cfg.baselines else None
         self.teacher = resolve_model(cfg.teacher, ctx, "teacher")
         self.teacher.model.to(ctx.device).eval()
         seed_everything(cfg.trainer.seed)  # the same student / generator init whether or not the zoo was trained
-        self.student = fresh_student(cfg.student, ctx)
+        self.student = fresh_student(cfg.student, ctx, cfg)
         self.student.model.to(ctx.device)
         if cfg.method.beta > 0:
             check_stages(self.teacher.model, self.student.model, cfg, [self.teacher.name, self.student.name])

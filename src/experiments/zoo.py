@@ -20,8 +20,8 @@ from ..metrics.generative import frechet_distance
 from ..models import create_model, freeze, save_checkpoint, zoo_dir
 from ..models.gan import CondGenerator, GANSource, SNDiscriminator, load_generator, read_generator_meta, save_generator
 from ..schema import LoaderConfig, OptimizerConfig, SchedulerConfig, TrainerConfig, as_dict, typed
-from .context import Context
-from .preflight import zoo_names, zoo_seed
+from .context import Context, RunSettings
+from .preflight import zoo_entries
 from .resolve import resolve_model, zoo_folder
 
 log = logging.getLogger("kt")
@@ -39,54 +39,54 @@ _GAN_DEFAULTS = {"arch": "sngan", "kwargs": {}, "seed": 0, "epochs": 100, "batch
                  "scheduler": {"name": "none"}}
 
 
-def generator_names(cfg) -> list:
-    z = cfg.get("zoo")
-    return list(z.generators.keys()) if z is not None and z.get("generators") else []
+def generator_names(zoo) -> list:
+    """The generator names of the zoo node `zoo` (None: no zoo)."""
+    return list(zoo.generators.keys()) if zoo is not None and zoo.get("generators") else []
 
 
-def recipe(name: str, cfg) -> DictConfig:
+def recipe(name: str, s: RunSettings) -> DictConfig:
     """The zoo's shared training recipe merged with entry `name`'s overrides (a generator entry: the GAN
     defaults merged with its keys)."""
     plain = lambda n: OmegaConf.create(OmegaConf.to_container(n, resolve=True) if n is not None else {})
-    if name in generator_names(cfg):
-        r = OmegaConf.merge(OmegaConf.create(_GAN_DEFAULTS), plain(cfg.zoo.generators[name]))
+    zoo = s.zoo
+    if name in generator_names(zoo):
+        r = OmegaConf.merge(OmegaConf.create(_GAN_DEFAULTS), plain(zoo.generators[name]))
         bad = set(r.keys()) - _GAN_KEYS
         if bad or r.arch != "sngan":
             raise UserError(f"zoo generator '{name}' has unknown keys {sorted(bad)} or arch '{r.arch}'; allowed: "
                             f"{sorted(_GAN_KEYS)}, arch: sngan")
         return r
-    if name not in zoo_names(cfg):
-        known = zoo_names(cfg) + generator_names(cfg)
-        raise UserError(f"unknown zoo model '{name}'{closest(name, known)}; zoo '{cfg.zoo.name}' has "
+    if name not in zoo_entries(zoo):
+        known = zoo_entries(zoo) + generator_names(zoo)
+        raise UserError(f"unknown zoo model '{name}'{closest(name, known)}; zoo '{zoo.name}' has "
                         f"{', '.join(known)}")
-    r = OmegaConf.merge(plain(cfg.zoo.get("train")), plain(cfg.zoo.models[name]))
+    r = OmegaConf.merge(plain(zoo.get("train")), plain(zoo.models[name]))
     bad = set(r.keys()) - _RECIPE_KEYS
     if bad:
         raise UserError(f"zoo entry '{name}' has unknown keys {sorted(bad)}; allowed: {sorted(_RECIPE_KEYS)}")
-    if zoo_seed(cfg):  # another draw of the same zoo: every entry's seed shifted by 1000 per draw
-        r.seed = int(r.get("seed", cfg.trainer.seed)) + 1000 * zoo_seed(cfg)
+    if s.zoo_seed:  # another draw of the same zoo: every entry's seed shifted by 1000 per draw
+        r.seed = int(r.get("seed", s.seed)) + 1000 * s.zoo_seed
     return r
 
 
 def train_classifier(ctx: Context, r: DictConfig, run_dir: Path, name: str) -> Dict[str, float]:
     """Train one model with cross-entropy from a recipe; returns (val/test accuracies in percent, the model)."""
-    cfg, info = ctx.cfg, ctx.info
-    loader_cfg = typed(LoaderConfig, cfg.loader, {k: r[k] for k in ("batch_size", "augment", "flip",
-                                                                      "crop_padding") if k in r})
-    trainer_cfg = typed(TrainerConfig, cfg.trainer, {"epochs": r.get("epochs", cfg.trainer.epochs),
-                                                      "seed": r.get("seed", cfg.trainer.seed),
-                                                      # a zoo recipe counts epochs; a plain model run keeps
-                                                      # the run's trainer.max_steps
-                                                      "max_steps": None if "epochs" in r else
-                                                      cfg.trainer.max_steps})
+    s, info = ctx.settings, ctx.info
+    d, tr = s.dataset, s.trainer
+    loader_cfg = typed(LoaderConfig, s.loader, {k: r[k] for k in ("batch_size", "augment", "flip",
+                                                                    "crop_padding") if k in r})
+    trainer_cfg = typed(TrainerConfig, tr, {"epochs": r.get("epochs", tr.epochs), "seed": r.get("seed", tr.seed),
+                                            # a zoo recipe counts epochs; a plain model run keeps the run's
+                                            # trainer.max_steps
+                                            "max_steps": None if "epochs" in r else tr.max_steps})
     seed_everything(trainer_cfg.seed)
     model = create_model(r.arch, info, pretrained=bool(r.get("pretrained", False)), checkpoint=r.get("checkpoint"),
                          kwargs=as_dict(r.get("kwargs")))
     if r.get("freeze_backbone", False):  # linear probe: only the classifier trains
         model.freeze_backbone()
-    train_split = training_split(ctx.ds, cfg.dataset.pretrain_split, cfg.dataset.subset)
+    train_split = training_split(ctx.ds, d.pretrain_split, d.subset)
     loader = ctx.train_loader(train_split, loader_cfg, seed=trainer_cfg.seed)
-    val_name = cfg.dataset.val_split if cfg.dataset.val_split in ctx.ds.splits else None
+    val_name = d.val_split if d.val_split in ctx.ds.splits else None
     val_loader = ctx.eval_loader(ctx.ds.split(val_name)) if val_name else None
 
     def evaluate(m):
@@ -101,7 +101,7 @@ def train_classifier(ctx: Context, r: DictConfig, run_dir: Path, name: str) -> D
                           optimizer_cfg=typed(OptimizerConfig, r.optimizer) if "optimizer" in r else None,
                           scheduler_cfg=typed(SchedulerConfig, r.scheduler) if "scheduler" in r else None)
     last = trainer.fit()
-    test = predict(model, ctx.eval_loader(ctx.ds.split(cfg.dataset.test_split)))
+    test = predict(model, ctx.eval_loader(ctx.ds.split(d.test_split)))
     res = {"val_acc": last.get("val/acc"), "test_acc": 100 * accuracy(test["logits"], test["labels"]),
            "steps": trainer.total_steps}
     return res, model
@@ -109,15 +109,15 @@ def train_classifier(ctx: Context, r: DictConfig, run_dir: Path, name: str) -> D
 
 def train_zoo_entry(name: str, ctx: Context, run_dir: Optional[Path] = None) -> dict:
     """Train zoo entry `name` with its recipe and save it to the zoo folder (checkpoint + meta.json)."""
-    cfg = ctx.cfg
-    r = recipe(name, cfg)
+    s = ctx.settings
+    r = recipe(name, s)
     run_dir = Path(run_dir or ctx.run_dir / "zoo" / name)
     res, model = train_classifier(ctx, r, run_dir, name)
     meta = {"name": name, "kwargs": as_dict(r.get("kwargs")),
-            "dataset": OmegaConf.to_container(cfg.dataset, resolve=True), "val_acc": res["val_acc"],
-            "test_acc": res["test_acc"], "recipe": OmegaConf.to_container(r, resolve=True), "zoo": cfg.zoo.name,
-            "zoo_seed": zoo_seed(cfg), "acc_unit": "percent"}
-    folder = zoo_folder(cfg, ctx.info.name, name)
+            "dataset": OmegaConf.to_container(s.dataset, resolve=True), "val_acc": res["val_acc"],
+            "test_acc": res["test_acc"], "recipe": OmegaConf.to_container(r, resolve=True), "zoo": s.zoo.name,
+            "zoo_seed": s.zoo_seed, "acc_unit": "percent"}
+    folder = zoo_folder(s, ctx.info.name, name)
     if ctx.rank == 0:
         meta = save_checkpoint(model, folder, meta)
     log.info("zoo model %-12s test acc %.2f%%  -> %s", name, res["test_acc"], folder)
@@ -164,25 +164,25 @@ def train_generator(name: str, ctx: Context, run_dir: Optional[Path] = None) -> 
     """Train zoo generator `name` (a class-conditional SN-GAN) on the pretraining split; save it to the zoo folder
     (model.safetensors + meta.json with its sample quality), its losses to metrics.jsonl, a sample grid to
     <run dir>/plots/<name>_samples.png (and wandb)."""
-    cfg, info = ctx.cfg, ctx.info
-    r = recipe(name, cfg)
+    s, info = ctx.settings, ctx.info
+    d = s.dataset
+    r = recipe(name, s)
     run_dir = Path(run_dir or ctx.run_dir / "zoo" / name)
     seed_everything(int(r.seed))
     kw = as_dict(r.kwargs)
     gen = CondGenerator(img_size=info.image_size, channels=info.channels, num_classes=info.num_classes, **kw)
     disc = SNDiscriminator(info.image_size, info.channels, info.num_classes, width=int(kw.get("width", 64)))
     method = GANTraining(gen, disc, seed=int(r.seed), d_lr=r.d_lr, diversity=float(r.diversity))
-    loader_cfg = typed(LoaderConfig, cfg.loader, {"batch_size": int(r.batch_size), "augment": "none",
-                                                  "drop_last": True})
-    trainer_cfg = typed(TrainerConfig, cfg.trainer, {"epochs": r.epochs, "seed": r.seed, "max_steps": None,
-                                                      "eval_every": int(r.eval_every), "eval_every_steps": None})
-    loader = ctx.train_loader(training_split(ctx.ds, cfg.dataset.pretrain_split, cfg.dataset.subset), loader_cfg,
-                              seed=int(r.seed))
+    loader_cfg = typed(LoaderConfig, s.loader, {"batch_size": int(r.batch_size), "augment": "none",
+                                                "drop_last": True})
+    trainer_cfg = typed(TrainerConfig, s.trainer, {"epochs": r.epochs, "seed": r.seed, "max_steps": None,
+                                                    "eval_every": int(r.eval_every), "eval_every_steps": None})
+    loader = ctx.train_loader(training_split(ctx.ds, d.pretrain_split, d.subset), loader_cfg, seed=int(r.seed))
     judge = None
     if r.judge is not None:
         judge = resolve_model(str(r.judge), ctx, "judge").model.to(ctx.device)
-    real, _ = ctx.eval_images(ctx.ds.split(cfg.dataset.test_split))
-    reference, _ = ctx.eval_images(ctx.ds.split(cfg.dataset.pretrain_split))
+    real, _ = ctx.eval_images(ctx.ds.split(d.test_split))
+    reference, _ = ctx.eval_images(ctx.ds.split(d.pretrain_split))
     source = GANSource(gen)
 
     def evaluate(_):
@@ -197,11 +197,11 @@ def train_generator(name: str, ctx: Context, run_dir: Optional[Path] = None) -> 
     grid = sample_grid(source, run_dir / "plots" / f"{name}_samples.png")
     if ctx.tracker is not None:
         ctx.tracker.log_figure(f"samples/{name}", grid)
-    meta = {"name": name, "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
-            "recipe": OmegaConf.to_container(r, resolve=True), "zoo": cfg.zoo.name, "judge": r.judge,
+    meta = {"name": name, "dataset": OmegaConf.to_container(d, resolve=True),
+            "recipe": OmegaConf.to_container(r, resolve=True), "zoo": s.zoo.name, "judge": r.judge,
             "steps": trainer.total_steps, **quality,
             "final_losses": {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("train/")}}
-    folder = zoo_dir(cfg.paths.checkpoints, info.name, name)
+    folder = zoo_dir(s.paths.checkpoints, info.name, name)
     if ctx.rank == 0:
         meta = save_generator(gen, folder, meta)
     log.info("zoo generator %s: judge (%s) acc on samples %s%%, FID %s -> %s (samples: %s)", name, r.judge,
@@ -213,19 +213,19 @@ def train_generator(name: str, ctx: Context, run_dir: Optional[Path] = None) -> 
 def resolve_generator(spec, ctx: Context, what: str = "method.synth_source"):
     """(source, meta) for a zoo generator name (trained first when missing and zoo.train_missing=true) or a
     folder / run dir holding a generator (main_zeroshot.py, main_pretrain.py name=<generator>)."""
-    cfg, info = ctx.cfg, ctx.info
-    name = str(spec)
-    if name in generator_names(cfg):
-        folder = zoo_dir(cfg.paths.checkpoints, info.name, name)
+    s, info = ctx.settings, ctx.info
+    name, known = str(spec), generator_names(s.zoo)
+    if name in known:
+        folder = zoo_dir(s.paths.checkpoints, info.name, name)
         if read_generator_meta(folder) is None:
-            if not cfg.zoo.get("train_missing", False):
+            if not s.zoo.get("train_missing", False):
                 raise UserError(f"zoo generator '{name}' has no checkpoint in {folder}: train it with "
                                 f"`python main_pretrain.py name={name}` or set zoo.train_missing=true")
             log.info("zoo generator '%s' is missing: training it now (zoo.train_missing=true)", name)
             train_generator(name, ctx)
         return load_generator(folder, info.image_size, info.channels, what)
     if not Path(name).exists():
-        raise UserError(f"{what}={name} is neither a zoo generator{closest(name, generator_names(cfg))} "
-                        f"(zoo.generators: {', '.join(generator_names(cfg)) or 'none'}) nor an existing folder: "
+        raise UserError(f"{what}={name} is neither a zoo generator{closest(name, known)} "
+                        f"(zoo.generators: {', '.join(known) or 'none'}) nor an existing folder: "
                         f"use a zoo generator name or a main_zeroshot.py run dir")
     return load_generator(name, info.image_size, info.channels, what)

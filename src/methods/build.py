@@ -96,19 +96,40 @@ METHOD_CONFIGS = Path(__file__).resolve().parents[2] / "config" / "method"
 MIXING = ("mixup_alpha", "synth_ratio")  # hyper-parameters that blend or replace images (Method.mix)
 
 
-def _config_target(name: str, depth: int = 0) -> Optional[str]:
-    """The `_target_` of config/method/<name>.yaml, its `defaults` (sibling files) followed, canonical form."""
+def load_method_file(name: str, depth: int = 0) -> dict:
+    """config/method/<name>.yaml with its `defaults` (sibling method files) merged in, as a plain dict ({} when
+    there is no such file)."""
     f = METHOD_CONFIGS / f"{name}.yaml"
     if depth > 5 or not f.is_file():
-        return None
-    d = OmegaConf.to_container(OmegaConf.load(f)) or {}
-    if d.get("_target_"):
-        return canonical_target(str(d["_target_"]))
-    for parent in reversed(d.get("defaults") or []):
-        if isinstance(parent, str) and parent not in ("_self_", "_schema"):
-            target = _config_target(parent, depth + 1)
-            if target:
-                return target
+        return {}
+    own = OmegaConf.to_container(OmegaConf.load(f)) or {}
+    out: dict = {}
+    for d in own.pop("defaults", None) or []:
+        if isinstance(d, str) and d not in ("_self_", "_schema"):
+            out.update(load_method_file(d, depth + 1))
+    out.update(own)
+    return out
+
+
+def _config_target(name: str) -> Optional[str]:
+    """The `_target_` of config/method/<name>.yaml (its `defaults` followed), canonical form."""
+    target = load_method_file(name).get("_target_")
+    return canonical_target(str(target)) if target else None
+
+
+def hydra_choice(key: str) -> Optional[str]:
+    """The config/method file Hydra composed for the node at `key` (`method`, or `method@parallel_method`), when
+    Hydra runs the app; None otherwise (the compose API) or when it chose none."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            choices = HydraConfig.get().runtime.choices
+            for k in (key, f"method@{key}"):
+                if choices.get(k):
+                    return str(choices.get(k))
+    except Exception:  # a label for a message: never a second error
+        pass
     return None
 
 
@@ -135,16 +156,9 @@ def methods_for(modality: str) -> List[str]:
 def _method_label(cls: type, cfg_method, what: str) -> str:
     """'method=kdep (KDEP)': the node by its config choice (Hydra's, else the one config file of its class),
     or by its `_target_`."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized():
-            choices = HydraConfig.get().runtime.choices
-            for k in (what, f"method@{what}"):
-                if choices.get(k):
-                    return f"{what}={choices.get(k)} ({cls.__name__})"
-    except Exception:  # a label for a message: never a second error
-        pass
+    choice = hydra_choice(what)
+    if choice:
+        return f"{what}={choice} ({cls.__name__})"
     names = [n for n, c in method_configs().items() if c is cls]
     if len(names) == 1:
         return f"{what}={names[0]} ({cls.__name__})"
