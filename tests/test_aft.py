@@ -257,3 +257,44 @@ def test_aft_pulls_the_features_towards_the_pretrained_ones(aft_base, tmp_path):
         assert s["scales_min"] == s["scales_max"] == pytest.approx(0.5)
         reg[prec] = json.loads((tmp_path / str(prec) / "metrics.jsonl").read_text().splitlines()[-1])["train/reg"]
     assert reg[10] < 0.85 * reg[0], reg  # measured: 0.176 vs 0.243
+
+
+def test_feature_models_are_headless_and_hub_failures_of_a_node_are_one_line(tmp_path, monkeypatch):
+    """AFT's feature models were built with the dataset's classes, so a hub-style file without a head failed as
+    'missing'; a model node with `pretrained: true` reached timm unguarded (a LocalEntryNotFoundError traceback
+    after ~45 s of retries offline)."""
+    import timm
+
+    from conftest import compose
+    from src.errors import UserError
+    from src.experiments.context import setup
+    from src.experiments.resolve import resolve_model
+    from src.io_utils import save_safetensors
+
+    paths = [f"paths.checkpoints={tmp_path / 'ck'}", f"paths.cache={tmp_path / 'c'}", "trainer.device=cpu"]
+    ctx = setup(compose("aft/aft", paths), run_dir=tmp_path / "run", tracker=False)
+    headless = timm.create_model("resnet18", num_classes=0, in_chans=1)  # a backbone file: no fc.*
+    save_safetensors(headless.state_dict(), tmp_path / "backbone.safetensors")
+    node = {"arch": "resnet18", "checkpoint": str(tmp_path / "backbone.safetensors"), "name": "r18"}
+    ref = resolve_model(node, ctx, "features[0]")
+    assert ref.model.num_classes == 0 and ref.model.features(torch.rand(2, 1, 8, 8)).shape == (2, 512)
+    out = ctx.outputs(ref, ctx.ds.split("test"), features=True)
+    assert out["features"].shape[1] == 512 and ctx.outputs(ref, ctx.ds.split("test"), features=True) is not None
+    assert ctx.cache.hits == 1 and ctx.cache.rejected == 0  # the headless entry is read back, not rejected
+    with pytest.raises(UserError, match="missing from the checkpoint"):  # a classifier role still needs its head
+        resolve_model(node, ctx, "student")
+    import socket
+
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network in tests: the hub answers at once, from the cache only
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    def no_network(*a, **k):
+        raise AssertionError("a test tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    with pytest.raises(UserError, match=r"could not load pretrained weights for timm model 'resnet18' \(features\[1\]") \
+            as e:
+        resolve_model({"arch": "resnet18", "pretrained": True, "name": "hub"}, ctx, "features[1]")
+    assert "\n" not in str(e.value) and not isinstance(e.value.__cause__, AssertionError)  # offline: no connection

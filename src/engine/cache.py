@@ -121,7 +121,7 @@ def validate_outputs(out: Dict[str, torch.Tensor], split, num_classes: Optional[
         return "other sample ids than the split"
     if logits.ndim != 2 or logits.shape[0] != n or not logits.is_floating_point():
         return f"logits of shape {tuple(logits.shape)}, expected ({n}, K)"
-    if num_classes is not None and logits.shape[1] != num_classes:
+    if num_classes and logits.shape[1] != num_classes:  # 0: a headless feature model (its logits are features)
         return f"{logits.shape[1]} classes, the model has {num_classes}"
     if tuple(labels.shape) != (n,):
         return f"labels of shape {tuple(labels.shape)}, expected ({n},)"

@@ -38,14 +38,30 @@ def resolve_model(spec, ctx: Context, role: str = "model") -> ModelRef:
             "timm": _from_timm}[s.kind](s, ctx, role)
 
 
-def _new(ctx: Context, arch: str, **kw):
-    info = ctx.info
-    return create_model(arch, info, **kw)
+def feature_role(role: str) -> bool:
+    """A model whose pooled features are all that is used (AFT's `features[i]`): built without a head."""
+    return role.startswith("features")
+
+
+def _new(ctx: Context, arch: str, role: str = "model", **kw):
+    """create_model for the run's data; a feature role gets a headless model, and hub weights that cannot be had
+    (offline, no HF cache) are one line naming the local-file forms."""
+    try:
+        return create_model(arch, ctx.info, headless=feature_role(role), **kw)
+    except UserError:
+        raise
+    except Exception as e:
+        if not kw.get("pretrained"):
+            raise
+        raise UserError(f"could not load pretrained weights for timm model '{arch}' ({role}; {type(e).__name__}): "
+                        f"offline, give the weights as a local file ('{arch}@/path/to/weights.safetensors', or "
+                        f"checkpoint: /path/to/file with pretrained: false in the model node) or pre-fill the HF "
+                        f"cache") from e
 
 
 def _from_node(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
     n = s.node
-    m = _new(ctx, n["arch"], pretrained=n["pretrained"], checkpoint=n["checkpoint"], kwargs=n["kwargs"])
+    m = _new(ctx, n["arch"], role, pretrained=n["pretrained"], checkpoint=n["checkpoint"], kwargs=n["kwargs"])
     key = None
     if n["checkpoint"]:
         key = f"{n['arch']}-{content_hash(n['checkpoint'], hash_index(ctx.settings))}"
@@ -68,7 +84,7 @@ def _from_zoo(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
 
 
 def _from_arch_file(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
-    m = _new(ctx, s.arch, checkpoint=s.path, reinit_head=not role.startswith("teacher"))
+    m = _new(ctx, s.arch, role, checkpoint=s.path, reinit_head=not role.startswith("teacher"))
     return ModelRef(s.text, m, f"{s.arch}-{content_hash(s.path, hash_index(ctx.settings))}",
                     {"arch": s.arch, "checkpoint": s.path})
 
@@ -80,13 +96,7 @@ def _from_path(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
 
 def _from_timm(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
     """A timm name: its pretrained hub weights (offline, only what the HF cache holds)."""
-    info, name = ctx.info, s.text
-    try:
-        m = create_model(name, info, pretrained=True)
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"could not load pretrained weights for timm model '{name}' ({type(e).__name__}); "
-                        f"offline, use '{name}@/path/to/weights.safetensors' or pre-fill the HF cache") from e
+    name = s.text
+    m = _new(ctx, name, role, pretrained=True)
     tag = m.pretrained_tag
     return ModelRef(name, m, f"timm-{name}-{tag}", {"arch": name})
