@@ -367,3 +367,19 @@ def test_hydra_composition_errors_are_one_line_and_exit_2(override, want, capsys
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert re.search(want, err[0][len("error: "):]), err[0]
+
+
+@pytest.mark.parametrize("primary, override, match", [
+    ("multi_teacher/multi_teacher", "teachers=lenet",
+     r"^teachers=lenet must be a list of models, not one name: use teachers=\[lenet\]"),
+    ("kdep/kdep", "student=resnet8", r"^student=resnet8: KDEP distils into a fresh model, .*use student.arch=resnet8"),
+])
+def test_a_family_key_in_the_wrong_form_is_one_line(primary, override, match):
+    """`teachers=lenet` (a string) was iterated letter by letter; `main_kdep.py student=<name>`, the form every
+    other script takes, ended in AttributeError."""
+    from src.errors import UserError
+    from src.experiments import kdep, multi_teacher
+
+    validate = multi_teacher.validate if primary.startswith("multi") else kdep.validate
+    with pytest.raises(UserError, match=match):
+        validate(compose(primary, [override]))

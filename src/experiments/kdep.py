@@ -57,6 +57,9 @@ def validate(cfg: DictConfig) -> None:
     preflight(cfg)  # the shared ranges first (finite numbers, full keys), then this family's own keys
     import timm
 
+    if not OmegaConf.is_dict(cfg.student):  # `student=resnet8`, the form the other scripts take
+        raise UserError(f"student={cfg.student}: KDEP distils into a fresh model, given by its architecture: use "
+                        f"student.arch={cfg.student} (and student.kwargs.<k>=... for its options)")
     arch = str(cfg.student.get("arch"))
     if not timm.is_model(arch):
         from ..models import nets

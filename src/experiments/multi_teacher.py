@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ..data import training_split
 from ..engine import predict
@@ -47,6 +47,8 @@ PARALLEL_CHOICES = ("a method that takes several teachers (a single-teacher one 
 def validate(cfg: DictConfig) -> None:
     """The shared ranges, then this family's own keys (before any data, zoo or training work)."""
     preflight(cfg)
+    check(OmegaConf.is_list(cfg.teachers), f"teachers={cfg.teachers} must be a list of models, not one name: "
+                                           f"use teachers=[{cfg.teachers}] or e.g. teachers=[mlp_small,lenet]")
     check(len(cfg.teachers) >= 1, "teachers=[] is empty: give at least one, e.g. teachers=[mlp_small,lenet]")
     if cfg.mode not in MODES:
         raise UserError(f"mode='{cfg.mode}' is unknown: use one of {', '.join(MODES)}")
