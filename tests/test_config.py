@@ -304,7 +304,7 @@ def test_every_boolean_family_key_is_checked_as_a_flag():
     assert found and found <= set(FLAGS), sorted(found - set(FLAGS))
     for primary, key in (("prediction_flips/flips", "cka"), ("transfer/transfer", "use_cache"),
                          ("pretrain/pretrain", "zoo.train_missing")):
-        with pytest.raises(UserError, match=rf"^{re.escape(key)}='maybe' must be true or false: use {key}=true"):
+        with pytest.raises(UserError, match=rf"^{re.escape(key)}=maybe must be true or false: use {key}=true"):
             preflight(compose(primary, [f"{key}=maybe"]))
         preflight(compose(primary, [f"{key}=false"]))
 

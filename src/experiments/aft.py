@@ -66,9 +66,7 @@ def validate(cfg: DictConfig) -> None:
     m = cfg.method
     cls = method_class(m, accept=in_family, choices=CHOICES)  # its hyper-parameters: preflight (cls.check)
     feats = "feature_table" in cls.needs_for(method_hparams(m))
-    uv = cfg.get("use_val")
-    check(isinstance(uv, bool), f"use_val={uv} must be true or false: use_val=true evaluates on the val split, "
-                                f"false on the test split")
+    # use_val (true: evaluate on the val split, false: on the test split) is a boolean flag: preflight checks it
     if not feats:
         return
     specs = check_feature_specs(cfg)

@@ -104,7 +104,7 @@ def check_flags(cfg) -> None:
     for key in FLAGS:
         v = OmegaConf.select(cfg, key, default=None)
         if v is not None and not isinstance(v, bool):
-            raise UserError(f"{key}={v!r} must be true or false: use {key}=true or {key}=false")
+            raise UserError(f"{key}={v} must be true or false: use {key}=true or {key}=false")
 
 
 def _check_rules(node, prefix: str, rules) -> None:
