@@ -276,3 +276,26 @@ def test_rerun_skips_finished_stages_and_resumes_the_unfinished(first_run, kt_pa
     third = kdep.run(_cfg(kt_paths, teacher_dir), run_dir=run_dir)
     assert third["stages_trained"] == ["finetune_d20_scratch"]  # its trainer resumed from its final checkpoint
     assert third["downstream"]["d20"]["scratch"] == pytest.approx(s["downstream"]["d20"]["scratch"])
+
+
+def test_downstream_roots_resolve_in_place_and_are_checked_before_stage_1(tmp_path):
+    """`${paths.data}/dtd` did not resolve (the node was merged out of the root config first): an
+    InterpolationKeyError traceback at stage 5 of 13, after the distillation. It resolves in place now, and every
+    ImageFolder downstream's folders and class count are checked before stage 1."""
+    cfg = compose("kdep/imagenet_r50_r18", [f"paths.data={tmp_path}"])
+    entries = {str(d.name): d for d in cfg.downstream}
+    assert kdep.downstream_dataset_cfg(entries["dtd"]).root == f"{tmp_path}/dtd"
+    with pytest.raises(UserError, match=rf"downstream dtd: folder {tmp_path}/dtd/train not found"):
+        kdep.check_downstream_dataset(entries["dtd"])
+    for name, k in (("dtd", 47), ("caltech256", 257), ("cub200", 200)):
+        for sub in ("train", "val"):
+            for c in range(k):
+                (tmp_path / name / sub / f"c{c:03d}").mkdir(parents=True)
+    (tmp_path / "cub200" / "val" / "c000").rmdir()
+    for d in cfg.downstream:
+        if str(d.name) == "cub200":
+            with pytest.raises(UserError, match=r"downstream cub200: .*cub200/val has 199 class folders but its "
+                                                 r"dataset.num_classes=200"):
+                kdep.check_downstream_dataset(d)
+        else:
+            kdep.check_downstream_dataset(d)  # cifar100 (no root: its files are read when it is built), dtd, ...

@@ -104,11 +104,40 @@ def check_basis(b: dict, path) -> None:
     check(bool(mu.isfinite().all() and v.isfinite().all()), f"basis={path} holds non-finite values: {fix}")
 
 
+def downstream_dataset_cfg(d) -> DictConfig:
+    """A downstream entry's own dataset node, resolved in place (its `${paths.data}/dtd` refers to the run's
+    config: merged out of it first, the interpolation had no root and failed at the fine-tuning stage)."""
+    own = OmegaConf.to_container(d.dataset, resolve=True)
+    return OmegaConf.merge(OmegaConf.structured(DatasetConfig), own)
+
+
+def check_downstream_dataset(d) -> None:
+    """Before stage 1: the entry's dataset node resolves and, for an ImageFolder, its folders exist and hold as
+    many class folders as its num_classes (found at stage 5 of 13 before, after the distillation)."""
+    try:
+        dc = downstream_dataset_cfg(d)
+    except Exception as e:  # an unresolvable interpolation, a key the dataset schema lacks
+        raise UserError(f"downstream {d.name}: its dataset node does not resolve ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0]}): fix downstream entry {d.name}'s dataset") from None
+    if dc.name in ("imagefolder", "imagenet") or dc.get("root"):
+        root = Path(str(dc.root)) if dc.root else None
+        for sub in (dc.train_dir, dc.val_dir):
+            folder = root / sub if root else None
+            if folder is None or not folder.is_dir():
+                raise UserError(f"downstream {d.name}: folder {folder} not found (dataset.root={dc.root}): set "
+                                f"downstream entry {d.name}'s dataset.root, or paths.data=<the folder holding it>")
+            n = sum(1 for c in folder.iterdir() if c.is_dir())
+            check(n == dc.num_classes, f"downstream {d.name}: {folder} has {n} class folders but its "
+                                       f"dataset.num_classes={dc.num_classes}: fix one of them")
+
+
 def check_downstream_splits(ctx: Context, cfg: DictConfig) -> None:
-    """Every downstream entry's splits exist (run right after setup, before the distillation)."""
+    """Every downstream entry's splits exist, and every other dataset resolves and has its folders (run right
+    after setup, before the distillation)."""
     for d in cfg.downstream:
         if d.get("dataset"):
-            continue  # another dataset: checked when it is built
+            check_downstream_dataset(d)
+            continue  # its splits: checked when it is built
         for k in ("train_split", "eval_split"):
             if str(d[k]) not in ctx.ds.splits:
                 raise UserError(f"downstream {d.name}: {k}={d[k]} is not a split of dataset '{ctx.info.name}'"
@@ -190,7 +219,7 @@ def downstream_data(ctx: Context, d) -> dict:
     """A downstream entry's dataset (the run's own, or `d.dataset` built with the same paths) and splits."""
     ds = ctx.ds
     if d.get("dataset"):
-        ds = build_dataset(OmegaConf.merge(OmegaConf.structured(DatasetConfig), d.dataset), ctx.settings.paths)
+        ds = build_dataset(downstream_dataset_cfg(d), ctx.settings.paths)
     sub = OmegaConf.create({"fraction": d.get("fraction"), "per_class": d.get("per_class"),
                             "seed": int(d.get("seed") or 0)})
     return {"ds": ds, "train": training_split(ds, d.train_split, sub), "eval": ds.split(d.eval_split)}
