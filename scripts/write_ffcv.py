@@ -118,7 +118,7 @@ def main(argv=None) -> int:
 
     ensure_dir(out_dir, "--out-dir" if args.out_dir is not None else "loader.ffcv_dir")  # below a file: one line, now
     for split in splits:
-        path = beton_path(out_dir, ds.info.name, split.name)
+        path = beton_path(out_dir, ds.info.name, split.name, ds.info.source)
         if path.exists() and not args.overwrite:
             try:  # a damaged file (an interrupted copy, a full disk) holds nothing worth keeping
                 damage = beton_damage(path) if path.is_file() else None

@@ -108,7 +108,7 @@ def digits_eval(ffcv_env):
 
 def test_writer_files_and_help(ffcv_env, capsys):
     names = sorted(p.name for p in ffcv_env["out"].glob("*.beton"))
-    assert names == ["digits_test.beton", "imagefolder_test.beton", "imagefolder_train.beton"]
+    assert names == ["digits_test.beton", "imagefolder-folder_test.beton", "imagefolder-folder_train.beton"]
     with pytest.raises(SystemExit) as e:
         _write_ffcv_main()(["--help"])
     assert e.value.code == 0

@@ -299,3 +299,32 @@ def test_downstream_roots_resolve_in_place_and_are_checked_before_stage_1(tmp_pa
                 kdep.check_downstream_dataset(d)
         else:
             kdep.check_downstream_dataset(d)  # cifar100 (no root: its files are read when it is built), dtd, ...
+
+
+def test_imagefolder_downstreams_get_their_own_betons_and_loader_ffcv_checks_them_first(tmp_path):
+    """The three ImageFolder downstreams shared one beton name (imagefolder_<split>.beton), so FFCV fine-tuning on
+    them could not work (found at stage 5). Betons are named by the folder they hold; all are checked up front."""
+    from omegaconf import OmegaConf
+
+    from src.data.datasets import data_source
+    from src.data.ffcv_loader import beton_path
+
+    cfg = compose("kdep/imagenet_r50_r18", [f"paths.data={tmp_path}"])
+    for name, k in (("dtd", 47), ("caltech256", 257), ("cub200", 200)):
+        for sub in ("train", "val"):
+            for c in range(k):
+                (tmp_path / name / sub / f"c{c:03d}").mkdir(parents=True)
+    names = {str(d.name): beton_path(tmp_path / "ff", "imagefolder", "train",
+                                     data_source(kdep.downstream_dataset_cfg(d)))
+             for d in cfg.downstream if str(d.name) != "cifar100"}
+    assert {n: p.name for n, p in names.items()} == {n: f"imagefolder-{n}_train.beton" for n in names}
+    assert beton_path(tmp_path, "imagenet", "train", "") == tmp_path / "imagenet_train.beton"  # unchanged
+    loader = OmegaConf.create({"backend": "ffcv", "ffcv_dir": str(tmp_path / "ff")})
+    dtd = next(d for d in cfg.downstream if str(d.name) == "dtd")
+    with pytest.raises(UserError, match=r"downstream dtd: loader=ffcv reads .*imagefolder-dtd_train.beton, which "
+                                         r"does not exist: write it with `python scripts/write_ffcv.py"):
+        kdep.check_downstream_dataset(dtd, loader)
+    (tmp_path / "ff").mkdir()
+    for split in ("train", "test"):
+        (tmp_path / "ff" / f"imagefolder-dtd_{split}.beton").write_bytes(b"x")
+    kdep.check_downstream_dataset(dtd, loader)

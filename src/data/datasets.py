@@ -31,6 +31,7 @@ class DatasetInfo:
     std: List[float]
     crop_pct: float = 1.0
     modality: str = "image"  # what the inputs are (image | text): methods refuse the ones they cannot handle
+    source: str = ""  # what the data is when the name does not say it (an ImageFolder's folder name: .beton names)
 
 
 @dataclass
@@ -378,7 +379,16 @@ def _info(cfg, classes: Sequence[str]) -> DatasetInfo:
           f"dataset.mean/std have {len(cfg.mean)}/{len(cfg.std)} values for dataset.channels={cfg.channels}: "
           f"give one per channel")
     return DatasetInfo(name=cfg.name, num_classes=len(classes), classes=list(classes), channels=cfg.channels,
-                       image_size=cfg.image_size, mean=list(cfg.mean), std=list(cfg.std), crop_pct=cfg.crop_pct)
+                       image_size=cfg.image_size, mean=list(cfg.mean), std=list(cfg.std), crop_pct=cfg.crop_pct,
+                       source=data_source(cfg))
+
+
+def data_source(cfg) -> str:
+    """'' for a dataset its name identifies (digits, cifar10, imagenet); for the generic `imagefolder`, the name of
+    its root folder (dtd, caltech256): two ImageFolder datasets must not share .beton files."""
+    if cfg.name != "imagefolder" or not cfg.get("root"):
+        return ""
+    return Path(str(cfg.root)).resolve().name or "root"
 
 
 BUILDERS = {

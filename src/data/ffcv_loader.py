@@ -57,11 +57,13 @@ def _import_ffcv():
             f"libopencv-dev libturbojpeg0-dev with apt, then `pip install ffcv`) or use loader=tensor/torch") from e
 
 
-def beton_path(ffcv_dir: Optional[str], dataset: str, split: str) -> Path:
+def beton_path(ffcv_dir: Optional[str], dataset: str, split: str, source: str = "") -> Path:
+    """<ffcv_dir>/<dataset>_<split>.beton; a generic ImageFolder is named by its folder too
+    (`imagefolder-dtd_train.beton`), so several ImageFolder datasets (KDEP's downstreams) never share a file."""
     if not ffcv_dir:
         raise UserError("loader.ffcv_dir is not set: point it at the folder of .beton files written by "
                         "scripts/write_ffcv.py (e.g. loader.ffcv_dir=data/ffcv)")
-    return Path(ffcv_dir) / f"{dataset}_{split}.beton"
+    return Path(ffcv_dir) / f"{dataset}{'-' + source if source else ''}_{split}.beton"
 
 
 def beton_damage(path) -> Optional[str]:
@@ -265,7 +267,7 @@ class FFCVLoader:
 
         info = split.info
         check(info is not None, f"split '{split.name}' has no DatasetInfo: build it with src.data.build_dataset")
-        self.path = beton_path(cfg.ffcv_dir, info.name, split.name)
+        self.path = beton_path(cfg.ffcv_dir, info.name, split.name, info.source)
         if not self.path.is_file():
             raise UserError(
                 f"FFCV file {self.path} not found; write it with `"

@@ -111,9 +111,10 @@ def downstream_dataset_cfg(d) -> DictConfig:
     return OmegaConf.merge(OmegaConf.structured(DatasetConfig), own)
 
 
-def check_downstream_dataset(d) -> None:
-    """Before stage 1: the entry's dataset node resolves and, for an ImageFolder, its folders exist and hold as
-    many class folders as its num_classes (found at stage 5 of 13 before, after the distillation)."""
+def check_downstream_dataset(d, loader=None) -> None:
+    """Before stage 1: the entry's dataset node resolves; for an ImageFolder, its folders exist and hold as many
+    class folders as its num_classes; with `loader` ffcv, the .beton of each split it reads exists (each was found
+    at stage 5 of 13 before, after the distillation)."""
     try:
         dc = downstream_dataset_cfg(d)
     except Exception as e:  # an unresolvable interpolation, a key the dataset schema lacks
@@ -129,6 +130,15 @@ def check_downstream_dataset(d) -> None:
             n = sum(1 for c in folder.iterdir() if c.is_dir())
             check(n == dc.num_classes, f"downstream {d.name}: {folder} has {n} class folders but its "
                                        f"dataset.num_classes={dc.num_classes}: fix one of them")
+    if loader is not None and loader.get("backend") == "ffcv":
+        from ..data.datasets import data_source
+        from ..data.ffcv_loader import beton_path
+
+        for split in (d.train_split, d.eval_split):
+            path = beton_path(loader.get("ffcv_dir"), dc.name, str(split), data_source(dc))
+            check(path.is_file(), f"downstream {d.name}: loader=ffcv reads {path}, which does not exist: write it "
+                                  f"with `python scripts/write_ffcv.py dataset={dc.name} dataset.root={dc.root} "
+                                  f"dataset.num_classes={dc.num_classes} --splits {split} --out-dir {path.parent}`")
 
 
 def check_downstream_splits(ctx: Context, cfg: DictConfig) -> None:
@@ -136,7 +146,7 @@ def check_downstream_splits(ctx: Context, cfg: DictConfig) -> None:
     after setup, before the distillation)."""
     for d in cfg.downstream:
         if d.get("dataset"):
-            check_downstream_dataset(d)
+            check_downstream_dataset(d, ctx.settings.loader)
             continue  # its splits: checked when it is built
         for k in ("train_split", "eval_split"):
             if str(d[k]) not in ctx.ds.splits:
