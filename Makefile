@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 # the install stamp is keyed on requirements.txt's content, not its mtime: a checkout that touches the file without
 # changing it installs nothing
-REQ_HASH := $(shell sha256sum requirements.txt 2>/dev/null | cut -c1-16)
+REQ_HASH := $(shell cat requirements.txt requirements-text-data.txt 2>/dev/null | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 # a first install needs ~8 GiB free (torch is a CUDA build)
 MIN_FREE_KB ?= 8000000
@@ -32,6 +32,7 @@ $(STAMP):
 	$(VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1 2>/dev/null || true; \
 	grep -v '^ffcv' requirements.txt > $(VENV)/requirements-core.txt; \
 	$(VENV)/bin/pip install -q -r $(VENV)/requirements-core.txt; \
+	$(VENV)/bin/pip install -q --no-deps -r requirements-text-data.txt; \
 	ffcv_req="$$(grep '^ffcv' requirements.txt)"; \
 	if ! $(VENV)/bin/pip install -q "$$ffcv_req"; then \
 	  if [ $$can_apt = 1 ]; then echo "pip install $$ffcv_req failed" >&2; exit 1; fi; \

@@ -135,7 +135,7 @@ def test_the_install_stamp_is_keyed_on_requirements_content(tmp_path):
     import shutil
     import subprocess
 
-    for f in ("Makefile", "requirements.txt"):
+    for f in ("Makefile", "requirements.txt", "requirements-text-data.txt"):
         shutil.copy(ROOT / f, tmp_path / f)
     q = lambda: subprocess.run(["make", "-q", "install", "VENV=venv"], cwd=tmp_path).returncode  # noqa: E731
     assert q() != 0  # no stamp yet: the install would run
