@@ -28,6 +28,14 @@ class SubsetConfig:
 
 
 @dataclass
+class TextConfig:
+    """A text dataset's tokenizer (src/data/text.py): WordPiece trained on its train split."""
+    vocab_size: int = 8000
+    min_frequency: int = 2  # a word piece seen fewer times in the train split is not in the vocabulary
+    lowercase: bool = True
+
+
+@dataclass
 class DatasetConfig:
     name: str = "digits"
     root: Optional[str] = None  # on-disk location (cifar/imagefolder); digits ships with scikit-learn
@@ -50,6 +58,7 @@ class DatasetConfig:
     val_split: str = "val"
     test_split: str = "test"
     subset: SubsetConfig = field(default_factory=SubsetConfig)
+    text: Optional[TextConfig] = None  # text datasets (rotten_tomatoes, sms_spam): their tokenizer
 
 
 @dataclass

@@ -319,7 +319,9 @@ def test_protocol_without_stages_and_other_modalities():
     with pytest.raises(UserError, match="intermediate"):
         m.logits_and_intermediates(torch.rand(1, 1, 8, 8))
     assert _make("mlp", img_size=4).net.img_size == 4  # info.image_size reaches the mlp (only it takes one)
-    with pytest.raises(UserError, match="modality 'text' has no model class yet"):
+    with pytest.raises(UserError, match="modality 'audio' has no model class yet"):
+        create_model("mlp", ImageInputs(10, 1, [0.3], [0.38], 8, modality="audio"))
+    with pytest.raises(UserError, match="'mlp' is not a text model"):  # text has its class: src/models/text.py
         create_model("mlp", ImageInputs(10, 1, [0.3], [0.38], 8, modality="text"))
 
 

@@ -32,6 +32,7 @@ class DatasetInfo:
     crop_pct: float = 1.0
     modality: str = "image"  # what the inputs are (image | text): methods refuse the ones they cannot handle
     source: str = ""  # what the data is when the name does not say it (an ImageFolder's folder name: .beton names)
+    tokenizer: str = ""  # text: the folder of the dataset's tokenizer (trained on its train split, src/data/text.py)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Split:
     files: Optional[List[str]] = None  # image paths for file-backed data
     info: Optional[DatasetInfo] = None
     full_size: int = 0  # size of the split before subsetting (memory banks, caches)
+    texts: Optional[List[str]] = None  # raw texts of a text dataset (its models tokenise for themselves)
 
     def __len__(self) -> int:
         return int(self.labels.numel())
@@ -59,11 +61,12 @@ class Split:
             files=None if self.files is None else [self.files[i] for i in positions.tolist()],
             info=self.info,
             full_size=self.full_size,
+            texts=None if self.texts is None else [self.texts[i] for i in positions.tolist()],
         )
 
     def materialize(self, size: Optional[int] = None) -> "Split":
         """A copy with `images` decoded into memory (file-backed splits; small ImageFolders)."""
-        if self.images is not None:
+        if self.images is not None or self.texts is not None:  # in memory already (texts are never images)
             return self
         size = size or self.info.image_size
         imgs = torch.empty((len(self), self.info.channels, size, size), dtype=torch.uint8)
@@ -398,7 +401,7 @@ BUILDERS = {
     "cifar100": build_cifar,
     "imagefolder": build_imagefolder,
     "imagenet": build_imagefolder,
-}
+}  # the text datasets (rotten_tomatoes, sms_spam) add theirs: src/data/text.py
 
 
 def build_dataset(cfg, paths) -> Dataset:

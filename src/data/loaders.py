@@ -17,6 +17,7 @@ torchvision transforms; ImageFolder scale), `ffcv` (.beton files, see `ffcv_load
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Dict, Iterator, Optional
 
@@ -27,6 +28,8 @@ from ..batch import Batch
 from ..errors import UserError, check
 from ..seeding import mix_seed  # noqa: F401  (re-exported: src.data.loaders.mix_seed)
 from .datasets import Split
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -415,6 +418,8 @@ def build_loader(cfg, split: Split, train: bool, seed: int = 0, device=None, ran
                   dtype=loader_dtype(cfg.get("dtype", "float32")), channels_last=bool(channels_last))
     if cfg.augment not in ("none", "crop_flip", "rrc_flip"):
         raise UserError(f"loader.augment='{cfg.augment}' is unknown: use none, crop_flip or rrc_flip")
+    if split.texts is not None:  # text: raw strings in batches, whichever image backend is configured
+        return _text_loader(cfg, split, common)
     if cfg.backend == "tensor":
         return TensorLoader(split, **common)
     if cfg.backend == "torch":
@@ -424,6 +429,44 @@ def build_loader(cfg, split: Split, train: bool, seed: int = 0, device=None, ran
 
         return FFCVLoader(cfg, split, train=train, **common)
     raise UserError(f"loader.backend='{cfg.backend}' is unknown: use tensor, torch or ffcv")
+
+
+def _text_loader(cfg, split: Split, common: dict):
+    """The loader of a text split: `TextLoader`. Image augmentation does not apply to text (said once); the tensor
+    (default) and torch backends both read it, ffcv (image .beton files) cannot."""
+    check(cfg.backend in ("tensor", "torch"), f"loader.backend={cfg.backend} reads images; text datasets use "
+                                              f"loader.backend=tensor")
+    if common["augment"] != "none" and not _SAID["augment"]:
+        _SAID["augment"] = True
+        log.info("loader.augment=%s is an image augmentation: text batches are not augmented", common["augment"])
+    return TextLoader(split, **common)
+
+
+_SAID = {"augment": False}  # what the text loader has said once in this process
+
+
+class TextLoader(_OrderMixin):
+    """Batches of raw texts (`Batch.inputs`: a list of str; each model tokenises for itself) with their labels and
+    ids, in the seeded order of the tensor loader (shuffle, ranks, resume from a batch). Nothing is augmented, so
+    frozen models' outputs are cached by id."""
+
+    augmented = False
+
+    def __init__(self, split: Split, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0, device="cpu",
+                 rank: int = 0, world_size: int = 1, **_):
+        self.texts, self.device = split.texts, torch.device(device)
+        self.labels, self.ids = split.labels.to(self.device), split.ids.to(self.device)
+        self.n, self.batch_size, self.shuffle, self.drop_last = len(split), batch_size, shuffle, drop_last
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+
+    def iter_epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[Batch]:
+        for _, pos in self.batch_positions(epoch, start_batch):
+            p = pos.tolist()
+            pos = pos.to(self.device)
+            yield Batch([self.texts[i] for i in p], self.labels.index_select(0, pos), self.ids.index_select(0, pos))
+
+    def __iter__(self):
+        return self.iter_epoch(0)
 
 
 class NoiseBatches:

@@ -217,9 +217,12 @@ class Context:
 def dataset_key(dcfg) -> str:
     parts = OmegaConf.to_container(dcfg, resolve=True)
     parts.pop("subset", None)
+    if parts.get("text") is None:  # image datasets: the key they had before text datasets existed
+        parts.pop("text", None)
     for k in ("pretrain_split", "transfer_split", "val_split", "test_split"):
         parts.pop(k, None)
-    return f"{dcfg.name}-{dcfg.image_size}px-{digest(sorted(parts.items()))}"
+    shape = "text" if dcfg.get("text") is not None else f"{dcfg.image_size}px"
+    return f"{dcfg.name}-{shape}-{digest(sorted(parts.items()))}"
 
 
 def input_key(cfg) -> str:

@@ -79,7 +79,7 @@ def _from_zoo(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
                             f"`python main_pretrain.py name={name}` or set zoo.train_missing=true")
         log.info("zoo model '%s' is missing: training it now (zoo.train_missing=true)", name)
         ctx.train_missing(name, ctx)
-    model, meta = load_checkpoint(folder, info.num_classes, info.channels, hash_index(settings))
+    model, meta = load_checkpoint(folder, info.num_classes, info.channels, hash_index(settings), info.modality)
     return ModelRef(name, model, meta["hash"], meta)
 
 
@@ -90,7 +90,8 @@ def _from_arch_file(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
 
 
 def _from_path(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
-    model, meta = load_checkpoint(Path(s.path), ctx.info.num_classes, ctx.info.channels, hash_index(ctx.settings))
+    model, meta = load_checkpoint(Path(s.path), ctx.info.num_classes, ctx.info.channels, hash_index(ctx.settings),
+                                  ctx.info.modality)
     return ModelRef(meta.get("name", Path(s.path).name), model, meta["hash"], meta)
 
 

@@ -12,6 +12,7 @@ from ..errors import UserError, closest
 from ..io_utils import load_state_dict
 from . import nets  # noqa: F401  (registers our models in timm)
 from .protocol import ModelInputs, TransferModel
+from .text import build_text_model, checkpoint_state, is_text_arch
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,9 @@ def image_model(arch: str, info: ModelInputs, pretrained: bool = False, checkpoi
     num_classes, in_chans, mean, std, img_size = info.num_classes, info.channels, info.mean, info.std, info.image_size
     num_classes = 0 if headless else num_classes
     kwargs = dict(kwargs or {})
+    if is_text_arch(arch):
+        raise UserError(f"'{arch}' is a text model but the dataset is {getattr(info, 'modality', None) or 'image'}: "
+                        f"use it with a text dataset (dataset=rotten_tomatoes or sms_spam), or an image model here")
     if not timm.is_model(arch):
         raise UserError(f"unknown model '{arch}'{closest(arch, timm.list_models() + nets.OUR_MODELS)}; any timm "
                         f"name or one of {', '.join(nets.OUR_MODELS)} works")
@@ -225,8 +229,19 @@ def image_model(arch: str, info: ModelInputs, pretrained: bool = False, checkpoi
     return model
 
 
+def text_model(arch: str, info: ModelInputs, pretrained: bool = False, checkpoint: Optional[str] = None,
+               kwargs: Optional[dict] = None, reinit_head: bool = True, headless: bool = False) -> nn.Module:
+    """A text model (src/models/text.py: lstm, bilstm, bert_*, gpt2_*, hf:<name>) for `info.num_classes` classes
+    with `info.tokenizer`; `checkpoint` loads a weight file (its folder's tokenizer/ with it), re-initialising the
+    head when the class count differs (refused for a teacher, `reinit_head=False`)."""
+    model = build_text_model(arch, info, checkpoint=checkpoint, kwargs=kwargs, headless=headless)
+    if checkpoint:
+        load_weights(model, checkpoint_state(model, str(checkpoint), headless), str(checkpoint), reinit_head)
+    return model
+
+
 # modality -> model class builder (a text model class adds its entry here)
-_BUILDERS = {"image": image_model}
+_BUILDERS = {"image": image_model, "text": text_model}
 
 
 def check_kwargs(arch: str, kwargs: dict, key: str = "kwargs") -> None:

@@ -100,3 +100,16 @@ class ImageInputs:
     std: Sequence[float]
     image_size: Optional[int] = None
     modality: str = "image"
+
+
+@dataclass(frozen=True)
+class TextInputs:
+    """A `ModelInputs` of text: the class count and the tokenizer folder (a checkpoint's tokenizer/, a dataset's)."""
+
+    num_classes: int
+    tokenizer: str = ""
+    channels: int = 0
+    mean: Sequence[float] = ()
+    std: Sequence[float] = ()
+    image_size: Optional[int] = None
+    modality: str = "text"

@@ -9,7 +9,7 @@ from typing import Optional
 from ..errors import UserError
 from ..io_utils import content_hash, file_hash, read_json_safe, save_safetensors, write_json
 from .factory import Normalized, create_model
-from .protocol import ImageInputs
+from .protocol import ImageInputs, TextInputs
 
 
 def zoo_dir(checkpoints: str, dataset: str, name: str) -> Path:
@@ -21,6 +21,10 @@ def save_checkpoint(model: Normalized, folder, meta: dict) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     save_safetensors(model.state_dict(), folder / "model.safetensors")
     meta = dict(meta)
+    modality = getattr(model, "modality", "image")
+    if modality != "image":  # a text model's folder carries its tokenizer: it loads without its dataset
+        model.save_extras(folder)
+        meta.update(modality=modality, max_length=model.max_length)
     meta.update(arch=model.arch, num_classes=model.num_classes, hash=file_hash(folder / "model.safetensors"),
                 created=time.strftime("%Y-%m-%d %H:%M:%S"))
     write_json(folder / "meta.json", meta)
@@ -79,9 +83,10 @@ def verified_hash(folder, meta: dict, index=None) -> str:
 
 
 def load_checkpoint(folder, expect_classes: Optional[int] = None, expect_channels: Optional[int] = None,
-                    hash_index=None) -> tuple[Normalized, dict]:
+                    hash_index=None, expect_modality: Optional[str] = None) -> tuple[Normalized, dict]:
     """A model saved by `save_checkpoint` (a folder, or its model.safetensors file). The returned meta's `hash` is
-    the weights' content hash, verified against meta.json (see `verified_hash`)."""
+    the weights' content hash, verified against meta.json (see `verified_hash`). `expect_modality`: the dataset's
+    (a text checkpoint for an image dataset, or the reverse, is one line)."""
     folder = Path(folder)
     if folder.suffix == ".safetensors":
         folder = folder.parent
@@ -95,6 +100,14 @@ def load_checkpoint(folder, expect_classes: Optional[int] = None, expect_channel
         raise UserError(f"checkpoint {folder} predicts {meta['num_classes']} classes but the dataset has "
                         f"{expect_classes}: teacher and student must share the label space (use a checkpoint "
                         f"trained on this dataset)")
+    modality = meta.get("modality", "image")
+    if expect_modality is not None and modality != expect_modality:
+        raise UserError(f"checkpoint {folder} is a {modality} model ({meta['arch']}) but the dataset is "
+                        f"{expect_modality}: give a {expect_modality} model")
+    if modality == "text":
+        inputs = TextInputs(meta["num_classes"], str(folder / "tokenizer"))
+        return create_model(meta["arch"], inputs, checkpoint=str(folder / "model.safetensors"),
+                            kwargs=meta.get("kwargs") or {}), meta
     channels = ds.get("channels", expect_channels or 3)
     if expect_channels is not None and channels != expect_channels:
         raise UserError(f"checkpoint {folder} takes {channels}-channel input but dataset.channels={expect_channels}: "
