@@ -35,7 +35,7 @@ def resolve_model(spec, ctx: Context, role: str = "model") -> ModelRef:
     if s.kind != "node":
         s.check(role, zoo_entries(zoo))  # unknown names and missing weight files fail here, before any loading
     return {"node": _from_node, "zoo": _from_zoo, "arch_file": _from_arch_file, "path": _from_path,
-            "timm": _from_timm}[s.kind](s, ctx, role)
+            "timm": _from_timm, "hf": _from_hf}[s.kind](s, ctx, role)
 
 
 def feature_role(role: str) -> bool:
@@ -101,3 +101,15 @@ def _from_timm(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
     m = _new(ctx, name, role, pretrained=True)
     tag = m.pretrained_tag
     return ModelRef(name, m, f"timm-{name}-{tag}", {"arch": name})
+
+
+def _from_hf(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
+    """`hf:<hub name or folder>` (or a transformers folder): a text model of real weights from the folder or the HF
+    cache, with a fresh head; cached outputs are keyed by the weights' content hash."""
+    from ..models.text import hf_source
+
+    src = Path(hf_source(s.arch[3:]))
+    weights = next((src / f for f in ("model.safetensors", "pytorch_model.bin") if (src / f).is_file()), None)
+    tag = content_hash(weights, hash_index(ctx.settings)) if weights is not None else src.name
+    m = _new(ctx, s.arch, role)
+    return ModelRef(s.text, m, f"hf-{src.name}-{tag}", {"arch": s.arch})

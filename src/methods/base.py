@@ -277,7 +277,7 @@ class Method(nn.Module):
             raise UserError(f"method.mixup_alpha={self.mixup_alpha} / method.synth_ratio={self.synth_ratio} mix "
                             f"float images, but {type(self).__name__}'s batch holds {describe_inputs(x)}: set "
                             f"method.mixup_alpha=0 and method.synth_ratio=0")
-        if not self.training:
+        if not self.training or not batch.is_image:  # text (a list of str): nothing is mixed
             return x, False
         fresh = False
         if self.mixup_alpha > 0:

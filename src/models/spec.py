@@ -1,9 +1,11 @@
 """One grammar for naming a model in a config.
 
-A model is named in one of five ways, tried in this order (the first that matches wins):
+A model is named in one of six ways, tried in this order (the first that matches wins):
 
 - ``node``      a model config node ``{arch, pretrained, checkpoint, kwargs, name}`` (a dict or DictConfig);
 - ``zoo``       a key of ``cfg.zoo.models`` (so a zoo entry may shadow a timm name);
+- ``hf``        ``hf:<hub name or folder>``, or an existing folder holding a transformers ``config.json`` (and no
+                meta.json): a text model of real HF weights, read from the folder or the HF cache (src/models/text.py);
 - ``path``      an existing checkpoint folder or file written by this suite (so a folder whose name holds ``@`` is
                 a path, not ``arch@file``);
 - ``arch_file`` ``arch@weights_file``, split on the first ``@``;
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Tuple
 
-KINDS = ("zoo", "path", "arch_file", "timm", "node")
+KINDS = ("zoo", "path", "arch_file", "timm", "node", "hf")
 NODE_KEYS = ("arch", "pretrained", "checkpoint", "kwargs", "name")
 
 
@@ -40,6 +42,11 @@ def _node(spec) -> dict:
     kw = d.get("kwargs")
     return {"arch": opt("arch"), "pretrained": bool(d.get("pretrained", False)), "checkpoint": opt("checkpoint"),
             "kwargs": _plain(kw) if kw is not None else {}, "name": opt("name")}
+
+
+def _hf_folder(p: Path) -> bool:
+    """A folder saved by transformers (config.json) that is not a checkpoint of this suite (meta.json)."""
+    return p.is_dir() and (p / "config.json").is_file() and not (p / "meta.json").is_file()
 
 
 def _entry_arch(entry) -> Optional[str]:
@@ -88,6 +95,10 @@ class ModelSpec:
         text = str(spec)
         if text in names:
             return cls("zoo", text, _entry_arch(zoo[text]), None, None, names)
+        if text.startswith("hf:"):
+            return cls("hf", text, text, None, None, names)
+        if text and _hf_folder(Path(text)):
+            return cls("hf", text, f"hf:{text}", text, None, names)
         if text and Path(text).exists():  # '' would be '.', the working directory: not a checkpoint
             return cls("path", text, None, text, None, names)
         if "@" in text:
@@ -102,7 +113,7 @@ class ModelSpec:
         a node's kwargs must be ones its arch takes. `role` is the config key named in the message (e.g.
         ``teacher``, ``features[1]``); `zoo_names` (default: the zoo given to parse) are listed in the message for
         an unknown name."""
-        if self.kind in ("zoo", "path"):
+        if self.kind in ("zoo", "path", "hf"):  # hf: whether the cache holds it is known when it loads (one line)
             return
         if self.kind == "node":
             if self.arch is not None:
