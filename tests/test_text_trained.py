@@ -13,6 +13,7 @@ from src.batch import Batch
 from src.data import build_dataset
 from src.experiments import pretrain, transfer
 from src.methods.kd import KLDP
+from src.errors import UserError
 from src.models import create_model, read_meta
 
 MAJORITY = 100 * 7403 / 12808  # fresh: 57.8% of every split
@@ -31,11 +32,12 @@ def text_zoo(tmp_path_factory):
 
 @pytest.mark.trained
 def test_text_zoo_beats_the_majority_class(text_zoo):
-    """Measured on this project's 2-core CPU over zoo draws 0-2 (native and ATEN_CPU_CAPABILITY=default): lstm
-    66.7-69.4%, bert_tiny 73.9-75.4% against 57.8% for the majority class."""
+    """Measured on this project's 2-core CPU (zoo draws 0-2, and draw 0 under ATEN_CPU_CAPABILITY=default, fresh
+    caches: the tokenizer's ids differ between processes, see README): lstm 65.1-67.1%, bert_tiny 74.3-75.7%,
+    against 57.8% for the majority class."""
     _, folder = text_zoo
     acc = {n: read_meta(folder / n)["test_acc"] for n in ("lstm", "bert_tiny")}
-    assert acc["lstm"] > MAJORITY + 5, acc
+    assert acc["lstm"] > MAJORITY + 4, acc
     assert acc["bert_tiny"] > MAJORITY + 12, acc
     assert (folder / "lstm" / "tokenizer" / "tokenizer.json").is_file()
 
@@ -66,17 +68,75 @@ def test_kl_dp_routes_per_sample_by_id_on_text(tmp_path):
 
 @pytest.mark.trained
 def test_weaker_text_teacher_kl_hurts_and_kl_dp_does_not(text_zoo, tmp_path):
-    """lstm (~66%) into bert_tiny (~75%) on the transfer split, 4 epochs. Measured on this project's CPU (zoo draw 0):
-    KL -10.6 points, KL+DP -0.6 (at the default 10 epochs: KL -8.9, KL+DP +1.4)."""
+    """lstm (~66%) into bert_tiny (~75%) on the transfer split, 2 epochs. Measured on this project's CPU over zoo
+    draws 0-2 and draw 0 under ATEN_CPU_CAPABILITY=default: KL -11.3 .. -14.4 points, KL+DP +0.6 .. +1.5 (at 4
+    epochs KL -10.6, KL+DP -0.6; at the default 10, KL -8.9, KL+DP +1.4)."""
     paths, _ = text_zoo
     res = {}
     for m in ("kl", "kl_dp"):
         cfg = compose("transfer/transfer", ["dataset=rotten_tomatoes", *paths, f"method={m}", "teacher=lstm",
-                                            "student=bert_tiny", "trainer.epochs=4"])
+                                            "student=bert_tiny", "trainer.epochs=2"])
         res[m] = transfer.run(cfg, run_dir=tmp_path / m)
     assert res["kl"]["teacher_acc"] < res["kl"]["student_acc_before"] - 4
-    assert res["kl"]["transfer_delta"] < -2.0
+    assert res["kl"]["transfer_delta"] < -5.0
     assert res["kl_dp"]["transfer_delta"] > -1.5
-    assert res["kl_dp"]["transfer_delta"] > res["kl"]["transfer_delta"] + 3.0
+    assert res["kl_dp"]["transfer_delta"] > res["kl"]["transfer_delta"] + 6.0
     cache = Path(paths[1].split("=", 1)[1])
     assert list(cache.rglob("*__transfer-3843-*.safetensors"))  # the teacher's outputs, cached by sample id
+
+
+@pytest.mark.trained
+def test_flips_all_pairs_on_text_models(text_zoo, tmp_path):
+    from src.experiments import flips
+
+    paths, _ = text_zoo
+    cfg = compose("prediction_flips/flips", ["dataset=rotten_tomatoes", *paths, "models=[lstm,bert_tiny]",
+                                             "cka=true", "cka_samples=200"])
+    s = flips.run(cfg, run_dir=tmp_path)
+    assert s["n_models"] == 2 and s["n_pairs"] == 2
+    with open(tmp_path / "pairs.csv") as f:
+        assert len(f.readlines()) == 1 + 2
+    assert s["pos_flips_pct"]["min"] > 1  # models of different architectures disagree both ways on reviews
+    for name in ("heatmap_positive_flips", "flips_vs_acc_diff", "per_class_flips"):
+        assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
+
+
+@pytest.mark.trained
+def test_multi_teacher_ensemble_of_text_teachers(text_zoo, tmp_path):
+    from src.experiments import multi_teacher
+
+    paths, _ = text_zoo
+    cfg = compose("multi_teacher/multi_teacher", ["dataset=rotten_tomatoes", *paths, "mode=ensemble",
+                                                  "teachers=[lstm,bert_tiny]", "student=lstm", "trainer.epochs=1"])
+    s = multi_teacher.run(cfg, run_dir=tmp_path)
+    assert s["status"] == "ok" and 50 < s["student_acc_after"] <= 100
+    assert (tmp_path / "student" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_fidelity_text_preset_composes_and_mixup_is_refused(text_paths_fidelity):
+    from src.methods.build import check_modality, method_class
+
+    cfg = compose("transfer/fidelity_text", text_paths_fidelity)
+    assert (cfg.dataset.name, cfg.zoo.name, cfg.dataset.transfer_split) == ("rotten_tomatoes", "rotten_tomatoes",
+                                                                             "train")
+    assert {"lstm", "lstm_b", "lstm_c"} <= set(cfg.zoo.models) and cfg.student.arch == "lstm"
+    check_modality(method_class(cfg.method), cfg.method, "method", "text")  # plain data: KL handles text
+    mixed = compose("transfer/fidelity_text", [*text_paths_fidelity, "distill_data=mixup"])
+    with pytest.raises(UserError, match="mixup_alpha=1.0 mixes images, which text inputs are not"):
+        check_modality(method_class(mixed.method), mixed.method, "method", "text")
+
+
+@pytest.fixture
+def text_paths_fidelity(tmp_path):
+    return [f"paths.checkpoints={tmp_path / 'ck'}", f"paths.cache={tmp_path / 'cache'}"]
+
+
+@pytest.mark.trained
+def test_an_image_model_on_text_and_a_text_model_on_images_are_one_line(text_zoo, tmp_path):
+    paths, folder = text_zoo
+    cfg = compose("transfer/transfer", ["dataset=rotten_tomatoes", *paths, "teacher=lstm", "student=resnet8"])
+    with pytest.raises(UserError, match="'resnet8' is not a text model"):
+        transfer.run(cfg, run_dir=tmp_path / "a")
+    cfg = compose("transfer/transfer", [*paths, f"teacher={folder / 'lstm'}", "student=resnet8"])
+    with pytest.raises(UserError, match="is a text model \\(lstm\\) but the dataset is image"):
+        transfer.run(cfg, run_dir=tmp_path / "b")

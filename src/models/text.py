@@ -3,7 +3,7 @@ model tokenises for itself (its own tokenizer, a memoised token table), so model
 the same batch of strings (../shared/DESIGN.md, "Modalities and tasks").
 
 Architectures (`arch`):
-- `lstm` / `bilstm`: gnosis' LSTM text classifier (docs/REFERENCE.md §5.6): embedding 128 -> LSTM, cell 70, the
+- `lstm` / `bilstm`: gnosis' LSTM text classifier (docs/REFERENCE.md §5.9): embedding 128 -> LSTM, cell 70, the
   final hidden state (both directions' for bilstm) -> linear head; `lstm` 1 layer, `bilstm` 1 layer bidirectional (gnosis trains its IMDB teachers with
   num_layers=2: kwargs);
 - `bert_{tiny,mini,small}`: a `transformers.BertModel` from a small `BertConfig`, pooled at [CLS] (or `mean`);
@@ -159,7 +159,7 @@ class TextModel(nn.Module):
         new = [t for t in dict.fromkeys(texts) if t not in self._table]
         if not new:
             return
-        for i, t in enumerate(new):
+        for t in new:
             check(bool(t.strip()), f"text model '{self.arch}' got an empty text (a batch's sample {texts.index(t)}):"
                                    f" remove empty texts from the data")
         ids = self.tokenizer(new, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]

@@ -95,15 +95,15 @@ def load_checkpoint(folder, expect_classes: Optional[int] = None, expect_channel
         raise UserError(f"{folder} holds no model.safetensors + meta.json: give a zoo name, a timm name or a folder "
                         f"written by main_pretrain.py")
     meta = dict(meta, hash=verified_hash(folder, meta, hash_index))
+    modality = meta.get("modality", "image")
+    if expect_modality is not None and modality != expect_modality:
+        raise UserError(f"checkpoint {folder} is a {modality} model ({meta['arch']}) but the dataset is "
+                        f"{expect_modality}: give a {expect_modality} model")
     ds = meta.get("dataset") or {}
     if expect_classes is not None and meta["num_classes"] != expect_classes:
         raise UserError(f"checkpoint {folder} predicts {meta['num_classes']} classes but the dataset has "
                         f"{expect_classes}: teacher and student must share the label space (use a checkpoint "
                         f"trained on this dataset)")
-    modality = meta.get("modality", "image")
-    if expect_modality is not None and modality != expect_modality:
-        raise UserError(f"checkpoint {folder} is a {modality} model ({meta['arch']}) but the dataset is "
-                        f"{expect_modality}: give a {expect_modality} model")
     if modality == "text":
         inputs = TextInputs(meta["num_classes"], str(folder / "tokenizer"))
         return create_model(meta["arch"], inputs, checkpoint=str(folder / "model.safetensors"),
