@@ -203,6 +203,10 @@ def test_hf_models_load_from_a_folder_and_a_missing_name_is_one_line(rt, tmp_pat
     BertModel(BertConfig(vocab_size=len(create_model("lstm", ds.info).tokenizer), hidden_size=16,
                          num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(folder)
     create_model("lstm", ds.info).tokenizer.save_pretrained(str(folder))
+    from src.models.spec import ModelSpec
+
+    spec = ModelSpec.parse(str(folder))  # a transformers folder (config.json, no meta.json) is the hf kind
+    assert (spec.kind, spec.arch) == ("hf", f"hf:{folder}") and ModelSpec.parse("hf:gpt2").kind == "hf"
     m = create_model(f"hf:{folder}", TextInputs(2))
     assert m.num_features == 16 and m(ds.split("test").texts[:3]).shape == (3, 2)
     save_checkpoint(m, tmp_path / "ck", {"name": "hf", "kwargs": {}})
