@@ -153,15 +153,35 @@ def methods_for(modality: str) -> List[str]:
     return [name for name, cls in method_configs().items() if modality in cls.modalities]
 
 
+def method_choice(key: str, node) -> Optional[str]:
+    """The config/method file the node at `key` came from (`kl_dp_u`): Hydra's choice when Hydra runs the app,
+    else (the compose API) the file of the same `_target_` whose settings the node matches best (the only one
+    when its class has one file); None when no file names its `_target_`. The one rule that names a method by
+    its config, for messages and summaries alike."""
+    choice = hydra_choice(key)
+    if choice:
+        return choice
+    try:
+        target = canonical_target(str(node.get("_target_", "")))
+        best, best_score = None, None
+        for name in method_configs():
+            d = load_method_file(name)
+            if canonical_target(str(d.get("_target_", ""))) != target:
+                continue
+            keys = [k for k in d if k != "_target_"]
+            score = sum(d[k] == node.get(k) for k in keys) - sum(d[k] != node.get(k) for k in keys)
+            if best_score is None or score > best_score:
+                best, best_score = name, score
+        return best
+    except Exception:  # a label: never a second error
+        return None
+
+
 def _method_label(cls: type, cfg_method, what: str) -> str:
-    """'method=kdep (KDEP)': the node by its config choice (Hydra's, else the one config file of its class),
-    or by its `_target_`."""
-    choice = hydra_choice(what)
+    """'method=kdep (KDEP)': the node by its config choice (`method_choice`), or by its `_target_`."""
+    choice = method_choice(what, cfg_method)
     if choice:
         return f"{what}={choice} ({cls.__name__})"
-    names = [n for n, c in method_configs().items() if c is cls]
-    if len(names) == 1:
-        return f"{what}={names[0]} ({cls.__name__})"
     return f"{what}._target_={cfg_method.get('_target_')} ({cls.__name__})"
 
 
