@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 from .engine import preemption
 from .errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, Preempted, UserError, debug_enabled
+from .help import maybe_print_help
 from .io_utils import write_json
 
 log = logging.getLogger("kt")
@@ -234,6 +235,7 @@ def _one_line_composition_errors() -> None:
 
 
 _one_line_composition_errors()
+maybe_print_help()  # `main_<family>.py --help`: the family's own help, not Hydra's stock one (src/help.py)
 
 SWEEP_FAILURES: list = []  # (job number, overrides, message) of the failed jobs of this process's local sweep
 SWEEP_JOBS = [0]
