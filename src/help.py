@@ -16,7 +16,7 @@ CONFIG = ROOT / "config"
 # script -> (primary config, the method configs it takes: name prefixes; () = it takes no method group)
 FAMILIES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     "main_transfer.py": ("transfer/transfer", ("kl", "xekl", "mcl", "cd", "crd")),
-    "main_multi_teacher.py": ("multi_teacher/multi_teacher", ("multi_", "kl", "xekl")),
+    "main_multi_teacher.py": ("multi_teacher/multi_teacher", ("multi_", "kl", "xekl", "mcl", "cd", "crd")),
     "main_aft.py": ("aft/aft", ("aft",)),
     "main_kdep.py": ("kdep/kdep", ("kdep",)),
     "main_flips.py": ("prediction_flips/flips", ()),
@@ -101,7 +101,7 @@ def family_help(script: str) -> str:
             continue
         opts = _options(group)
         if group == "method":
-            opts = [o for o in opts if o.startswith(prefixes)]
+            opts = script_methods(script)
         lines.append(f"  {group:<10} " + ", ".join(f"{o}*" if o == default else o for o in opts))
     lines.append(f"  {'hydra/launcher':<10} " + ", ".join(_options("hydra/launcher")) + " (SLURM / local sweeps)")
     lines += ["", f"Keys of this family (config/{primary}.yaml):"]
@@ -116,6 +116,14 @@ def family_help(script: str) -> str:
     lines += ["", "Every group's keys: python " + script + " --cfg job (the composed config); Hydra's own help: "
               "--hydra-help; more: README.md"]
     return "\n".join(lines)
+
+
+def script_methods(script: str = "") -> List[str]:
+    """The method configs the running family script takes (`main_transfer.py`: kl, kl_dp, ...); [] elsewhere."""
+    script = script or (Path(sys.argv[0]).name if sys.argv else "")
+    if script not in FAMILIES:
+        return []
+    return [o for o in _options("method") if FAMILIES[script][1] and o.startswith(FAMILIES[script][1])]
 
 
 def maybe_print_help(argv=None) -> None:

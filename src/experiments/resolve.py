@@ -9,6 +9,7 @@ from ..errors import UserError
 from ..io_utils import content_hash
 from ..models import create_model, load_checkpoint, read_meta, zoo_dir
 from ..models.spec import ModelSpec
+from ..models.hub import check_timm_weights
 from .context import Context, ModelRef, RunSettings
 from .preflight import spec_in_zoo, zoo_entries
 
@@ -46,6 +47,8 @@ def feature_role(role: str) -> bool:
 def _new(ctx: Context, arch: str, role: str = "model", **kw):
     """create_model for the run's data; a feature role gets a headless model, and hub weights that cannot be had
     (offline, no HF cache) are one line naming the local-file forms."""
+    if kw.get("pretrained"):
+        check_timm_weights(arch, role)  # offline and not in the HF cache: this line at once, no hub retries
     try:
         return create_model(arch, ctx.info, headless=feature_role(role), **kw)
     except UserError:

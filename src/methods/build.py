@@ -216,6 +216,26 @@ def check_method_node(node, key: str = "method", modality: Optional[str] = None)
     _check(cls, method_hparams(node), key)
 
 
+# the script whose runs give a method the input this one lacks
+FAMILY_OF_INPUT = {"feature_table": "main_aft.py", "teachers": "main_multi_teacher.py",
+                   "generator": "main_zeroshot.py"}
+
+
+def _refuse_other_family(cls: type, cfg_method, what: str, missing: str, given: set) -> None:
+    """A method of another family given to this one (`main_transfer.py method=aft`): one line naming the family
+    it belongs to and the method configs this run can build (those that need only the inputs it has). A missing
+    input no method config explains is the caller's bug (ValueError)."""
+    from ..help import script_methods
+
+    home = FAMILY_OF_INPUT.get(missing)
+    if home is None or missing in given:
+        raise ValueError(f"{what} {cls.__name__} needs the input '{missing}' but build_method was not given it")
+    own = script_methods()
+    takes = f"this script takes {what}={', '.join(own)}" if own else "see this script's --help for its methods"
+    raise UserError(f"{_method_label(cls, cfg_method, what)} needs a {missing.replace('_', ' ')}: it is a method "
+                    f"of {home}; {takes}")
+
+
 def build_method(cfg_method, what: str = "method", *, accept: Optional[Callable[[type], bool]] = None,
                  choices: str = "", modality: Optional[str] = None, **available) -> Method:
     """The Method of `cfg_method` (`_target_` + hyper-parameters) at config key `what`; with `modality` (the
@@ -237,7 +257,7 @@ def build_method(cfg_method, what: str = "method", *, accept: Optional[Callable[
     kwargs = {"student": available.get("student")}
     for name in ["student", *sorted(cls.needs_for(hp) & set(INPUTS))]:
         if available.get(name) is None:
-            raise ValueError(f"{what} {cls.__name__} needs the input '{name}' but build_method was not given it")
+            _refuse_other_family(cls, cfg_method, what, name, {k for k, v in available.items() if v is not None})
         kwargs[INPUTS.get(name, name)] = available[name]
     kwargs.update({k: available[k] for k in OPTIONAL if available.get(k) is not None})
     try:
