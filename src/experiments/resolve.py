@@ -80,6 +80,7 @@ def _from_zoo(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
         log.info("zoo model '%s' is missing: training it now (zoo.train_missing=true)", name)
         ctx.train_missing(name, ctx)
     model, meta = load_checkpoint(folder, info.num_classes, info.channels, hash_index(settings))
+    check_trained_on(meta, folder, ctx, role)
     return ModelRef(name, model, meta["hash"], meta)
 
 
@@ -91,7 +92,38 @@ def _from_arch_file(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
 
 def _from_path(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
     model, meta = load_checkpoint(Path(s.path), ctx.info.num_classes, ctx.info.channels, hash_index(ctx.settings))
+    check_trained_on(meta, Path(s.path), ctx, role)
     return ModelRef(meta.get("name", Path(s.path).name), model, meta["hash"], meta)
+
+
+def dataset_label(d) -> str:
+    """A dataset's name as runs tell them apart: `cifar10`, or `imagefolder-dtd` for a generic ImageFolder."""
+    from omegaconf import OmegaConf
+
+    from ..data.datasets import data_source
+
+    src = data_source(OmegaConf.create(dict(d)))
+    return f"{d.get('name')}{'-' + src if src else ''}"
+
+
+def check_trained_on(meta: dict, folder: Path, ctx: Context, role: str) -> None:
+    """A checkpoint whose meta.json says it was trained on another dataset than the run's: a teacher (its
+    predictions are the targets) or a judge is refused with both names; a student or an evaluated model is warned
+    about (fine-tuning from other data, or evaluating under a shift of the same label space, are legitimate); a
+    feature role drops the head, so features learnt elsewhere are the point. A meta without a dataset: no check."""
+    trained = meta.get("dataset") or {}
+    if not trained.get("name") or feature_role(role):
+        return
+    here = f"{ctx.info.name}{'-' + ctx.info.source if ctx.info.source else ''}"
+    there = dataset_label(trained)
+    if there == here:
+        return
+    if role.startswith("teacher") or role == "judge":
+        raise UserError(f"{role} {folder} was trained on {there} (its meta.json) but this run's dataset is {here}: "
+                        f"give a {role.split('[')[0]} trained on {here} (e.g. `python main_pretrain.py "
+                        f"dataset={ctx.info.name} name=<zoo name>`), or run on {there}")
+    log.warning("%s %s was trained on %s (its meta.json) but this run's dataset is %s: used as given", role, folder,
+                there, here)
 
 
 def _from_timm(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
