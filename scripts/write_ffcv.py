@@ -114,9 +114,10 @@ def main(argv=None) -> int:
                      f"--splits without them, or fix the dataset's splits (dataset.splits / dataset.val_fraction)")
     out_dir = args.out_dir if args.out_dir is not None else cfg.loader.ffcv_dir
     check(out_dir is not None, "loader.ffcv_dir is null: give --out-dir <folder> or loader.ffcv_dir=<folder>")
-    from src.io_utils import ensure_dir
+    from src.io_utils import ensure_dir, remove_stale_temps
 
     ensure_dir(out_dir, "--out-dir" if args.out_dir is not None else "loader.ffcv_dir")  # below a file: one line, now
+    remove_stale_temps(out_dir)  # the partial beton of a killed write (its writer's pid is dead)
     for split in splits:
         path = beton_path(out_dir, ds.info.name, split.name, ds.info.source)
         if path.exists() and not args.overwrite:

@@ -318,9 +318,9 @@ def write_beton(split, path, write_mode: str = "raw", max_resolution: Optional[i
     check(len(split) > 0, f"split '{split.name}' is empty: nothing to write")
     check(page_size_mib >= 2 and page_size_mib & (page_size_mib - 1) == 0,
           f"page_size_mib={page_size_mib} must be a power of two >= 2 (FFCV's default is 8)")
+    from ..io_utils import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fields = {
         "image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality,
                                compress_probability=compress_probability, smart_threshold=smart_threshold),
@@ -328,16 +328,12 @@ def write_beton(split, path, write_mode: str = "raw", max_resolution: Optional[i
         "index": IntField(),
     }
     np.random.seed(seed)  # write_mode=proportion draws with np.random (in forked workers: same seed each)
-    try:
+    with atomic_path(path) as tmp:  # a temp file carrying this process's tag: a killed write's is removed later
         writer = DatasetWriter(str(tmp), fields, page_size=int(page_size_mib) << 20,
                                num_workers=max(1, int(num_workers)))
         writer.from_indexed_dataset(_SplitSource(split), chunksize=chunksize)
         checksum_path(path).unlink(missing_ok=True)  # the old file's checksums never describe the new one
-        os.replace(tmp, path)
-        write_checksums(path)  # after the beton is complete: a crash before it leaves a beton without checksums
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_checksums(path)  # after the beton is complete: a crash before it leaves a beton without checksums
     return path
 
 
