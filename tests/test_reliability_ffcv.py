@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from tests.conftest import compose, load_script
@@ -130,3 +131,53 @@ def test_stale_or_torn_sidecar_and_bad_mode_are_one_line(digits_beton, tmp_path)
         build("sample")
     with pytest.raises(UserError, match=r"loader.verify='bogus' is unknown: use one of full, sample, none"):
         build("bogus")
+
+
+# ------------------------------------------------------------------------- numba's "Exception ignored" noise
+
+
+def _mlp_folder(folder, seed):
+    from src.models import ImageInputs, create_model, save_checkpoint
+
+    torch.manual_seed(seed)
+    m = create_model("mlp", ImageInputs(10, 1, [0.3], [0.38], 8), kwargs={"hidden": [8]})
+    save_checkpoint(m, folder, {"name": folder.name, "kwargs": {"hidden": [8]},
+                                "dataset": {"name": "digits", "image_size": 8, "channels": 1}})
+    return folder
+
+
+@pytest.mark.slow
+def test_a_loader_ffcv_run_prints_no_exception_ignored(tmp_path):
+    """A valid loader=ffcv transfer run (a train loader and three eval loaders, each JIT-compiled) printed
+    several numba "Exception ignored ... KeyError" tracebacks: FFCV drops some of the dispatchers it compiles, and
+    their finalizer fails when gc collects them inside the next compilation. They are kept until exit now."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    betons = tmp_path / "betons"
+    common = [f"paths.data={tmp_path / 'data'}", f"paths.cache={tmp_path / 'cache'}",
+              f"paths.checkpoints={tmp_path / 'ck'}"]
+    assert load_script("write_ffcv").main([*common, "--out-dir", str(betons), "--num-workers", "1",
+                                           "--page-size-mib", "2"]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    r = subprocess.run([sys.executable, "main_transfer.py", f"teacher={_mlp_folder(tmp_path / 't', 0)}",
+                        f"student={_mlp_folder(tmp_path / 's', 1)}", "trainer.max_steps=3", "trainer.device=cpu",
+                        "loader=ffcv", f"loader.ffcv_dir={betons}", "loader.num_workers=2",
+                        f"hydra.run.dir={tmp_path / 'run'}", *common],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Exception ignored" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_more_decoding_threads_than_numba_has_are_capped():
+    """config/loader/ffcv.yaml's num_workers=8 on a 2-core machine was numba's ValueError traceback ("The number
+    of threads must be between 1 and 2") at the first loader: capped to numba's threads, 0 = all of them."""
+    from numba import config
+
+    from src.data.ffcv_loader import decoding_threads
+
+    most = int(config.NUMBA_NUM_THREADS)
+    assert decoding_threads(most + 6) == most == decoding_threads(0) and decoding_threads(1) == 1

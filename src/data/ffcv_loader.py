@@ -54,6 +54,30 @@ from ..errors import UserError, check
 FIELDS = ("image", "label", "index")
 ORDERS = ("random", "quasi_random", "sequential")
 log = logging.getLogger(__name__)
+# Every function FFCV's Compiler njit-compiles (per loader: its decoders, memory reader and pipeline stages; some
+# are dropped at once, e.g. by a second collect_requirements). Collected mid-run (gc inside the next loader's
+# compilation), such a dispatcher's finalizer fails on its own overloads table: "Exception ignored in: <finalize
+# object ...> ... KeyError: (Array(uint8, ...), ...)" on stderr, several per run. Kept until exit, where numba's
+# shutdown guard skips those finalizers. Costs each loader's machine code (kilobytes), never its batch buffers.
+_COMPILED: list = []
+_CAPPED: list = []  # loader.num_workers already reported as capped
+
+
+def _keep_compiled() -> None:
+    """Wrap FFCV's Compiler.compile (once) so that every dispatcher it makes lands in _COMPILED."""
+    from ffcv.pipeline.compiler import Compiler
+
+    if getattr(Compiler, "_kt_keeps_compiled", False):
+        return
+    original = Compiler.compile.__func__
+
+    def compile(cls, code, signature=None):
+        out = original(cls, code, signature)
+        _COMPILED.append(out)
+        return out
+
+    Compiler.compile = classmethod(compile)
+    Compiler._kt_keeps_compiled = True
 WRITE_COMMAND = "python scripts/write_ffcv.py dataset={dataset} --splits {split} --out-dir {dir}"
 
 
@@ -340,6 +364,22 @@ def write_beton(split, path, write_mode: str = "raw", max_resolution: Optional[i
 # ------------------------------------------------------------------------------------------------- reading
 
 
+def decoding_threads(asked: int) -> int:
+    """FFCV's decoding threads for loader.num_workers=`asked` (0 = all): numba refuses more threads than it
+    started (NUMBA_NUM_THREADS, the cores), so the config's 8 on a 2-core machine was a ValueError traceback;
+    it is capped there, with one log line."""
+    from numba import config
+
+    most = int(config.NUMBA_NUM_THREADS)
+    if asked <= 0:
+        return most
+    if asked > most and not _CAPPED:
+        _CAPPED.append(asked)  # said once per process
+        log.info("loader.num_workers=%d: FFCV decodes with %d threads, all that numba has here "
+                 "(NUMBA_NUM_THREADS)", asked, most)
+    return min(asked, most)
+
+
 def _sharded_order_class():
     from ffcv.traversal_order.base import TraversalOrder
     from torch.utils.data import DistributedSampler
@@ -368,6 +408,7 @@ class FFCVLoader:
                  augment: str = "none", crop_padding: int = 0, flip: bool = False, seed: int = 0, device="cpu",
                  rank: int = 0, world_size: int = 1, dtype=torch.float32, channels_last: bool = False):
         _import_ffcv()
+        _keep_compiled()
         from ffcv.loader import Loader
 
         info = split.info
@@ -403,7 +444,7 @@ class FFCVLoader:
         order = self._order(order_name)
         self.order_name = order.name.lower()
         self._loader = Loader(
-            str(self.path), batch_size=self.batch_size, num_workers=int(cfg.num_workers),
+            str(self.path), batch_size=self.batch_size, num_workers=decoding_threads(int(cfg.num_workers)),
             os_cache=bool(cfg.ffcv_os_cache), order=order, distributed=False, seed=self.seed,
             indices=self.indices, pipelines={"image": image, "label": scalar(), "index": scalar()},
             drop_last=self.drop_last)
