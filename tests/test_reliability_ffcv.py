@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 import numpy as np
 import pytest
@@ -181,3 +182,54 @@ def test_more_decoding_threads_than_numba_has_are_capped():
 
     most = int(config.NUMBA_NUM_THREADS)
     assert decoding_threads(most + 6) == most == decoding_threads(0) and decoding_threads(1) == 1
+
+
+def test_write_ffcv_rewrites_a_beton_whose_pages_do_not_match(digits_beton, tmp_path, capsys):
+    """Without --overwrite a whole beton is kept, one with an overwritten page is rewritten (and then opens)."""
+    good, cfg, split = digits_beton
+    path, build = _copy(digits_beton, tmp_path)
+    base = good.parent.parent
+    args = [f"paths.data={base / 'data'}", "--splits", "test", "--out-dir", str(tmp_path), "--num-workers", "1",
+            "--page-size-mib", "2"]
+    assert load_script("write_ffcv").main(args) == 0 and "exists, kept" in capsys.readouterr().out
+    ptr, size, _ = _first_image(path)
+    with open(path, "r+b") as f:
+        f.seek(ptr)
+        f.write(b"\xff" * 32)
+    assert load_script("write_ffcv").main(args) == 0
+    out = capsys.readouterr().out
+    assert "exists but is unusable (page " in out and "does not match its checksum" in out, out
+    assert build("full").verified_pages >= 2
+
+
+def test_bad_verify_value_is_refused_before_any_work(digits_beton):
+    from src.experiments.preflight import preflight
+
+    cfg = compose("pretrain/pretrain", ["loader=ffcv", "loader.verify=always"])
+    with pytest.raises(UserError, match=r"loader.verify='always' is unknown: use one of full, sample, none"):
+        preflight(cfg)
+
+
+def test_benchmark_reports_each_verify_mode_against_an_epoch(digits_beton):
+    """scripts/benchmark.py's rows: one per mode, the check's time over one epoch's load through the same loader
+    (here a stand-in that yields batches without decoding: the row arithmetic, not FFCV's speed)."""
+    import types
+
+    class StandIn:
+        path, num_samples = digits_beton[0], 64
+
+        def __len__(self):
+            return 8
+
+        def iter_epoch(self, epoch=0):
+            for _ in range(8):
+                time.sleep(0.002)
+                yield torch.zeros(8, 1)
+
+    bench = load_script("benchmark")
+    good = digits_beton[0]
+    rows = bench.bench_verify(StandIn(), types.SimpleNamespace(repeats=2), torch.device("cpu"))
+    assert [r["row"].split()[1] for r in rows] == ["loader.verify=full", "loader.verify=sample", "loader.verify=none"]
+    n = len(json.loads(checksum_path(good).read_text())["pages"])
+    assert f"({n} pages of" in rows[0]["a"] and "(0 pages of" in rows[2]["a"]
+    assert rows[0]["ratio"] > 0 and rows[2]["ratio"] < rows[0]["ratio"]
