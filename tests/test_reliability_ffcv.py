@@ -108,6 +108,7 @@ def test_whole_beton_passes_and_sample_hashes_a_handful(digits_beton, tmp_path):
     assert build("full").verified_pages == n and build("sample").verified_pages == min(n, 8)
     picked = sample_pages(1000, 0, path.name)
     assert len(set(picked)) == 8 and picked == sample_pages(1000, 0, path.name) != sample_pages(1000, 1, path.name)
+    assert picked[0] == 0 and picked[-1] == 999  # the header/metadata page and the allocation table's, always
 
 
 def test_beton_without_sidecar_warns_once_and_is_used(digits_beton, tmp_path, caplog):

@@ -52,7 +52,8 @@ def test_teacher_trained_on_another_dataset_is_refused_with_both_names(zoo_entry
         assert resolve_model("mlp_small", ctx, "teacher").model.num_classes == 10  # honest meta: used
         restore = _relabel(folder, name="cifar10")
         try:
-            for spec, role in (("mlp_small", "teacher"), (str(folder), "teacher[1]")):  # zoo name, folder
+            for spec, role in (("mlp_small", "teacher"), (str(folder), "teacher[1]"),  # zoo name, folder,
+                               (f"mlp@{folder / 'model.safetensors'}", "teacher")):  # arch@ its weights file
                 with pytest.raises(UserError) as e:
                     resolve_model(spec, ctx, role)
                 msg = str(e.value)

@@ -24,7 +24,7 @@ quasi_random there).
 
 Page checksums: write_ffcv.py records the sha256 of every ``page_size`` page of the file in a sidecar
 ``<file>.beton.sha256.json``; every loader start checks them per ``loader.verify`` (full = every page, sample =
-SAMPLE_PAGES pages drawn with the loader's seed, none = nothing) and names the damaged file and page. A beton
+SAMPLE_PAGES pages: the first, the last and others drawn with the loader's seed; none = nothing) and names the damaged file and page. A beton
 without a sidecar (written by FFCV itself) is warned about once and used.
 
 Resume: ``iter_epoch(epoch, start_batch)`` recomputes the epoch's sample order, a function of (seed, epoch) for
@@ -256,11 +256,13 @@ def _read_sidecar(path, fix: str) -> Optional[dict]:
 
 
 def sample_pages(n_pages: int, seed: int, name: str, k: int = SAMPLE_PAGES) -> list:
-    """The pages loader.verify=sample hashes: `k` distinct pages drawn with (seed, file name), all of a small file."""
+    """The pages loader.verify=sample hashes: the first (header, field descriptors, metadata) and the last (the
+    allocation table's) and k - 2 more drawn with (seed, file name); every page of a small file."""
     if n_pages <= k:
         return list(range(n_pages))
     rng = np.random.default_rng([int(seed), zlib.crc32(name.encode())])
-    return sorted(int(i) for i in rng.choice(n_pages, size=k, replace=False))
+    drawn = rng.choice(np.arange(1, n_pages - 1), size=k - 2, replace=False)
+    return sorted({0, n_pages - 1, *(int(i) for i in drawn)})
 
 
 def verify_beton(path, mode: str, seed: int, rewrite: str) -> int:

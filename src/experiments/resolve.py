@@ -61,6 +61,8 @@ def _new(ctx: Context, arch: str, role: str = "model", **kw):
 
 def _from_node(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
     n = s.node
+    if n["checkpoint"]:
+        check_file_trained_on(Path(n["checkpoint"]), ctx, role)
     m = _new(ctx, n["arch"], role, pretrained=n["pretrained"], checkpoint=n["checkpoint"], kwargs=n["kwargs"])
     key = None
     if n["checkpoint"]:
@@ -85,6 +87,7 @@ def _from_zoo(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
 
 
 def _from_arch_file(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
+    check_file_trained_on(Path(s.path), ctx, role)
     m = _new(ctx, s.arch, role, checkpoint=s.path, reinit_head=not role.startswith("teacher"))
     return ModelRef(s.text, m, f"{s.arch}-{content_hash(s.path, hash_index(ctx.settings))}",
                     {"arch": s.arch, "checkpoint": s.path})
@@ -94,6 +97,17 @@ def _from_path(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
     model, meta = load_checkpoint(Path(s.path), ctx.info.num_classes, ctx.info.channels, hash_index(ctx.settings))
     check_trained_on(meta, Path(s.path), ctx, role)
     return ModelRef(meta.get("name", Path(s.path).name), model, meta["hash"], meta)
+
+
+def check_file_trained_on(path: Path, ctx: Context, role: str) -> None:
+    """`arch@<zoo folder>/model.safetensors` (or a node's checkpoint there): the folder's meta.json, when there
+    is a readable one, says what the weights were trained on."""
+    try:
+        meta = read_meta(path.parent) if (path.parent / "meta.json").is_file() else None
+    except UserError:
+        return  # a torn meta.json next to a plain weights file: the file is what was asked for
+    if meta is not None:
+        check_trained_on(meta, path.parent, ctx, role)
 
 
 def dataset_label(d) -> str:
