@@ -152,6 +152,7 @@ def as_user_error(e: BaseException) -> BaseException:
 _TAGGED = re.compile(r"^\..+\.kt-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[a-z0-9_]+\.tmp$")
 _UNTAGGED = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # atomic_path's names before the tag
 _SWEPT: set = set()
+SWEEP_DEPTH, SWEEP_BUDGET = 4, 100_000  # levels below the folder, entries looked at
 STALE_AFTER_S = 24 * 3600  # an untagged (or other host's) temp file older than this is a leftover anywhere
 
 
@@ -159,8 +160,12 @@ def remove_stale_temps(folder, exclusive: bool = False) -> list:
     """Delete the temporary files of atomic saves that a killed or crashed process left below `folder`; the
     paths removed. A temp file is a leftover when its writer (host, pid in its name) is this host's and dead, or
     it is older than a day; with `exclusive` (the caller holds the folder's lock: a run dir) every one is."""
-    removed, here = [], temp_tag().split("-")[1]
+    removed, here, seen = [], temp_tag().split("-")[1], 0
+    top = len(Path(folder).parts)
     for root, dirs, files in os.walk(folder):
+        seen += len(files) + len(dirs)
+        if len(Path(root).parts) - top >= SWEEP_DEPTH or seen > SWEEP_BUDGET:
+            dirs[:] = []  # checkpoint and cache files sit 1-4 levels down; never crawl a data tree put here
         for name in files:
             m = _TAGGED.match(name)
             if not m and not _UNTAGGED.match(name):

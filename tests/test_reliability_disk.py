@@ -126,6 +126,7 @@ def test_the_setting_named_is_the_one_that_holds_the_file(tmp_path, monkeypatch)
         _assert_one_line(str(e.value), str(tmp_path / sub / "model.safetensors"), key)
 
 
+@pytest.mark.slow
 def test_a_full_disk_in_a_run_is_one_error_line_and_exit_2(tiny_disk, tmp_path):
     """The whole path: main_pretrain.py with its run dir on the full disk ends in one `error:` line, exit 2."""
     run_dir = tiny_disk / "run"
@@ -241,3 +242,8 @@ def test_old_or_other_host_temps(tmp_path):
         f.write_bytes(b"x")
     os.utime(old, (time.time() - 2 * 86400,) * 2)
     assert remove_stale_temps(tmp_path) == [old] and fresh.exists()
+    deep = tmp_path / "a" / "b" / "c" / "d" / "e"  # 5 levels down: beyond what the sweep looks at
+    deep.mkdir(parents=True)
+    (deep / old.name).write_bytes(b"x")
+    os.utime(deep / old.name, (time.time() - 2 * 86400,) * 2)
+    assert remove_stale_temps(tmp_path) == [] and (deep / old.name).exists()
