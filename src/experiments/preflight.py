@@ -45,7 +45,8 @@ GROUP_RULES = {
                 ("grad_clip", POSITIVE, "must be > 0 or null: use e.g. {k}=5"),
                 ("keep_checkpoints", AT_LEAST_ONE, "must be >= 1: use e.g. {k}=1")],
 }
-CHOICES = {"trainer": {"amp": ("none", "bf16", "fp16"), "progress": ("auto", "on", "off")}}
+CHOICES = {"trainer": {"amp": ("none", "bf16", "fp16"), "progress": ("auto", "on", "off")},
+           "loader": {"verify": ("full", "sample", "none")}}
 RECIPE_RULES = [("epochs", POSITIVE, "must be > 0: use e.g. {k}=30"),
                 ("batch_size", POSITIVE, "must be > 0: use e.g. {k}=64"),
                 ("crop_padding", NON_NEGATIVE, "must be >= 0: use e.g. {k}=1"), ("seed", NON_NEGATIVE, "must be >= 0"),
