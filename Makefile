@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(REQ_HASH)
 MIN_FREE_KB ?= 8000000
 SHELL := /bin/bash
 
-.PHONY: demo test test-trained install gpu-test bench bench-gpu reproduce clean
+.PHONY: demo test test-trained install gpu-test bench bench-gpu reproduce rehearse clean
 
 $(STAMP):
 	@set -e; \
@@ -63,6 +63,11 @@ test-trained: $(STAMP)
 # every family's digits-scale claim over 3 seeds -> results/digits/REPORT.md (26.5 minutes on 2 quiet cores)
 reproduce: $(STAMP)
 	$(VENV)/bin/python scripts/reproduce.py
+
+# every full-scale preset for 2 steps at its real resolution on small data in the real formats (~5 min on 2 cores);
+# the table lands in outputs/rehearsal/rehearsal.md. `make test` runs the same rows (pytest -m rehearse).
+rehearse: $(STAMP)
+	$(VENV)/bin/python scripts/rehearse.py --out outputs/rehearsal
 
 gpu-test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m gpu

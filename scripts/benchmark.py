@@ -6,7 +6,8 @@
    (random crop 4 px + flip) / its ceiling: the same batches sliced and converted, no augmentation   [>= 0.5]
    and / torch DataLoader + torchvision transforms (workers = cores, pinned memory)              [>= 10x on CPU]
    RRC+flip / the same ceiling (reported)
-3. FFCV loader / DataLoader on a JPEG ImageFolder (only when ffcv imports; the row says why it is skipped)
+3. FFCV loader / DataLoader on a JPEG ImageFolder (only when ffcv imports; the row says why it is skipped),
+   and the cost of its page checksums (loader.verify=full | sample | none) / one epoch's load of that file
 4. KL+DP step (in the Trainer) / the sum of its parts measured alone: student fwd+bwd+SGD step, teacher fwd,
    frozen-student fwd                                                                                [>= 0.9]
 
@@ -303,7 +304,8 @@ def bench_loaders(args, dev):
     ]
 
 
-def bench_ffcv(args, dev, tmp):
+def bench_ffcv(args, dev, tmp, verify_rows=None):
+    """FFCV / DataLoader on a JPEG ImageFolder written here; `verify_rows` (a list) gets the loader.verify rows."""
     try:
         import ffcv  # noqa: F401
     except Exception as e:  # noqa: BLE001
@@ -340,11 +342,34 @@ def bench_ffcv(args, dev, tmp):
             a.append(time_epoch(fl, dev, len(fl)))
             b.append(time_epoch(dl, dev, len(dl)))
         ma, mb = statistics.median(a), statistics.median(b)
+        if verify_rows is not None:
+            verify_rows.extend(bench_verify(fl, args, dev))
         return {"row": "FFCV / DataLoader (JPEG ImageFolder 64px, rrc+flip)", "ratio": ma / mb, "target": None,
                 "a": f"FFCV {ma:,.0f} img/s", "b": f"DataLoader {mb:,.0f} img/s ({args.workers} workers)"}
     except Exception as e:  # noqa: BLE001
         return {"row": "FFCV / DataLoader (JPEG ImageFolder)", "ratio": None, "target": None, "a": "skipped",
                 "b": f"FFCV failed: {type(e).__name__}: {str(e)[:200]}"}
+
+
+def bench_verify(fl, args, dev):
+    """Cost of the page checksums checked at every FFCV loader start (loader.verify), as the ratio of the check's
+    time to one epoch's load of the same file through the same loader, interleaved (lower is cheaper)."""
+    from src.data.ffcv_loader import verify_beton
+
+    times = {m: [] for m in ("full", "sample", "none")}
+    epoch, pages = [], {}
+    for _ in range(args.repeats):
+        for m in times:
+            t0 = time.perf_counter()
+            pages[m] = verify_beton(fl.path, m, 0, "rewrite it")
+            times[m].append(time.perf_counter() - t0)
+        epoch.append(fl.num_samples / max(time_epoch(fl, dev, len(fl)), 1e-9))
+    t_epoch = statistics.median(epoch)
+    mib = fl.path.stat().st_size / 2**20
+    return [{"row": f"FFCV loader.verify={m} / one epoch's load (cost, lower is cheaper)",
+             "ratio": statistics.median(times[m]) / t_epoch, "target": None,
+             "a": f"{statistics.median(times[m]) * 1e3:.2f} ms ({pages[m]} pages of a {mib:.1f} MiB file)",
+             "b": f"epoch {t_epoch * 1e3:.0f} ms ({fl.num_samples} images)"} for m in times]
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -453,7 +478,9 @@ def main(argv=None):
                 rows.append(row)
                 print(f"  {row['row']}: {row['ratio']:.2f}", flush=True)
         if "ffcv" not in args.skip:
-            rows.append(bench_ffcv(args, dev, tmp))
+            verify = []
+            rows.append(bench_ffcv(args, dev, tmp, verify))
+            rows.extend(verify)
     name = torch.cuda.get_device_name(dev) if cuda else cpu_name()
     head = (f"device {dev.type} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
             f"amp {args.amp}, channels_last {args.channels_last}, compile {args.compile}, student {args.student}, "

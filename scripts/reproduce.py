@@ -19,6 +19,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -58,7 +59,24 @@ def jobs(seeds, grid_methods, baselines=BASELINES):
     return zoo, rest
 
 
-def run_job(job, out: Path, work: Path, python: str) -> dict:
+class Progress:
+    """Jobs done / total and an ETA (the wall time so far per finished job, i.e. the lanes' throughput, x the jobs
+    left), for the line each finished job prints."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.t0 = total, 0, time.time()
+        self.lock = threading.Lock()
+
+    def tick(self) -> str:
+        with self.lock:
+            self.done += 1
+            took = time.time() - self.t0
+            left = took / self.done * (self.total - self.done) if self.done else 0.0
+            m, sec = divmod(int(round(left)), 60)
+            return f"[{self.done}/{self.total} done, ETA {m // 60}:{m % 60:02d}:{sec:02d}]"
+
+
+def run_job(job, out: Path, work: Path, python: str, progress: Progress = None) -> dict:
     name, script, overrides = job
     log = out / "logs" / f"{name}.log"
     cmd = [python, script, "-m", *overrides, f"hydra.sweep.dir={out / 'runs' / name}",
@@ -70,7 +88,8 @@ def run_job(job, out: Path, work: Path, python: str) -> dict:
         f.flush()
         rc = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
     took = time.time() - t0
-    print(f"[{time.strftime('%H:%M:%S')}] {name:<22} rc={rc} {took:7.1f} s  ({log})", flush=True)
+    done = progress.tick() if progress is not None else ""
+    print(f"[{time.strftime('%H:%M:%S')}] {name:<22} rc={rc} {took:7.1f} s  {done} ({log})", flush=True)
     return {"job": name, "rc": rc, "seconds": took, "log": str(log)}
 
 
@@ -84,10 +103,11 @@ def run_all(out: Path, seeds, lanes: int, grid_methods, baselines) -> dict:
     from src.tracking.reproduce_report import commit as git_commit
 
     commit = git_commit()
-    done = []
+    done, progress = [], Progress(len(zoo) + len(rest))
+    print(f"{len(zoo) + len(rest)} jobs in {lanes} lane(s); each prints a line when it ends", flush=True)
     with ThreadPoolExecutor(max_workers=lanes) as ex:
         for phase in (zoo, rest):
-            done += list(ex.map(lambda j: run_job(j, out, work, sys.executable), phase))
+            done += list(ex.map(lambda j: run_job(j, out, work, sys.executable, progress), phase))
     return {"seconds": time.time() - t0, "jobs": done, "lanes": lanes, "seeds": list(seeds),
             "machine": machine(), "commit": commit, "started": started}
 

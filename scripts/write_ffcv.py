@@ -102,8 +102,8 @@ def compose_config(config_name: str, overrides):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from src.data import build_dataset
-    from src.data.ffcv_loader import beton_damage, beton_path, write_beton
-    from src.errors import check
+    from src.data.ffcv_loader import beton_damage, beton_path, verify_beton, write_beton
+    from src.errors import UserError, check
 
     cfg = compose_config(args.config_name, args.overrides)
     ds = build_dataset(cfg.dataset, cfg.paths)
@@ -114,16 +114,21 @@ def main(argv=None) -> int:
                      f"--splits without them, or fix the dataset's splits (dataset.splits / dataset.val_fraction)")
     out_dir = args.out_dir if args.out_dir is not None else cfg.loader.ffcv_dir
     check(out_dir is not None, "loader.ffcv_dir is null: give --out-dir <folder> or loader.ffcv_dir=<folder>")
-    from src.io_utils import ensure_dir
+    from src.io_utils import ensure_dir, remove_stale_temps
 
     ensure_dir(out_dir, "--out-dir" if args.out_dir is not None else "loader.ffcv_dir")  # below a file: one line, now
+    remove_stale_temps(out_dir)  # the partial beton of a killed write (its writer's pid is dead)
     for split in splits:
         path = beton_path(out_dir, ds.info.name, split.name, ds.info.source)
         if path.exists() and not args.overwrite:
-            try:  # a damaged file (an interrupted copy, a full disk) holds nothing worth keeping
+            try:  # a damaged file (an interrupted copy, a full disk, overwritten pages) holds nothing worth keeping
                 damage = beton_damage(path) if path.is_file() else None
+                if damage is None and path.is_file():
+                    verify_beton(path, "full", 0, "rewrite it with --overwrite")  # every page, against its checksums
             except OSError as e:
                 damage = f"unreadable: {e.strerror or type(e).__name__}"
+            except UserError as e:
+                damage = str(e).split(": ", 1)[-1].split(";")[0]
             if damage is None:
                 print(f"{path} exists, kept (--overwrite rewrites it)")
                 continue

@@ -229,6 +229,9 @@ def run_script(main: Callable) -> Callable:
         try:
             return main(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - only bad input is turned into a line
+            from .io_utils import as_user_error
+
+            e = as_user_error(e)  # a full disk: one line naming the path
             message = str(e) if isinstance(e, UserError) else composition_error(e)
             if message is None:
                 raise  # a bug: keep its traceback

@@ -22,7 +22,8 @@ from contextlib import contextmanager
 
 from .engine import preemption
 from .errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, Preempted, UserError, debug_enabled
-from .io_utils import write_json
+from .help import maybe_print_help
+from .io_utils import as_user_error, write_json
 
 log = logging.getLogger("kt")
 
@@ -176,7 +177,7 @@ def _mark(out, e: Exception, known: bool) -> None:
                    {"status": status, "error": f"{type(e).__name__}: {e}"})
         if status != "preempted" and os.path.isfile(f"{out}/preempted.json"):
             os.unlink(f"{out}/preempted.json")
-    except OSError:
+    except (OSError, UserError):  # a full disk: the one line below says it
         pass
 
 
@@ -234,6 +235,7 @@ def _one_line_composition_errors() -> None:
 
 
 _one_line_composition_errors()
+maybe_print_help()  # `main_<family>.py --help`: the family's own help, not Hydra's stock one (src/help.py)
 
 SWEEP_FAILURES: list = []  # (job number, overrides, message) of the failed jobs of this process's local sweep
 SWEEP_JOBS = [0]
@@ -311,6 +313,7 @@ def entry(run, cfg):
                 os.unlink(os.path.join(out, stale))
         return result
     except Exception as e:
+        e = as_user_error(e)  # a full disk anywhere: one line naming the path and the setting that moves it
         known = isinstance(e, (UserError, Preempted))
         _mark(out, e, known)
         if not known:

@@ -8,15 +8,23 @@
 - `content_hash(path)`: the sha256 prefix of a file's bytes, computed once per (path, size, mtime) and remembered
   (in memory and, when given, in a small JSON index): cache keys come from the weights actually loaded, never from
   what a `meta.json` claims.
+- A full disk (or quota) during a write is one `DiskFull` line naming the file and the setting that moves its
+  folder (`register_location`, filled by `ensure_dir`: paths.cache, paths.checkpoints, hydra.run.dir); temp names
+  carry the writer's host and pid, so the next start removes a killed writer's leftovers (`remove_stale_temps`).
 - A file that cannot be read (permissions) is named as such, never as "corrupt"; readability and writability are
   probed with a real open / create (`check_readable`, `write_probe`), never os.access, which says yes to root.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
+import re
+import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict
@@ -25,25 +33,176 @@ import torch
 
 from .errors import UserError
 
+log = logging.getLogger(__name__)
+
+
+class DiskFull(UserError, OSError):
+    """A write that failed for want of space (or quota): one line naming the path and the setting that moves it.
+    Also an OSError with errno ENOSPC, so code that tolerates a failed write (`except OSError`) still does."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.errno = errno.ENOSPC
+
+
+def temp_tag() -> str:
+    """`kt-<host>-<pid>`: written into every temporary name, so a later start can tell a dead writer's leftover
+    (removed) from a live one's (kept)."""
+    host = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
+    return f"kt-{host}-{os.getpid()}"
+
 
 @contextmanager
 def atomic_path(path, suffix: str = ".tmp"):
-    """Yield a temporary path next to `path`; on success it replaces `path` atomically."""
+    """Yield a temporary path next to `path`; on success it replaces `path` atomically. A full disk during the
+    write is a DiskFull line naming `path` (the writers say it their own way: torch's zip writer only says
+    "unexpected pos"); the temporary file is removed, the previous `path` is untouched."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{temp_tag()}.", suffix=suffix, dir=path.parent)
     except OSError as e:
+        if disk_full(e):
+            raise disk_full_error(path, e) from e
         raise UserError(f"cannot write {path} ({os_reason(e)}): {_dir_fix(path.parent)}") from e
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~umask())  # after the write: some writers (safetensors) recreate the file
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = not isinstance(e, UserError) and disk_full(e, path.parent)  # free space is read before the unlink
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if full:
+            raise disk_full_error(path, e) from e
         raise
+
+
+# ------------------------------------------------------------------------------------- full disks, settings
+
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")
+_LOCATIONS: Dict[str, str] = {}  # resolved folder -> the setting that moves it (filled by ensure_dir)
+
+
+def disk_full(e: BaseException, folder=None) -> bool:
+    """Whether `e` means the disk (or quota) is full: an OSError's errno, the words a wrapping library kept
+    (safetensors: "os error 28"), or, for a writer that says neither (torch's "unexpected pos"), under 1 MiB free
+    at `folder` right after the failure."""
+    if isinstance(e, OSError) and e.errno in FULL_ERRNOS:
+        return True
+    if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: never a full disk
+        return False
+    if any(t in str(e) for t in _FULL_TEXT):
+        return True
+    return folder is not None and isinstance(e, RuntimeError) and free_bytes(folder) < (1 << 20)
+
+
+def free_bytes(folder) -> int:
+    """Bytes an unprivileged writer may still use at `folder` (its nearest existing parent); huge when unknown."""
+    for p in [Path(folder), *Path(folder).parents]:
+        try:
+            st = os.statvfs(p)
+            return st.f_bavail * st.f_frsize
+        except OSError:
+            continue
+    return 1 << 62
+
+
+def register_location(folder, key: str) -> None:
+    """Remember that `folder` is where setting `key` points (paths.cache, hydra.run.dir, ...), for messages."""
+    try:
+        _LOCATIONS[str(Path(folder).resolve())] = key
+    except OSError:
+        pass
+
+
+def setting_for(path) -> "str | None":
+    """The setting that moves `path`: the registered folder that holds it most closely."""
+    try:
+        p = Path(path).resolve()
+    except OSError:
+        return None
+    best = None
+    for folder, key in _LOCATIONS.items():
+        f = Path(folder)
+        if (p == f or f in p.parents) and (best is None or len(folder) > len(best[0])):
+            best = (folder, key)
+    return best[1] if best else None
+
+
+def disk_full_error(path, e: BaseException) -> DiskFull:
+    key = setting_for(path)
+    move = f"set {key}=<a folder on a disk with space>" if key else "write it to a disk with space"
+    return DiskFull(f"no space left on the device while writing {path} ({type(e).__name__}: "
+                    f"{os_reason(e) if isinstance(e, OSError) else str(e)[:80]}; {free_bytes(Path(path).parent):,} "
+                    f"bytes free there): free space on that disk or {move} (the previous file, if any, is intact)")
+
+
+def as_user_error(e: BaseException) -> BaseException:
+    """A full disk met outside the atomic writers (an append, a mkdir) as its DiskFull line; anything else as is."""
+    if isinstance(e, OSError) and not isinstance(e, UserError) and disk_full(e):
+        return disk_full_error(e.filename or "a file", e)
+    return e
+
+
+# ------------------------------------------------------------------------------- leftovers of killed writes
+
+_TAGGED = re.compile(r"^\..+\.kt-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[a-z0-9_]+\.tmp$")
+_UNTAGGED = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # atomic_path's names before the tag
+_SWEPT: set = set()
+SWEEP_DEPTH, SWEEP_BUDGET = 4, 100_000  # levels below the folder, entries looked at
+STALE_AFTER_S = 24 * 3600  # an untagged (or other host's) temp file older than this is a leftover anywhere
+
+
+def remove_stale_temps(folder, exclusive: bool = False) -> list:
+    """Delete the temporary files of atomic saves that a killed or crashed process left below `folder`; the
+    paths removed. A temp file is a leftover when its writer (host, pid in its name) is this host's and dead, or
+    it is older than a day; with `exclusive` (the caller holds the folder's lock: a run dir) every one is."""
+    removed, here, seen = [], temp_tag().split("-")[1], 0
+    top = len(Path(folder).parts)
+    for root, dirs, files in os.walk(folder):
+        seen += len(files) + len(dirs)
+        if len(Path(root).parts) - top >= SWEEP_DEPTH or seen > SWEEP_BUDGET:
+            dirs[:] = []  # checkpoint and cache files sit 1-4 levels down; never crawl a data tree put here
+        for name in files:
+            m = _TAGGED.match(name)
+            if not m and not _UNTAGGED.match(name):
+                continue
+            p = Path(root) / name
+            if exclusive or _is_leftover(p, m, here):
+                try:
+                    p.unlink()
+                    removed.append(p)
+                except OSError:
+                    pass
+    if removed:
+        log.info("removed %d temporary file(s) of interrupted saves below %s (e.g. %s)", len(removed), folder,
+                 removed[0].name)
+    return removed
+
+
+def _is_leftover(p: Path, m, host: str) -> bool:
+    try:
+        old = time.time() - p.stat().st_mtime > STALE_AFTER_S
+    except OSError:
+        return False
+    if m is None or m["host"] != host:
+        return old
+    return old or not _alive(int(m["pid"]))
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, another user's
+        return True
+    return True
 
 
 def umask() -> int:
@@ -75,17 +234,30 @@ def _dir_fix(folder: Path) -> str:
     return "point the path at a writable folder"
 
 
+SWEPT_KEYS = ("hydra.run.dir", "paths.checkpoints", "paths.cache")  # folders of atomic saves (not paths.data)
+
+
 def ensure_dir(folder, key: str) -> Path:
-    """Create `folder` (the value of config key `key`) or fail with one line naming what is in the way."""
+    """Create `folder` (the value of config key `key`) or fail with one line naming what is in the way. The folder
+    is remembered as `key`'s (a full disk there names `key`), and, once per process, the leftovers of saves a
+    killed run interrupted below it are removed (`remove_stale_temps`)."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        if disk_full(e):
+            raise disk_full_error(folder, e) from e
         raise UserError(f"{key}={folder} cannot be created ({os_reason(e)}): {_dir_fix(folder)}") from e
     denied = write_probe(folder)
     if denied is not None:
+        if disk_full(denied):
+            raise disk_full_error(folder, denied) from denied
         raise UserError(f"{key}={folder} is not writable by you ({os_reason(denied)}): fix its permissions "
                         f"(e.g. chmod u+rwx {folder}) or set {key}=<a writable folder>")
+    register_location(folder, key)
+    if key in SWEPT_KEYS and str(folder.resolve()) not in _SWEPT:
+        _SWEPT.add(str(folder.resolve()))
+        remove_stale_temps(folder)
     return folder
 
 

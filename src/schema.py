@@ -78,6 +78,7 @@ class LoaderConfig:
     ffcv_dir: Optional[str] = None  # folder with <dataset>_<split>.beton files (ffcv backend)
     ffcv_order: str = "quasi_random"  # random | quasi_random | sequential
     ffcv_os_cache: bool = True
+    verify: str = "sample"  # ffcv page checksums checked at every start: full | sample | none
 
 
 @dataclass

@@ -370,3 +370,14 @@ CASES += [
       ["non-finite loss at step", "method=kl_dp (KLDP)", "method.temperature=1.0", "optimizer.lr=1e+30",
        "lower optimizer.lr", "last good checkpoint"], trains=True),
 ]
+
+# ---- a method of another family (issue 22.2): one line naming its family and this family's methods ----
+CASES += [
+    C("transfer-method-of-aft", "transfer", ["method=aft"],
+      ["method=aft (AFT)", "main_aft.py", "main_transfer.py takes method=cd, crd, kl, kl_dp"]),
+    C("transfer-method-of-kdep", "transfer", ["method=kdep"], ["method=kdep (KDEP)", "main_kdep.py", "kl_dp_u"],
+      subprocess=True),
+    C("kdep-method-of-transfer", "kdep", ["method=kl_dp"], ["method=kl_dp (KLDP)", "main_transfer.py",
+                                                            "main_kdep.py takes method=kdep"]),
+    C("aft-method-of-transfer", "aft", ["method=crd"], ["method=crd (CRD)", "main_transfer.py", "aft_btune"]),
+]

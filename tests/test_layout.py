@@ -17,7 +17,7 @@ FAMILIES = ("transfer", "multi_teacher", "kdep", "zeroshot", "aft", "flips", "pr
 ALLOWED = {"metrics": set(), "data": set(), "models": set(), "engine": {"data", "models", "metrics"},
            "methods": {"models", "metrics"}, "tracking": {"plots", "metrics"}, "plots": set(),
            "experiments": {"data", "models", "methods", "engine", "metrics", "tracking", "plots"}}
-TOP = {"errors", "io_utils", "schema", "entry", "batch", "seeding"}
+TOP = {"errors", "io_utils", "schema", "entry", "batch", "seeding", "help"}
 
 
 def _module(path: Path) -> str:

@@ -123,6 +123,9 @@ CASES = [
     ("reproduce-seeds-negative", "reproduce", ["--seeds", "0", "-1"], ["argument --seeds: -1 must be >= 0"], None),
     ("reproduce-out-below-file", "reproduce", ["--report-only", "--out", "{file}/x"], ["is a file, not a folder"],
      None),
+    ("rehearse-unknown-row", "rehearse", ["--rows", "transfer_kldp", "--out", "{tmp}"],
+     ["--rows transfer_kldp is not a rehearsal row", "transfer_kl_dp"], None),
+    ("rehearse-out-below-file", "rehearse", ["--out", "{file}/x"], ["is a regular file, not a folder"], None),
 ]
 
 

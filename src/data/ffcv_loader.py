@@ -22,6 +22,11 @@ rank reads a disjoint share like torch's DistributedSampler (FFCV's own distribu
 torch.distributed and do not support quasi_random; we pass rank/world_size explicitly and use random instead of
 quasi_random there).
 
+Page checksums: write_ffcv.py records the sha256 of every ``page_size`` page of the file in a sidecar
+``<file>.beton.sha256.json``; every loader start checks them per ``loader.verify`` (full = every page, sample =
+SAMPLE_PAGES pages: the first, the last and others drawn with the loader's seed; none = nothing) and names the damaged file and page. A beton
+without a sidecar (written by FFCV itself) is warned about once and used.
+
 Resume: ``iter_epoch(epoch, start_batch)`` recomputes the epoch's sample order, a function of (seed, epoch) for
 every ffcv_order (FFCV's QuasiRandom shuffles its page table in place, so we restore that table before each
 draw), and starts FFCV's epoch iterator at batch ``start_batch``: skipped batches are neither read nor decoded.
@@ -33,7 +38,10 @@ a numba JIT compilation (about 15 s on a laptop-class CPU).
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import zlib
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
@@ -45,6 +53,31 @@ from ..errors import UserError, check
 
 FIELDS = ("image", "label", "index")
 ORDERS = ("random", "quasi_random", "sequential")
+log = logging.getLogger(__name__)
+# Every function FFCV's Compiler njit-compiles (per loader: its decoders, memory reader and pipeline stages; some
+# are dropped at once, e.g. by a second collect_requirements). Collected mid-run (gc inside the next loader's
+# compilation), such a dispatcher's finalizer fails on its own overloads table: "Exception ignored in: <finalize
+# object ...> ... KeyError: (Array(uint8, ...), ...)" on stderr, several per run. Kept until exit, where numba's
+# shutdown guard skips those finalizers. Costs each loader's machine code (kilobytes), never its batch buffers.
+_COMPILED: list = []
+_CAPPED: list = []  # loader.num_workers already reported as capped
+
+
+def _keep_compiled() -> None:
+    """Wrap FFCV's Compiler.compile (once) so that every dispatcher it makes lands in _COMPILED."""
+    from ffcv.pipeline.compiler import Compiler
+
+    if getattr(Compiler, "_kt_keeps_compiled", False):
+        return
+    original = Compiler.compile.__func__
+
+    def compile(cls, code, signature=None):
+        out = original(cls, code, signature)
+        _COMPILED.append(out)
+        return out
+
+    Compiler.compile = classmethod(compile)
+    Compiler._kt_keeps_compiled = True
 WRITE_COMMAND = "python scripts/write_ffcv.py dataset={dataset} --splits {split} --out-dir {dir}"
 
 
@@ -162,6 +195,105 @@ def read_beton_columns(path: Path, rewrite: Optional[str] = None) -> Tuple[np.nd
     return labels, ids
 
 
+# ------------------------------------------------------------------------------------------- page checksums
+
+VERIFY = ("full", "sample", "none")
+SAMPLE_PAGES = 8  # pages hashed per loader start with loader.verify=sample
+_UNSIGNED: set = set()  # betons already warned about (no sidecar): once per file and process
+
+
+def checksum_path(path) -> Path:
+    """The sidecar of a beton: `<file>.beton.sha256.json` next to it."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256.json")
+
+
+def page_hashes(path, page_size: int, pages=None) -> dict:
+    """{page number: sha256 hex} of the file's `page_size`-byte pages (the last one may be short): FFCV aligns its
+    data pages to the page size of the header, so file page k is data page k - (pages of header + metadata)."""
+    path = Path(path)
+    n = -(-path.stat().st_size // page_size)
+    out = {}
+    with open(path, "rb") as f:
+        for k in (range(n) if pages is None else pages):
+            f.seek(k * page_size)
+            out[int(k)] = hashlib.sha256(f.read(page_size)).hexdigest()
+    return out
+
+
+def write_checksums(path) -> Path:
+    """Record the sha256 of every page of the (complete) beton at `path` in its sidecar, written atomically."""
+    from ..io_utils import write_json
+
+    path = Path(path)
+    page = _header_page_size(path)
+    hashes = page_hashes(path, page)
+    side = checksum_path(path)
+    write_json(side, {"file": path.name, "size": path.stat().st_size, "page_size": page, "algorithm": "sha256",
+                      "pages": [hashes[k] for k in range(len(hashes))]})
+    return side
+
+
+def _header_page_size(path) -> int:
+    from ffcv.types import HeaderType
+
+    with open(path, "rb") as f:
+        return int(np.frombuffer(f.read(HeaderType.itemsize), dtype=HeaderType)[0]["page_size"])
+
+
+def _read_sidecar(path, fix: str) -> Optional[dict]:
+    """The sidecar's record, None when there is none (FFCV's own or an older beton); a torn one is a UserError."""
+    from ..io_utils import read_json_safe
+
+    side = checksum_path(path)
+    if not side.exists():
+        return None
+    rec = read_json_safe(side, "FFCV checksum file", fix)
+    ok = isinstance(rec, dict) and isinstance(rec.get("pages"), list) and isinstance(rec.get("page_size"), int) \
+        and rec["page_size"] > 0 and isinstance(rec.get("size"), int)
+    check(ok, f"FFCV checksum file {side} is not a page checksum record: {fix}")
+    return rec
+
+
+def sample_pages(n_pages: int, seed: int, name: str, k: int = SAMPLE_PAGES) -> list:
+    """The pages loader.verify=sample hashes: the first (header, field descriptors, metadata) and the last (the
+    allocation table's) and k - 2 more drawn with (seed, file name); every page of a small file."""
+    if n_pages <= k:
+        return list(range(n_pages))
+    rng = np.random.default_rng([int(seed), zlib.crc32(name.encode())])
+    drawn = rng.choice(np.arange(1, n_pages - 1), size=k - 2, replace=False)
+    return sorted({0, n_pages - 1, *(int(i) for i in drawn)})
+
+
+def verify_beton(path, mode: str, seed: int, rewrite: str) -> int:
+    """Check the beton's pages against its sidecar (`mode`: full = every page, sample = a seeded handful, none =
+    nothing); the number of pages hashed. A page whose bytes changed (overwritten image data decodes to noise and
+    passes every header check) is a UserError naming the file and the page; a beton without a sidecar is warned
+    about once and used."""
+    check(mode in VERIFY, f"loader.verify='{mode}' is unknown: use one of {', '.join(VERIFY)}")
+    if mode == "none":
+        return 0
+    path = Path(path)
+    rec = _read_sidecar(path, f"delete it and {rewrite}")
+    if rec is None:
+        if str(path) not in _UNSIGNED:
+            _UNSIGNED.add(str(path))
+            log.warning("FFCV file %s has no page checksums (%s; written by FFCV itself or an older "
+                        "scripts/write_ffcv.py): its pages are not verified; %s to add them", path,
+                        checksum_path(path).name, rewrite)
+        return 0
+    size, page, pages = path.stat().st_size, rec["page_size"], rec["pages"]
+    if size != rec["size"] or len(pages) != -(-size // page):
+        raise UserError(f"FFCV file {path} is {size} bytes but its checksums ({checksum_path(path).name}) describe "
+                        f"{rec['size']} bytes: it was changed after it was written; {rewrite}")
+    todo = range(len(pages)) if mode == "full" else sample_pages(len(pages), seed, path.name)
+    for k, h in page_hashes(path, page, todo).items():
+        if h != pages[k]:
+            raise UserError(f"FFCV file {path}: page {k} (bytes {k * page}-{min(size, (k + 1) * page) - 1}) does "
+                            f"not match its checksum: the file was damaged after it was written; {rewrite}")
+    return len(todo)
+
+
 # ------------------------------------------------------------------------------------------------- writing
 
 
@@ -196,7 +328,8 @@ def write_beton(split, path, write_mode: str = "raw", max_resolution: Optional[i
                 jpeg_quality: int = 90, compress_probability: float = 0.5, smart_threshold: Optional[int] = None,
                 num_workers: int = 1, chunksize: int = 100, seed: int = 0, page_size_mib: int = 8) -> Path:
     """Write one split (in-memory or file-backed) to `path` with fields image, label, index. Written to a temporary
-    file first, then renamed, so an interrupted write never leaves a truncated beton behind.
+    file first, then renamed, so an interrupted write never leaves a truncated beton behind; then the sha256 of
+    every page goes to the sidecar `<file>.sha256.json` (`verify_beton` checks them when a loader opens the file).
 
     Every writer process fills its own pages of `page_size_mib` (FFCV's default 8 MiB; a power of two >= 2 that
     holds the largest stored image), so a tiny dataset still takes about num_workers x page size on disk."""
@@ -211,9 +344,9 @@ def write_beton(split, path, write_mode: str = "raw", max_resolution: Optional[i
     check(len(split) > 0, f"split '{split.name}' is empty: nothing to write")
     check(page_size_mib >= 2 and page_size_mib & (page_size_mib - 1) == 0,
           f"page_size_mib={page_size_mib} must be a power of two >= 2 (FFCV's default is 8)")
+    from ..io_utils import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fields = {
         "image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality,
                                compress_probability=compress_probability, smart_threshold=smart_threshold),
@@ -221,18 +354,32 @@ def write_beton(split, path, write_mode: str = "raw", max_resolution: Optional[i
         "index": IntField(),
     }
     np.random.seed(seed)  # write_mode=proportion draws with np.random (in forked workers: same seed each)
-    try:
+    with atomic_path(path) as tmp:  # a temp file carrying this process's tag: a killed write's is removed later
         writer = DatasetWriter(str(tmp), fields, page_size=int(page_size_mib) << 20,
                                num_workers=max(1, int(num_workers)))
         writer.from_indexed_dataset(_SplitSource(split), chunksize=chunksize)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        checksum_path(path).unlink(missing_ok=True)  # the old file's checksums never describe the new one
+    write_checksums(path)  # after the beton is complete: a crash before it leaves a beton without checksums
     return path
 
 
 # ------------------------------------------------------------------------------------------------- reading
+
+
+def decoding_threads(asked: int) -> int:
+    """FFCV's decoding threads for loader.num_workers=`asked` (0 = all): numba refuses more threads than it
+    started (NUMBA_NUM_THREADS, the cores), so the config's 8 on a 2-core machine was a ValueError traceback;
+    it is capped there, with one log line."""
+    from numba import config
+
+    most = int(config.NUMBA_NUM_THREADS)
+    if asked <= 0:
+        return most
+    if asked > most and not _CAPPED:
+        _CAPPED.append(asked)  # said once per process
+        log.info("loader.num_workers=%d: FFCV decodes with %d threads, all that numba has here "
+                 "(NUMBA_NUM_THREADS)", asked, most)
+    return min(asked, most)
 
 
 def _sharded_order_class():
@@ -263,6 +410,7 @@ class FFCVLoader:
                  augment: str = "none", crop_padding: int = 0, flip: bool = False, seed: int = 0, device="cpu",
                  rank: int = 0, world_size: int = 1, dtype=torch.float32, channels_last: bool = False):
         _import_ffcv()
+        _keep_compiled()
         from ffcv.loader import Loader
 
         info = split.info
@@ -288,14 +436,17 @@ class FFCVLoader:
         self.channels, self.image_size = info.channels, info.image_size
 
         # rows of the beton that hold this split's samples (the split may be a subset of the written split)
-        labels, ids = read_beton_columns(self.path, rewrite_hint(info.name, split.name, self.path.parent))
+        rewrite = rewrite_hint(info.name, split.name, self.path.parent)
+        labels, ids = read_beton_columns(self.path, rewrite)
         self.indices = self._rows_for(split, labels, ids)
+        # the page checksums of write_ffcv.py: header checks pass on a beton whose image pages were overwritten
+        self.verified_pages = verify_beton(self.path, str(cfg.get("verify", "sample")), self.seed, rewrite)
 
         image, scalar = self._pipelines(info, int(crop_padding), bool(flip))
         order = self._order(order_name)
         self.order_name = order.name.lower()
         self._loader = Loader(
-            str(self.path), batch_size=self.batch_size, num_workers=int(cfg.num_workers),
+            str(self.path), batch_size=self.batch_size, num_workers=decoding_threads(int(cfg.num_workers)),
             os_cache=bool(cfg.ffcv_os_cache), order=order, distributed=False, seed=self.seed,
             indices=self.indices, pipelines={"image": image, "label": scalar(), "index": scalar()},
             drop_last=self.drop_last)

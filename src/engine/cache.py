@@ -6,7 +6,8 @@ computed and not cached.
 
 Nothing read back is trusted: an entry that cannot be loaded (garbage, truncated, a folder, unreadable) or that
 does not fit the request (other sample ids or labels, wrong shapes, another class count or feature width,
-non-finite values) is logged, deleted and recomputed; it is never served and never fatal."""
+non-finite values) is logged, deleted and recomputed; it is never served and never fatal. An entry that cannot be
+stored (a full disk) is warned about once per cache folder and the outputs are used unstored."""
 from __future__ import annotations
 
 import hashlib
@@ -19,10 +20,11 @@ from typing import Dict, Optional
 import torch
 
 from ..errors import UserError
-from ..io_utils import load_state_dict, save_safetensors
+from ..io_utils import disk_full, disk_full_error, free_bytes, load_state_dict, save_safetensors
 from .evaluate import predict
 
 log = logging.getLogger(__name__)
+_WARNED: set = set()  # cache folders already warned about (cannot store): once per folder and process
 
 
 def digest(*parts) -> str:
@@ -42,6 +44,7 @@ class OutputCache:
         self.computed = 0  # model evaluations actually run (tests count them)
         self.hits = 0
         self.rejected = 0  # invalid entries deleted and recomputed
+        self.unstored = 0  # entries computed but not stored (the cache folder could not take them)
 
     @staticmethod
     def _read(p: Path, model, split, features: bool):
@@ -91,10 +94,23 @@ class OutputCache:
                 raise UserError(f"model {label or model_key} gives non-finite {k} on {split.name} ({n} of "
                                 f"{len(out[k])} samples, amp={amp}): check its weights file and its input "
                                 f"statistics (mean/std){fp32}; nothing was cached")
-        if p is not None:
-            save_safetensors(out, p)
+        if p is not None and self.store(out, p):
             log.debug("output cache write: %s on %s/%s -> %s", label or model_key, dataset_key, split.name, p)
         return out
+
+    def store(self, out: Dict[str, torch.Tensor], p: Path) -> bool:
+        """Write one entry; a cache that cannot store (a full disk, a folder made read-only mid-run) is only a
+        lost speed-up: the outputs are used all the same, and the reason is warned about once per cache folder."""
+        try:
+            save_safetensors(out, p)
+            return True
+        except (OSError, UserError) as e:
+            e = e if isinstance(e, UserError) else (disk_full_error(p, e) if disk_full(e, p.parent) else e)
+            self.unstored += 1
+            if str(self.root) not in _WARNED:
+                _WARNED.add(str(self.root))
+                log.warning("output cache %s cannot store entries (%s): computing without storing", self.root, e)
+            return False
 
 
 def _remove(p: Path) -> None:
@@ -175,6 +191,9 @@ def log_prob_file(logits: torch.Tensor, path: Path, T: float = 1.0, rows: int = 
             pass
         log.info("log-prob file %s does not match (%d, %d) fp16: rewriting it", path, n, K)
     path.parent.mkdir(parents=True, exist_ok=True)
+    need = n * K * 2 + 4096
+    if free_bytes(path.parent) < need:  # a memory map written past a full disk dies of SIGBUS, not an error
+        raise disk_full_error(path, OSError(28, f"{need:,} bytes needed for the fp16 log-probabilities"))
     tmp = path.with_name(path.name + ".tmp.npy")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, K))
     lo = float(torch.finfo(torch.float16).min)

@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -198,6 +199,30 @@ class CheckpointDir:
         return load_state_dict(d / "model.safetensors"), safe_torch_load(d / "state.pt")
 
 
+EVAL_LINE_KEYS = ("acc", "agreement", "loss", "miou", "map")  # the eval metrics a progress line shows first
+
+
+def eval_line(name: str, step: int, total: int, metrics: Dict[str, float], rate: Tuple[float, float]) -> str:
+    """'distill step 40/120 epoch 2.00 | loss 0.4120 | eval/acc 91.20 eval/nll 0.31 | lr 4.50e-02 | 812 samples/s
+    | ETA 0:00:12': the per-evaluation progress line."""
+    evals = [k for k, v in metrics.items() if k.startswith("eval/") and _number(v)]
+    first = [k for k in evals if any(w in k for w in EVAL_LINE_KEYS)] or evals
+    shown = " ".join(f"{k} {metrics[k]:.4g}" for k in first[:4])
+    if len(evals) > len(first[:4]):
+        shown += f" (+{len(evals) - len(first[:4])} in metrics.jsonl)"
+    per_s, left = rate
+    parts = [f"{name} step {step}/{total} epoch {metrics.get('epoch', 0.0):.2f}"]
+    if _number(metrics.get("train/loss")):
+        parts.append(f"loss {metrics['train/loss']:.4f}")
+    if shown:
+        parts.append(shown)
+    if _number(metrics.get("train/lr")):
+        parts.append(f"lr {metrics['train/lr']:.2e}")
+    m, sec = divmod(int(round(left)), 60)
+    parts += [f"{per_s:,.0f} samples/s", f"ETA {m // 60}:{m % 60:02d}:{sec:02d}"]
+    return " | ".join(parts)
+
+
 class Trainer:
     """Trains a Method (`method`: its loss, its trainable modules, `eval_model()` for what `evaluate` measures).
     `cfg`, `optim_cfg`, `sched_cfg`: objects with the fields of the trainer / optimizer / scheduler schemas
@@ -251,6 +276,7 @@ class Trainer:
         self._sums: Dict[str, torch.Tensor] = {}
         self._count = 0
         self._last: Dict[str, float] = {}
+        self._clock = (time.perf_counter(), 0)
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def save(self) -> Path:
@@ -385,6 +411,7 @@ class Trainer:
             raise Preempted(f"stopped at step {self.step}/{self.total_steps}; rerun the same command "
                             f"(same run dir) to resume")
         bar = self._progress()
+        self._clock = (time.perf_counter(), self.step)  # samples/s and ETA of this fit (a resume starts its own)
         lazy = self.device.type == "cuda"
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         while self.step < self.total_steps:
@@ -418,6 +445,7 @@ class Trainer:
                     self._sums, self._count = {}, 0
                     self._last = self._do_eval(train)
                     evaluated = True
+                    self._report_eval(self._last, bar)
                 if self.rank == 0 and self._ckpt_due(evaluated):
                     self.save()
                 if self._stop_agreed(not lazy or self.step % FINITE_CHECK_EVERY == 0 or evaluated):
@@ -432,6 +460,24 @@ class Trainer:
         if bar is not None:
             bar.close()
         return self._last
+
+    def _report_eval(self, metrics: Dict[str, float], bar) -> None:
+        """One line per evaluation in the job log and on stdout (what a job off a terminal says: step/total,
+        epoch, loss, the eval metrics, lr, samples/s, ETA); on a terminal the bar carries loss and accuracy."""
+        if self.rank != 0:
+            return
+        if bar is not None:
+            bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()
+                             if k in ("train/loss", "eval/acc")}, refresh=False)
+        log.info(eval_line(self.name or "train", self.step, self.total_steps, metrics, self._rate()))
+
+    def _rate(self) -> Tuple[float, float]:
+        """(samples/s, seconds left) of this fit so far."""
+        t0, s0 = self._clock
+        took, steps = time.perf_counter() - t0, self.step - s0
+        if took <= 0 or steps <= 0:
+            return 0.0, 0.0
+        return steps * self.loader.batch_size * self.world_size / took, (self.total_steps - self.step) * took / steps
 
     def _settings(self, name: str, params) -> str:
         """'method=kl_dp (KLDP): method.temperature=4.0, ...; optimizer.lr=0.1' -- what the message names."""

@@ -19,7 +19,7 @@ from ..data import training_split
 from ..data.datasets import Split
 from ..engine import predict, rows_by_id
 from ..errors import check
-from ..methods import build_method, method_class, method_hparams
+from ..methods import build_method, method_choice, method_class, method_hparams
 from ..methods.aft import FeatureTable
 from ..methods.base import CrossEntropy
 from ..metrics import accuracy
@@ -173,7 +173,7 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
                "student_acc_before": acc0, "student_acc_after": acc1, "transfer_delta": acc1 - acc0, **scales,
                "eval_split": eval_split.name, "train_split": train_split.name, "train_samples": len(train_split),
                "dataset": ctx.info.name, "seed": cfg.trainer.seed, "steps": steps,
-               "method_config": as_dict(cfg.method)}
+               "method_choice": method_choice("method", cfg.method), "method_config": as_dict(cfg.method)}
         if hasattr(method, "scores"):  # B-Tuning: LogME score and weight of each pretrained model
             row["logme_scores"] = dict(zip(row["features"], method.scores.tolist()))
             row["btune_weights"] = dict(zip(row["features"], method.model_weights.tolist()))

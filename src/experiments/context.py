@@ -6,8 +6,11 @@ and the trainer / student-checkpoint plumbing they share. No maths here.
 as arguments."""
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from contextlib import contextmanager
@@ -19,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..data import build_dataset, build_loader, resolve_device
 from ..data.datasets import Dataset, Split
 from ..engine import OutputCache, Trainer, digest, seed_everything
-from ..io_utils import ensure_dir
+from ..io_utils import atomic_path, ensure_dir
 from ..models import Normalized, save_checkpoint
 from ..tracking import Tracker, lock_run_dir
 from .naming import run_labels
@@ -76,6 +79,33 @@ def init_distributed(device_name: str):
         if not dist.is_initialized():
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return rank, world, dev
+
+
+RESULTS_FILE = "results.md"
+
+
+def keep_tables(show: Callable[[], None], path: Path) -> None:
+    """Run `show` (a family's table printer) and keep what it printed: on stdout as always, in `path`
+    (`<run_dir>/results.md`) and in the job's log file (Hydra's `main_*.log`; under the submitit launchers stdout
+    lands in hidden `.submitit/` files). What was printed before a failure is still shown."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            show()
+    finally:
+        text = buf.getvalue()
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    with atomic_path(path) as tmp:
+        tmp.write_text(f"```\n{text.strip(chr(10))}\n```\n")
+    for h in logging.getLogger().handlers:  # the log file only: the console already showed it
+        if isinstance(h, logging.FileHandler):
+            h.acquire()
+            try:
+                h.stream.write(text if text.endswith("\n") else text + "\n")
+                h.flush()
+            finally:
+                h.release()
 
 
 @dataclass
@@ -161,7 +191,7 @@ class Context:
         run_dir)` on rank 0; returns the summary."""
         summary = self.tracker.summary(row)
         if self.rank == 0:
-            printer(summary, self.run_dir)
+            keep_tables(lambda: printer(summary, self.run_dir), self.run_dir / RESULTS_FILE)
         return summary
 
     def eval_images(self, split: Split):

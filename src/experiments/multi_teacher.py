@@ -25,8 +25,8 @@ from ..data import training_split
 from ..engine import predict
 from ..errors import UserError, check
 from ..io_utils import load_state_dict
-from ..methods import build_method, mean_softmax_logits, method_class, multi_route, recompute_bn_stats, \
-    route_shares, same_target, uniform_soup
+from ..methods import build_method, mean_softmax_logits, method_choice, method_class, multi_route, \
+    recompute_bn_stats, route_shares, same_target, uniform_soup
 from ..metrics import accuracy, transfer_report
 from ..models import read_meta
 from ..schema import as_dict
@@ -297,7 +297,9 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
         final = t.evaluate(model)
         summary = {"status": "ok", "mode": str(cfg.mode), "method": method_name, "student": t.student0.name,
                    "teachers": t.names, "eval_split": str(cfg.eval_split), "dataset": ctx.info.name,
-                   "seed": cfg.trainer.seed, "method_config": as_dict(cfg_method), **extra, **final,
+                   "seed": cfg.trainer.seed, "method_config": as_dict(cfg_method),
+                   "method_choice": method_choice("parallel_method" if cfg.mode == "parallel" else "method",
+                                                  cfg_method), **extra, **final,
                    "steps": sum(int(r.get("steps", 0)) for r in rows), "stages": rows}
         ctx.save_student(model, f"{t.student0.name}<-{cfg.mode}({'+'.join(t.names)})", final["student_acc_after"],
                          kwargs=t.student0.meta.get("kwargs"))

@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 from omegaconf import OmegaConf
 
 from ..engine import RunLabels
-from ..methods.build import METHOD_CONFIGS, hydra_choice, load_method_file
+from ..methods.build import method_choice
 
 
 
@@ -45,27 +45,6 @@ def method_node(method, optim_cfg):
         if OmegaConf.is_dict(node) and str(node.get("_target_", "")).rsplit(".", 1)[-1] == cls:
             return str(key), node
     return None, None
-
-
-def method_choice(key: str, node) -> Optional[str]:
-    """The config/method file the node came from (`kl_dp`): Hydra's choice when Hydra runs the app, else (the
-    compose API) the file of the same `_target_` whose settings the node matches best."""
-    choice = hydra_choice(key)
-    if choice:
-        return choice
-    try:
-        best, best_score = None, None
-        for f in sorted(METHOD_CONFIGS.glob("*.yaml")):
-            d = load_method_file(f.stem)
-            if d.get("_target_") != node.get("_target_"):
-                continue
-            keys = [k for k in d if k != "_target_"]
-            score = sum(d[k] == node.get(k) for k in keys) - sum(d[k] != node.get(k) for k in keys)
-            if best_score is None or score > best_score:
-                best, best_score = f.stem, score
-        return best
-    except Exception:  # a label for an error message: never a second error
-        return None
 
 
 def describe_method(method, optim_cfg) -> Tuple[Optional[str], list]:

@@ -45,7 +45,8 @@ GROUP_RULES = {
                 ("grad_clip", POSITIVE, "must be > 0 or null: use e.g. {k}=5"),
                 ("keep_checkpoints", AT_LEAST_ONE, "must be >= 1: use e.g. {k}=1")],
 }
-CHOICES = {"trainer": {"amp": ("none", "bf16", "fp16"), "progress": ("auto", "on", "off")}}
+CHOICES = {"trainer": {"amp": ("none", "bf16", "fp16"), "progress": ("auto", "on", "off")},
+           "loader": {"verify": ("full", "sample", "none")}}
 RECIPE_RULES = [("epochs", POSITIVE, "must be > 0: use e.g. {k}=30"),
                 ("batch_size", POSITIVE, "must be > 0: use e.g. {k}=64"),
                 ("crop_padding", NON_NEGATIVE, "must be >= 0: use e.g. {k}=1"), ("seed", NON_NEGATIVE, "must be >= 0"),
@@ -187,6 +188,29 @@ def check_zoo(cfg) -> None:
             check_group(node.get(group), group, f"{prefix}.{group}")
 
 
+def check_family_method(cfg: DictConfig) -> None:
+    """`main_transfer.py method=kdep`: a method of another family fails here, in one line naming the family it
+    belongs to and this family's method configs (by class: an edited copy of kl_dp is still KLDP)."""
+    from ..help import FAMILIES, script_methods
+    from ..methods.build import method_class, method_choice, method_configs
+
+    script = f"main_{cfg.get('task')}.py"
+    own = script_methods(script)
+    if not own or not OmegaConf.is_dict(cfg.get("method")) or not cfg.method.get("_target_"):
+        return
+    try:
+        cls = method_class(cfg.method)
+    except UserError:
+        return  # a bad _target_: the family reports it with its choices
+    configs = method_configs()
+    if cls in {configs[n] for n in own}:
+        return
+    home = [s for s in FAMILIES if cls in {configs[n] for n in script_methods(s)}]
+    where = f"it is a method of {' and '.join(home)}" if home else "no family script takes it"
+    raise UserError(f"method={method_choice('method', cfg.method)} ({cls.__name__}): {where}; {script} takes "
+                    f"method={', '.join(own)}")
+
+
 def preflight(cfg: DictConfig) -> None:
     """Cheap checks of the values every family shares, run by `setup` before any data, model or training work:
     numeric ranges (finite, by their full key, also where a group recurs: finetune.*, few_shot.*, zoo recipes),
@@ -195,6 +219,7 @@ def preflight(cfg: DictConfig) -> None:
     models were trained). Each failure is one UserError naming the value and the fix. Families with keys of their
     own add their checks in their `validate`."""
     check_required(cfg)
+    check_family_method(cfg)
     check_device((cfg.get("trainer") or {}).get("device"))
     for prefix in ("", "finetune", "few_shot"):
         base = cfg if not prefix else cfg.get(prefix)

@@ -9,6 +9,7 @@ from ..errors import UserError
 from ..io_utils import content_hash
 from ..models import create_model, load_checkpoint, read_meta, zoo_dir
 from ..models.spec import ModelSpec
+from ..models.hub import check_timm_weights
 from .context import Context, ModelRef, RunSettings
 from .preflight import spec_in_zoo, zoo_entries
 
@@ -46,6 +47,8 @@ def feature_role(role: str) -> bool:
 def _new(ctx: Context, arch: str, role: str = "model", **kw):
     """create_model for the run's data; a feature role gets a headless model, and hub weights that cannot be had
     (offline, no HF cache) are one line naming the local-file forms."""
+    if kw.get("pretrained"):
+        check_timm_weights(arch, role)  # offline and not in the HF cache: this line at once, no hub retries
     try:
         return create_model(arch, ctx.info, headless=feature_role(role), **kw)
     except UserError:
@@ -61,6 +64,8 @@ def _new(ctx: Context, arch: str, role: str = "model", **kw):
 
 def _from_node(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
     n = s.node
+    if n["checkpoint"]:
+        check_file_trained_on(Path(n["checkpoint"]), ctx, role)
     m = _new(ctx, n["arch"], role, pretrained=n["pretrained"], checkpoint=n["checkpoint"], kwargs=n["kwargs"])
     key = None
     if n["checkpoint"]:
@@ -80,10 +85,12 @@ def _from_zoo(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
         log.info("zoo model '%s' is missing: training it now (zoo.train_missing=true)", name)
         ctx.train_missing(name, ctx)
     model, meta = load_checkpoint(folder, info.num_classes, info.channels, hash_index(settings), info.modality)
+    check_trained_on(meta, folder, ctx, role)
     return ModelRef(name, model, meta["hash"], meta)
 
 
 def _from_arch_file(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
+    check_file_trained_on(Path(s.path), ctx, role)
     m = _new(ctx, s.arch, role, checkpoint=s.path, reinit_head=not role.startswith("teacher"))
     return ModelRef(s.text, m, f"{s.arch}-{content_hash(s.path, hash_index(ctx.settings))}",
                     {"arch": s.arch, "checkpoint": s.path})
@@ -92,7 +99,49 @@ def _from_arch_file(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
 def _from_path(s: ModelSpec, ctx: Context, role: str) -> ModelRef:
     model, meta = load_checkpoint(Path(s.path), ctx.info.num_classes, ctx.info.channels, hash_index(ctx.settings),
                                   ctx.info.modality)
+    check_trained_on(meta, Path(s.path), ctx, role)
     return ModelRef(meta.get("name", Path(s.path).name), model, meta["hash"], meta)
+
+
+def check_file_trained_on(path: Path, ctx: Context, role: str) -> None:
+    """`arch@<zoo folder>/model.safetensors` (or a node's checkpoint there): the folder's meta.json, when there
+    is a readable one, says what the weights were trained on."""
+    try:
+        meta = read_meta(path.parent) if (path.parent / "meta.json").is_file() else None
+    except UserError:
+        return  # a torn meta.json next to a plain weights file: the file is what was asked for
+    if meta is not None:
+        check_trained_on(meta, path.parent, ctx, role)
+
+
+def dataset_label(d) -> str:
+    """A dataset's name as runs tell them apart: `cifar10`, or `imagefolder-dtd` for a generic ImageFolder."""
+    from omegaconf import OmegaConf
+
+    from ..data.datasets import data_source
+
+    src = data_source(OmegaConf.create(dict(d)))
+    return f"{d.get('name')}{'-' + src if src else ''}"
+
+
+def check_trained_on(meta: dict, folder: Path, ctx: Context, role: str) -> None:
+    """A checkpoint whose meta.json says it was trained on another dataset than the run's: a teacher (its
+    predictions are the targets) or a judge is refused with both names; a student or an evaluated model is warned
+    about (fine-tuning from other data, or evaluating under a shift of the same label space, are legitimate); a
+    feature role drops the head, so features learnt elsewhere are the point. A meta without a dataset: no check."""
+    trained = meta.get("dataset") or {}
+    if not trained.get("name") or feature_role(role):
+        return
+    here = f"{ctx.info.name}{'-' + ctx.info.source if ctx.info.source else ''}"
+    there = dataset_label(trained)
+    if there == here:
+        return
+    if role.startswith("teacher") or role == "judge":
+        raise UserError(f"{role} {folder} was trained on {there} (its meta.json) but this run's dataset is {here}: "
+                        f"give a {role.split('[')[0]} trained on {here} (e.g. `python main_pretrain.py "
+                        f"dataset={ctx.info.name} name=<zoo name>`), or run on {there}")
+    log.warning("%s %s was trained on %s (its meta.json) but this run's dataset is %s: used as given", role, folder,
+                there, here)
 
 
 def _from_timm(s: ModelSpec, ctx: Context, role: str) -> ModelRef:

@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..engine import seed_everything
 from ..errors import check
-from ..methods import method_class
+from ..methods import method_choice, method_class
 from ..schema import as_dict
 from .context import run_context
 from .resolve import resolve_model
@@ -54,7 +54,7 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
         row = distil(ctx, teacher, student, cfg.method, cfg.eval_split, cfg.top_p, synth=synth)
         row.update(status="ok", method=method_name, teacher=teacher.name, student=student.name,
                    eval_split=cfg.eval_split, dataset=ctx.info.name, seed=cfg.trainer.seed,
-                   method_config=as_dict(cfg.method))
+                   method_choice=method_choice("method", cfg.method), method_config=as_dict(cfg.method))
         ctx.save_student(student.model, f"{student.name}<-{teacher.name}", row["student_acc_after"], method_name,
                          student.meta.get("kwargs"))
         return ctx.report(row, print_table)

@@ -10,5 +10,5 @@ from .aft import AFT, BTuning, FeatureKD, FeatureTable  # noqa: F401
 from .kdep import KDEP  # noqa: F401
 from .zeroshot import KDAT, ZeroShot  # noqa: F401
 from .targets import canonical_target, same_target  # noqa: F401
-from .build import (build_method, check_method_node, check_modality, method_class, method_hparams,  # noqa: F401
-                    method_needs, methods_for)
+from .build import (build_method, check_method_node, check_modality, method_choice, method_class,  # noqa: F401
+                    method_hparams, method_needs, methods_for)

@@ -102,7 +102,7 @@ class _FeatureMethod(Method):
         with torch.autocast(f.device.type, enabled=False):  # kernels / LogME heads in fp32 under bf16/fp16 AMP
             reg = self.regulariser(f.float(), idx)
         return ce + self.prec * reg, {"ce": ce.detach(), "reg": reg.detach(),
-                                      "acc": (z.detach().argmax(1) == y).float().mean()}
+                                      "acc": 100 * (z.detach().argmax(1) == y).float().mean()}  # %
 
 
 class AFT(_FeatureMethod):

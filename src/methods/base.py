@@ -308,4 +308,4 @@ class CrossEntropy(Method):
         y = batch.targets
         z = self.student(batch.inputs)
         loss = F.cross_entropy(z, y, label_smoothing=self.label_smoothing)
-        return loss, {"acc": (z.detach().argmax(1) == y).float().mean()}
+        return loss, {"acc": 100 * (z.detach().argmax(1) == y).float().mean()}  # %, like every eval accuracy

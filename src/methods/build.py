@@ -153,15 +153,35 @@ def methods_for(modality: str) -> List[str]:
     return [name for name, cls in method_configs().items() if modality in cls.modalities]
 
 
+def method_choice(key: str, node) -> Optional[str]:
+    """The config/method file the node at `key` came from (`kl_dp_u`): Hydra's choice when Hydra runs the app,
+    else (the compose API) the file of the same `_target_` whose settings the node matches best (the only one
+    when its class has one file); None when no file names its `_target_`. The one rule that names a method by
+    its config, for messages and summaries alike."""
+    choice = hydra_choice(key)
+    if choice:
+        return choice
+    try:
+        target = canonical_target(str(node.get("_target_", "")))
+        best, best_score = None, None
+        for name in method_configs():
+            d = load_method_file(name)
+            if canonical_target(str(d.get("_target_", ""))) != target:
+                continue
+            keys = [k for k in d if k != "_target_"]
+            score = sum(d[k] == node.get(k) for k in keys) - sum(d[k] != node.get(k) for k in keys)
+            if best_score is None or score > best_score:
+                best, best_score = name, score
+        return best
+    except Exception:  # a label: never a second error
+        return None
+
+
 def _method_label(cls: type, cfg_method, what: str) -> str:
-    """'method=kdep (KDEP)': the node by its config choice (Hydra's, else the one config file of its class),
-    or by its `_target_`."""
-    choice = hydra_choice(what)
+    """'method=kdep (KDEP)': the node by its config choice (`method_choice`), or by its `_target_`."""
+    choice = method_choice(what, cfg_method)
     if choice:
         return f"{what}={choice} ({cls.__name__})"
-    names = [n for n, c in method_configs().items() if c is cls]
-    if len(names) == 1:
-        return f"{what}={names[0]} ({cls.__name__})"
     return f"{what}._target_={cfg_method.get('_target_')} ({cls.__name__})"
 
 
@@ -196,6 +216,26 @@ def check_method_node(node, key: str = "method", modality: Optional[str] = None)
     _check(cls, method_hparams(node), key)
 
 
+# the script whose runs give a method the input this one lacks
+FAMILY_OF_INPUT = {"feature_table": "main_aft.py", "teachers": "main_multi_teacher.py",
+                   "generator": "main_zeroshot.py"}
+
+
+def _refuse_other_family(cls: type, cfg_method, what: str, missing: str, given: set) -> None:
+    """A method of another family given to this one (`main_transfer.py method=aft`): one line naming the family
+    it belongs to and the method configs this run can build (those that need only the inputs it has). A missing
+    input no method config explains is the caller's bug (ValueError)."""
+    from ..help import script_methods
+
+    home = FAMILY_OF_INPUT.get(missing)
+    if home is None or missing in given:
+        raise ValueError(f"{what} {cls.__name__} needs the input '{missing}' but build_method was not given it")
+    own = script_methods()
+    takes = f"this script takes {what}={', '.join(own)}" if own else "see this script's --help for its methods"
+    raise UserError(f"{_method_label(cls, cfg_method, what)} needs a {missing.replace('_', ' ')}: it is a method "
+                    f"of {home}; {takes}")
+
+
 def build_method(cfg_method, what: str = "method", *, accept: Optional[Callable[[type], bool]] = None,
                  choices: str = "", modality: Optional[str] = None, **available) -> Method:
     """The Method of `cfg_method` (`_target_` + hyper-parameters) at config key `what`; with `modality` (the
@@ -217,7 +257,7 @@ def build_method(cfg_method, what: str = "method", *, accept: Optional[Callable[
     kwargs = {"student": available.get("student")}
     for name in ["student", *sorted(cls.needs_for(hp) & set(INPUTS))]:
         if available.get(name) is None:
-            raise ValueError(f"{what} {cls.__name__} needs the input '{name}' but build_method was not given it")
+            _refuse_other_family(cls, cfg_method, what, name, {k for k, v in available.items() if v is not None})
         kwargs[INPUTS.get(name, name)] = available[name]
     kwargs.update({k: available[k] for k in OPTIONAL if available.get(k) is not None})
     try:

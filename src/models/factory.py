@@ -11,6 +11,7 @@ import torch.nn as nn
 from ..errors import UserError, closest
 from ..io_utils import load_state_dict
 from . import nets  # noqa: F401  (registers our models in timm)
+from .hub import check_timm_weights
 from .protocol import ModelInputs, TransferModel
 from .text import build_text_model, checkpoint_state, is_text_arch
 
@@ -205,6 +206,8 @@ def image_model(arch: str, info: ModelInputs, pretrained: bool = False, checkpoi
     check_kwargs(arch, kwargs)
     if arch == "mlp" and img_size:
         kwargs.setdefault("img_size", img_size)
+    if pretrained:
+        check_timm_weights(arch)  # offline and not cached: one line now, not after 30 s of hub retries
     try:
         net = timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
     except TypeError as e:

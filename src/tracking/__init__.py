@@ -159,6 +159,55 @@ def _netrc_key() -> Optional[str]:
     return auth[2] if auth else None
 
 
+def _model_name(spec) -> str:
+    """A teacher / student entry of a config as a short name: `mlp_small`, `resnet8` (a fresh `{arch: resnet8}`),
+    `[lenet+resnet20]` (a list: an ensemble), the file name of `arch@/path/file`."""
+    if isinstance(spec, dict):
+        return str(spec.get("arch") or spec.get("name") or "?")
+    if isinstance(spec, (list, tuple)):
+        return "[" + "+".join(_model_name(s) for s in spec) + "]"
+    s = str(spec)
+    return s.rsplit("/", 1)[-1] if "/" in s else s
+
+
+def _hydra():
+    """Hydra's runtime config when Hydra runs the app (None under the compose API and in scripts)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get() if HydraConfig.initialized() else None
+    except Exception:
+        return None
+
+
+def wandb_identity(config: Optional[dict], family: str, wandb_cfg=None) -> Dict[str, Any]:
+    """The wandb `name`, `group` and `tags` of a run: what it is (`transfer kl_dp mlp_small->resnet8 s0`: family,
+    the method config chosen, teacher -> student or the teachers, the seed), grouped by its sweep (`transfer/
+    2026-12-04/18-40-00_123`, the sweep dir's last parts; a single run: no group), tagged by its family. Values set
+    in the `wandb` config win."""
+    config = config if isinstance(config, dict) else {}
+    hc = _hydra()
+    choices = dict(hc.runtime.choices) if hc is not None else {}
+    method = config.get("parallel_method") if config.get("mode") == "parallel" else config.get("method")
+    choice = choices.get("method") or (str(method.get("_target_", "")).rsplit(".", 1)[-1]
+                                       if isinstance(method, dict) else "")
+    parts = [family] + ([choice] if choice else [])
+    if config.get("teachers"):
+        parts.append(_model_name(config["teachers"]) + "->" + _model_name(config.get("student", "?")))
+    elif config.get("teacher") is not None and config.get("student") is not None:
+        parts.append(_model_name(config["teacher"]) + "->" + _model_name(config["student"]))
+    seed = (config.get("trainer") or {}).get("seed")
+    if seed is not None:
+        parts.append(f"s{seed}")
+    group = None
+    if hc is not None and getattr(hc.mode, "name", str(hc.mode)) == "MULTIRUN":
+        group = "/".join(Path(str(hc.sweep.dir)).parts[-3:])
+    get = (lambda k: getattr(wandb_cfg, k, None)) if wandb_cfg is not None else (lambda k: None)
+    tags = list(get("tags") or [])
+    return {"name": get("name") or " ".join(parts), "group": get("group") or group,
+            "tags": tags + ([family] if family not in tags else [])}
+
+
 class Tracker:
     def __init__(self, run_dir, wandb_cfg=None, config: Optional[dict] = None, rank: int = 0,
                  job_type: str = "train"):
@@ -208,14 +257,18 @@ class Tracker:
         os.environ.setdefault("WANDB_SILENT", "true")
         try:
             self._wandb = wandb.init(
-                project=wandb_cfg.project, entity=wandb_cfg.entity, group=wandb_cfg.group,
-                tags=list(wandb_cfg.tags or []), name=wandb_cfg.name, notes=wandb_cfg.notes, config=config,
+                project=wandb_cfg.project, entity=wandb_cfg.entity, notes=wandb_cfg.notes, config=config,
                 dir=str(self.run_dir), mode=mode, id=self.run_id, resume="allow", job_type=job_type,
-                reinit="finish_previous")
+                reinit="finish_previous", **wandb_identity(config, job_type, wandb_cfg))
         except Exception as e:  # wandb's CommError / UsageError / pydantic errors: tracebacks of many lines
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise UserError(f"wandb (mode={mode}) could not start: {type(e).__name__}: {first}: use "
                             f"wandb=offline (or wandb=disabled) for runs without a network") from e
+        if mode == "online":  # WANDB_SILENT hides wandb's own lines: say where the run is
+            log.info("wandb run '%s': %s", self._wandb.name, self._wandb.url)
+        else:
+            log.info("wandb offline run '%s' in %s: upload it with `wandb sync %s`", self._wandb.name,
+                     Path(self._wandb.dir).parent, Path(self._wandb.dir).parent)
 
     # ------------------------------------------------------------------ metrics
     def truncate_after(self, step: int) -> None:

@@ -237,6 +237,8 @@ def method_label(s: dict) -> str:
     Hydra recorded: kl, xekl, kl_dp_u, ...), else the class and the DP route when it is not the method's default."""
     if s.get("method_name"):
         return str(s["method_name"])
+    if s.get("method_choice"):  # the config the user chose (kl_dp_u), recorded by the run itself
+        return str(s["method_choice"])
     mc = s.get("method_config") or {}
     label = str(s.get("method", "?"))
     if label == "KL" and float(mc.get("alpha", 1.0)) < 1.0:
@@ -351,7 +353,8 @@ def multi_teacher_tables(runs: List[dict]) -> Dict[str, List[Row]]:
 
 def aft_tables(runs: List[dict]) -> Dict[str, List[Row]]:
     s = lambda r: r["summary"]
-    return {"aft": _grouped(runs, lambda r: (s(r)["method"], s(r)["student"], "+".join(s(r).get("features", []))),
+    return {"aft": _grouped(runs, lambda r: (s(r).get("method_choice") or s(r)["method"], s(r)["student"],
+                                             "+".join(s(r).get("features", []))),
                             ("method", "student", "features"),
                             {"student_acc_after": lambda r: s(r)["student_acc_after"],
                              "transfer_delta": lambda r: s(r)["transfer_delta"]})}

@@ -1,0 +1,364 @@
+"""Rehearse the full-scale presets on a CPU (issue 22): small data in the real on-disk formats and random-init weights
+of the presets' real architectures, then each preset for 2 optimisation steps at its real resolution, with only the
+data size, class count, batch size, step count and workers overridden. Each row asserts what would be silently
+wrong at scale and prints a table (rc, image size the model saw, classes, train samples, augmentation, eval split,
+peak RSS, seconds).
+
+    python scripts/rehearse.py --out /tmp/rehearsal            # all rows (make rehearse)
+    python scripts/rehearse.py --out /tmp/rehearsal --rows transfer_kl_dp,zeroshot
+
+What each row checks (in-process, recorded on the model and loader classes):
+- size:  every image batch a preset's model normalised had the preset's resolution (224 px; CIFAR presets 32);
+- norm:  the model normalised raw [0, 1] inputs with its own statistics (the weight file's dataset's);
+- head:  the trained model's head has the dataset's class count;
+- data:  the training loader saw the subset the preset states (10% per class of 52 train images per class = 5);
+- aug:   the training loader augments where the preset says (rrc_flip / crop_flip);
+- split: the summary's evaluation split is the one the README names.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import pickle
+import resource
+import sys
+import time
+import traceback
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from src.cli import ArgumentParser, check_out_path, run_script  # noqa: E402
+from src.errors import UserError  # noqa: E402
+
+WNIDS = [f"n0{1440764 + 17 * k}" for k in range(10)]  # ImageNet-style class folder names
+# 52 train images per class: KDEP's SVD basis needs at least as many distillation images as the student's width
+# (ResNet-18: 512); the transfer preset's 10% per class is then 5 per class
+TRAIN_PER_CLASS, VAL_PER_CLASS = 52, 2
+# architecture -> (timm name, build kwargs, what the saved file looks like)
+WEIGHTS = {
+    "convnext_tiny": ("convnext_tiny", {"num_classes": 10}),
+    "resnet50": ("resnet50", {"num_classes": 10}),
+    "resnet18": ("resnet18", {"num_classes": 10}),
+    "vit_small": ("vit_small_patch16_224", {"num_classes": 100}),
+    # DINOv2 as the hub ships it: no head, a 518 px position table (AFT's feature model at 224 px)
+    "dinov2": ("vit_base_patch14_dinov2", {"num_classes": 0, "img_size": 518}),
+}
+
+
+# --------------------------------------------------------------------------------------------------- data
+def _jpegs(folder: Path, n: int, seed: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    g = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        h, w = (int(v) for v in g.integers(240, 401, size=2))  # varied sizes, as ImageNet's
+        arr = (g.random((h, w, 3)) * 255).astype("uint8")
+        Image.fromarray(arr).save(folder / f"img_{i:03d}.JPEG", quality=80)
+
+
+def image_folder(root: Path, classes: Sequence[str], train: int, val: int, seed: int) -> Path:
+    """`root/{train,val}/<class>/*.JPEG`, the ImageFolder / ImageNet layout."""
+    for c, name in enumerate(classes):
+        _jpegs(root / "train" / name, train, seed * 1000 + c)
+        _jpegs(root / "val" / name, val, seed * 1000 + 500 + c)
+    return root
+
+
+def _cifar_rows(n: int, classes: int, seed: int):
+    import numpy as np
+
+    g = np.random.default_rng(seed)
+    labels = [int(v) for v in (np.arange(n) % classes)]
+    return (g.random((n, 3072)) * 255).astype("uint8"), labels
+
+
+def cifar10(root: Path, per_batch: int = 20, test: int = 20) -> Path:
+    """torchvision's python layout: cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}."""
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True, exist_ok=True)
+    for k, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        data, labels = _cifar_rows(test if name == "test_batch" else per_batch, 10, k)
+        with open(d / name, "wb") as f:
+            pickle.dump({"data": data, "labels": labels, "batch_label": name}, f, protocol=2)
+    with open(d / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)], "num_vis": 3072}, f, protocol=2)
+    return root
+
+
+def cifar100(root: Path, train: int = 100, test: int = 50) -> Path:
+    """torchvision's python layout: cifar-100-python/{train,test,meta}."""
+    d = root / "cifar-100-python"
+    d.mkdir(parents=True, exist_ok=True)
+    for name, n, seed in (("train", train, 1), ("test", test, 2)):
+        data, labels = _cifar_rows(n, 100, seed)
+        with open(d / name, "wb") as f:
+            pickle.dump({"data": data, "fine_labels": labels, "coarse_labels": [v // 5 for v in labels]}, f,
+                        protocol=2)
+    with open(d / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"f{i}" for i in range(100)],
+                     "coarse_label_names": [f"c{i}" for i in range(20)]}, f, protocol=2)
+    return root
+
+
+def write_weights(folder: Path) -> Dict[str, Path]:
+    """Random-init weights of the presets' architectures as local safetensors files (what a user passes as
+    `arch@file` when the node has no network)."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for key, (arch, kw) in WEIGHTS.items():
+        path = folder / f"{key}.safetensors"
+        if not path.is_file():
+            torch.manual_seed(0)
+            net = timm.create_model(arch, **kw)
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+        out[key] = path
+    return out
+
+
+def write_data(root: Path) -> Dict[str, Path]:
+    """Everything the rows read, written once (a second call reuses it)."""
+    done = root / ".written"
+    paths = {"data": root / "data", "weights": root / "weights"}
+    if not done.is_file():
+        image_folder(paths["data"] / "imagenet", WNIDS, TRAIN_PER_CLASS, VAL_PER_CLASS, seed=1)
+        for k, name in enumerate(("dtd", "caltech256", "cub200")):  # KDEP's ImageFolder downstreams
+            image_folder(paths["data"] / name, [f"{name}_{c}" for c in range(3)], 4, 2, seed=10 + k)
+        cifar10(paths["data"] / "cifar10")
+        cifar100(paths["data"] / "cifar100")
+    write_weights(paths["weights"])
+    done.write_text("ok")
+    return paths
+
+
+# -------------------------------------------------------------------------------------------- recording
+@dataclass
+class Seen:
+    """What the models and loaders of one row saw."""
+
+    sizes: Dict[str, set] = field(default_factory=lambda: defaultdict(set))  # arch -> {(H, W)}
+    ranges: List[tuple] = field(default_factory=list)  # (min, max) of raw inputs
+    stats: Dict[str, tuple] = field(default_factory=dict)  # arch -> (mean, std)
+    heads: Dict[str, int] = field(default_factory=dict)  # arch -> classes
+    train_loaders: List[tuple] = field(default_factory=list)  # (samples, augment)
+
+
+@contextlib.contextmanager
+def recording(seen: Seen):
+    """Record every image batch a `Normalized` model normalises and every training loader built."""
+    from src.data import loaders
+    from src.models.factory import Normalized
+
+    norm, init = Normalized.normalize, loaders.TorchLoader.__init__
+    tinit = loaders.TensorLoader.__init__
+
+    def normalize(self, x):
+        if x.ndim == 4:
+            seen.sizes[self.arch].add(tuple(x.shape[-2:]))
+            seen.ranges.append((float(x.detach().min()), float(x.detach().max())))
+            seen.stats[self.arch] = (tuple(round(v, 4) for v in self.mean.flatten().tolist()),
+                                     tuple(round(v, 4) for v in self.std.flatten().tolist()))
+            seen.heads[self.arch] = self.num_classes
+        return norm(self, x)
+
+    def torch_init(self, split, *a, **kw):
+        init(self, split, *a, **kw)
+        if kw.get("train"):
+            seen.train_loaders.append((len(split), kw.get("augment")))
+
+    def tensor_init(self, split, *a, **kw):
+        tinit(self, split, *a, **kw)
+        if kw.get("shuffle") or kw.get("augment", "none") != "none":
+            seen.train_loaders.append((len(split), kw.get("augment")))
+
+    Normalized.normalize, loaders.TorchLoader.__init__, loaders.TensorLoader.__init__ = \
+        normalize, torch_init, tensor_init
+    try:
+        yield seen
+    finally:
+        Normalized.normalize, loaders.TorchLoader.__init__, loaders.TensorLoader.__init__ = norm, init, tinit
+
+
+def compose(config_name: str, overrides: Sequence[str]):
+    from hydra import compose as hcompose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import src.schema  # noqa: F401  (schemas and resolvers)
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
+        return hcompose(config_name=config_name, overrides=list(overrides))
+
+
+# ------------------------------------------------------------------------------------------------ rows
+@dataclass
+class Row:
+    name: str
+    config: str
+    family: str  # src.experiments.<family>
+    overrides: Callable[[Dict[str, Path]], List[str]]
+    size: int  # the resolution the preset states
+    classes: int  # the head's class count
+    arch: str  # the model whose head and statistics are checked
+    mean: Sequence[float]  # the statistics it must normalise with
+    train: Optional[int] = None  # samples the training loader must see
+    augment: Optional[str] = None
+    split: Optional[str] = None  # summary["eval_split"]
+    raw_inputs: bool = True  # every batch a model sees is a raw image in [0, 1] (not: generated pseudo-images)
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+
+
+def _common(p: Dict[str, Path], out: Path, name: str) -> List[str]:
+    return [f"paths.data={p['data']}", f"paths.checkpoints={out / 'work' / 'checkpoints'}",
+            f"paths.cache={out / 'work' / 'cache' / name}", "loader.num_workers=0", "trainer.progress=off",
+            "wandb=disabled"]
+
+
+def _w(p, key) -> str:
+    return str(p["weights"] / f"{key}.safetensors")
+
+
+def _transfer(method: str) -> Row:
+    return Row(f"transfer_{method}", "transfer/imagenet", "transfer",
+               lambda p: [f"method={method}", f"teacher=convnext_tiny@{_w(p, 'convnext_tiny')}",
+                          f"student=resnet50@{_w(p, 'resnet50')}", "dataset.num_classes=10",
+                          "loader.batch_size=4", "loader.eval_batch_size=10", "trainer.max_steps=2"]
+               + (["method.num_negatives=8"] if method == "crd" else []),
+               224, 10, "resnet50", IMAGENET_MEAN, train=round(0.1 * TRAIN_PER_CLASS) * 10, augment="rrc_flip",
+               split="test")
+
+
+ROWS = [
+    _transfer("kl_dp"),
+    _transfer("crd"),
+    Row("flips_imagenet_timm", "prediction_flips/imagenet_timm", "flips",
+        lambda p: [f"models=[resnet18@{_w(p, 'resnet18')},resnet50@{_w(p, 'resnet50')}]", "models_csv=null",
+                   "dataset.num_classes=10", "loader.eval_batch_size=10", "mode=all_pairs"],
+        224, 10, "resnet50", IMAGENET_MEAN, split="test"),
+    Row("zeroshot_cifar10_wrn", "zeroshot/cifar10_wrn", "zeroshot",
+        lambda p: ["pseudo_batches=2", "loader.batch_size=8", "loader.eval_batch_size=20", "shots_per_class=2",
+                   "few_shot.trainer.epochs=1", "transition.n_images=4", "transition.steps=2",
+                   "transition.mte_steps=2", "transition.chunk=36", "trainer.eval_every=1", "zoo.train.epochs=1",
+                   "zoo.train.batch_size=16"],
+        32, 10, "wrn_16_1", (0.4914, 0.4822, 0.4465), raw_inputs=False),
+    Row("aft_cifar100_vit", "aft/cifar100_vit", "aft",
+        lambda p: [f"student=vit_small_patch16_224@{_w(p, 'vit_small')}",
+                   "features=[{name: dinov2, arch: vit_base_patch14_dinov2, pretrained: false, checkpoint: "
+                   f"{_w(p, 'dinov2')}, kwargs: {{img_size: 224}}}}]", "loader.batch_size=4",
+                   "loader.eval_batch_size=25", "trainer.max_steps=2", "trainer.eval_every_steps=2"],
+        224, 100, "vit_small_patch16_224", CIFAR100_MEAN, train=100, split="test"),
+    Row("kdep_imagenet_r50_r18", "kdep/imagenet_r50_r18", "kdep",
+        lambda p: [f"teacher=resnet50@{_w(p, 'resnet50')}", f"supervised=resnet18@{_w(p, 'resnet18')}",
+                   "dataset.num_classes=10", "loader.batch_size=4", "loader.eval_batch_size=25",
+                   "trainer.max_steps=2", "finetune.trainer.max_steps=2", "finetune.loader.batch_size=4",
+                   *[f"downstream.{k}.dataset.num_classes=3" for k in (1, 2, 3)]],
+        224, 10, "resnet50", IMAGENET_MEAN, train=TRAIN_PER_CLASS * 10, augment="rrc_flip"),
+]
+
+
+def run_row(row: Row, paths: Dict[str, Path], out: Path) -> dict:
+    import importlib
+
+    seen = Seen()
+    run_dir = out / "runs" / row.name
+    t0 = time.time()
+    res = {"row": row.name, "config": row.config, "rc": 0, "problems": []}
+    try:
+        cfg = compose(row.config, [*_common(paths, out, row.name), *row.overrides(paths)])
+        fam = importlib.import_module(f"src.experiments.{row.family}")
+        with recording(seen):
+            summary = fam.run(cfg, run_dir=run_dir) or {}
+        res["problems"] = check(row, seen, summary)
+    except UserError as e:
+        res.update(rc=2, problems=[f"error: {e}"])
+    except Exception as e:  # a bug the rehearsal exists to find: keep its traceback in the row's log
+        res.update(rc=1, problems=[f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"])
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        (out / "logs" / f"{row.name}.txt").write_text(traceback.format_exc())
+    res.update(seconds=time.time() - t0, rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+               sizes=sorted({f"{h}x{w}" for s in seen.sizes.values() for h, w in s}),
+               heads=dict(seen.heads), train=[n for n, _ in seen.train_loaders],
+               augment=sorted({a for _, a in seen.train_loaders if a}))
+    if res["problems"] and res["rc"] == 0:
+        res["rc"] = 3
+    return res
+
+
+def check(row: Row, seen: Seen, summary: dict) -> List[str]:
+    """What would be silently wrong at scale, one line each (empty: the row holds)."""
+    bad = []
+    sizes = {s for v in seen.sizes.values() for s in v}
+    if sizes != {(row.size, row.size)}:
+        bad.append(f"size: models saw {sorted(sizes)}, the preset states {row.size}x{row.size}")
+    if row.raw_inputs and seen.ranges and (min(a for a, _ in seen.ranges) < -1e-3 or max(b for _, b in seen.ranges) > 1 + 1e-3):
+        bad.append("norm: a model was given inputs outside [0, 1] (normalised twice?)")
+    stats = seen.stats.get(row.arch)
+    if stats is None or any(abs(a - b) > 1e-3 for a, b in zip(stats[0], row.mean)):
+        bad.append(f"norm: {row.arch} normalised with mean {stats and stats[0]}, expected {tuple(row.mean)}")
+    if seen.heads.get(row.arch) != row.classes:
+        bad.append(f"head: {row.arch} has {seen.heads.get(row.arch)} classes, the dataset {row.classes}")
+    if row.train is not None and row.train not in [n for n, _ in seen.train_loaders]:
+        bad.append(f"data: training loaders saw {[n for n, _ in seen.train_loaders]} samples, expected {row.train}")
+    if row.augment is not None and row.augment not in {a for _, a in seen.train_loaders}:
+        bad.append(f"aug: training loaders augmented with {sorted({a for _, a in seen.train_loaders})}, the preset "
+                   f"says {row.augment}")
+    split = summary.get("eval_split", summary.get("split"))
+    if row.split is not None and split != row.split:
+        bad.append(f"split: evaluated on {split}, the README names {row.split}")
+    return bad
+
+
+def table(results: List[dict]) -> str:
+    lines = ["| row | config | rc | sizes | heads | train | augment | RSS GB | s | problems |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        heads = ", ".join(f"{k} {v}" for k, v in r["heads"].items())
+        lines.append(f"| {r['row']} | {r['config']} | {r['rc']} | {' '.join(r['sizes'])} | {heads} | "
+                     f"{r['train']} | {' '.join(r['augment'])} | {r['rss_gb']:.2f} | {r['seconds']:.1f} | "
+                     f"{'; '.join(r['problems']) or 'ok'} |")
+    return "\n".join(lines)
+
+
+def parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("outputs/rehearsal"), help="data, weights, runs, table")
+    p.add_argument("--rows", default="", help="comma-separated row names (default: all): " +
+                   ", ".join(r.name for r in ROWS))
+    return p
+
+
+@run_script
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
+    names = [n for n in a.rows.split(",") if n]
+    known = {r.name: r for r in ROWS}
+    bad = [n for n in names if n not in known]
+    if bad:
+        from src.errors import closest
+
+        raise UserError(f"--rows {bad[0]} is not a rehearsal row{closest(bad[0], known)}; rows: {', '.join(known)}")
+    out = check_out_path(a.out, "--out")
+    paths = write_data(out)
+    results = [run_row(known[n], paths, out) for n in (names or known)]
+    text = table(results)
+    print(text)
+    (out / "rehearsal.md").write_text(text + "\n")
+    (out / "rehearsal.json").write_text(json.dumps(results, indent=1))
+    return 0 if all(r["rc"] == 0 for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
