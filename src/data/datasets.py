@@ -32,6 +32,7 @@ class DatasetInfo:
     crop_pct: float = 1.0
     modality: str = "image"  # what the inputs are (image | text): methods refuse the ones they cannot handle
     source: str = ""  # what the data is when the name does not say it (an ImageFolder's folder name: .beton names)
+    task: str = "classification"  # what the targets are: classification | segmentation | detection (dense.py)
 
 
 @dataclass
@@ -45,6 +46,9 @@ class Split:
     files: Optional[List[str]] = None  # image paths for file-backed data
     info: Optional[DatasetInfo] = None
     full_size: int = 0  # size of the split before subsetting (memory banks, caches)
+    # dense tasks (dense.py): per-sample targets by name, each a tensor or a list indexed like the samples
+    # (masks (N, H, W) uint8 or mask files; boxes / box_labels: one tensor per image); labels are then all 0
+    targets: Optional[Dict[str, object]] = None
 
     def __len__(self) -> int:
         return int(self.labels.numel())
@@ -59,6 +63,9 @@ class Split:
             files=None if self.files is None else [self.files[i] for i in positions.tolist()],
             info=self.info,
             full_size=self.full_size,
+            targets=None if self.targets is None else {
+                k: v[positions] if torch.is_tensor(v) else [v[i] for i in positions.tolist()]
+                for k, v in self.targets.items()},
         )
 
     def materialize(self, size: Optional[int] = None) -> "Split":
@@ -398,7 +405,7 @@ BUILDERS = {
     "cifar100": build_cifar,
     "imagefolder": build_imagefolder,
     "imagenet": build_imagefolder,
-}
+}  # + the segmentation / detection datasets, which src/data/dense.py adds (digits_canvas, voc, coco, ...)
 
 
 def build_dataset(cfg, paths) -> Dataset:
