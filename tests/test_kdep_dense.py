@@ -42,7 +42,8 @@ def dense_run(kt_paths, teacher_dir, tmp_path_factory):
 
 def test_one_run_fine_tunes_every_task_and_reports_its_metrics(dense_run, capsys):
     s, run_dir = dense_run
-    assert s["stages_trained"] == ["distill"] + [f"finetune_{n}_{i}" for n in ("digits", "digits_seg", "digits_det")
+    assert s["stages_trained"] == ["distill"] + [f"finetune_{n}_{i}" for n in ("digits", "digits_20pct", "digits_seg",
+                                                                                       "digits_det")
                                                  for i in ("kdep", "scratch")]
     seg, det = s["downstream"]["digits_seg"], s["downstream"]["digits_det"]
     assert (seg["task"], seg["metric"], det["task"], det["metric"]) == ("segmentation", "miou", "detection", "map")
@@ -85,10 +86,10 @@ def test_bad_downstream_entries_are_refused_by_validate(kt_paths, teacher_dir, e
 def test_a_backbone_the_detector_cannot_take_is_refused_before_stage_1(kt_paths, teacher_dir, tmp_path):
     with pytest.raises(UserError, match=r"detector=faster_rcnn with stages=5 needs 5 stage outputs but model "
                                         r"'resnet8' has 3"):
-        kdep.run(_cfg(kt_paths, teacher_dir, "downstream.2.stages=5"), run_dir=tmp_path)
+        kdep.run(_cfg(kt_paths, teacher_dir, "downstream.3.stages=5"), run_dir=tmp_path)
     assert not (tmp_path / "stages" / "distill").exists()
     with pytest.raises(UserError, match=r"dataset.num_classes=11 but digits_canvas detection has 10 classes"):
-        kdep.run(_cfg(kt_paths, teacher_dir, "downstream.2.dataset.num_classes=11"), run_dir=tmp_path)
+        kdep.run(_cfg(kt_paths, teacher_dir, "downstream.3.dataset.num_classes=11"), run_dir=tmp_path)
 
 
 # ------------------------------------------------------------------------------------------ the GPU presets
