@@ -59,6 +59,11 @@ class DatasetConfig:
     test_split: str = "test"
     subset: SubsetConfig = field(default_factory=SubsetConfig)
     text: Optional[TextConfig] = None  # text datasets (rotten_tomatoes, sms_spam): their tokenizer
+    # dense tasks (src/data/dense.py): what the targets are, and the digits canvases' construction
+    task: str = "classification"  # classification | segmentation | detection
+    canvases: Optional[int] = None  # digits_canvas: canvases per split (None: half the split's digits)
+    max_objects: int = 3  # digits_canvas: 1..max_objects digits pasted per canvas
+    object_size: List[int] = field(default_factory=lambda: [8, 14])  # digits_canvas: pasted digit side, px
 
 
 @dataclass

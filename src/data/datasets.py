@@ -33,6 +33,7 @@ class DatasetInfo:
     modality: str = "image"  # what the inputs are (image | text): methods refuse the ones they cannot handle
     source: str = ""  # what the data is when the name does not say it (an ImageFolder's folder name: .beton names)
     tokenizer: str = ""  # text: the folder of the dataset's tokenizer (trained on its train split, src/data/text.py)
+    task: str = "classification"  # what the targets are: classification | segmentation | detection (dense.py)
 
 
 @dataclass
@@ -47,6 +48,9 @@ class Split:
     info: Optional[DatasetInfo] = None
     full_size: int = 0  # size of the split before subsetting (memory banks, caches)
     texts: Optional[List[str]] = None  # raw texts of a text dataset (its models tokenise for themselves)
+    # dense tasks (dense.py): per-sample targets by name, each a tensor or a list indexed like the samples
+    # (masks (N, H, W) uint8 or mask files; boxes / box_labels: one tensor per image); labels are then all 0
+    targets: Optional[Dict[str, object]] = None
 
     def __len__(self) -> int:
         return int(self.labels.numel())
@@ -62,6 +66,9 @@ class Split:
             info=self.info,
             full_size=self.full_size,
             texts=None if self.texts is None else [self.texts[i] for i in positions.tolist()],
+            targets=None if self.targets is None else {
+                k: v[positions] if torch.is_tensor(v) else [v[i] for i in positions.tolist()]
+                for k, v in self.targets.items()},
         )
 
     def materialize(self, size: Optional[int] = None) -> "Split":
@@ -401,7 +408,7 @@ BUILDERS = {
     "cifar100": build_cifar,
     "imagefolder": build_imagefolder,
     "imagenet": build_imagefolder,
-}  # the text datasets (rotten_tomatoes, sms_spam) add theirs: src/data/text.py
+}  # + the text datasets (src/data/text.py) and the dense-task datasets (src/data/dense.py: digits_canvas, voc, ...)
 
 
 def build_dataset(cfg, paths) -> Dataset:

@@ -19,13 +19,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..data import build_dataset, build_loader, training_split
-from ..engine import predict, rows_by_id
+from ..data.dense import DENSE_BUILDERS, TASKS, build_dense_loader, check_dense_split
+from ..engine import collect, predict, rows_by_id
 from ..errors import UserError, check, closest
 from ..io_utils import load_state_dict, save_safetensors
 from ..methods import build_method
 from ..methods.base import CrossEntropy
+from ..methods.dense import Detection, Segmentation
 from ..methods.kdep import check_dims, svd_basis
 from ..metrics import accuracy
+from ..models.dense import DETECTORS, HEADS, build_detector, build_segmenter
 from ..models.hooks import PreActivation, pre_activation_dim
 from ..schema import DatasetConfig, as_dict
 from .context import Context, ModelRef, run_context
@@ -39,17 +42,52 @@ log = logging.getLogger("kt")
 BASELINES = ("scratch", "supervised")
 BASIS_FILE = "kdep_basis.safetensors"
 FINETUNE_GROUPS = ("trainer", "optimizer", "scheduler", "loader")
+# what each downstream task reports (percent) and the one the kdep - baseline differences are taken on
+TASK_METRICS = {"classification": ("acc",), "segmentation": ("miou", "pixel_acc"), "detection": ("map", "ap50")}
+DENSE_KEYS = ("task", "name", "train_split", "eval_split", "dataset", "fraction", "per_class", "seed", "finetune",
+              "head", "detector", "stages", "fpn_width", "detector_kwargs")
 
 
 # ------------------------------------------------------------------------------------------------ validation
-def finetune_cfg(cfg: DictConfig, group: str):
-    """The run's `<group>` config with `finetune.<group>` merged on top (typed: a bad key fails here)."""
+def finetune_cfg(cfg: DictConfig, group: str, d=None):
+    """The run's `<group>` config with `finetune.<group>` merged on top, then a downstream entry's own
+    `finetune.<group>` (dense entries: their own length, batch size, lr); typed: a bad key fails here."""
+    own = (d.get("finetune") or {}).get(group) if d is not None else None
     try:
-        return OmegaConf.merge(cfg[group], cfg.finetune.get(group) or {})
+        return OmegaConf.merge(cfg[group], cfg.finetune.get(group) or {}, own or {})
     except Exception as e:  # omegaconf's ValidationError / ConfigKeyError: one line naming the key
         msg = str(e).splitlines()[0]
-        raise UserError(f"finetune.{group} does not fit the {group} schema ({msg}): use the keys of "
+        where = f"downstream {d.name}: its finetune.{group}" if own else f"finetune.{group}"
+        raise UserError(f"{where} does not fit the {group} schema ({msg}): use the keys of "
                         f"config/{group}/*.yaml") from e
+
+
+def entry_task(d) -> str:
+    return str(d.get("task") or "classification")
+
+
+def check_entry_task(d, cfg: DictConfig) -> None:
+    """A downstream entry's task and, for a dense one, its dataset name, head / detector and own finetune node
+    (the dataset itself, its classes and the backbone's fit are checked by `check_dense_entry`)."""
+    task = entry_task(d)
+    check(task in TASKS, f"downstream {d.name}: task={task} is unknown{closest(task, TASKS)}: use one of "
+                         f"{list(TASKS)}")
+    for g in FINETUNE_GROUPS:
+        finetune_cfg(cfg, g, d)
+    if task == "classification":
+        return
+    bad = [k for k in d if k not in DENSE_KEYS]
+    check(not bad, f"downstream {d.name}: key {bad[0] if bad else ''} is unknown for a {task} entry: use "
+                   f"{', '.join(DENSE_KEYS)}")
+    name = str((d.get("dataset") or {}).get("name"))
+    check(name in DENSE_BUILDERS, f"downstream {d.name}: task={task} needs a segmentation / detection dataset, "
+                                  f"got dataset.name={name}{closest(name, DENSE_BUILDERS)}: use one of "
+                                  f"{sorted(DENSE_BUILDERS)}")
+    head, det = str(d.get("head") or "fcn"), str(d.get("detector") or "faster_rcnn")
+    check(task != "segmentation" or head in HEADS, f"downstream {d.name}: head={head} is unknown"
+                                                   f"{closest(head, HEADS)}: use one of {list(HEADS)}")
+    check(task != "detection" or det in DETECTORS, f"downstream {d.name}: detector={det} is unknown"
+                                                   f"{closest(det, DETECTORS)}: use one of {list(DETECTORS)}")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -87,6 +125,7 @@ def validate(cfg: DictConfig) -> None:
         fr, pc = d.get("fraction"), d.get("per_class")
         check(fr is None or 0 < fr <= 1, f"downstream {d.name}: fraction={fr} is outside (0, 1]: use e.g. 0.2")
         check(pc is None or pc > 0, f"downstream {d.name}: per_class={pc} must be > 0: use e.g. 10")
+        check_entry_task(d, cfg)
     for g in FINETUNE_GROUPS:
         finetune_cfg(cfg, g)
     ft = finetune_cfg(cfg, "trainer")
@@ -106,9 +145,39 @@ def check_basis(b: dict, path) -> None:
 
 def downstream_dataset_cfg(d) -> DictConfig:
     """A downstream entry's own dataset node, resolved in place (its `${paths.data}/dtd` refers to the run's
-    config: merged out of it first, the interpolation had no root and failed at the fine-tuning stage)."""
+    config: merged out of it first, the interpolation had no root and failed at the fine-tuning stage); a dense
+    entry's task is its dataset's (which targets to read)."""
     own = OmegaConf.to_container(d.dataset, resolve=True)
+    if entry_task(d) != "classification":
+        own["task"] = entry_task(d)
     return OmegaConf.merge(OmegaConf.structured(DatasetConfig), own)
+
+
+def dense_model(student: torch.nn.Module, d, info) -> torch.nn.Module:
+    """The entry's segmentation / detection model on (a reference to) `student` (src/models/dense.py)."""
+    size, c = int(info.image_size), int(info.channels)
+    if info.task == "segmentation":
+        return build_segmenter(student, info.num_classes, str(d.get("head") or "fcn"), c, size)
+    return build_detector(student, info.num_classes, str(d.get("detector") or "faster_rcnn"),
+                          int(d.get("stages") or 3), c, size, int(d.get("fpn_width") or 256),
+                          **as_dict(d.get("detector_kwargs")))
+
+
+def check_dense_entry(ctx: Context, d, student: torch.nn.Module) -> dict:
+    """Before stage 1: the dense entry's dataset builds (folders, class count), its splits exist and hold
+    targets (boxes; masks with ids in range), and its model builds on the student (stages, weights carried);
+    returns the entry's data (built once)."""
+    try:
+        dc = downstream_dataset_cfg(d)
+    except Exception as e:
+        raise UserError(f"downstream {d.name}: its dataset node does not resolve ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0]}): fix downstream entry {d.name}'s dataset") from None
+    ds = build_dataset(dc, ctx.settings.paths)
+    data = downstream_data(ctx, d, ds)
+    for k in ("train", "eval"):
+        check_dense_split(data[k], ds.info.task)
+    dense_model(copy.deepcopy(student).cpu(), d, ds.info)
+    return data
 
 
 def check_downstream_dataset(d, loader=None) -> None:
@@ -142,9 +211,11 @@ def check_downstream_dataset(d, loader=None) -> None:
 
 
 def check_downstream_splits(ctx: Context, cfg: DictConfig) -> None:
-    """Every downstream entry's splits exist, and every other dataset resolves and has its folders (run right
-    after setup, before the distillation)."""
+    """Every classification downstream entry's splits exist, and every other dataset resolves and has its folders
+    (run right after setup, before the distillation; dense entries: `check_dense_entry`)."""
     for d in cfg.downstream:
+        if entry_task(d) != "classification":
+            continue
         if d.get("dataset"):
             check_downstream_dataset(d, ctx.settings.loader)
             continue  # its splits: checked when it is built
@@ -225,10 +296,11 @@ def distill(ctx: Context, cfg: DictConfig, teacher: ModelRef, student: ModelRef,
 
 
 # ------------------------------------------------------------------------------------------------ fine-tuning
-def downstream_data(ctx: Context, d) -> dict:
-    """A downstream entry's dataset (the run's own, or `d.dataset` built with the same paths) and splits."""
-    ds = ctx.ds
-    if d.get("dataset"):
+def downstream_data(ctx: Context, d, ds=None) -> dict:
+    """A downstream entry's dataset (`ds`; else the run's own, or `d.dataset` built with the same paths) and
+    splits."""
+    ds = ds or ctx.ds
+    if d.get("dataset") and ds is ctx.ds:
         ds = build_dataset(downstream_dataset_cfg(d), ctx.settings.paths)
     sub = OmegaConf.create({"fraction": d.get("fraction"), "per_class": d.get("per_class"),
                             "seed": int(d.get("seed") or 0)})
@@ -258,7 +330,65 @@ def finetune(ctx: Context, cfg: DictConfig, init: torch.nn.Module, data: dict, n
             "eval_size": len(data["eval"])}
 
 
+DENSE_METHODS = {"segmentation": Segmentation, "detection": Detection}
+
+
+def dense_evaluator(ctx: Context, loader, task: str, num_classes: int, amp: str):
+    """evaluate(model) -> {'eval/<metric>': %}: one pass of `collect` whose callback adds each batch to the
+    task's metric state (mIoU confusion matrix / COCO AP), keeping no predictions."""
+    cls = DENSE_METHODS[task]
+
+    def evaluate(m) -> Dict[str, float]:
+        state, was = cls.metric(num_classes), m.training
+        m.eval()
+        try:
+            collect(lambda b: cls.update(m, b, state), loader, amp=amp, device=ctx.device)
+        finally:
+            m.train(was)
+        r = state.compute()
+        return {f"eval/{k}": float(r[k]) for k in TASK_METRICS[task]}
+
+    return evaluate
+
+
+def finetune_dense(ctx: Context, cfg: DictConfig, d, init: torch.nn.Module, data: dict, name: str,
+                   tracker) -> dict:
+    """Full fine-tuning of a copy of `init` as the backbone of the entry's segmentation / detection model
+    (torchvision head or detector, checked to carry the init's weights); returns the last-epoch metrics."""
+    ft = {g: finetune_cfg(cfg, g, d) for g in FINETUNE_GROUPS}
+    info = data["ds"].info
+    torch.manual_seed(cfg.trainer.seed)
+    model = dense_model(copy.deepcopy(init), d, info)
+    method = DENSE_METHODS[info.task](model).to(ctx.device)
+    cl = bool(ft["trainer"].channels_last)
+    loader = build_dense_loader(ft["loader"], data["train"], info.task, train=True, seed=ctx.settings.seed,
+                                device=ctx.device, rank=ctx.rank, world_size=ctx.world_size, channels_last=cl)
+    eval_loader = build_dense_loader(ft["loader"], data["eval"], info.task, train=False, device=ctx.device,
+                                     channels_last=cl)
+    evaluate = dense_evaluator(ctx, eval_loader, info.task, info.num_classes, ft["trainer"].amp)
+    trainer = ctx.trainer(method, loader, evaluate, name, tracker=tracker, trainer_cfg=ft["trainer"],
+                          optimizer_cfg=ft["optimizer"], scheduler_cfg=ft["scheduler"])
+    last = trainer.fit() or evaluate(model)
+    return {**{k: last[f"eval/{k}"] for k in TASK_METRICS[info.task]}, "steps": trainer.total_steps,
+            "train_size": len(data["train"]), "eval_size": len(data["eval"])}
+
+
 # --------------------------------------------------------------------------------------------------- the run
+METRIC_NAMES = {"acc": "acc %", "miou": "mIoU %", "pixel_acc": "pixel acc %", "map": "mAP %", "ap50": "AP50 %"}
+
+
+def print_dense_rows(s: dict) -> None:
+    """One row per metric of each dense downstream (kdep - scratch on the task's first metric)."""
+    inits = s["inits"]
+    for name, r in s["downstream"].items():
+        if "task" not in r:
+            continue
+        for k, m in enumerate(TASK_METRICS[r["task"]]):
+            delta = r.get("delta_vs_scratch") if k == 0 else None
+            print(f"{name + ' ' + METRIC_NAMES[m]:<30}" + "".join(f"{r[f'{i}/{m}']:>12.2f}" for i in inits) +
+                  (f"{delta:>+14.2f}" if delta is not None else f"{'':>14}"))
+
+
 def print_table(s: dict, run_dir) -> None:
     print(f"\nKDEP: {s['teacher']} ({s['d_teacher']}-d pre-ReLU) -> {s['student']} ({s['d_student']}-d), "
           f"distillation loss {s['distill_loss_start']:.4f} -> {s['distill_loss_end']:.4f} "
@@ -266,34 +396,52 @@ def print_table(s: dict, run_dir) -> None:
     inits = s["inits"]
     print(f"{'downstream (last epoch acc %)':<30}" + "".join(f"{i:>12}" for i in inits) + f"{'kdep-scratch':>14}")
     for name, r in s["downstream"].items():
+        if "task" in r:
+            continue
         delta = r.get("delta_vs_scratch")
         print(f"{name:<30}" + "".join(f"{r[i]:>12.2f}" for i in inits) +
               (f"{delta:>+14.2f}" if delta is not None else f"{'':>14}"))
+    print_dense_rows(s)
     print(f"basis: {s['basis']}\noutputs: {run_dir} (summary.json, metrics.jsonl, stages/, checkpoints/)")
 
 
-def finetune_all(ctx: Context, cfg: DictConfig, stages: Stages, inits: Dict[str, torch.nn.Module]
-                 ) -> Dict[str, dict]:
+def downstream_row(task: str, res: Dict[str, dict]) -> dict:
+    """One downstream's summary: per init its main metric (classification: acc; segmentation: mIoU; detection:
+    mAP) under the init's name, and for a dense task every metric as `<init>/<metric>` plus the task; KDEP's
+    difference to each baseline on the main metric."""
+    main = TASK_METRICS[task][0]
+    r = {k: v[main] for k, v in res.items()}
+    if task != "classification":
+        r.update({f"{k}/{m}": v[m] for k, v in res.items() for m in TASK_METRICS[task]})
+    for base in ("scratch", "supervised"):
+        if base in res:
+            r[f"delta_vs_{base}"] = r["kdep"] - r[base]
+    r["train_size"] = res["kdep"]["train_size"]
+    if task != "classification":
+        r.update(task=task, metric=main)
+    return r
+
+
+def finetune_all(ctx: Context, cfg: DictConfig, stages: Stages, inits: Dict[str, torch.nn.Module],
+                 dense: Dict[str, dict]) -> Dict[str, dict]:
     """Every downstream entry fine-tuned from every initialisation (one stage each, `finetune_<name>_<init>`);
-    returns per downstream the last-epoch accuracy of each init and KDEP's difference to the baselines."""
+    returns per downstream the last-epoch metrics of each init and KDEP's difference to the baselines. `dense`:
+    the dense entries' data, built by the checks before stage 1."""
     downstream: Dict[str, dict] = {}
     for d in cfg.downstream:
-        data, res = None, {}
+        data, res, task = dense.get(str(d.name)), {}, entry_task(d)
         for init_name, init in inits.items():
             sname = f"finetune_{d.name}_{init_name}"
 
             def train(tracker, init=init, sname=sname):
                 nonlocal data
                 data = data or downstream_data(ctx, d)  # built once per entry, only when a stage runs
+                if task != "classification":
+                    return None, finetune_dense(ctx, cfg, d, init, data, sname, tracker)
                 return None, finetune(ctx, cfg, init, data, sname, tracker)
 
             res[init_name] = stages.run(sname, train)[1]
-        r = {k: v["acc"] for k, v in res.items()}
-        for base in ("scratch", "supervised"):
-            if base in r:
-                r[f"delta_vs_{base}"] = r["kdep"] - r[base]
-        r["train_size"] = res["kdep"]["train_size"]
-        downstream[str(d.name)] = r
+        downstream[str(d.name)] = downstream_row(task, res)
     return downstream
 
 
@@ -304,6 +452,8 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
         teacher.model.to(ctx.device)
         student = resolve_model(cfg.student, ctx, "student")
         student.model.to(ctx.device)
+        dense = {str(d.name): check_dense_entry(ctx, d, student.model) for d in cfg.downstream
+                 if entry_task(d) != "classification"}  # before stage 1, on the student the stages fine-tune
         scratch = copy.deepcopy(student.model)  # the same random init, for the `scratch` baseline
         stages = Stages(ctx)
         distilled, drow, _ = stages.run("distill", lambda tracker: (student.model, distill(ctx, cfg, teacher,
@@ -315,7 +465,7 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
             inits["scratch"] = scratch
         if "supervised" in cfg.baselines:
             inits["supervised"] = resolve_model(cfg.supervised, ctx, "supervised").model.to(ctx.device)
-        downstream = finetune_all(ctx, cfg, stages, inits)
+        downstream = finetune_all(ctx, cfg, stages, inits, dense)
         summary = {
             "status": "ok", "teacher": teacher.name, "student": student.name, "dataset": ctx.info.name,
             "selection": "last epoch", "inits": list(inits),
