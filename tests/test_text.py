@@ -223,3 +223,20 @@ def test_hf_models_load_from_a_folder_and_a_missing_name_is_one_line(rt, tmp_pat
     with pytest.raises(UserError, match="'prajjwal1/bert-small' is not in the HF cache .*empty_cache"):
         create_model("hf:prajjwal1/bert-small", TextInputs(2))
     assert time.time() - t < 5
+
+
+def test_the_aft_nlp_gpu_preset_composes():
+    """config/aft/rotten_tomatoes_bert.yaml: the paper's NLP recipe (composition only: no LM weights here)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    cfg = compose("aft/rotten_tomatoes_bert")
+    assert cfg.dataset.name == "rotten_tomatoes" and cfg.zoo.name == "rotten_tomatoes"
+    assert cfg.student == "hf:prajjwal1/bert-small" and list(cfg.features) == ["hf:gpt2"]
+    assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.trainer.max_steps, cfg.loader.batch_size) == \
+        ("adam", 1e-4, 5000, 128)
+    res = subprocess.run([sys.executable, "main_aft.py", "--config-name", "aft/rotten_tomatoes_bert.yaml", "--cfg",
+                          "job"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "student: hf:prajjwal1/bert-small" in res.stdout, res.stderr[-2000:]

@@ -140,3 +140,24 @@ def test_an_image_model_on_text_and_a_text_model_on_images_are_one_line(text_zoo
     cfg = compose("transfer/transfer", [*paths, f"teacher={folder / 'lstm'}", "student=resnet8"])
     with pytest.raises(UserError, match="is a text model \\(lstm\\) but the dataset is image"):
         transfer.run(cfg, run_dir=tmp_path / "b")
+
+
+@pytest.mark.trained
+def test_aft_on_text_caches_the_feature_models_features_and_reads_them_back(text_zoo, tmp_path):
+    """main_aft.py on rotten_tomatoes: a text downstream model (the lstm) learns from a text "foundation" model's
+    pooled features (bert_tiny), cached by the shared output cache on the training split; a second run reads the
+    same table back instead of recomputing it, and lands on the same weights."""
+    from src.experiments import aft
+
+    paths, _ = text_zoo
+    args = ["dataset=rotten_tomatoes", "student=lstm", "features=[bert_tiny]", "trainer.max_steps=30",
+            "trainer.eval_every_steps=30", *paths]
+    first = aft.run(compose("aft/aft", args), run_dir=tmp_path / "a")
+    assert first["feature_dims"] == [32] and first["train_split"] == "transfer"  # bert_tiny: hidden 32
+    cached = [Path(p) for p in first["feature_cache"]]
+    assert cached and all(p.is_file() for p in cached)
+    stamp = [p.stat().st_mtime_ns for p in cached]
+    second = aft.run(compose("aft/aft", args), run_dir=tmp_path / "b")
+    assert [p.stat().st_mtime_ns for p in cached] == stamp  # read back, not rewritten
+    assert second["student_acc_after"] == first["student_acc_after"]
+    assert 50 < first["student_acc_after"] <= 100 and first["method_choice"] == "aft"
