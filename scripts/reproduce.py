@@ -9,6 +9,7 @@ two lanes of one thread each; each lane's log is under <out>/logs/.
     python scripts/reproduce.py                     # 26.5 minutes on 2 quiet cores (REPORT.md states the measured time)
     python scripts/reproduce.py --seeds 0 1 --lanes 1 --out /tmp/rep     # smaller
     python scripts/reproduce.py --report-only       # rebuild REPORT.md from the runs already there
+    python scripts/reproduce.py --suite text        # the text rows: results/rotten_tomatoes/REPORT.md
 """
 from __future__ import annotations
 
@@ -37,8 +38,32 @@ BASELINE_PAIRS = ("mlp_small", ["resnet20", "resnet8"])
 MT_TEACHERS, MT_STUDENT = ["mlp_small", "lenet", "resnet8"], "mlp_wide"  # a student with room to gain
 
 
-def jobs(seeds, grid_methods, baselines=BASELINES):
+# the text suite (`--suite text`, results/rotten_tomatoes/): the text zoo, KL / KL+DP from the weaker LSTM into a
+# small BERT, and AFT with a larger BERT's features into the LSTM against STL / KD / B-Tuning
+TEXT = {"dataset": "rotten_tomatoes", "teacher": "lstm", "student": "bert_tiny", "aft_student": "lstm",
+        "features": "bert_mini"}
+SUITES = {"digits": "digits", "text": TEXT["dataset"]}  # suite -> the dataset it reports on (results/<dataset>/)
+
+
+def text_jobs(seeds):
+    """The text suite's jobs: one zoo draw per seed, then transfer and AFT multiruns."""
+    d = f"dataset={TEXT['dataset']}"
+    zoo = [(f"zoo_text_s{k}", "main_pretrain.py", [d, f"zoo.seed={k}", "skip_existing=true"]) for k in seeds]
+    rest = []
+    for k in seeds:
+        s = [d, f"zoo.seed={k}", f"trainer.seed={k}"]
+        rest.append((f"transfer_text_s{k}", "main_transfer.py",
+                     [f"teacher={TEXT['teacher']}", f"student={TEXT['student']}", "method=kl,kl_dp,kl_dp_u", *s]))
+        rest.append((f"aft_text_s{k}", "main_aft.py", [f"student={TEXT['aft_student']}",
+                                                       f"features=[{TEXT['features']}]",
+                                                       "method=aft,aft_init,aft_kd,aft_btune", *s]))
+    return zoo, rest
+
+
+def jobs(seeds, grid_methods, baselines=BASELINES, suite: str = "digits"):
     """(name, script, overrides) per job; the zoo draws first (phase 0), everything else after (phase 1)."""
+    if suite == "text":
+        return text_jobs(seeds)
     zoo = [(f"zoo_s{k}", "main_pretrain.py", [f"zoo.seed={k}", "skip_existing=true"]) for k in seeds]
     rest = []
     for k in seeds:
@@ -93,10 +118,10 @@ def run_job(job, out: Path, work: Path, python: str, progress: Progress = None) 
     return {"job": name, "rc": rc, "seconds": took, "log": str(log)}
 
 
-def run_all(out: Path, seeds, lanes: int, grid_methods, baselines) -> dict:
+def run_all(out: Path, seeds, lanes: int, grid_methods, baselines, suite: str = "digits") -> dict:
     work = out / "work"
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    zoo, rest = jobs(seeds, grid_methods, baselines)
+    zoo, rest = jobs(seeds, grid_methods, baselines, suite)
     # the biggest jobs first, so the lanes end together
     rest.sort(key=lambda j: 0 if j[0].startswith("transfer_grid") else 1)
     t0, started = time.time(), time.strftime("%Y-%m-%d %H:%M")
@@ -129,7 +154,9 @@ def machine() -> str:
 
 def parser() -> ArgumentParser:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=ROOT / "results" / "digits")
+    ap.add_argument("--suite", choices=sorted(SUITES), default="digits",
+                    help="digits: every family's claims; text: the text zoo, KL / KL+DP and AFT on rotten_tomatoes")
+    ap.add_argument("--out", type=Path, default=None, help="default: results/<the suite's dataset>")
     ap.add_argument("--seeds", type=non_negative_int(0), nargs="+", default=[0, 1, 2])
     ap.add_argument("--lanes", type=int, default=2, help="jobs run at once (one thread each)")
     ap.add_argument("--methods", nargs="+", default=GRID_METHODS, help="transfer methods of the zoo grid")
@@ -193,19 +220,20 @@ def start_over(out: Path, keep: bool) -> None:
 @run_script
 def main(argv=None):
     a = parser().parse_args(argv)
+    a.out = a.out if a.out is not None else ROOT / "results" / SUITES[a.suite]
     check_args(a)
     from src.tracking import reproduce_report as rr
 
     timing_path = a.out / "timing.json"
     if not a.report_only:
         start_over(a.out, a.keep)
-        timing = run_all(a.out, a.seeds, a.lanes, a.methods, a.baselines)
+        timing = run_all(a.out, a.seeds, a.lanes, a.methods, a.baselines, a.suite)
         a.out.mkdir(parents=True, exist_ok=True)
         timing_path.write_text(json.dumps(timing, indent=1))
     if not (a.out / "runs").is_dir():
         raise UserError(f"{a.out / 'runs'} holds no runs: run `python scripts/reproduce.py` first")
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else None
-    report = rr.build(a.out, timing)
+    report = rr.build(a.out, timing, SUITES[a.suite])
     print(report.read_text())
     print(f"report: {report}")
     failed = [j["job"] for j in (timing or {}).get("jobs", []) if j["rc"] != 0]

@@ -13,11 +13,17 @@ FAMILY_CONFIG = {"main_pretrain.py": "pretrain/pretrain", "main_transfer.py": "t
                  "main_aft.py": "aft/aft", "main_kdep.py": "kdep/kdep", "main_zeroshot.py": "zeroshot/zeroshot"}
 
 
-def test_every_job_composes_for_every_value_of_its_sweep():
+@pytest.mark.parametrize("suite", ["digits", "text"])
+def test_every_job_composes_for_every_value_of_its_sweep(suite):
     rep = load_script("reproduce")
-    zoo, rest = rep.jobs([0, 2], rep.GRID_METHODS)
-    assert [j[0] for j in zoo] == ["zoo_s0", "zoo_s2"]
-    assert {j[1] for j in rest} == set(FAMILY_CONFIG) - {"main_pretrain.py"}
+    zoo, rest = rep.jobs([0, 2], rep.GRID_METHODS, suite=suite)
+    if suite == "digits":
+        assert [j[0] for j in zoo] == ["zoo_s0", "zoo_s2"]
+        assert {j[1] for j in rest} == set(FAMILY_CONFIG) - {"main_pretrain.py"}
+    else:
+        assert [j[0] for j in zoo] == ["zoo_text_s0", "zoo_text_s2"]
+        assert {j[1] for j in rest} == {"main_transfer.py", "main_aft.py"}
+        assert all("dataset=rotten_tomatoes" in j[2] for j in zoo + rest)
     for name, script, overrides in zoo + rest:
         sweeps = [o.split("=", 1) for o in overrides if "," in o.split("=", 1)[1] and "[" not in o]
         fixed = [o for o in overrides if o.split("=", 1) not in sweeps]

@@ -209,8 +209,9 @@ def commit() -> str:
         return "unknown"
 
 
-def build(out_dir, timing: Optional[dict] = None) -> Path:
-    """Write <out>/REPORT.md (claims, then every family's table), <out>/tables/*.csv and <out>/figures/."""
+def build(out_dir, timing: Optional[dict] = None, dataset: str = "digits") -> Path:
+    """Write <out>/REPORT.md (claims, then every family's table), <out>/tables/*.csv and <out>/figures/; `dataset`
+    names the suite's data in the titles (digits, rotten_tomatoes)."""
     out = Path(out_dir)
     runs, problems = agg.load_runs([out / "runs"])
     fam = defaultdict(list)
@@ -220,16 +221,17 @@ def build(out_dir, timing: Optional[dict] = None) -> Path:
               + multi_teacher_claims(fam["multi_teacher"], fam["transfer"]) + aft_claims(fam["aft"])
               + kdep_claims(fam["kdep"]) + zeroshot_claims(fam["zeroshot"]))
     tables = agg.aggregate(runs)
-    agg.write(tables, problems, out / "tables", runs, title="Digits reproduction: all tables")
+    title = dataset[:1].upper() + dataset[1:]
+    agg.write(tables, problems, out / "tables", runs, title=f"{title} reproduction: all tables")
     seeds = sorted({agg.replicate(r) for r in runs if r["family"] != "pretrain"})
-    md = ["# Digits reproduction report\n\n",
+    md = [f"# {title} reproduction report\n\n",
           f"Written by `make reproduce` (scripts/reproduce.py): runs of commit {(timing or {}).get('commit', '?')} "
           f"started {(timing or {}).get('started', '?')}, report built at commit {commit()} on "
           f"{time.strftime('%Y-%m-%d')}. Machine: {(timing or {}).get('machine', 'not recorded')}. "
           f"Wall time: {(timing or {}).get('seconds', float('nan')) / 60:.1f} min with "
           f"{(timing or {}).get('lanes', '?')} lanes. {len(runs)} runs over {len(seeds)} seeds ({', '.join(seeds)}: "
-          "zoo draw z, trainer seed s); values are mean ± std over seeds [95% CI half-width]. One test image of "
-          "digits is 0.28 points.\n\n",
+          "zoo draw z, trainer seed s); values are mean ± std over seeds [95% CI half-width]. "
+          + ("One test image of digits is 0.28 points.\n\n" if dataset == "digits" else "\n\n"),
           "## Claims\n\n", agg.markdown(claims), "\n",
           "Paper numbers: Fantastic Gains (ICLR'24; its public leaderboard for the method comparison), AFT (Qiu et "
           "al.), KDEP (CVPR'22), Zero-shot KT (NeurIPS'19), with the papers' models and data. Digits is a toy: "
