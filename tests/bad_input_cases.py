@@ -381,3 +381,12 @@ CASES += [
                                                             "main_kdep.py takes method=kdep"]),
     C("aft-method-of-transfer", "aft", ["method=crd"], ["method=crd (CRD)", "main_transfer.py", "aft_btune"]),
 ]
+
+# ---- hub weights that cannot be had offline: known before any work (issue 27.2: KDEP's `supervised` was first
+# looked up after the distillation) ----
+CASES += [
+    C("kdep-supervised-hub-weights-offline", "kdep", ["supervised=resnet18.tv_in1k"],
+      ["timm model 'resnet18.tv_in1k' (supervised)", "not in the HF cache", "resnet18.tv_in1k@/path/to/weights"]),
+    C("transfer-teacher-hub-weights-offline", "transfer", ["teacher=resnet18"],
+      ["timm model 'resnet18' (teacher)", "not in the HF cache", "huggingface-cli download timm/resnet18.a1_in1k"]),
+]

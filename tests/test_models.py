@@ -428,8 +428,11 @@ def test_model_spec_parse_is_pure(tmp_path, monkeypatch):
         ModelSpec.parse(s)
 
 
-def test_model_spec_check_accepts_valid_specs(tmp_path):
+def test_model_spec_check_accepts_valid_specs(tmp_path, monkeypatch):
+    import src.models.hub as hub
     from src.models import ModelSpec
+
+    monkeypatch.setattr(hub, "offline", lambda: False)  # `resnet18` is valid where the hub is reachable
 
     f = tmp_path / "w.safetensors"
     f.write_bytes(b"")
@@ -478,10 +481,13 @@ def test_model_spec_check_messages(tmp_path):
     assert str(e.value).startswith("model 'mlp' has no argument hiden (closest: hidden) (teacher.kwargs.hiden)")
 
 
-def test_model_spec_check_matches_check_model_spec(tmp_path):
+def test_model_spec_check_matches_check_model_spec(tmp_path, monkeypatch):
     """ModelSpec.check raises today's check_model_spec messages word for word."""
     from omegaconf import OmegaConf
 
+    import src.models.hub as hub
+
+    monkeypatch.setattr(hub, "offline", lambda: False)  # `resnet18` below: where the hub is reachable
     from src.experiments.preflight import check_model_spec
     from src.models import ModelSpec
 

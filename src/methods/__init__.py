@@ -8,6 +8,7 @@ from .multi import (EnsembleTeacher, MultiKLDP, mean_softmax_logits, multi_route
 from .gan import GANTraining  # noqa: F401
 from .aft import AFT, BTuning, FeatureKD, FeatureTable  # noqa: F401
 from .kdep import KDEP  # noqa: F401
+from .dense import Detection, Segmentation  # noqa: F401  (KDEP's dense fine-tuning tasks)
 from .zeroshot import KDAT, ZeroShot  # noqa: F401
 from .targets import canonical_target, same_target  # noqa: F401
 from .build import (build_method, check_method_node, check_modality, method_choice, method_class,  # noqa: F401

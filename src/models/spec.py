@@ -115,11 +115,15 @@ class ModelSpec:
         an unknown name."""
         if self.kind in ("zoo", "path", "hf"):  # hf: whether the cache holds it is known when it loads (one line)
             return
+        from .hub import check_timm_weights
+
         if self.kind == "node":
             if self.arch is not None:
                 from .factory import check_kwargs
 
                 check_kwargs(self.arch, self.node["kwargs"], f"{role}.kwargs")
+                if self.node.get("pretrained") and not self.node.get("checkpoint"):
+                    check_timm_weights(self.arch, role)  # offline hub weights: known now, not after stage 1
             return
         import timm
 
@@ -136,6 +140,7 @@ class ModelSpec:
                 raise UserError(f"weights file {self.path} (from {role}={self.text}) does not exist: check the path")
             return
         if timm.is_model(self.text):
+            check_timm_weights(self.text, role)  # e.g. KDEP's `supervised`, first loaded after the distillation
             return
         names = [str(n) for n in zoo_names] or list(self.zoo_names)
         raise UserError(f"unknown {role} '{self.text}'{closest(self.text, names + timm.list_models())}: use a zoo "
