@@ -148,3 +148,15 @@ def test_an_offline_wandb_run_says_its_name_and_the_sync_command(tmp_path, caplo
     assert line.startswith("wandb offline run 'transfer a->b s0' in ") and "`wandb sync " in line
     synced = line.split("`wandb sync ")[1].rstrip("`")
     assert synced.startswith(str(tmp_path / "wandb" / "offline-run-")) and Path(synced).is_dir()
+
+
+def test_the_output_cache_says_what_it_saved_in_one_line(tmp_path):
+    """Issue 26.10: each cache hit / write is a DEBUG line; the run ends with one INFO line of counts."""
+    from src.engine.cache import OutputCache
+
+    c = OutputCache(tmp_path / "outputs")
+    c.hits, c.computed = 3, 2
+    assert c.summary() == f"output cache: 3 read back, 2 computed ({tmp_path / 'outputs'})"
+    c.rejected, c.unstored = 1, 2
+    assert c.summary().endswith(f"2 computed, 1 invalid entries recomputed, 2 not stored ({tmp_path / 'outputs'})")
+    assert OutputCache(tmp_path, enabled=False).summary() == "output cache: 0 read back, 0 computed (disabled)"

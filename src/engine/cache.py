@@ -46,6 +46,13 @@ class OutputCache:
         self.rejected = 0  # invalid entries deleted and recomputed
         self.unstored = 0  # entries computed but not stored (the cache folder could not take them)
 
+    def summary(self) -> str:
+        """One INFO line for the end of a run (each hit and write is a DEBUG line): what the cache saved."""
+        extra = "".join(f", {n} {what}" for n, what in ((self.rejected, "invalid entries recomputed"),
+                                                        (self.unstored, "not stored")) if n)
+        return (f"output cache: {self.hits} read back, {self.computed} computed{extra} "
+                f"({self.root if self.enabled else 'disabled'})")
+
     @staticmethod
     def _read(p: Path, model, split, features: bool):
         """(outputs, None) for a valid entry; (None, reason) for an invalid one; (None, '') for a valid entry

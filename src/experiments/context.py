@@ -303,5 +303,7 @@ def run_context(cfg: DictConfig, run_dir=None, job_type: str = "train", validate
     try:
         yield ctx
     finally:
+        if ctx.rank == 0 and (ctx.cache.hits or ctx.cache.computed):
+            log.info(ctx.cache.summary())
         if ctx.tracker is not None:
             ctx.tracker.finish()
