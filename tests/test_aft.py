@@ -294,7 +294,7 @@ def test_feature_models_are_headless_and_hub_failures_of_a_node_are_one_line(tmp
         raise AssertionError("a test tried to open a network connection")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
-    with pytest.raises(UserError, match=r"could not load pretrained weights for timm model 'resnet18' \(features\[1\]") \
-            as e:
+    with pytest.raises(UserError, match=r"timm model 'resnet18' \(features\[1\]\): its hub weights "
+                                        r"\(timm/resnet18.a1_in1k\) are not in the HF cache") as e:
         resolve_model({"arch": "resnet18", "pretrained": True, "name": "hub"}, ctx, "features[1]")
     assert "\n" not in str(e.value) and not isinstance(e.value.__cause__, AssertionError)  # offline: no connection
