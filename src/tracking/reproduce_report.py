@@ -234,7 +234,8 @@ def build(out_dir, timing: Optional[dict] = None, dataset: str = "digits") -> Pa
           + ("One test image of digits is 0.28 points.\n\n" if dataset == "digits" else "\n\n"),
           "## Claims\n\n", agg.markdown(claims), "\n",
           "Paper numbers: Fantastic Gains (ICLR'24; its public leaderboard for the method comparison), AFT (Qiu et "
-          "al.), KDEP (CVPR'22), Zero-shot KT (NeurIPS'19), with the papers' models and data. Digits is a toy: "
+          "al.), KDEP (CVPR'22), Zero-shot KT (NeurIPS'19), with the papers' models and data. "
+          f"{'Digits is' if dataset == 'digits' else 'This scale is'} a toy: "
           "a direction that does not reproduce here is a finding about this scale, not a test failure.\n"]
     for name, rows in tables.items():
         md += [f"\n## {name}\n\n", agg.markdown(rows)]
