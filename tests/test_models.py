@@ -526,3 +526,20 @@ def test_a_hub_shaped_dinov2_file_loads_headless_with_its_position_table_resampl
     with pytest.raises(UserError, match="missing from the checkpoint"):  # a classifier role still needs its head
         create_model("vit_small_patch14_dinov2", info, checkpoint=str(tmp_path / "dinov2.safetensors"),
                      kwargs={"img_size": 224})
+
+
+def test_arch_at_file_is_built_for_the_datas_resolution(tmp_path):
+    """#27.4: `features=[vit_small_patch14_dinov2@file]` carries no kwargs, so the preset's img_size: 224 was lost and
+    timm asserted inside the forward. A model that takes img_size is built for dataset.image_size; one that does not
+    (a CNN) is built as it is."""
+    import timm
+
+    torch.manual_seed(0)
+    sd = timm.create_model("vit_small_patch14_dinov2", num_classes=0, img_size=518).state_dict()
+    save_safetensors(sd, tmp_path / "dinov2.safetensors")
+    info = ImageInputs(100, 3, [0.5] * 3, [0.25] * 3, 224)
+    m = create_model("vit_small_patch14_dinov2", info, checkpoint=str(tmp_path / "dinov2.safetensors"), headless=True)
+    assert m.features(torch.rand(2, 3, 224, 224)).shape == (2, 384)
+    assert tuple(m.net.patch_embed.img_size) == (224, 224)
+    cnn = create_model("resnet18", ImageInputs(10, 3, [0.5] * 3, [0.25] * 3, 64))
+    assert cnn(torch.rand(2, 3, 64, 64)).shape == (2, 10)

@@ -208,10 +208,7 @@ def image_model(arch: str, info: ModelInputs, pretrained: bool = False, checkpoi
         kwargs.setdefault("img_size", img_size)
     if pretrained:
         check_timm_weights(arch)  # offline and not cached: one line now, not after 30 s of hub retries
-    try:
-        net = timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
-    except TypeError as e:
-        raise UserError(f"model '{arch}' does not accept kwargs {sorted(kwargs)}: {e}") from e
+    net = _build_timm(arch, pretrained, num_classes, in_chans, kwargs, img_size)
     if pretrained:
         cfg = getattr(net, "pretrained_cfg", {}) or {}
         if cfg.get("mean") is not None:
@@ -241,6 +238,37 @@ def text_model(arch: str, info: ModelInputs, pretrained: bool = False, checkpoin
     if checkpoint:
         load_weights(model, checkpoint_state(model, str(checkpoint), headless), str(checkpoint), reinit_head)
     return model
+
+
+def _native_size(arch: str) -> Optional[int]:
+    import timm
+
+    try:
+        return int(timm.models.get_pretrained_cfg(arch).input_size[-1])
+    except Exception:  # no pretrained config (ours, or a name without one)
+        return None
+
+
+def _build_timm(arch: str, pretrained: bool, num_classes: int, in_chans: int, kwargs: dict, img_size) -> nn.Module:
+    """timm.create_model; a model built for another resolution than the data's (DINOv2's 518 px for 224 px images,
+    given as `arch@file`, which carries no kwargs) is built for the data's `image_size` when it takes `img_size`
+    (ViTs: a fixed position table; timm otherwise asserts inside the forward), with one log line; models that
+    take no `img_size` (CNNs) are built as they are."""
+    import timm
+
+    native = _native_size(arch) if arch not in nets.OUR_MODELS else None
+    if img_size and "img_size" not in kwargs and native and native != int(img_size):
+        try:
+            net = timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
+                                    img_size=int(img_size), **kwargs)
+            log.info("built %s for %d px inputs (dataset.image_size; its default is %d px)", arch, img_size, native)
+            return net
+        except TypeError:
+            pass  # no img_size argument: built at its own resolution below
+    try:
+        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    except TypeError as e:
+        raise UserError(f"model '{arch}' does not accept kwargs {sorted(kwargs)}: {e}") from e
 
 
 # modality -> model class builder (a text model class adds its entry here)
