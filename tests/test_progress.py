@@ -160,3 +160,16 @@ def test_the_output_cache_says_what_it_saved_in_one_line(tmp_path):
     c.rejected, c.unstored = 1, 2
     assert c.summary().endswith(f"2 computed, 1 invalid entries recomputed, 2 not stored ({tmp_path / 'outputs'})")
     assert OutputCache(tmp_path, enabled=False).summary() == "output cache: 0 read back, 0 computed (disabled)"
+
+
+def test_a_closed_log_handler_left_by_an_earlier_run_is_skipped(tmp_path, capsys):
+    """An in-process run after another one finds the earlier run's closed FileHandler (stream None) on the root
+    logger: the table is still printed and kept, never an AttributeError at the end of a finished run."""
+    closed = logging.FileHandler(tmp_path / "old.log")
+    closed.close()
+    logging.getLogger().addHandler(closed)
+    try:
+        keep_tables(lambda: print("acc 1"), tmp_path / "results.md")
+    finally:
+        logging.getLogger().removeHandler(closed)
+    assert capsys.readouterr().out == "acc 1\n" and (tmp_path / "results.md").read_text() == "```\nacc 1\n```\n"

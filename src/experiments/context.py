@@ -99,13 +99,16 @@ def keep_tables(show: Callable[[], None], path: Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(f"```\n{text.strip(chr(10))}\n```\n")
     for h in logging.getLogger().handlers:  # the log file only: the console already showed it
-        if isinstance(h, logging.FileHandler):
-            h.acquire()
-            try:
-                h.stream.write(text if text.endswith("\n") else text + "\n")
-                h.flush()
-            finally:
-                h.release()
+        if not isinstance(h, logging.FileHandler) or getattr(h, "stream", None) is None:
+            continue  # a closed handler (an earlier in-process run's job log): nothing to copy into
+        h.acquire()
+        try:
+            h.stream.write(text if text.endswith("\n") else text + "\n")
+            h.flush()
+        except (OSError, ValueError):  # a log file that cannot take it: the copy in results.md is kept
+            pass
+        finally:
+            h.release()
 
 
 @dataclass
