@@ -49,14 +49,17 @@ def save(cfg, run_dir=None) -> dict:
 
 def _save(ctx, cfg, specs) -> dict:
     train, evaluation = splits(ctx, cfg)
-    result = {}
+    from src.tracking.console import columns
+
+    result, lines = {}, []
     for i, spec in enumerate(specs):
         ref = resolve_model(spec, ctx, f"features[{i}]")
         for split in (train, evaluation) if evaluation.name != train.name else (train,):
             out, path = feature_outputs(ctx, ref, split)
             result.setdefault(ref.name, {})[split.name] = str(path) if path is not None else None
-            print(f"{ref.name:<24}{split.name:<10}{tuple(out['features'].shape)!s:<14}{path}")
+            lines.append([ref.name, split.name, tuple(out["features"].shape), path])
         ref.model.cpu()
+    print("\n".join(columns(["model", "split", "features", "cache file"], lines)))
     if ctx.rank == 0:
         write_json(ctx.run_dir / "features.json", result)
         print(f"feature cache files listed in {ctx.run_dir / 'features.json'}")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import compose, deny_os_open, load_script
+from tests.conftest import ROOT, compose, deny_os_open, load_script
 
 # Unoptimised numba code compiles ~25% faster; these tests decode a few hundred tiny images, so speed is moot.
 # Set before ffcv imports numba (only FFCV uses numba in this suite).
@@ -232,6 +232,30 @@ def test_missing_beton_and_dir_are_user_errors(ffcv_env, tmp_path):
     cfg2 = compose("pretrain/pretrain", ["loader=ffcv", "loader.ffcv_dir=null"]).loader
     with pytest.raises(UserError, match="ffcv_dir"):
         build_loader(cfg2, split, train=False)
+
+
+def test_the_write_command_carries_the_runs_dataset_options(ffcv_env, tmp_path):
+    """Inside a Hydra run the missing-beton error's command names the run's paths.data= and dataset options and the
+    class count, so pasting it writes the samples the run reads (not the default dataset's)."""
+    from hydra import compose as hcompose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    data = tmp_path / "elsewhere"
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
+        run = hcompose("pretrain/pretrain", [f"paths.data={data}", "dataset.split_seed=3"], return_hydra_config=True)
+    HydraConfig.instance().set_config(run)
+    try:
+        with pytest.raises(UserError) as e:
+            build_loader(ffcv_env["digits_cfg"].loader, ffcv_env["digits"].split("val"), train=False)
+    finally:
+        HydraConfig.instance().cfg = None
+        GlobalHydra.instance().clear()
+    cmd = str(e.value).split("write it with `", 1)[1].split("`", 1)[0]
+    assert cmd.startswith("python scripts/write_ffcv.py dataset=digits ")
+    assert f"paths.data={data}" in cmd and "dataset.split_seed=3" in cmd and "dataset.num_classes=10" in cmd
+    assert cmd.endswith(f"--splits val --out-dir {ffcv_env['out']}")
 
 
 def test_stale_beton_is_a_user_error(ffcv_env):

@@ -264,3 +264,21 @@ def test_imagenet_preset_composes():
     assert len(names) >= 5 and all(top1[n] > 60 for n in names)
     used, pairs = select_pairs(cfg, names)
     assert len(pairs) == cfg.n_pairs and len(set(pairs)) == len(pairs)
+
+
+def test_the_pairs_table_fits_long_arch_at_file_names(capsys, tmp_path):
+    """`arch@/long/path/file` names widen their column instead of running into the next one."""
+    from src.experiments.flips import _print
+
+    long = f"resnet50@{tmp_path}/weights/resnet50.a1_in1k.safetensors"
+    rows = [{"teacher": long, "student": "resnet18@/w/r18.safetensors", "pos_flips_pct": 3.25, "neg_flips_pct": 1.5,
+             "acc_diff": -2.0, "agreement": 91.0},
+            {"teacher": "lenet", "student": long, "pos_flips_pct": 12.0, "neg_flips_pct": 0.25, "acc_diff": 2.0,
+             "agreement": 88.5}]
+    summary = {"n_models": 3, "n_pairs": 2, "evaluations": 3, "cache_hits": 0,
+               "pos_flips_pct": {"min": 3.25, "median": 7.6, "max": 12.0}}
+    _print(rows, summary, tmp_path)
+    head, *lines = capsys.readouterr().out.splitlines()[:3]
+    start = head.index("student")
+    assert start > len(long) and [ln[start:].split()[0] for ln in lines] == ["resnet18@/w/r18.safetensors", long]
+    assert [ln.split()[-4:] for ln in lines] == [["3.25", "1.50", "-2.00", "91.00"], ["12.00", "0.25", "2.00", "88.50"]]

@@ -43,7 +43,7 @@ import logging
 import os
 import zlib
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -78,7 +78,37 @@ def _keep_compiled() -> None:
 
     Compiler.compile = classmethod(compile)
     Compiler._kt_keeps_compiled = True
-WRITE_COMMAND = "python scripts/write_ffcv.py dataset={dataset} --splits {split} --out-dir {dir}"
+
+
+def _run_dataset_options(info) -> List[str]:
+    """The overrides of this Hydra run that choose or change the dataset `info` describes (`paths.data=...`,
+    `dataset=...`, `dataset.*=...`), so the write command rebuilds the same samples; `dataset=<name>
+    dataset.num_classes=<K>` outside Hydra or for a dataset that is not the run's own (KDEP's downstreams)."""
+    opts: List[str] = []
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            hc = HydraConfig.get()
+            own = hc.runtime.choices.get("dataset") == info.name
+            for o in hc.overrides.task:
+                key = o.lstrip("+~").split("=", 1)[0]
+                if key == "paths.data" or (own and (key == "dataset" or key.startswith("dataset."))):
+                    opts.append(o)
+    except Exception:  # pragma: no cover - a hint must never fail the error it belongs to
+        opts = []
+    if not any(o.lstrip("+~").startswith("dataset=") for o in opts):
+        opts.insert(0, f"dataset={info.name}")
+    if not any(o.lstrip("+~").startswith("dataset.num_classes=") for o in opts):
+        opts.append(f"dataset.num_classes={info.num_classes}")
+    return opts
+
+
+def write_command(info, split: str, folder) -> str:
+    """The scripts/write_ffcv.py command that writes split `split` of the dataset `info` into `folder`, with this
+    run's dataset options."""
+    return (f"python scripts/write_ffcv.py {' '.join(_run_dataset_options(info))} --splits {split} "
+            f"--out-dir {folder}")
 
 
 def _import_ffcv():
@@ -174,9 +204,8 @@ def check_beton(path, rewrite: str) -> None:
         raise UserError(f"FFCV file {path} is unusable, {why}: {rewrite}")
 
 
-def rewrite_hint(dataset: str, split: str, folder) -> str:
-    return (f"rewrite it with `{WRITE_COMMAND.format(dataset=dataset, split=split, dir=folder)} --overwrite` "
-            f"(plus the dataset options of this run, e.g. paths.data=...), or use loader=tensor/torch")
+def rewrite_hint(info, split: str, folder) -> str:
+    return f"rewrite it with `{write_command(info, split, folder)} --overwrite`, or use loader=tensor/torch"
 
 
 def read_beton_columns(path: Path, rewrite: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
@@ -418,9 +447,8 @@ class FFCVLoader:
         self.path = beton_path(cfg.ffcv_dir, info.name, split.name, info.source)
         if not self.path.is_file():
             raise UserError(
-                f"FFCV file {self.path} not found; write it with `"
-                f"{WRITE_COMMAND.format(dataset=info.name, split=split.name, dir=self.path.parent)}` "
-                f"(plus the dataset options of this run, e.g. paths.data=...), or use loader=tensor/torch")
+                f"FFCV file {self.path} not found; write it with `{write_command(info, split.name, self.path.parent)}`"
+                f", or use loader=tensor/torch")
         order_name = str(cfg.ffcv_order)
         if order_name not in ORDERS:
             raise UserError(f"loader.ffcv_order='{order_name}' is unknown: use {', '.join(ORDERS)}")
@@ -436,7 +464,7 @@ class FFCVLoader:
         self.channels, self.image_size = info.channels, info.image_size
 
         # rows of the beton that hold this split's samples (the split may be a subset of the written split)
-        rewrite = rewrite_hint(info.name, split.name, self.path.parent)
+        rewrite = rewrite_hint(info, split.name, self.path.parent)
         labels, ids = read_beton_columns(self.path, rewrite)
         self.indices = self._rows_for(split, labels, ids)
         # the page checksums of write_ffcv.py: header checks pass on a beton whose image pages were overwritten
@@ -504,7 +532,7 @@ class FFCVLoader:
         rows = order[pos]
         found = ids[rows] == want
         hint = (f"the beton was written from a different split or dataset config: rewrite it with "
-                f"`{WRITE_COMMAND.format(dataset=split.info.name, split=split.name, dir=self.path.parent)}`")
+                f"`{write_command(split.info, split.name, self.path.parent)} --overwrite`")
         if not found.all():
             missing = want[~found]
             raise UserError(f"{self.path} lacks {len(missing)} of the {len(want)} sample ids of split "

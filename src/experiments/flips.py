@@ -367,10 +367,12 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
 
 
 def _print(rows: List[dict], summary: dict, run_dir: Path) -> None:
-    print(f"{'teacher':<18}{'student':<18}{'pos %':>8}{'neg %':>8}{'acc diff':>10}{'agree %':>9}")
-    for r in rows[:40]:
-        print(f"{r['teacher']:<18}{r['student']:<18}{r['pos_flips_pct']:>8.2f}{r['neg_flips_pct']:>8.2f}"
-              f"{r['acc_diff']:>10.2f}{r['agreement']:>9.2f}")
+    from ..tracking.console import columns
+
+    print("\n".join(columns(["teacher", "student", "pos %", "neg %", "acc diff", "agree %"],
+                             [[r["teacher"], r["student"], f"{r['pos_flips_pct']:.2f}", f"{r['neg_flips_pct']:.2f}",
+                               f"{r['acc_diff']:.2f}", f"{r['agreement']:.2f}"] for r in rows[:40]],
+                             right=(2, 3, 4, 5))))
     if len(rows) > 40:
         print(f"... {len(rows) - 40} more pairs in pairs.csv")
     s = summary["pos_flips_pct"]
