@@ -164,6 +164,19 @@ class OutputDirCheck(_Callback):
         sweep_summary()
 
 
+# what a run dir holds before its run computes anything
+BOOKKEEPING = {".hydra", ".lock", "error.json", "preempted.json", ".submitit", "run_config.json"}
+
+
+def holds_work(out) -> bool:
+    """Whether the run dir holds anything a run computed (a checkpoint, metrics, a summary, a cache, a figure):
+    anything beyond Hydra's config, the job log, the lock and the failure markers."""
+    try:
+        return any(n not in BOOKKEEPING and not n.endswith(".log") for n in os.listdir(out))
+    except OSError:
+        return True
+
+
 def _mark(out, e: Exception, known: bool) -> None:
     """The failure marker in the job's dir (never touches an earlier summary.json): preempted.json or error.json.
     A busy run dir gets none: it belongs to the run that holds it."""
@@ -172,9 +185,11 @@ def _mark(out, e: Exception, known: bool) -> None:
     if out is None or isinstance(e, RunDirBusy):
         return
     status = "preempted" if isinstance(e, Preempted) else "failed" if known else "crashed"
+    record = {"status": status, "error": f"{type(e).__name__}: {e}"}
+    if status == "failed" and not holds_work(out):
+        record["refused"] = True  # stopped before it computed anything: the aggregator counts it, lists it not
     try:
-        write_json(f"{out}/preempted.json" if status == "preempted" else f"{out}/error.json",
-                   {"status": status, "error": f"{type(e).__name__}: {e}"})
+        write_json(f"{out}/preempted.json" if status == "preempted" else f"{out}/error.json", record)
         if status != "preempted" and os.path.isfile(f"{out}/preempted.json"):
             os.unlink(f"{out}/preempted.json")
     except (OSError, UserError):  # a full disk: the one line below says it

@@ -12,12 +12,13 @@ from conftest import load_script
 from src.tracking import aggregate as agg
 
 
-def _run(d, summary, error=None, hydra_method=None):
+def _run(d, summary, error=None, hydra_method=None, refused=False):
     d.mkdir(parents=True)
     if summary is not None:
         (d / "summary.json").write_text(summary if isinstance(summary, str) else json.dumps(summary))
     if error is not None:
-        (d / "error.json").write_text(json.dumps({"status": "failed", "error": error}))
+        (d / "error.json").write_text(json.dumps({"status": "failed", "error": error,
+                                                  **({"refused": True} if refused else {})}))
     if hydra_method:
         (d / ".hydra").mkdir()
         (d / ".hydra" / "config.yaml").write_text("trainer: {seed: 0}\n")
@@ -45,6 +46,7 @@ def sweep(tmp_path):
                  hydra_method="kl" if m == "KL" else "xekl")
             i += 1
     _run(root / "f", None, error="UserError: optimizer.lr=-1 must be > 0")
+    _run(root / "r", None, error="UserError: unknown teacher 'nosuch'", refused=True)  # validation: nothing computed
     _run(root / "k", None, hydra_method="kl")
     _run(root / "torn", '{"status": "ok", "transf')
     _run(root / "skip", {"status": "skipped", "reason": "teacher == student", "family": "transfer"})
@@ -57,7 +59,8 @@ def test_transfer_statistics_per_seed_then_over_seeds(sweep):
     runs, problems = agg.load_runs([sweep])
     assert len(runs) == 8
     status = sorted((p["status"], p["dir"].rsplit("/", 1)[1]) for p in problems)
-    assert status == [("failed", "f"), ("incomplete", "k"), ("incomplete", "torn"), ("skipped", "skip")]
+    assert status == [("failed", "f"), ("incomplete", "k"), ("incomplete", "torn"), ("refused", "r"),
+                      ("skipped", "skip")]
     assert "optimizer.lr=-1" in next(p for p in problems if p["status"] == "failed")["reason"]
     t = {r["method"]: r for r in agg.aggregate(runs)["transfer_methods"]}
     assert set(t) == {"kl", "xekl"}  # the config group names Hydra recorded
@@ -95,12 +98,13 @@ def test_cli_writes_markdown_csv_and_figure(sweep, tmp_path, capsys):
     out = tmp_path / "out"
     md = (out / "results.md").read_text()
     assert "## transfer_methods" in md and "75.00 ± 35.36" in md
-    assert "Failed, incomplete, invalid or duplicate runs (3; 1 skipped by design)" in md and "optimizer.lr=-1" in md
+    assert ("Failed, incomplete, invalid or duplicate runs (3; 1 skipped by design; 1 refused before computing "
+            "anything, not listed" in md) and "optimizer.lr=-1" in md and "nosuch" not in md
     rows = list(csv.DictReader(open(out / "transfer_methods.csv")))
     assert [r["method"] for r in rows] == ["kl", "xekl"] and float(rows[0]["success_rate_mean"]) == 75.0
     fig = out / "figures" / "transfer_delta_vs_gap.png"
     assert fig.is_file() and fig.stat().st_size > 1000
-    assert "8 runs, 4 failed / incomplete / skipped" in capsys.readouterr().out
+    assert "8 runs, 5 failed / incomplete / skipped" in capsys.readouterr().out
 
 
 def test_other_families(tmp_path):

@@ -114,7 +114,8 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
     assert res.returncode == 2, res.stderr[-2000:]
     assert "error:" in res.stderr and "Traceback" not in res.stderr
     assert str(tmp_path / "data" / "cifar10" / "cifar-10-batches-py") in res.stderr
-    assert json.loads((tmp_path / "run" / "error.json").read_text())["status"] == "failed"
+    err = json.loads((tmp_path / "run" / "error.json").read_text())
+    assert err["status"] == "failed" and err["refused"] is True  # refused before computing: aggregate lists it not
 
 
 def test_a_second_pretrain_skips_an_existing_entry_unless_asked(kt_paths, tmp_path, caplog):

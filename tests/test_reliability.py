@@ -500,6 +500,7 @@ def test_multirun_with_a_failing_job_keeps_the_others_and_finishes_every_wandb_r
     assert not (sweep / "1" / "summary.json").exists()
     err = json.loads((sweep / "1" / "error.json").read_text())
     assert err["status"] == "failed" and "does not fit this architecture" in err["error"]
+    assert "refused" not in err  # it had started (its wandb run): the aggregator lists it as failed
     assert "does not fit this architecture" in (sweep / "1" / "main_transfer.log").read_text()
     for job, code in (("0", 0), ("1", 1)):  # both wandb runs were finished, the failed one with its exit code
         runs = list((sweep / job / "wandb").glob("offline-run-*"))
@@ -774,4 +775,5 @@ def test_a_sweep_with_one_bad_value_prints_one_line_per_failed_job_and_a_summary
     assert err[1].startswith("error: 1 of 3 jobs failed (job 1;")
     for job in ("0", "2"):
         assert "models" in json.loads((sweep / job / "summary.json").read_text())
-    assert json.loads((sweep / "1" / "error.json").read_text())["status"] == "failed"
+    err = json.loads((sweep / "1" / "error.json").read_text())
+    assert err["status"] == "failed" and err["refused"] is True  # validation: nothing computed

@@ -99,6 +99,9 @@ def find_run_dirs(paths: Iterable) -> List[Path]:
     return out
 
 
+QUIET = ("skipped", "refused")  # problems counted, not listed: skipped by design, refused by validation
+
+
 def load_runs(paths: Iterable) -> Tuple[List[dict], List[dict]]:
     """(runs, problems). A run: {dir, family, cfg, summary, seed, zoo_seed}, status ok. A problem: {dir, family,
     status (failed | incomplete | skipped), reason}: a run with error.json, without summary.json (still running
@@ -112,7 +115,7 @@ def load_runs(paths: Iterable) -> Tuple[List[dict], List[dict]]:
         if summary is None:
             err, _ = _read_json(d / "error.json") if (d / "error.json").is_file() else (None, None)
             if err is not None:
-                problems.append({"dir": str(d), "family": fam, "status": "failed",
+                problems.append({"dir": str(d), "family": fam, "status": "refused" if err.get("refused") else "failed",
                                  "reason": str(err.get("message") or err.get("error") or err)[:200]})
             else:
                 problems.append({"dir": str(d), "family": fam, "status": "incomplete",
@@ -484,9 +487,11 @@ def write(tables: Dict[str, List[Row]], problems: List[dict], out_dir, runs: Lis
         md += [f"\n## {name}\n", markdown(rows)]
         if name in figures:
             md.append(f"\n![{name}](figures/{figures[name].name})\n")
-    bad = [p for p in problems if p["status"] != "skipped"]
-    md.append(f"\n## Failed, incomplete, invalid or duplicate runs ({len(bad)}; {len(problems) - len(bad)} skipped by "
-              f"design)\n")
+    bad = [p for p in problems if p["status"] not in QUIET]
+    refused = sum(p["status"] == "refused" for p in problems)
+    md.append(f"\n## Failed, incomplete, invalid or duplicate runs ({len(bad)}; "
+              f"{len(problems) - len(bad) - refused} skipped by design; {refused} refused before computing anything, "
+              f"not listed: their error.json says why)\n")
     md += [f"- {p['status']}: {p['dir']} ({p['family'] or 'unknown family'}): {p['reason']}\n" for p in bad] or \
         ["none\n"]
     (out / "results.md").write_text("".join(md))
