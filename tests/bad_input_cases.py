@@ -240,6 +240,10 @@ CASES += [
     # writes where they must not
     C("pretrain-save-as-escapes", "pretrain", [*M, "save_as=../../../../x"], ["save_as='../../../../x'", "plain name"]),
     C("pretrain-save-as-absolute", "pretrain", [*M, "save_as=/tmp/x"], ["save_as='/tmp/x'", "plain name"]),
+    C("pretrain-save-as-a-zoo-model", "pretrain", [*M, "save_as=lenet"], ["save_as=lenet", "would replace it",
+                                                                          "save_as=lenet_mine"]),
+    C("pretrain-save-as-the-gan", "pretrain", [*M, "save_as=gan"], ["save_as=gan", "zoo"]),
+    C("pretrain-save-as-a-zoo-draw", "pretrain", [*M, "save_as=zoo_seed2"], ["save_as=zoo_seed2", "another zoo draw"]),
     C("transfer-amp-unknown", "transfer", [T10, "trainer.amp=fp8"], ["trainer.amp='fp8'", "none, bf16, fp16"]),
     C("pretrain-unknown-model-kwarg", "pretrain", [*M, "+model.kwargs.bogus=1"], ["bogus", "model.kwargs", "hidden"]),
     C("pretrain-checkpoints-below-a-file", "pretrain", [*M, "paths.checkpoints={art}/afile/ck"],

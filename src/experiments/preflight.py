@@ -4,6 +4,7 @@ and the model names each role gives. Each failure is one UserError naming the va
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -259,6 +260,13 @@ def check_paths(cfg) -> None:
         if not n or n in (".", "..") or Path(n).name != n or "\\" in n:
             raise UserError(f"save_as='{n}' must be a plain name (the model goes to <paths.checkpoints>/<dataset>/"
                             f"<save_as>/): use e.g. save_as=my_mlp")
+        zoo = cfg.get("zoo") or {}
+        taken = [*(zoo.get("models") or {}), *(zoo.get("generators") or {})]
+        if n in taken or re.fullmatch(r"zoo_seed\d+", n):
+            what = "the folder of another zoo draw" if n not in taken else "a model of this dataset's zoo"
+            raise UserError(f"save_as={n} is {what} (<paths.checkpoints>/<dataset>/{n}/): saving there would "
+                            f"replace it; pick a name the zoo does not use, e.g. save_as={n}_mine (zoo: "
+                            f"{', '.join(taken)})")
     d = cfg.get("dataset")
     if cfg.get("order_split") is not None and d is not None and str(cfg.order_split) == str(d.get("test_split")):
         raise UserError(f"order_split={cfg.order_split} is the test split: ordering teachers by test accuracy leaks "
