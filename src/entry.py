@@ -20,8 +20,9 @@ import sys
 import traceback
 from contextlib import contextmanager
 
+from .cli import fail
 from .engine import preemption
-from .errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, Preempted, UserError, debug_enabled
+from .errors import PREEMPTED_EXIT_CODE, Preempted, UserError, debug_enabled
 from .help import maybe_print_help
 from .io_utils import as_user_error, write_json
 
@@ -83,9 +84,7 @@ def _check_dir(path, key: str) -> None:
     except OSError as e:
         if debug_enabled():
             raise
-        print(f"error: output dir {path} is not writable ({e.strerror or e}): set {key}=<a writable folder>",
-              file=sys.stderr)
-        sys.exit(USER_ERROR_EXIT_CODE)
+        fail(f"output dir {path} is not writable ({e.strerror or e}): set {key}=<a writable folder>")
 
 
 try:
@@ -107,8 +106,7 @@ def _lock_before_hydra_writes(path, key: str) -> None:
     except (RunDirBusy, UserError) as e:
         if debug_enabled():
             raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(USER_ERROR_EXIT_CODE)
+        fail(str(e))
 
 
 PLUGIN_LAUNCHERS = {"submitit_slurm": "slurm", "submitit_local": "local"}
@@ -123,11 +121,10 @@ def _check_launcher(config) -> None:
         return
     if choice in PLUGIN_LAUNCHERS:
         ours = PLUGIN_LAUNCHERS[choice]
-        print(f"error: hydra/launcher={choice} is the plugin's bare config (no requeue on preemption or timeout, no "
-              f"GPU, 60-minute limit): use hydra/launcher={ours} (config/hydra/launcher/{ours}.yaml, the same "
-              f"launcher with the suite's preemption and resource settings; its keys are overridable as "
-              f"hydra.launcher.*)", file=sys.stderr)
-        sys.exit(USER_ERROR_EXIT_CODE)
+        fail(f"hydra/launcher={choice} is the plugin's bare config (no requeue on preemption or timeout, no "
+             f"GPU, 60-minute limit): use hydra/launcher={ours} (config/hydra/launcher/{ours}.yaml, the same "
+             f"launcher with the suite's preemption and resource settings; its keys are overridable as "
+             f"hydra.launcher.*)")
 
 
 def _check_sweeper(sw) -> None:
@@ -138,9 +135,8 @@ def _check_sweeper(sw) -> None:
     for key in ("n_trials", "n_jobs"):
         v = sw.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            print(f"error: hydra.sweeper.{key}={v} must be an integer >= 1: use e.g. hydra.sweeper.{key}="
-                  f"{20 if key == 'n_trials' else 1}", file=sys.stderr)
-            sys.exit(USER_ERROR_EXIT_CODE)
+            fail(f"hydra.sweeper.{key}={v} must be an integer >= 1: use e.g. hydra.sweeper.{key}="
+                 f"{20 if key == 'n_trials' else 1}")
 
 
 class OutputDirCheck(_Callback):
@@ -242,8 +238,7 @@ def _one_line_composition_errors() -> None:
                 def again():
                     raise e
                 return original(again)
-            print(f"error: {line}", file=sys.stderr)
-            sys.exit(USER_ERROR_EXIT_CODE)
+            fail(line)
 
     run_and_report.kt_wrapped = True
     hu.run_and_report = run_and_report
@@ -287,11 +282,10 @@ def sweep_summary() -> None:
     if not SWEEP_FAILURES:
         return
     nums = ", ".join(str(n) for n, _, _ in SWEEP_FAILURES)
-    print(f"error: {len(SWEEP_FAILURES)} of {SWEEP_JOBS[0]} jobs failed (job {nums}; each has error.json in its "
-          f"dir); the other jobs finished and kept their summaries: fix the value named above and rerun those "
-          f"jobs", file=sys.stderr)
+    failed = len(SWEEP_FAILURES)
     SWEEP_FAILURES.clear()
-    sys.exit(USER_ERROR_EXIT_CODE)
+    fail(f"{failed} of {SWEEP_JOBS[0]} jobs failed (job {nums}; each has error.json in its dir); the other jobs "
+         f"finished and kept their summaries: fix the value named above and rerun those jobs")
 
 
 def resume_command(kind: str) -> str:
@@ -362,8 +356,7 @@ def entry(run, cfg):
         if isinstance(e, Preempted):
             print(f"preempted: {e}; resume with: {resume_command('run')}", file=sys.stderr)
             sys.exit(PREEMPTED_EXIT_CODE)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(USER_ERROR_EXIT_CODE)
+        fail(str(e))
     finally:
         import torch.distributed as dist
 
