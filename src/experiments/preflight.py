@@ -3,6 +3,7 @@ key (also where a group recurs: finetune.*, few_shot.*, zoo recipes), every meth
 and the model names each role gives. Each failure is one UserError naming the value and the fix."""
 from __future__ import annotations
 
+import functools
 import math
 import re
 from pathlib import Path
@@ -65,15 +66,16 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 PRIMARY = {"prediction_flips": "prediction_flips/flips.yaml"}  # else <task>/<task>.yaml
 
 
-def required_keys(task: str) -> list:
+@functools.lru_cache(maxsize=None)
+def required_keys(task: str) -> tuple:
     """The top-level keys a family's primary config defines: its own keys and its config groups (`/method: kl`
-    -> method). A run needs all of them; `~teacher` on the command line deletes one."""
+    -> method). A run needs all of them; `~teacher` on the command line deletes one. Read once per process."""
     f = CONFIG_DIR / PRIMARY.get(task, f"{task}/{task}.yaml")
     if not f.is_file():
-        return []
+        return ()
     body = OmegaConf.to_container(OmegaConf.load(f), resolve=False) or {}
     groups = [next(iter(d)).lstrip("/").split("@")[-1] for d in body.get("defaults", []) if isinstance(d, dict)]
-    return [k for k in [*groups, *body] if k not in ("defaults", "hydra")]
+    return tuple(k for k in [*groups, *body] if k not in ("defaults", "hydra"))
 
 
 def check_required(cfg) -> None:
