@@ -550,6 +550,34 @@ def test_bad_image_files_are_named_when_the_split_is_built(tmp_path, monkeypatch
     assert len(_ds(IF_OVERRIDES + [f"dataset.root={tmp_path / 'if'}"])[1].split("train")) == 11
 
 
+def test_images_that_passed_the_check_are_not_read_again_by_a_later_run(tmp_path, monkeypatch):
+    """The check reads every image's head and tail; a second run with the same paths.cache reads only the files
+    that are new or changed since (by size and mtime), and a file damaged in between is still named."""
+    from src.data import datasets as dsm
+
+    _write_imagefolder(tmp_path / "if", classes=("cat", "dog"), n_train=3, n_val=2, size=16)
+    looked = []
+    real = dsm.image_file_problem
+    monkeypatch.setattr(dsm, "image_file_problem", lambda f: looked.append(f) or real(f))
+    over = IF_OVERRIDES + [f"dataset.root={tmp_path / 'if'}", f"paths.cache={tmp_path / 'cache'}"]
+    _ds(over)
+    assert len(looked) == 10  # 6 train + 4 val images
+    assert len(list((tmp_path / "cache" / "image_checks").glob("*.json"))) == 2  # one record per folder
+    looked.clear()
+    _ds(over)
+    assert looked == []
+    cut = tmp_path / "if" / "train" / "dog" / "img1.png"
+    cut.write_bytes(cut.read_bytes()[:20])  # damaged after it was checked: another size
+    new = tmp_path / "if" / "train" / "cat" / "img9.png"
+    new.write_bytes((tmp_path / "if" / "train" / "cat" / "img0.png").read_bytes())
+    with pytest.raises(UserError, match=r"1 image file\(s\) under .* cannot be decoded .*img1.png: truncated"):
+        _ds(over)
+    assert sorted(looked) == sorted([str(cut), str(new)])
+    cut.unlink()  # the run that failed recorded nothing: the new file is looked at again, the others not
+    looked.clear()
+    assert len(_ds(over)[1].split("train")) == 6 and looked == [str(new)]
+
+
 # ------------------------------------------------------------------------------------------- batches
 
 

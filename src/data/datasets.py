@@ -327,21 +327,64 @@ def image_file_problem(path: str) -> Optional[str]:
     return None
 
 
-def check_image_files(files: Sequence[str], folder: Path, workers: int = 16) -> None:
+def _stat_key(path: str):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _checked_record(folder: Path, cache) -> Optional[Path]:
+    """Where the (size, mtime) of every image of `folder` that passed the check is kept between runs:
+    `<paths.cache>/image_checks/<sha of the folder's path>.json` (None without a cache)."""
+    if not cache:
+        return None
+    import hashlib
+
+    key = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:16]
+    return Path(cache) / "image_checks" / f"{Path(folder).name}-{key}.json"
+
+
+def check_image_files(files: Sequence[str], folder: Path, workers: int = 16, cache=None) -> int:
     """Every image of a split is looked at once when the split is built (its first 16 and last 4096 bytes, in
     threads: the reads wait on the disk), so a bad file is named now, not when a batch happens to draw it hours in.
-    KT_CHECK_IMAGES=0 skips it."""
+    With `cache` (paths.cache) the files that passed are recorded by (size, mtime), and a later run looks again
+    only at the files that are new or changed since (ImageNet: 1.28M stat calls instead of 1.28M opens and reads).
+    KT_CHECK_IMAGES=0 skips it. Returns the number of files looked at."""
     from concurrent.futures import ThreadPoolExecutor
 
     if os.environ.get("KT_CHECK_IMAGES", "1") == "0":  # e.g. a verified copy on a slow network file system
-        return
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(files)))) as ex:
-        problems = [(f, p) for f, p in zip(files, ex.map(image_file_problem, files, chunksize=256)) if p]
+        return 0
+    record_path = _checked_record(folder, cache)
+    record = {}
+    if record_path is not None and record_path.is_file():
+        try:
+            import json
+
+            record = json.loads(record_path.read_text())
+        except (OSError, ValueError):
+            record = {}  # a torn record: look at every file again
+    prefix = str(folder) + os.sep
+    rel = [f[len(prefix):] if f.startswith(prefix) else f for f in files]  # the record's keys: half the size
+    n = max(1, min(workers, len(files)))
+    with ThreadPoolExecutor(max_workers=n) as ex:
+        stats = list(ex.map(_stat_key, files, chunksize=256))
+        todo = [f for f, r, st in zip(files, rel, stats) if st is None or record.get(r) != st]
+        problems = [(f, p) for f, p in zip(todo, ex.map(image_file_problem, todo, chunksize=256)) if p]
     if problems:
         shown = "; ".join(f"{f}: {p}" for f, p in problems[:5])
         raise UserError(f"{len(problems)} image file(s) under {folder} cannot be decoded ({shown}"
                         f"{'; ...' if len(problems) > 5 else ''}): replace or delete them (a deleted file leaves "
                         f"its class folder; keep at least one image per class)")
+    if record_path is not None and todo:
+        from ..io_utils import write_json
+
+        try:
+            write_json(record_path, {r: st for r, st in zip(rel, stats) if st is not None})
+        except (OSError, UserError):
+            pass  # a read-only or full cache: the next run looks at every file again, nothing is lost
+    return len(todo)
 
 
 def build_imagefolder(cfg, paths) -> Dataset:
@@ -360,7 +403,7 @@ def build_imagefolder(cfg, paths) -> Dataset:
         if not files:
             raise UserError(f"{cfg.name}: no images ({', '.join(IMG_EXTENSIONS[:3])}, ...) under {folder}; "
                             f"expected {layout}")
-        check_image_files(files, folder)
+        check_image_files(files, folder, cache=getattr(paths, "cache", None))
         present = set(labels)  # once: per class it was K x N work (ImageNet: 1000 x 1.28M at every start)
         empty = [c for i, c in enumerate(classes) if i not in present]
         if empty:  # a K-way head trained on K-1 classes (torchvision's ImageFolder refuses it too)
