@@ -424,9 +424,8 @@ def aggregate(runs: List[dict]) -> Dict[str, List[Row]]:
     """All tables for the families present in `runs`."""
     fid = fidelity_runs(runs)
     by = defaultdict(list)
-    for r in runs:  # a fidelity run's transfer numbers mean nothing as a method comparison: its own table only
-        if not any(r is f for f in fid):
-            by[r["family"]].append(r)
+    for r in without_fidelity(runs):  # a fidelity run's transfer numbers compare no methods: its own table only
+        by[r["family"]].append(r)
     out: Dict[str, List[Row]] = {}
     for fam, rs in by.items():
         if fam in TABLES:
@@ -441,6 +440,12 @@ def aggregate(runs: List[dict]) -> Dict[str, List[Row]]:
 def fidelity_runs(runs: List[dict]) -> List[dict]:
     """Transfer runs of the fidelity preset (their config names a `distill_data` setting)."""
     return [r for r in runs if r["family"] == "transfer" and "distill_data" in (r.get("cfg") or {})]
+
+
+def without_fidelity(runs: List[dict]) -> List[dict]:
+    """`runs` less the fidelity preset's."""
+    fid = {id(r) for r in fidelity_runs(runs)}
+    return [r for r in runs if id(r) not in fid]
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -505,8 +510,7 @@ def figures_for(tables: Dict[str, List[Row]], runs: List[dict], fig_dir: Path) -
     from ..plots.multi_teacher import aggregate_figure
 
     figs: Dict[str, Path] = {}
-    fid = fidelity_runs(runs)
-    tr = [r for r in runs if r["family"] == "transfer" and not any(r is f for f in fid)]
+    tr = [r for r in without_fidelity(runs) if r["family"] == "transfer"]
     if tr and "transfer_methods" in tables:
         series = defaultdict(list)
         for r in tr:
