@@ -217,7 +217,7 @@ def test_second_run_reuses_cache(first_run, digits_zoo, tmp_path):
     assert again["pos_flips_pct"] == summary["pos_flips_pct"]
 
 
-def test_modes_pair_random_baseline_and_cka(first_run, tmp_path):
+def test_modes_pair_random_baseline_and_cka(first_run, tmp_path, capsys):
     from src.experiments import flips as fl
 
     _, _, full, digits_zoo = first_run
@@ -235,10 +235,26 @@ def test_modes_pair_random_baseline_and_cka(first_run, tmp_path):
         rows = list(csv.DictReader(f))
     assert {r["student"] for r in rows} == {"random_lenet"}
     assert all(float(r["pos_flips_pct"]) > 50 for r in rows)  # a random student is right ~10% of the time
+    capsys.readouterr()
     ck = fl.run(compose("prediction_flips/flips", [*digits_zoo, "cka=true", "models=[lenet,resnet8,mlp_wide]",
                                                    "cka_samples=200"]), run_dir=tmp_path / "cka")
     assert ck["evaluations"] == 3  # features were not cached before: one evaluation per model
     assert 0 < ck["cka_linear"]["min"] <= ck["cka_linear"]["max"] <= 1
+    mats = np.load(tmp_path / "cka" / "matrices" / "matrices.npz")
+    for k in ("cka_linear", "cka_rbf"):  # a model's features against themselves: CKA 1
+        assert np.allclose(np.diag(mats[k]), 1.0, atol=1e-4), mats[k]
+    assert (tmp_path / "cka" / "plots" / "heatmap_cka.png").stat().st_size > 1000
+    assert ck["outputs"]["plots"]["heatmap_cka"].endswith("heatmap_cka.png")
+    out = capsys.readouterr().out
+    assert "cka linear of the penultimate features:" in out and "cka rbf of the penultimate features:" in out
+    lines = out.splitlines()
+    head = lines.index("cka linear of the penultimate features:")
+    assert lines[head + 1].split() == ["model", "[1]", "[2]", "[3]"]
+    assert [ln.split()[1] for ln in lines[head + 2:head + 5]] == ["lenet", "resnet8", "mlp_wide"]
+    row = lines[head + 3]  # header, then one row per model in the run's order
+    assert row.startswith("[2] resnet8 ")
+    assert [float(v) for v in row.split()[2:]] == pytest.approx(mats["cka_linear"][1], abs=1e-3)
+    assert "cka linear" in (tmp_path / "cka" / "results.md").read_text()
 
 
 @pytest.mark.parametrize("override,match", [

@@ -302,6 +302,8 @@ def test_mode_end_to_end(digits_zoo, tmp_path, mode):
               "vs_mlp_small/teacher_acc", "vs_lenet/agreement", "vs_ensemble/positive_flips", "nll", "ece"):
         assert k in summary, k
     assert (tmp_path / "a" / "student" / "model.safetensors").is_file()
+    assert (tmp_path / "a" / "plots" / "multi_teacher.png").stat().st_size > 1000
+    assert "vs. single teachers: best teacher" in (tmp_path / "a" / "results.md").read_text()
     if mode == "parallel":
         shares = [summary[f"route/{n}"] for n in ("student", "mlp_small", "lenet")]
         assert sum(shares) == pytest.approx(100.0) and "train_route/student" in summary

@@ -238,6 +238,8 @@ def test_end_to_end_tiny_run(kt_paths, tmp_path):
     for name in ("zeroshot", "kd_at", "scratch"):
         assert (run_dir / "plots" / f"transition_{name}.png").stat().st_size > 1000
         assert 0 <= s[f"mte_{name}"] <= 1
+    for name in ("transition_grid", "pseudo_images"):  # one panel per student; the generator's images, labelled
+        assert (run_dir / "plots" / f"{name}.png").stat().st_size > 5000
     lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(l["step"], l["stage"]) for l in lines] == [(3, 0), (6, 0), (8, 1), (10, 2)]  # baselines: 20 images, 2 steps
     assert lines[1]["eval/zeroshot_acc"] == pytest.approx(s["zeroshot_acc"])

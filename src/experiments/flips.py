@@ -295,13 +295,17 @@ def write_files(ctx: Context, rows: List[dict], names: List[str], m: Dict[str, o
 
 def plot(ctx: Context, cfg: DictConfig, rows: List[dict], names: List[str], pairs, m: Dict[str, object],
          labels) -> Dict[str, Path]:
-    """The positive-flips heatmap, flips vs accuracy difference (+ lower envelope) and the per-class flips of one
-    pair (plot_pair, else the pair with the most positive flips); logged to the tracker with the pairs table."""
-    from ..plots import flip_heatmap, flips_vs_acc_diff, per_class_flips_plot
+    """The positive-flips heatmap (self-pairs blank), flips vs accuracy difference (+ lower envelope), the per-class
+    flips of one pair (plot_pair, else the pair with the most positive flips) and, with cka=true, the CKA heatmap;
+    logged to the tracker with the pairs table."""
+    from ..plots import cka_heatmap, flip_heatmap, flips_vs_acc_diff, per_class_flips_plot
 
     mats, plots = m["mats"], ctx.run_dir / "plots"
     figures = {"heatmap_positive_flips": flip_heatmap(mats["pos_flips_pct"], names,
                                                       plots / "heatmap_positive_flips.png")}
+    if "cka_linear" in mats:
+        figures["heatmap_cka"] = cka_heatmap({"linear": mats["cka_linear"], "RBF": mats["cka_rbf"]}, names,
+                                             plots / "heatmap_cka.png", samples=int(cfg.cka_samples))
     xd, yd = [r["acc_diff"] for r in rows], [r["pos_flips_pct"] for r in rows]
     env = pw.lower_envelope(xd, yd, bins=min(20, max(1, len(rows) // 3)))
     figures["flips_vs_acc_diff"] = flips_vs_acc_diff(xd, yd, plots / "flips_vs_acc_diff.png",
@@ -363,10 +367,32 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
         }
         ctx.tracker.log({**{f"pos_flips_pct/{k}": summary["pos_flips_pct"][k] for k in ("min", "median", "max")},
                          "agreement/mean": summary["agreement"]["mean"], "evaluations": evaluations}, step=0)
-        return ctx.report(summary, lambda s, run_dir: _print(rows, s, run_dir))
+        cka = {k: m["mats"][k] for k in ("cka_linear", "cka_rbf") if k in m["mats"]}
+        return ctx.report(summary, lambda s, run_dir: _print(rows, s, run_dir, model_names, cka))
 
 
-def _print(rows: List[dict], summary: dict, run_dir: Path) -> None:
+def cka_lines(names: List[str], cka: Dict[str, np.ndarray], max_models: int = 12) -> List[str]:
+    """The CKA matrices as text (rows in model order, columns numbered like the rows: `arch@file` names stay
+    readable), or for more than `max_models` models the min / median / max over the pairs."""
+    from ..tracking.console import columns
+
+    out = []
+    for kernel, mat in cka.items():
+        off = mat[~np.eye(len(names), dtype=bool)]
+        head = f"{kernel.replace('_', ' ')} of the penultimate features"
+        if len(names) > max_models:
+            out.append(f"{head}, over {off.size} pairs: min {off.min():.3f} median {np.median(off):.3f} "
+                       f"max {off.max():.3f} (matrices/{kernel}.csv)")
+            continue
+        out.append(f"{head}:")
+        out += columns(["model", *[f"[{i + 1}]" for i in range(len(names))]],
+                       [[f"[{i + 1}] {n}", *[f"{v:.3f}" for v in row]] for i, (n, row) in enumerate(zip(names, mat))],
+                       right=range(1, len(names) + 1))
+    return out
+
+
+def _print(rows: List[dict], summary: dict, run_dir: Path, names: Optional[List[str]] = None,
+           cka: Optional[Dict[str, np.ndarray]] = None) -> None:
     from ..tracking.console import columns
 
     print("\n".join(columns(["teacher", "student", "pos %", "neg %", "acc diff", "agree %"],
@@ -379,4 +405,6 @@ def _print(rows: List[dict], summary: dict, run_dir: Path) -> None:
     print(f"{summary['n_models']} models, {summary['n_pairs']} pairs, {summary['evaluations']} model evaluations "
           f"({summary['cache_hits']} cache hits); positive flips % min/median/max "
           f"{s['min']:.2f}/{s['median']:.2f}/{s['max']:.2f}")
+    for line in cka_lines(names or [], cka or {}):
+        print(line)
     print(f"run dir: {run_dir}")

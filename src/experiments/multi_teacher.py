@@ -285,7 +285,28 @@ def print_rows(summary: dict, run_dir) -> None:
     print(f"final: student acc {summary['student_acc_before']:.2f} -> {summary['student_acc_after']:.2f}% "
           f"(transfer delta {summary['transfer_delta']:+.2f}); ensemble of teachers "
           f"{summary['vs_ensemble/teacher_acc']:.2f}%")
-    print(f"outputs: {run_dir} (summary.json, metrics.jsonl, stages/, student/)")
+    print(versus_line(summary))
+    print(f"outputs: {run_dir} (summary.json, metrics.jsonl, stages/, student/, plots/multi_teacher.png)")
+
+
+def versus_line(summary: dict) -> str:
+    """The final student against the best teacher and, when the run holds one, the best single-teacher transfer."""
+    from ..plots.multi_teacher import best_single_transfer
+
+    accs = {t: summary[f"vs_{t}/teacher_acc"] for t in summary["teachers"] if f"vs_{t}/teacher_acc" in summary}
+    after = summary["student_acc_after"]
+    parts = []
+    if accs:
+        best = max(accs, key=accs.get)
+        parts.append(f"best teacher {best} {accs[best]:.2f}%")
+    single = best_single_transfer(summary)
+    if single is not None:
+        parts.append(f"best single-teacher transfer ({single[0]}) {single[1]:.2f}% -> {summary['mode']} "
+                     f"{after - single[1]:+.2f} points")
+    else:
+        parts.append("best single-teacher transfer: not in this run (main_transfer.py runs; scripts/aggregate.py "
+                     "compares them)")
+    return f"vs. single teachers: {'; '.join(parts)}"
 
 
 def run(cfg: DictConfig, run_dir=None) -> dict:
@@ -303,4 +324,9 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
                    "steps": sum(int(r.get("steps", 0)) for r in rows), "stages": rows}
         ctx.save_student(model, f"{t.student0.name}<-{cfg.mode}({'+'.join(t.names)})", final["student_acc_after"],
                          kwargs=t.student0.meta.get("kwargs"))
+        if ctx.rank == 0:
+            from ..plots.multi_teacher import run_figure
+
+            ctx.tracker.log_figure("plots/multi_teacher", run_figure(summary, ctx.run_dir / "plots" /
+                                                                     "multi_teacher.png"))
         return ctx.report(summary, print_rows)

@@ -19,9 +19,9 @@ from ..methods.zeroshot import ZeroShot, no_param_grads, stage_shapes
 from ..metrics import accuracy, agreement
 from ..metrics.transition import agreeing, mean_transition_error, transition_curves
 from ..models import create_model
-from ..models.gan import save_generator
+from ..models.gan import ZeroShotSource, save_generator
 from ..models.generator import Generator
-from ..plots.transition import transition_plot
+from ..plots.zeroshot import pseudo_image_grid, transition_grid, transition_plot
 from ..schema import LoaderConfig, OptimizerConfig, SchedulerConfig, TrainerConfig, typed
 from ..tracking import StageTracker
 from .context import Context, ModelRef, run_context
@@ -121,6 +121,7 @@ class ZeroShotRun:
         self.t_eval = ctx.outputs(self.teacher, self.eval_split)
         self.eval_loader = ctx.eval_loader(self.eval_split)
         self.offset, self.stage = 0, 0
+        self.curves: Dict[str, dict] = {}  # student name -> its transition curves (for the grid figure)
 
     def evaluate(self, model, name: str) -> Dict[str, float]:
         out = predict(model, self.eval_loader, amp=self.cfg.trainer.amp)
@@ -152,11 +153,28 @@ class ZeroShotRun:
         res = self.fit(method, loader, cfg.trainer, cfg.optimizer, cfg.scheduler, "zeroshot")
         if self.ctx.rank == 0:  # <run dir>/generator/: a source of synthetic distillation data (method.synth_source)
             t = self.teacher.model
+            self.pseudo_images(generator)
             save_generator(generator, self.ctx.run_dir / "generator",
                            {"name": f"zeroshot<-{self.teacher.name}", "teacher": self.teacher.name,
                             "mean": t.mean.flatten().tolist(), "std": t.std.flatten().tolist(),
                             "dataset": OmegaConf.to_container(cfg.dataset, resolve=True)})
         return res
+
+    def pseudo_images(self, generator, batches: int = 4, per_batch: int = 8) -> None:
+        """plots/pseudo_images.png: a few images of `batches` fresh noise batches from the trained generator, as the
+        teacher sees them (raw [0, 1]), each titled with the teacher's predicted class and probability."""
+        t = self.teacher.model
+        source = ZeroShotSource(generator, t.mean.flatten().tolist(), t.std.flatten().tolist()).to(self.ctx.device)
+        modes = generator.training, t.training
+        generator.eval(), t.eval()  # BN running statistics: the saved generator is not changed by drawing from it
+        with torch.no_grad():
+            x = source.sample(batches * per_batch, torch.Generator().manual_seed(int(self.cfg.trainer.seed)))
+            p = torch.softmax(t(x).float(), 1)
+        generator.train(modes[0]), t.train(modes[1])
+        conf, pred = p.max(1)
+        path = pseudo_image_grid(x.clamp(0, 1).cpu(), pred.tolist(), conf.tolist(), self.ctx.info.classes, batches,
+                                 self.ctx.run_dir / "plots" / "pseudo_images.png", self.teacher.name)
+        self.ctx.tracker.log_figure("zeroshot/pseudo_images", path)
 
     def baseline(self, name: str) -> Dict[str, float]:
         cfg, fs = self.cfg, self.cfg.few_shot
@@ -192,6 +210,7 @@ class ZeroShotRun:
             curves = transition_curves(student.forward_normalized, lambda u: teacher(student.denormalize(u)), x, labels,
                                        self.ctx.info.num_classes, int(t.steps), float(t.lr), t.chunk)
         mte = mean_transition_error(curves["student"], curves["teacher"], int(t.mte_steps))
+        self.curves[name] = {**curves, "mte": mte, "images": len(pos)}
         log.info("transition curves of %s on %d images x %d classes: MTE %.4f", name, len(pos),
                  self.ctx.info.num_classes - 1, mte)
         path = transition_plot(curves["student"], curves["teacher"], self.ctx.run_dir / "plots" /
@@ -235,6 +254,10 @@ def run(cfg: DictConfig, run_dir=None) -> dict:
             students[b] = res["model"]
         for name, model in students.items():
             row[f"mte_{name}"] = r.transition(name, model)
+        if r.curves:
+            grid = transition_grid(r.curves, ctx.run_dir / "plots" / "transition_grid.png", r.teacher.name,
+                                   int(cfg.transition.mte_steps))
+            ctx.tracker.log_figure("transition/grid", grid)
         # the zero-shot student: a checkpoint folder any family takes as a model
         ctx.save_student(r.student.model, f"{r.student.name}<-{r.teacher.name}", row["zeroshot_acc"], "zeroshot",
                          r.student.meta.get("kwargs"))

@@ -143,21 +143,23 @@ def sample_quality(source, judge, n: int, seed: int, real: torch.Tensor, referen
             "fid": frechet_distance(f_fake, f_real), "fid_real": frechet_distance(f_train, f_real)}
 
 
-def sample_grid(source, path: Path, per_class: int = 8, seed: int = 0) -> Path:
-    """A PNG grid of samples, one row per class (images upscaled x4, nearest)."""
-    from torchvision.utils import save_image
+def sample_grid(source, path: Path, per_class: int = 8, seed: int = 0, class_names=(), max_classes: int = 20) -> Path:
+    """A PNG grid of samples, one row per class (the first `max_classes`) with its name at the row's left."""
+    from ..plots.zoo import class_rows
 
     g = source.generator
-    k = g.num_classes
+    k = min(g.num_classes, max_classes)
     z = torch.randn(per_class * k, g.z_dim, generator=torch.Generator().manual_seed(seed))
     y = torch.arange(k).repeat_interleave(per_class)
     dev = next(g.parameters()).device
+    was = g.training
+    g.eval()
     with torch.no_grad():
         x = g(z.to(dev), y.to(dev)).float().cpu()
-    x = torch.nn.functional.interpolate(x, scale_factor=4, mode="nearest") if g.img_size < 32 else x
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(x, str(path), nrow=per_class, padding=2, pad_value=1.0)
-    return path
+    g.train(was)
+    shown = "" if k == g.num_classes else f", the first {k} of {g.num_classes} classes"
+    return class_rows(x, list(class_names), per_class, path,
+                      title=f"generator samples: one row per conditioning class{shown}")
 
 
 def train_generator(name: str, ctx: Context, run_dir: Optional[Path] = None) -> dict:
@@ -194,7 +196,7 @@ def train_generator(name: str, ctx: Context, run_dir: Optional[Path] = None) -> 
                           scheduler_cfg=typed(SchedulerConfig, r.scheduler), run_dir=run_dir)
     last = trainer.fit()
     quality = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("quality/")}
-    grid = sample_grid(source, run_dir / "plots" / f"{name}_samples.png")
+    grid = sample_grid(source, run_dir / "plots" / f"{name}_samples.png", class_names=info.classes)
     if ctx.tracker is not None:
         ctx.tracker.log_figure(f"samples/{name}", grid)
     meta = {"name": name, "dataset": OmegaConf.to_container(d, resolve=True),

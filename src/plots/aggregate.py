@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from .flips import _save, plt
+from .base import plt, save
 
 
 def delta_vs_gap(series: Dict[str, List[Tuple[float, float]]], path) -> Path:
@@ -16,4 +16,4 @@ def delta_vs_gap(series: Dict[str, List[Tuple[float, float]]], path) -> Path:
     ax.set_xlabel("teacher acc - student acc before (points)")
     ax.set_ylabel("transfer delta (points)")
     ax.legend(fontsize=8)
-    return _save(fig, Path(path))
+    return save(fig, Path(path))

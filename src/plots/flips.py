@@ -1,48 +1,52 @@
 """Figures of the prediction-flips family (docs/REFERENCE.md §1.1): the N x N heatmap of positive flips, positive flips
 against the accuracy difference with their lower envelope (the paper's Figure 1), and the per-class
-distribution of one pair's flips."""
+distribution of one pair's flips; the CKA heatmap of the penultimate features."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from .base import heatmap, plt, save
 
 
-def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+def masked_self_pairs(matrix) -> np.ndarray:
+    """A copy of an N x N pair matrix with its diagonal (a model against itself: no pair) set to NaN."""
+    m = np.array(matrix, dtype=float)
+    np.fill_diagonal(m, np.nan)
+    return m
 
 
 def flip_heatmap(matrix, names: Sequence[str], path, title: str = "positive flips (% of samples)",
-                 annotate: Optional[bool] = None) -> Path:
-    """Heatmap of an N x N matrix [teacher (rows), student (columns)]."""
-    m = np.asarray(matrix, dtype=float)
+                 annotate: Optional[bool] = None, mask_diagonal: bool = True) -> Path:
+    """Heatmap of an N x N matrix [teacher (rows), student (columns)]; self-pairs blank ('-') unless
+    mask_diagonal=False."""
+    m = masked_self_pairs(matrix) if mask_diagonal else np.asarray(matrix, dtype=float)
     n = len(names)
     size = min(20.0, 2.5 + 0.45 * n)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
-    im = ax.imshow(m, cmap="viridis")
+    im = heatmap(ax, m, names, annotate if annotate is not None else n <= 15)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    if n <= 40:
-        ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize=8)
-        ax.set_yticks(range(n), names, fontsize=8)
-    if annotate if annotate is not None else n <= 15:
-        hi = np.nanmax(m) if np.isfinite(m).any() else 0.0
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, f"{m[i, j]:.1f}", ha="center", va="center", fontsize=7,
-                        color="black" if m[i, j] > 0.6 * hi else "white")
-    ax.set_xlabel("student")
-    ax.set_ylabel("teacher")
     ax.set_title(title)
-    return _save(fig, path)
+    return save(fig, path)
+
+
+def cka_heatmap(mats: Dict[str, np.ndarray], names: Sequence[str], path, samples: Optional[int] = None) -> Path:
+    """CKA of the penultimate features of every pair of models, one panel per kernel (`mats`: kernel -> N x N,
+    symmetric, ones on the diagonal), on a shared 0-1 scale."""
+    n = len(names)
+    size = min(14.0, 2.5 + 0.45 * n)
+    fig, axes = plt.subplots(1, len(mats), figsize=((size + 1.0) * len(mats), size), squeeze=False)
+    im = None
+    for k, (ax, (kernel, m)) in enumerate(zip(axes[0], mats.items())):
+        im = heatmap(ax, m, names, n <= 15, fmt="{:.2f}", vmin=0.0, vmax=1.0, xlabel="model",
+                     ylabel="model" if k == 0 else "")
+        ax.set_title(f"CKA ({kernel} kernel)")
+    fig.colorbar(im, ax=list(axes[0]), fraction=0.046 / len(mats), pad=0.04)
+    fig.suptitle("representation similarity of the penultimate features" +
+                 (f" ({samples} samples)" if samples else ""), fontsize=10)
+    return save(fig, path)
 
 
 def flips_vs_acc_diff(acc_diff, pos_pct, path, envelope=None, title: Optional[str] = None) -> Path:
@@ -61,7 +65,7 @@ def flips_vs_acc_diff(acc_diff, pos_pct, path, envelope=None, title: Optional[st
     ax.set_title(title or "complementary knowledge vs. accuracy difference")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def per_class_flips_plot(pos_per_class, neg_per_class, class_names: Sequence[str], path, title: str = "",
@@ -80,4 +84,4 @@ def per_class_flips_plot(pos_per_class, neg_per_class, class_names: Sequence[str
     ax.set_ylabel("samples")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)

@@ -371,10 +371,13 @@ def kdep_tables(runs: List[dict]) -> Dict[str, List[Row]]:
                 if init in res:
                     rows.append({"dir": r["dir"], "seed": r["seed"], "zoo_seed": r["zoo_seed"],
                                  "summary": {"downstream": ds, "init": init, "acc": res[init],
+                                             "metric": res.get("metric", "acc"),
                                              "teacher": r["summary"]["teacher"], "student": r["summary"]["student"]}})
     s = lambda r: r["summary"]
-    return {"kdep": _grouped(rows, lambda r: (s(r)["downstream"], s(r)["init"], s(r)["teacher"], s(r)["student"]),
-                             ("downstream", "init", "teacher", "student"), {"acc": lambda r: s(r)["acc"]})}
+    # `acc` holds the downstream's main metric, named in `metric`: acc, miou (segmentation) or map (detection)
+    return {"kdep": _grouped(rows, lambda r: (s(r)["downstream"], s(r)["metric"], s(r)["init"], s(r)["teacher"],
+                                              s(r)["student"]),
+                             ("downstream", "metric", "init", "teacher", "student"), {"acc": lambda r: s(r)["acc"]})}
 
 
 def zeroshot_tables(runs: List[dict]) -> Dict[str, List[Row]]:
@@ -422,14 +425,14 @@ TABLES: Dict[str, Callable[[List[dict]], Dict[str, List[Row]]]] = {
 
 def aggregate(runs: List[dict]) -> Dict[str, List[Row]]:
     """All tables for the families present in `runs`."""
+    fid = fidelity_runs(runs)
     by = defaultdict(list)
-    for r in runs:
+    for r in without_fidelity(runs):  # a fidelity run's transfer numbers compare no methods: its own table only
         by[r["family"]].append(r)
     out: Dict[str, List[Row]] = {}
     for fam, rs in by.items():
         if fam in TABLES:
             out.update({k: v for k, v in TABLES[fam](rs).items() if v})
-    fid = fidelity_runs(runs)
     if fid:  # the fidelity study (config/transfer/fidelity.yaml): per teacher and distillation-data setting
         from .fidelity import fidelity_table
 
@@ -440,6 +443,12 @@ def aggregate(runs: List[dict]) -> Dict[str, List[Row]]:
 def fidelity_runs(runs: List[dict]) -> List[dict]:
     """Transfer runs of the fidelity preset (their config names a `distill_data` setting)."""
     return [r for r in runs if r["family"] == "transfer" and "distill_data" in (r.get("cfg") or {})]
+
+
+def without_fidelity(runs: List[dict]) -> List[dict]:
+    """`runs` less the fidelity preset's."""
+    fid = {id(r) for r in fidelity_runs(runs)}
+    return [r for r in runs if id(r) not in fid]
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -499,21 +508,80 @@ def write(tables: Dict[str, List[Row]], problems: List[dict], out_dir, runs: Lis
 
 
 def figures_for(tables: Dict[str, List[Row]], runs: List[dict], fig_dir: Path) -> Dict[str, Path]:
+    """The figure each family's paper would show, from the tables (and runs) of this aggregate: table name ->
+    PNG under `fig_dir`."""
+    from ..plots import aft, kdep, zeroshot
     from ..plots.aggregate import delta_vs_gap
+    from ..plots.multi_teacher import aggregate_figure
 
     figs: Dict[str, Path] = {}
-    tr = [r for r in runs if r["family"] == "transfer"]
+    tr = [r for r in without_fidelity(runs) if r["family"] == "transfer"]
     if tr and "transfer_methods" in tables:
         series = defaultdict(list)
         for r in tr:
             s = r["summary"]
             series[method_label(s)].append((s["teacher_acc"] - s["student_acc_before"], s["transfer_delta"]))
         figs["transfer_methods"] = delta_vs_gap(dict(series), fig_dir / "transfer_delta_vs_gap.png")
+    groups = multi_teacher_groups([r for r in runs if r["family"] == "multi_teacher"], tr)
+    if tables.get("multi_teacher") and groups:
+        figs["multi_teacher"] = aggregate_figure(groups, fig_dir / "multi_teacher.png")
+    for name, module in (("aft", aft), ("kdep", kdep), ("zeroshot", zeroshot)):
+        if tables.get(name):
+            figs[name] = module.aggregate_figure(tables[name], fig_dir / f"{name}.png")
     if tables.get("fidelity"):
         from .fidelity import plot_fidelity
 
         figs["fidelity"] = plot_fidelity(tables["fidelity"], fig_dir / "fidelity.png")
     return figs
+
+
+def best_single_teacher(run: dict, transfer_runs: List[dict], label: str) -> Optional[float]:
+    """The best accuracy after a single-teacher transfer (method `label`) of the same student, from each of the
+    run's teachers, in the same seed; None unless every teacher has such a run."""
+    s = run["summary"]
+    accs = {}
+    for x in transfer_runs:
+        xs = x["summary"]
+        if method_label(xs) == label and xs["student"] == s["student"] and xs["teacher"] in s["teachers"] \
+                and replicate(x) == replicate(run):
+            accs[xs["teacher"]] = max(float(xs["student_acc_after"]), accs.get(xs["teacher"], -math.inf))
+    return max(accs.values()) if len(accs) == len(set(s["teachers"])) else None
+
+
+def multi_teacher_groups(runs: List[dict], transfer_runs: List[dict]) -> Dict[str, List[tuple]]:
+    """Per (student, teachers): the bars of the aggregate multi-teacher figure, (label, mean, std, kind) described
+    over seeds: the student before, each (mode, method)'s final accuracy (the `multi_teacher` table's values), the
+    best single-teacher transfer of the same seed (the KL+DP runs of main_transfer when present, else the method
+    of the multi-teacher runs), each teacher's accuracy and the teachers' ensemble."""
+    by = defaultdict(list)
+    for r in runs:
+        by[(r["summary"]["student"], "+".join(r["summary"]["teachers"]))].append(r)
+
+    def bar(label: str, per_seed: Dict[str, float], kind: str) -> tuple:
+        d = describe(per_seed.values())
+        return label, d["mean"], d["std"], kind
+
+    def seeds(rs: List[dict], key: str) -> Dict[str, float]:  # one value per seed (the modes of a seed share it)
+        return {replicate(r): float(r["summary"][key]) for r in rs if key in r["summary"]}
+
+    out: Dict[str, List[tuple]] = {}
+    for (student, teachers), rs in sorted(by.items()):
+        rows = [bar("student before", seeds(rs, "student_acc_before"), "student")]
+        for row in multi_teacher_tables(rs)["multi_teacher"]:
+            rows.append((f"{row['mode']} ({row['method']})", row["student_acc_after"]["mean"],
+                         row["student_acc_after"]["std"], "final"))
+        for label in ["kl_dp", *sorted({method_label(r["summary"]) for r in rs})]:
+            best = [best_single_teacher(r, transfer_runs, label) for r in rs]
+            best = {replicate(r): b for r, b in zip(rs, best) if b is not None}
+            if best:
+                rows.append(bar(f"best single teacher ({label})", best, "single"))
+                break
+        for t in rs[0]["summary"]["teachers"] + ["ensemble"]:
+            vals = seeds(rs, f"vs_{t}/teacher_acc")
+            if vals:
+                rows.append(bar("ensemble of teachers" if t == "ensemble" else f"teacher {t}", vals, "teacher"))
+        out[f"{teachers.replace('+', ', ')} -> {student}"] = [r for r in rows if not math.isnan(r[1])]
+    return out
 
 
 def log_wandb(tables: Dict[str, List[Row]], figures_dir: Optional[Path], wandb_cfg) -> None:
