@@ -60,11 +60,13 @@ test: $(STAMP)
 test-trained: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m trained
 
-# every family's digits-scale claim over 3 seeds -> results/digits/REPORT.md (26.5 minutes on 2 quiet cores)
-# the digits suite (results/digits/REPORT.md, ~26 min on 2 cores), then the text suite (results/rotten_tomatoes/, ~12 min)
+# every family's claims over 3 seeds, one suite after the other (scripts/reproduce.py's SUITES): the digits suite
+# (results/digits/REPORT.md, ~26 min on 2 cores), the text suite (results/rotten_tomatoes/, ~12 min), then KDEP's
+# dense downstreams (results/digits_dense/, segmentation mIoU and detection mAP / AP50)
 reproduce: $(STAMP)
 	$(VENV)/bin/python scripts/reproduce.py
 	$(VENV)/bin/python scripts/reproduce.py --suite text
+	$(VENV)/bin/python scripts/reproduce.py --suite dense
 
 # every full-scale preset for 2 steps at its real resolution on small data in the real formats (~5 min on 2 cores);
 # the table lands in outputs/rehearsal/rehearsal.md. `make test` runs the same rows (pytest -m rehearse).

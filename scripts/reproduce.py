@@ -10,6 +10,7 @@ two lanes of one thread each; each lane's log is under <out>/logs/.
     python scripts/reproduce.py --seeds 0 1 --lanes 1 --out /tmp/rep     # smaller
     python scripts/reproduce.py --report-only       # rebuild REPORT.md from the runs already there
     python scripts/reproduce.py --suite text        # the text rows: results/rotten_tomatoes/REPORT.md
+    python scripts/reproduce.py --suite dense --lanes 1   # KDEP's dense downstreams: results/digits_dense/REPORT.md
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, List, NamedTuple, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -38,50 +40,98 @@ BASELINE_PAIRS = ("mlp_small", ["resnet20", "resnet8"])
 MT_TEACHERS, MT_STUDENT = ["mlp_small", "lenet", "resnet8"], "mlp_wide"  # a student with room to gain
 
 
+class Job(NamedTuple):
+    """One Hydra multirun: `python <script> [--config-name <config>] -m <overrides>`."""
+    name: str
+    script: str
+    overrides: List[str]
+    config: Optional[str] = None  # a preset under config/ (e.g. kdep/dense.yaml); None: the script's default
+
+
 # the text suite (`--suite text`, results/rotten_tomatoes/): the text zoo, KL / KL+DP from the weaker LSTM into a
 # small BERT, and AFT with a larger BERT's features into the LSTM against STL / KD / B-Tuning
 TEXT = {"dataset": "rotten_tomatoes", "teacher": "lstm", "student": "bert_tiny", "aft_student": "lstm",
         "features": "bert_mini"}
-SUITES = {"digits": "digits", "text": TEXT["dataset"]}  # suite -> the dataset it reports on (results/<dataset>/)
+# the dense suite (`--suite dense`, results/digits_dense/): KDEP's classification, segmentation and detection
+# downstreams of config/kdep/dense.yaml, whose teacher (wrn_16_2) and supervised init (resnet8) come from the zoo
+DENSE = {"config": "kdep/dense.yaml", "zoo": ["wrn_16_2", "resnet8"]}
 
 
-def text_jobs(seeds):
-    """The text suite's jobs: one zoo draw per seed, then transfer and AFT multiruns."""
-    d = f"dataset={TEXT['dataset']}"
-    zoo = [(f"zoo_text_s{k}", "main_pretrain.py", [d, f"zoo.seed={k}", "skip_existing=true"]) for k in seeds]
-    rest = []
-    for k in seeds:
-        s = [d, f"zoo.seed={k}", f"trainer.seed={k}"]
-        rest.append((f"transfer_text_s{k}", "main_transfer.py",
-                     [f"teacher={TEXT['teacher']}", f"student={TEXT['student']}", "method=kl,kl_dp,kl_dp_u", *s]))
-        rest.append((f"aft_text_s{k}", "main_aft.py", [f"student={TEXT['aft_student']}",
-                                                       f"features=[{TEXT['features']}]",
-                                                       "method=aft,aft_init,aft_kd,aft_btune", *s]))
-    return zoo, rest
-
-
-def jobs(seeds, grid_methods, baselines=BASELINES, suite: str = "digits"):
-    """(name, script, overrides) per job; the zoo draws first (phase 0), everything else after (phase 1)."""
-    if suite == "text":
-        return text_jobs(seeds)
-    zoo = [(f"zoo_s{k}", "main_pretrain.py", [f"zoo.seed={k}", "skip_existing=true"]) for k in seeds]
+def digits_jobs(seeds, grid_methods, baselines):
+    """The digits suite's jobs: one zoo draw per seed, then every family's multiruns."""
+    zoo = [Job(f"zoo_s{k}", "main_pretrain.py", [f"zoo.seed={k}", "skip_existing=true"]) for k in seeds]
     rest = []
     for k in seeds:
         s = [f"zoo.seed={k}", f"trainer.seed={k}"]
-        rest.append((f"transfer_grid_s{k}", "main_transfer.py",
-                     [f"teacher={','.join(ZOO)}", f"student={','.join(ZOO)}", f"method={','.join(grid_methods)}", *s]))
+        rest.append(Job(f"transfer_grid_s{k}", "main_transfer.py",
+                        [f"teacher={','.join(ZOO)}", f"student={','.join(ZOO)}", f"method={','.join(grid_methods)}",
+                         *s]))
         if baselines:
-            rest.append((f"transfer_baselines_s{k}", "main_transfer.py",
-                         [f"teacher={BASELINE_PAIRS[0]}", f"student={','.join(BASELINE_PAIRS[1])}",
-                          f"method={','.join(baselines + [m for m in ('kl', 'kl_dp') if m not in grid_methods])}",
-                          *s]))
-        rest.append((f"flips_s{k}", "main_flips.py", s))
-        rest.append((f"multi_teacher_s{k}", "main_multi_teacher.py",
-                     ["mode=sequential,parallel", f"teachers=[{','.join(MT_TEACHERS)}]", f"student={MT_STUDENT}", *s]))
-        rest.append((f"aft_s{k}", "main_aft.py", ["method=aft,aft_init,aft_kd,aft_btune", *s]))
-        rest.append((f"kdep_s{k}", "main_kdep.py", s))
-        rest.append((f"zeroshot_s{k}", "main_zeroshot.py", s))
+            rest.append(Job(f"transfer_baselines_s{k}", "main_transfer.py",
+                            [f"teacher={BASELINE_PAIRS[0]}", f"student={','.join(BASELINE_PAIRS[1])}",
+                             f"method={','.join(baselines + [m for m in ('kl', 'kl_dp') if m not in grid_methods])}",
+                             *s]))
+        rest.append(Job(f"flips_s{k}", "main_flips.py", s))
+        rest.append(Job(f"multi_teacher_s{k}", "main_multi_teacher.py",
+                        ["mode=sequential,parallel", f"teachers=[{','.join(MT_TEACHERS)}]", f"student={MT_STUDENT}",
+                         *s]))
+        rest.append(Job(f"aft_s{k}", "main_aft.py", ["method=aft,aft_init,aft_kd,aft_btune", *s]))
+        rest.append(Job(f"kdep_s{k}", "main_kdep.py", s))
+        rest.append(Job(f"zeroshot_s{k}", "main_zeroshot.py", s))
     return zoo, rest
+
+
+def text_jobs(seeds, grid_methods=None, baselines=None):
+    """The text suite's jobs: one zoo draw per seed, then transfer and AFT multiruns."""
+    d = f"dataset={TEXT['dataset']}"
+    zoo = [Job(f"zoo_text_s{k}", "main_pretrain.py", [d, f"zoo.seed={k}", "skip_existing=true"]) for k in seeds]
+    rest = []
+    for k in seeds:
+        s = [d, f"zoo.seed={k}", f"trainer.seed={k}"]
+        rest.append(Job(f"transfer_text_s{k}", "main_transfer.py",
+                        [f"teacher={TEXT['teacher']}", f"student={TEXT['student']}", "method=kl,kl_dp,kl_dp_u", *s]))
+        rest.append(Job(f"aft_text_s{k}", "main_aft.py", [f"student={TEXT['aft_student']}",
+                                                          f"features=[{TEXT['features']}]",
+                                                          "method=aft,aft_init,aft_kd,aft_btune", *s]))
+    return zoo, rest
+
+
+def dense_jobs(seeds, grid_methods=None, baselines=None):
+    """The dense suite's jobs: the zoo models the preset uses, drawn per seed, then one kdep/dense.yaml run each."""
+    zoo = [Job(f"zoo_dense_s{k}", "main_pretrain.py", [f"name={','.join(DENSE['zoo'])}", f"zoo.seed={k}",
+                                                       "skip_existing=true"]) for k in seeds]
+    rest = [Job(f"kdep_dense_s{k}", "main_kdep.py", [f"zoo.seed={k}", f"trainer.seed={k}"], DENSE["config"])
+            for k in seeds]
+    return zoo, rest
+
+
+class Suite(NamedTuple):
+    folder: str  # results/<folder>/
+    dataset: str  # the data the report's titles name
+    jobs: Callable  # (seeds, grid_methods, baselines) -> (zoo draws, the rest)
+    title: str
+    help: str
+
+
+SUITES = {  # --suite -> its declaration; `make reproduce` runs them all
+    "digits": Suite("digits", "digits", digits_jobs, "Digits", "every family's claims on digits"),
+    "text": Suite(TEXT["dataset"], TEXT["dataset"], text_jobs, "Rotten_tomatoes",
+                  "the text zoo, KL / KL+DP and AFT on rotten_tomatoes"),
+    "dense": Suite("digits_dense", "digits", dense_jobs, "Digits dense downstreams",
+                   "KDEP's classification, segmentation and detection downstreams (kdep/dense.yaml)"),
+}
+
+
+def jobs(seeds, grid_methods, baselines=BASELINES, suite: str = "digits"):
+    """The suite's jobs; the zoo draws first (phase 0), everything else after (phase 1)."""
+    return SUITES[suite].jobs(seeds, grid_methods, baselines)
+
+
+def command(job: Job, out: Path, work: Path, python: str) -> List[str]:
+    """The job's command line: --config-name (Hydra reads it before the overrides) then -m and the overrides."""
+    preset = ["--config-name", job.config] if job.config else []
+    return [python, job.script, *preset, "-m", *job.overrides, f"hydra.sweep.dir={out / 'runs' / job.name}",
+            f"paths.checkpoints={work / 'checkpoints'}", f"paths.cache={work / 'cache'}"]
 
 
 class Progress:
@@ -101,11 +151,10 @@ class Progress:
             return f"[{self.done}/{self.total} done, ETA {m // 60}:{m % 60:02d}:{sec:02d}]"
 
 
-def run_job(job, out: Path, work: Path, python: str, progress: Progress = None) -> dict:
-    name, script, overrides = job
+def run_job(job: Job, out: Path, work: Path, python: str, progress: Progress = None) -> dict:
+    name = job.name
     log = out / "logs" / f"{name}.log"
-    cmd = [python, script, "-m", *overrides, f"hydra.sweep.dir={out / 'runs' / name}",
-           f"paths.checkpoints={work / 'checkpoints'}", f"paths.cache={work / 'cache'}"]
+    cmd = command(job, out, work, python)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
     t0 = time.time()
     with open(log, "w") as f:
@@ -154,9 +203,9 @@ def machine() -> str:
 
 def parser() -> ArgumentParser:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", choices=sorted(SUITES), default="digits",
-                    help="digits: every family's claims; text: the text zoo, KL / KL+DP and AFT on rotten_tomatoes")
-    ap.add_argument("--out", type=Path, default=None, help="default: results/<the suite's dataset>")
+    ap.add_argument("--suite", choices=list(SUITES), default="digits",
+                    help="; ".join(f"{k}: {v.help} (results/{v.folder}/)" for k, v in SUITES.items()))
+    ap.add_argument("--out", type=Path, default=None, help="default: results/<the suite's folder>")
     ap.add_argument("--seeds", type=non_negative_int(0), nargs="+", default=[0, 1, 2])
     ap.add_argument("--lanes", type=int, default=2, help="jobs run at once (one thread each)")
     ap.add_argument("--methods", nargs="+", default=GRID_METHODS, help="transfer methods of the zoo grid")
@@ -220,7 +269,7 @@ def start_over(out: Path, keep: bool) -> None:
 @run_script
 def main(argv=None):
     a = parser().parse_args(argv)
-    a.out = a.out if a.out is not None else ROOT / "results" / SUITES[a.suite]
+    a.out = a.out if a.out is not None else ROOT / "results" / SUITES[a.suite].folder
     check_args(a)
     from src.tracking import reproduce_report as rr
 
@@ -233,7 +282,7 @@ def main(argv=None):
     if not (a.out / "runs").is_dir():
         raise UserError(f"{a.out / 'runs'} holds no runs: run `python scripts/reproduce.py` first")
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else None
-    report = rr.build(a.out, timing, SUITES[a.suite])
+    report = rr.build(a.out, timing, SUITES[a.suite].dataset, SUITES[a.suite].title)
     print(report.read_text())
     print(f"report: {report}")
     failed = [j["job"] for j in (timing or {}).get("jobs", []) if j["rc"] != 0]

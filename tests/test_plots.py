@@ -170,8 +170,8 @@ def test_aggregate_figures_for_aft_kdep_and_zeroshot(tmp_path):
             "status": "ok", "family": "kdep", "seed": seed, "teacher": "t", "student": "s",
             "inits": ["kdep", "scratch", "supervised"],
             "downstream": {"digits_val": {"kdep": 90.0 + seed, "scratch": 85.0, "supervised": 88.0},
-                           "seg": {"kdep": 40.0, "scratch": 35.0 + seed, "supervised": 38.0, "task": "segmentation",
-                                   "metric": "miou"}}})
+                           "seg": {"task": "segmentation", "kdep/miou": 40.0, "scratch/miou": 35.0 + seed,
+                                   "supervised/miou": 38.0}}})  # a dense entry as KDEP writes it: <init>/<metric>
         _write_run(root / f"zs{seed}", {
             "status": "ok", "family": "zeroshot", "seed": seed, "teacher": "t", "student": "s", "teacher_acc": 97.0,
             "baselines": ["kd_at", "scratch"], "zeroshot_acc": 60.0 + 4 * seed, "kd_at_acc": 80.0,
@@ -182,8 +182,8 @@ def test_aggregate_figures_for_aft_kdep_and_zeroshot(tmp_path):
     assert [b[0] for b in bars] == ["aft", "aft_kd", "aft_btune", "aft_init (STL)", "start (pretrained student)"]
     assert [b[1] for b in bars] == pytest.approx([96.5, 95.5, 94.5, 93.5, 94.0])  # start: after - delta
     ps = kdep.panels(tables["kdep"])
-    assert list(ps) == [("digits_val", "acc"), ("seg", "miou")]
-    assert [(r["init"], r["acc"]["mean"]) for r in ps[("seg", "miou")]] == [
+    assert list(ps) == [("digits_val", "acc"), ("seg", "mIoU")]
+    assert [(r["init"], r["value"]["mean"]) for r in ps[("seg", "mIoU")]] == [
         ("kdep", 40.0), ("scratch", 35.5), ("supervised", 38.0)]
     figs = agg.figures_for(tables, runs, tmp_path / "figs")
     assert sorted(figs) == ["aft", "kdep", "zeroshot"]

@@ -13,24 +13,37 @@ FAMILY_CONFIG = {"main_pretrain.py": "pretrain/pretrain", "main_transfer.py": "t
                  "main_aft.py": "aft/aft", "main_kdep.py": "kdep/kdep", "main_zeroshot.py": "zeroshot/zeroshot"}
 
 
-@pytest.mark.parametrize("suite", ["digits", "text"])
+@pytest.mark.parametrize("suite", ["digits", "text", "dense"])
 def test_every_job_composes_for_every_value_of_its_sweep(suite):
     rep = load_script("reproduce")
+    assert set(rep.SUITES) == {"digits", "text", "dense"}
     zoo, rest = rep.jobs([0, 2], rep.GRID_METHODS, suite=suite)
     if suite == "digits":
         assert [j[0] for j in zoo] == ["zoo_s0", "zoo_s2"]
         assert {j[1] for j in rest} == set(FAMILY_CONFIG) - {"main_pretrain.py"}
-    else:
+    elif suite == "text":
         assert [j[0] for j in zoo] == ["zoo_text_s0", "zoo_text_s2"]
         assert {j[1] for j in rest} == {"main_transfer.py", "main_aft.py"}
         assert all("dataset=rotten_tomatoes" in j[2] for j in zoo + rest)
-    for name, script, overrides in zoo + rest:
+    else:  # the zoo models kdep/dense.yaml uses, then one dense run per seed
+        assert [j.name for j in zoo] == ["zoo_dense_s0", "zoo_dense_s2"]
+        assert [(j.name, j.script, j.config) for j in rest] == [("kdep_dense_s0", "main_kdep.py", "kdep/dense.yaml"),
+                                                                ("kdep_dense_s2", "main_kdep.py", "kdep/dense.yaml")]
+        assert rest[1].overrides == ["zoo.seed=2", "trainer.seed=2"]
+        cfg = compose("kdep/dense", rest[1].overrides)
+        assert {cfg.teacher, cfg.supervised} == set(zoo[0].overrides[0].split("=")[1].split(","))
+        assert [d.get("task", "classification") for d in cfg.downstream][-2:] == ["segmentation", "detection"]
+        cmd = rep.command(rest[1], rep.Path("/o"), rep.Path("/w"), "py")
+        assert cmd[:6] == ["py", "main_kdep.py", "--config-name", "kdep/dense.yaml", "-m", "zoo.seed=2"]
+        assert "hydra.sweep.dir=/o/runs/kdep_dense_s2" in cmd
+    assert all(j.config is None for j in zoo + rest if suite != "dense")
+    for name, script, overrides, config in zoo + rest:
         sweeps = [o.split("=", 1) for o in overrides if "," in o.split("=", 1)[1] and "[" not in o]
         fixed = [o for o in overrides if o.split("=", 1) not in sweeps]
         width = max([len(v.split(",")) for _, v in sweeps] or [1])
         for i in range(width):  # each value of every swept key at least once
             pick = [f"{k}={v.split(',')[min(i, len(v.split(',')) - 1)]}" for k, v in sweeps]
-            cfg = compose(FAMILY_CONFIG[script], [*fixed, *pick])
+            cfg = compose(config.removesuffix(".yaml") if config else FAMILY_CONFIG[script], [*fixed, *pick])
             assert cfg.zoo.seed == cfg.trainer.seed or script == "main_pretrain.py", name
 
 
@@ -68,6 +81,51 @@ def test_report_claims_from_run_dirs(tmp_path):
     zs = [r for r in rows if "zero-shot" in r]
     assert len(zs) == 2 and all("yes" in r for r in zs) and "within noise" not in zs[1]  # std 0: beyond noise
     assert "test box" in md and "2.0 min" in md and (tmp_path / "tables" / "transfer_methods.csv").is_file()
+
+
+def _kdep_run(d, seed, seg, det):
+    """A kdep/dense.yaml summary as the family writes it: seg {init: mIoU}, det {init: (mAP, AP50)}."""
+    from src.experiments.kdep import downstream_row
+
+    inits = ["kdep", "scratch", "supervised"]
+    cls = {i: {"acc": a, "train_size": 539} for i, a in zip(inits, (98.0, 91.0, 99.0))}
+    res = {"digits": downstream_row("classification", cls),
+           "digits_seg": downstream_row("segmentation", {i: {"miou": seg[i], "pixel_acc": 90.0, "train_size": 269}
+                                                         for i in inits}),
+           "digits_det": downstream_row("detection", {i: {"map": det[i][0], "ap50": det[i][1], "train_size": 120}
+                                                      for i in inits})}
+    _w(d, {"status": "ok", "family": "kdep", "teacher": "wrn_16_2", "student": "resnet8", "inits": inits,
+           "downstream": res, "seed": seed, "zoo_seed": seed})
+
+
+def test_report_kdep_dense_claims_are_judged_on_paired_differences(tmp_path):
+    """Issue 21: per dense metric (mIoU; mAP, AP50) KDEP vs scratch over the seeds' paired differences: a win
+    beyond their spread is 'yes', a win inside it 'within noise', a loss '**no**'."""
+    from src.tracking import reproduce_report as rr
+
+    seg_diff, map_diff, ap50_diff = (5.0, 5.0, 5.0), (2.0, -1.0, 2.5), (-3.0, -2.0, -4.0)
+    for k in range(3):
+        scratch = 20.0 + 3 * k  # the seeds differ more than the pairs do
+        _kdep_run(tmp_path / "runs" / "kdep_dense" / str(k), k,
+                  {"kdep": scratch + seg_diff[k], "scratch": scratch, "supervised": scratch + 1},
+                  {"kdep": (scratch + map_diff[k], 40.0 + ap50_diff[k]), "scratch": (scratch, 40.0),
+                   "supervised": (scratch, 40.0)})
+    md = rr.build(tmp_path, None, "digits", "Digits dense downstreams").read_text()
+    assert md.startswith("# Digits dense downstreams reproduction report")
+    claims = md.split("## Claims")[1].split("\n## ")[0]
+    row = lambda key: next(r for r in claims.splitlines() if key in r)
+    seg, mAP, ap50 = row("(digits_seg: segmentation, mIoU)"), row("detection, mAP)"), row("detection, AP50)")
+    assert "KDEP - scratch per seed z0s0 +5.00, z1s1 +5.00, z2s2 +5.00" in seg and "3 of 3 seeds" in seg
+    assert seg.endswith("| yes |") and "supervised 24.00 ± 3.00%" in seg
+    assert "mean 1.17 ± 1.89" in mAP and "2 of 3 seeds" in mAP
+    assert mAP.endswith("| yes, within noise (gap 1.17 < std of the paired differences 1.89) |")
+    assert "mean -3.00 ± 1.00" in ap50 and ap50.endswith("| **no** |")
+    assert "(digits: classification, acc)" in row("(digits: classification")
+    assert "pixel acc" not in claims  # tabled, not claimed
+    table = md.split("## kdep")[1].split("\n## ")[0]
+    assert "| digits_seg | segmentation | mIoU | kdep | wrn_16_2 | resnet8 | 3 | 3 | 28.00 ± 3.00" in table
+    assert "| digits_det | detection | AP50 | scratch |" in table and "| digits_seg | segmentation | pixel acc |" in table
+    assert (tmp_path / "tables" / "kdep.csv").is_file()
 
 
 def test_a_bad_argument_deletes_nothing_and_only_marked_folders_are_deleted(tmp_path, monkeypatch):

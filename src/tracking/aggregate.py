@@ -363,21 +363,34 @@ def aft_tables(runs: List[dict]) -> Dict[str, List[Row]]:
                              "transfer_delta": lambda r: s(r)["transfer_delta"]})}
 
 
+KDEP_METRICS = {"acc": "acc", "miou": "mIoU", "pixel_acc": "pixel acc", "map": "mAP", "ap50": "AP50"}  # key -> label
+
+
+def kdep_values(res: dict, init: str) -> Dict[str, float]:
+    """One downstream entry of a KDEP summary -> {metric: value} for `init`: a classification entry holds its
+    accuracy under the init's name; a dense one (with `task`) every metric as `<init>/<metric>`."""
+    if "task" not in res:
+        return {"acc": res[init]} if init in res else {}
+    return {k.split("/", 1)[1]: v for k, v in res.items() if k.startswith(f"{init}/")}
+
+
 def kdep_tables(runs: List[dict]) -> Dict[str, List[Row]]:
+    """Per downstream, metric (classification: acc; segmentation: mIoU, pixel acc; detection: mAP, AP50) and
+    initialisation: the last-epoch value over seeds."""
     rows = []
     for r in runs:
         for ds, res in (r["summary"].get("downstream") or {}).items():
             for init in r["summary"].get("inits", []):
-                if init in res:
+                for m, v in kdep_values(res, init).items():
                     rows.append({"dir": r["dir"], "seed": r["seed"], "zoo_seed": r["zoo_seed"],
-                                 "summary": {"downstream": ds, "init": init, "acc": res[init],
-                                             "metric": res.get("metric", "acc"),
+                                 "summary": {"downstream": ds, "task": res.get("task", "classification"),
+                                             "metric": KDEP_METRICS.get(m, m), "init": init, "value": v,
                                              "teacher": r["summary"]["teacher"], "student": r["summary"]["student"]}})
     s = lambda r: r["summary"]
-    # `acc` holds the downstream's main metric, named in `metric`: acc, miou (segmentation) or map (detection)
-    return {"kdep": _grouped(rows, lambda r: (s(r)["downstream"], s(r)["metric"], s(r)["init"], s(r)["teacher"],
-                                              s(r)["student"]),
-                             ("downstream", "metric", "init", "teacher", "student"), {"acc": lambda r: s(r)["acc"]})}
+    return {"kdep": _grouped(rows, lambda r: (s(r)["downstream"], s(r)["task"], s(r)["metric"], s(r)["init"],
+                                              s(r)["teacher"], s(r)["student"]),
+                             ("downstream", "task", "metric", "init", "teacher", "student"),
+                             {"value": lambda r: s(r)["value"]})}
 
 
 def zeroshot_tables(runs: List[dict]) -> Dict[str, List[Row]]:
