@@ -57,7 +57,7 @@ def main(argv=None):
     md = agg.write(tables, problems, out, runs, title=a.title)
     if a.show:
         for t in a.show:
-            print(agg.markdown(tables[t]))
+            print(agg.table_markdown(t, tables[t]))
     else:
         print(md.read_text())
     print(f"{len(runs)} runs, {len(problems)} failed / incomplete / skipped; tables: {out}")

@@ -178,3 +178,17 @@ def test_duplicates_count_once_unbalanced_rows_are_flagged_nonfinite_runs_are_in
     assert "duplicate: " in md and "invalid: " in md and "unbalanced: z0s0 3 pairs" in md
     balanced = [r for r in runs if r["summary"]["teacher"] == "t1" and r["summary"]["student"] == "s1"]
     assert agg.transfer_tables(balanced)["transfer_methods"][0]["balance"] == "ok"
+
+
+def test_the_fidelity_table_prints_as_mean_and_std_everywhere():
+    """`--print fidelity`, results.md and the report show the fidelity table in the README's layout (mean ± std per
+    metric), not its raw _mean/_std columns."""
+    from src.tracking.fidelity import format_table
+
+    rows = [{"teacher": "self-distillation", "data": "as is", "runs": 3, "seeds": [0, 1, 2],
+             "test_agreement_mean": 95.26, "test_agreement_std": 0.48, "test_kl_mean": 0.131, "test_kl_std": 0.02}]
+    md = agg.table_markdown("fidelity", rows)
+    assert md == format_table(rows)
+    assert md.splitlines()[2] == "| self-distillation | as is | 3 | 95.26 ± 0.48 | 0.13 ± 0.02 |"
+    other = [{"method": "kl", "delta": agg.describe([1.0, 3.0])}]
+    assert agg.table_markdown("transfer_methods", other) == agg.markdown(other)

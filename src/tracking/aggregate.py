@@ -478,6 +478,16 @@ def flat(row: Row) -> Row:
     return out
 
 
+def table_markdown(name: str, rows: List[Row]) -> str:
+    """The markdown of the aggregate table `name` (results.md, `--print`, the reproduction report): the fidelity
+    table as mean ± std per metric (src/tracking/fidelity.py), every other one by `markdown`."""
+    if name == "fidelity":
+        from .fidelity import format_table
+
+        return format_table(rows)
+    return markdown(rows)
+
+
 def markdown(rows: List[Row], digits: int = 2) -> str:
     if not rows:
         return "(no runs)\n"
@@ -506,7 +516,7 @@ def write(tables: Dict[str, List[Row]], problems: List[dict], out_dir, runs: Lis
     md = [f"# {title}\n", "Values are mean ± std over seeds [95% confidence interval half-width]; a seed is one draw "
           "of the zoo (`zoo.seed`) with one `trainer.seed`.\n"]
     for name, rows in tables.items():
-        md += [f"\n## {name}\n", markdown(rows)]
+        md += [f"\n## {name}\n", table_markdown(name, rows)]
         if name in figures:
             md.append(f"\n![{name}](figures/{figures[name].name})\n")
     bad = [p for p in problems if p["status"] not in QUIET]

@@ -279,7 +279,7 @@ def build(out_dir, timing: Optional[dict] = None, dataset: str = "digits", title
           f"{'Digits is' if dataset == 'digits' else 'This scale is'} a toy: "
           "a direction that does not reproduce here is a finding about this scale, not a test failure.\n"]
     for name, rows in tables.items():
-        md += [f"\n## {name}\n\n", agg.markdown(rows)]
+        md += [f"\n## {name}\n\n", agg.table_markdown(name, rows)]
     figs = sorted((out / "tables" / "figures").glob("*.png")) if (out / "tables" / "figures").is_dir() else []
     for p in figs:
         md.append(f"\n![{p.stem}](tables/figures/{p.name})\n")
