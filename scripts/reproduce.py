@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""`make reproduce`: every family's digits-scale claim over 3 seeds, aggregated into results/digits/REPORT.md.
+"""`make reproduce`: every family's digits-scale claim over 3 seeds, aggregated into outputs/reproduce/digits/REPORT.md
+(the committed report, results/digits/REPORT.md, is refreshed with `--out results/digits`).
 
 A seed k is one draw of the digits zoo (`zoo.seed=k`, every zoo model retrained with its seed + 1000 k) together with
 `trainer.seed=k` for the experiment itself, so the spread covers what another machine changes: the zoo's weights and
@@ -9,8 +10,9 @@ two lanes of one thread each; each lane's log is under <out>/logs/.
     python scripts/reproduce.py                     # 26.5 minutes on 2 quiet cores (REPORT.md states the measured time)
     python scripts/reproduce.py --seeds 0 1 --lanes 1 --out /tmp/rep     # smaller
     python scripts/reproduce.py --report-only       # rebuild REPORT.md from the runs already there
-    python scripts/reproduce.py --suite text        # the text rows: results/rotten_tomatoes/REPORT.md
-    python scripts/reproduce.py --suite dense --lanes 1   # KDEP's dense downstreams: results/digits_dense/REPORT.md
+    python scripts/reproduce.py --suite text        # the text rows: outputs/reproduce/rotten_tomatoes/REPORT.md
+    python scripts/reproduce.py --suite dense --lanes 1   # KDEP's dense downstreams: .../digits_dense/REPORT.md
+    python scripts/reproduce.py --out results/digits      # refresh the committed report
 """
 from __future__ import annotations
 
@@ -204,8 +206,10 @@ def machine() -> str:
 def parser() -> ArgumentParser:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=list(SUITES), default="digits",
-                    help="; ".join(f"{k}: {v.help} (results/{v.folder}/)" for k, v in SUITES.items()))
-    ap.add_argument("--out", type=Path, default=None, help="default: results/<the suite's folder>")
+                    help="; ".join(f"{k}: {v.help} (committed: results/{v.folder}/)" for k, v in SUITES.items()))
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default: outputs/reproduce/<the suite's folder> (untracked; the committed reports are "
+                         "refreshed with --out results/<folder>)")
     ap.add_argument("--seeds", type=non_negative_int(0), nargs="+", default=[0, 1, 2])
     ap.add_argument("--lanes", type=int, default=2, help="jobs run at once (one thread each)")
     ap.add_argument("--methods", nargs="+", default=GRID_METHODS, help="transfer methods of the zoo grid")
@@ -266,10 +270,16 @@ def start_over(out: Path, keep: bool) -> None:
             (out / d / MARKER).touch()
 
 
+def default_out(suite: str) -> Path:
+    """Where a run writes without --out: an untracked folder (a plain `make reproduce` leaves the committed
+    results/ as they are; the README quotes those)."""
+    return ROOT / "outputs" / "reproduce" / SUITES[suite].folder
+
+
 @run_script
 def main(argv=None):
     a = parser().parse_args(argv)
-    a.out = a.out if a.out is not None else ROOT / "results" / SUITES[a.suite].folder
+    a.out = a.out if a.out is not None else default_out(a.suite)
     check_args(a)
     from src.tracking import reproduce_report as rr
 

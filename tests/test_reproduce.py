@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import compose, load_script
+from conftest import ROOT, compose, load_script
 
 FAMILY_CONFIG = {"main_pretrain.py": "pretrain/pretrain", "main_transfer.py": "transfer/transfer",
                  "main_flips.py": "prediction_flips/flips", "main_multi_teacher.py": "multi_teacher/multi_teacher",
@@ -175,3 +175,12 @@ def test_a_direction_inside_the_seed_noise_is_said_so():
         "yes, within noise (gap 0.03 < combined std 0.05)"
     assert lower({"mean": 0.2, "std": 0.03}, {"mean": 0.4, "std": 0.04}) == "yes"  # gap 0.2 > 0.05
     assert lower({"mean": 0.4, "std": 0.0}, {"mean": 0.3, "std": 0.0}) == "**no**"
+
+
+def test_a_plain_reproduction_writes_outside_the_committed_results():
+    """`make reproduce` without --out must not rewrite results/ (tracked; the README quotes it)."""
+    rep = load_script("reproduce")
+    for suite, spec in rep.SUITES.items():
+        out = rep.default_out(suite)
+        assert out == ROOT / "outputs" / "reproduce" / spec.folder and (ROOT / "results") not in out.parents
+    assert "/outputs/" in (ROOT / ".gitignore").read_text()
