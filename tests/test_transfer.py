@@ -119,3 +119,16 @@ def test_weaker_teacher_kl_hurts_and_kl_dp_does_not(digits_zoo, tmp_path):
     assert res["kl_dp"]["transfer_delta"] >= -1.0
     assert res["kl_dp"]["transfer_delta"] > res["kl"]["transfer_delta"] + 2.0
     assert res["kl_dp"]["knowledge_loss"] < res["kl"]["knowledge_loss"]
+
+
+def test_the_result_table_names_the_method_as_typed_with_its_class(capsys, tmp_path):
+    """`method=kl_dp_u` and `method=kl_dp` are both the class KLDP: the console says which config ran."""
+    from src.experiments.transfer import print_table
+
+    row = {"method": "KLDP", "method_choice": "kl_dp_u", "teacher": "mlp_small", "student": "resnet8",
+           "eval_split": "test", "teacher_acc": 93.0, "transfer_delta": 0.5, "knowledge_gain": 1.0,
+           "knowledge_loss": 0.5, **{f"{k}_{w}": 1.0 for k in ("student_acc", "positive_flips", "negative_flips",
+                                                            "agreement") for w in ("before", "after")}}
+    print_table(row, tmp_path)
+    assert capsys.readouterr().out.splitlines()[1] == "kl_dp_u (KLDP): mlp_small (teacher) -> resnet8 (student), " \
+                                                      "eval on test"

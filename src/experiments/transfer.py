@@ -20,7 +20,9 @@ log = logging.getLogger("kt")
 
 
 def print_table(row: Dict[str, object], run_dir) -> None:
-    print(f"\n{row['method']}: {row['teacher']} (teacher) -> {row['student']} (student), "
+    choice = row.get("method_choice")
+    name = f"{choice} ({row['method']})" if choice and choice != row["method"] else row["method"]
+    print(f"\n{name}: {row['teacher']} (teacher) -> {row['student']} (student), "
           f"eval on {row['eval_split']}")
     print(f"{'':<24}{'before':>10}{'after':>10}")
     for label, b, a in (("student acc %", row["student_acc_before"], row["student_acc_after"]),
