@@ -230,6 +230,9 @@ CASES += [
     C("pretrain-dataset-std-zero", "pretrain", [*M, "dataset.std=[0]"], ["dataset.std=[0", "> 0"]),
     C("pretrain-dataset-mean-inf", "pretrain", [*M, "dataset.mean=[inf]"], ["dataset.mean=[inf]", "finite"]),
     C("multi_teacher-order-split-test", "multi_teacher", ["order_split=test"], ["order_split=test", "order_split=val"]),
+    # ImageNet's val_split is its test split (val_fraction 0): the fix is to hold a val split out, not the same value
+    C("multi_teacher-imagenet-has-no-val", "multi_teacher", ["dataset=imagenet"],
+      ["order_split=test", "dataset.val_fraction=0.02 order_split=val"]),
     C("multi_teacher-missing-soup-run", "multi_teacher", ["mode=soup", "soup_runs={{mlp_small:'{tmp}/nope'}}"],
       ["soup_runs.mlp_small=", "nope does not exist"]),
     C("aft-duplicate-features", "aft", ["features=[resnet20,resnet20]"], ["resnet20 twice", "once"]),

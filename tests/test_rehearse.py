@@ -44,3 +44,30 @@ def test_preset_rehearsal(rehearsal, name):
     assert res["rc"] == 0, f"{res['problems']}\n{log.read_text() if log.is_file() else ''}"
     assert res["sizes"] == [f"{row.size}x{row.size}"]
     print(rehearse.table([res]))
+
+
+def test_the_subprocess_rows_read_the_world_size_back_from_the_logged_lr(tmp_path):
+    """transfer/imagenet.yaml scales the lr by batch x world size / 256: a torchrun job whose second rank never
+    joined logs the 1-rank lr, and the torchrun row must say so."""
+    import json
+
+    cfg = {"optimizer.scale_lr": True, "optimizer.lr": 1e-4, "loader.batch_size": 4}
+    for ws in (1, 2):
+        (tmp_path / "metrics.jsonl").write_text(
+            json.dumps({"step": 0, "eval/student_acc": 10.0}) + "\n"
+            + json.dumps({"step": 2, "train/lr": 1e-4 * 4 * ws / 256}) + "\n")
+        assert rehearse._ranks(tmp_path, cfg) == pytest.approx(ws)
+    assert rehearse._ranks(tmp_path, {**cfg, "optimizer.scale_lr": False}) is None
+
+
+def test_check_names_what_a_preset_got_wrong():
+    row = next(r for r in rehearse.ROWS if r.name == "transfer_kl_dp")
+    seen = rehearse.Seen()
+    seen.sizes["resnet50"] = {(160, 160)}
+    seen.ranges.append((-2.1, 2.6))
+    seen.stats["resnet50"] = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    seen.heads["resnet50"] = 1000
+    seen.train_loaders.append((520, "none"))
+    bad = rehearse.check(row, seen, {"eval_split": "val"})
+    assert [b.split(":")[0] for b in bad] == ["size", "norm", "norm", "head", "data", "aug", "split"], bad
+    assert "160" in bad[0] and "224x224" in bad[0] and "1000 classes, the dataset 10" in bad[3]
