@@ -68,8 +68,8 @@ reproduce: $(STAMP)
 	$(VENV)/bin/python scripts/reproduce.py --suite text
 	$(VENV)/bin/python scripts/reproduce.py --suite dense
 
-# every full-scale preset for 2 steps at its real resolution on small data in the real formats (~5 min on 2 cores);
-# the table lands in outputs/rehearsal/rehearsal.md. `make test` runs the same rows (pytest -m rehearse).
+# every full-scale preset for 2 steps at its real resolution on small data in the real formats (17 rows, ~4 min on
+# 2 cores); the table lands in outputs/rehearsal/rehearsal.md. `make test` runs the same rows (pytest -m rehearse).
 rehearse: $(STAMP)
 	$(VENV)/bin/python scripts/rehearse.py --out outputs/rehearsal
 

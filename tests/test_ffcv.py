@@ -316,7 +316,7 @@ def test_truncated_or_empty_beton_is_one_user_error(ffcv_env, tmp_path, cut):
         build()
     msg = str(e.value)
     assert "\n" not in msg and str(tmp_path / "digits_test.beton") in msg and why in msg, msg
-    assert f"python scripts/write_ffcv.py dataset=digits --splits test --out-dir {tmp_path} --overwrite" in msg
+    assert f"python scripts/write_ffcv.py dataset=digits dataset.num_classes=10 --splits test --out-dir {tmp_path} --overwrite" in msg
     if cut in ("no-allocation-table", "whole-entries-missing"):  # what FFCV alone would have done: no error
         assert len(Reader(str(tmp_path / "digits_test.beton")).metadata) == 359
 

