@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import pickle
 import resource
 import shutil
@@ -285,6 +286,9 @@ class Row:
     flags: Sequence[str] = ()
     runs: int = 1
     world_size: int = 1
+    also: Sequence[int] = ()  # resolutions the models may also see (a dense row's distillation, when it runs)
+    run_in: Optional[str] = None  # run in that row's run dir (as the README says: re-use its finished stages)
+    metric: Optional[str] = None  # a KDEP dense downstream's metric every init must report (miou, map)
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -382,6 +386,92 @@ def _launched(name: str, launcher: Sequence[str], flags: Sequence[str], sweep: S
                224, 10, "resnet18", IMAGENET_MEAN, split="test", launcher=launcher, flags=flags, **kw)
 
 
+def write_voc(root: Path, train: int = 3, val: int = 2, seed: int = 0) -> Path:
+    """VOCdevkit/VOC2012 as the VOC devkit lays it out: JPEGImages (500x375 JPEGs), SegmentationClass (palette PNGs
+    whose indices are class ids 0-20, a 255 border), Annotations (one XML per image, an object with its box) and
+    the ImageSets/{Segmentation,Main} train / val lists."""
+    import numpy as np
+    from PIL import Image
+
+    voc = root / "VOCdevkit" / "VOC2012"
+    rng = np.random.default_rng(seed)
+    ids = [f"2008_{k:06d}" for k in range(train + val)]
+    for sub in ("JPEGImages", "SegmentationClass", "Annotations", "ImageSets/Segmentation", "ImageSets/Main"):
+        (voc / sub).mkdir(parents=True, exist_ok=True)
+    for k, i in enumerate(ids):
+        Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(voc / "JPEGImages" / f"{i}.jpg")
+        mask = np.zeros((375, 500), np.uint8)
+        mask[100:300, 150:400] = 1 + k % 20
+        mask[99, 149:401] = 255  # VOC's object border: ignored
+        im = Image.fromarray(mask, mode="L").convert("P")
+        im.putpalette([v for c in range(256) for v in (c, (37 * c) % 256, (101 * c) % 256)])
+        im.save(voc / "SegmentationClass" / f"{i}.png")
+        (voc / "Annotations" / f"{i}.xml").write_text(
+            f"<annotation><filename>{i}.jpg</filename><size><width>500</width><height>375</height></size><object>"
+            f"<name>{VOC_NAMES[k % 20]}</name><difficult>0</difficult><bndbox><xmin>150</xmin><ymin>100</ymin>"
+            f"<xmax>400</xmax><ymax>300</ymax></bndbox></object></annotation>")
+    for sets in ("Segmentation", "Main"):
+        (voc / "ImageSets" / sets / "train.txt").write_text("".join(f"{i}\n" for i in ids[:train]))
+        (voc / "ImageSets" / sets / "val.txt").write_text("".join(f"{i}\n" for i in ids[train:]))
+    return voc
+
+
+VOC_NAMES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+             "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+
+
+def write_coco(root: Path, per_split: int = 3, classes: int = 80, seed: int = 0) -> Path:
+    """coco/{train2017,val2017}/*.jpg (640x480) and annotations/instances_<split>.json as COCO ships them:
+    `classes` categories with COCO's sparse ids (1-90), two boxes per image, one of them a crowd box."""
+    import numpy as np
+    from PIL import Image
+
+    coco, rng = root / "coco", np.random.default_rng(seed)
+    cat_ids = [c for c in range(1, 91) if c not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)][:classes]
+    (coco / "annotations").mkdir(parents=True, exist_ok=True)
+    for s_i, split in enumerate(("train2017", "val2017")):
+        (coco / split).mkdir(parents=True, exist_ok=True)
+        images, anns = [], []
+        for k in range(per_split):
+            iid = 1000 * (s_i + 1) + k
+            Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(coco / split / f"{iid:012d}.jpg")
+            images.append({"id": iid, "file_name": f"{iid:012d}.jpg", "width": 640, "height": 480})
+            anns += [{"id": 10 * iid, "image_id": iid, "category_id": cat_ids[k % classes],
+                      "bbox": [100.0 + 10 * k, 80.0, 200.0, 150.0], "area": 30000.0, "iscrowd": 0},
+                     {"id": 10 * iid + 1, "image_id": iid, "category_id": cat_ids[0], "bbox": [0.0, 0.0, 50.0, 50.0],
+                      "area": 2500.0, "iscrowd": 1}]
+        (coco / "annotations" / f"instances_{split}.json").write_text(json.dumps(
+            {"images": images, "annotations": anns, "categories": [{"id": c, "name": f"c{c}"} for c in cat_ids]}))
+    return coco
+
+
+def write_dense(p: Dict[str, Path], row: "Row" = None, out: Path = None) -> None:
+    """VOC2012 and COCO 2017 under paths.data where KDEP's dense presets look for them, written once."""
+    if not (p["data"] / "VOCdevkit" / "VOC2012" / "ImageSets" / "Main" / "val.txt").is_file():
+        write_voc(p["data"])
+    if not (p["data"] / "coco" / "annotations" / "instances_val2017.json").is_file():
+        write_coco(p["data"])
+
+
+def _kdep(p, dense: bool = False) -> List[str]:
+    """kdep/imagenet_r50_r18.yaml's models as local files, 2 steps of each stage (a dense preset: its one
+    downstream at batch 2)."""
+    head = [f"teacher=resnet50@{_w(p, 'resnet50')}", f"supervised=resnet18@{_w(p, 'resnet18')}",
+            "dataset.num_classes=10", "loader.batch_size=4", "loader.eval_batch_size=25", "trainer.max_steps=2",
+            "finetune.trainer.max_steps=2", "finetune.loader.batch_size=4"]
+    if dense:
+        return [*head, "downstream.0.finetune.loader.batch_size=2", "downstream.0.finetune.loader.eval_batch_size=2"]
+    return [*head, *[f"downstream.{k}.dataset.num_classes=3" for k in (1, 2, 3)]]
+
+
+def _kdep_dense(name: str, config: str, size: int) -> Row:
+    """A dense preset in the kdep_imagenet_r50_r18 row's run dir, as the README runs it: the finished distillation
+    is re-used (its stage is skipped), the downstream runs at the preset's size (alone, the row distils first)."""
+    return Row(name, config, "kdep", lambda p: _kdep(p, dense=True), size, 10, "resnet18", IMAGENET_MEAN,
+               prepare=write_dense, also=(224,), run_in="kdep_imagenet_r50_r18",
+               metric="miou" if "seg" in name else "map")
+
+
 # the zoo's SN-GAN for 1 epoch, its judge scoring 20 samples (the digits recipe states no n_eval: its default, 1000)
 _GAN = ["zoo.generators.gan.epochs=1", "zoo.generators.gan.batch_size=16", "zoo.generators.gan.eval_every=1"]
 
@@ -444,12 +534,11 @@ ROWS = [
                    f"{_w(p, 'dinov2')}, kwargs: {{img_size: 224}}}}]", "loader.batch_size=4",
                    "loader.eval_batch_size=25", "trainer.max_steps=2", "trainer.eval_every_steps=2"],
         224, 100, "vit_small_patch16_224", CIFAR100_MEAN, train=100, split="test"),
-    Row("kdep_imagenet_r50_r18", "kdep/imagenet_r50_r18", "kdep",
-        lambda p: [f"teacher=resnet50@{_w(p, 'resnet50')}", f"supervised=resnet18@{_w(p, 'resnet18')}",
-                   "dataset.num_classes=10", "loader.batch_size=4", "loader.eval_batch_size=25",
-                   "trainer.max_steps=2", "finetune.trainer.max_steps=2", "finetune.loader.batch_size=4",
-                   *[f"downstream.{k}.dataset.num_classes=3" for k in (1, 2, 3)]],
+    Row("kdep_imagenet_r50_r18", "kdep/imagenet_r50_r18", "kdep", _kdep,
         224, 10, "resnet50", IMAGENET_MEAN, train=TRAIN_PER_CLASS * 10, augment="rrc_flip"),
+    # its dense downstreams: DeepLabV3 on VOC2012 at 473 px, Faster R-CNN + FPN on COCO at 800 px
+    _kdep_dense("kdep_voc_seg", "kdep/voc_seg", 473),
+    _kdep_dense("kdep_coco_det", "kdep/coco_det", 800),
     _launched("transfer_multirun", [], ["-m"], ["method=kl,kl_dp"], runs=2),
     _launched("transfer_torchrun", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], [], [],
               world_size=2),
@@ -554,11 +643,16 @@ def _subprocess(row: Row, paths: Dict[str, Path], out: Path, run_dir: Path, seen
 
 def run_row(row: Row, paths: Dict[str, Path], out: Path) -> dict:
     seen = Seen()
-    run_dir = out / "runs" / row.name
+    run_dir = out / "runs" / (row.run_in or row.name)
     t0 = time.time()
     res = {"row": row.name, "config": row.config, "rc": 0, "problems": []}
-    for d in (run_dir, out / "work" / "checkpoints" / row.name, out / "work" / "cache" / row.name):
+    for d in ((run_dir,) if row.run_in is None else ()) + (out / "work" / "checkpoints" / row.name,
+                                                          out / "work" / "cache" / row.name):
         shutil.rmtree(d, ignore_errors=True)  # a second `make rehearse` runs the row again, not its resume
+    if row.run_in is not None:  # keep only the finished distillation the row is there to re-use
+        for d in [*run_dir.glob("stages/*"), *run_dir.glob("checkpoints/*")]:
+            if d.name != "distill":
+                shutil.rmtree(d, ignore_errors=True)
     try:
         if row.prepare is not None:
             row.prepare(paths, row, out)
@@ -583,7 +677,8 @@ def run_row(row: Row, paths: Dict[str, Path], out: Path) -> dict:
 
 def _image_checks(row: Row, seen: Seen, sizes: set) -> List[str]:
     bad = []
-    if sizes != {(row.size, row.size)}:
+    allowed = {(k, k) for k in (row.size, *row.also)}
+    if (row.size, row.size) not in sizes or not sizes <= allowed:
         bad.append(f"size: models saw {sorted(sizes)}, the preset states {row.size}x{row.size}")
     if row.raw_inputs and seen.ranges and (min(a for a, _ in seen.ranges) < -1e-3
                                            or max(b for _, b in seen.ranges) > 1 + 1e-3):
@@ -612,6 +707,10 @@ def check(row: Row, seen: Seen, summary: dict) -> List[str]:
     if row.augment is not None and row.augment not in {a for _, a in seen.train_loaders}:
         bad.append(f"aug: training loaders augmented with {sorted({a for _, a in seen.train_loaders})}, the preset "
                    f"says {row.augment}")
+    for name, res in (summary.get("downstream") or {}).items() if row.metric else ():
+        got = {i: res.get(f"{i}/{row.metric}") for i in summary.get("inits", [])}
+        if not got or not all(isinstance(v, float) and math.isfinite(v) for v in got.values()):
+            bad.append(f"metric: downstream {name} reports {row.metric} {got}, expected a number per init")
     split = summary.get("eval_split", summary.get("split"))
     if row.split is not None and split != row.split:
         bad.append(f"split: evaluated on {split}, the README names {row.split}")

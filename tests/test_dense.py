@@ -107,6 +107,26 @@ def test_detection_flip_moves_the_boxes():
             assert crop[:, 0].any() and crop[:, -1].any() and crop[0].any() and crop[-1].any()
 
 
+def test_a_last_training_batch_of_one_is_dropped_as_batchnorm_needs_two(seg_ds):
+    """DeepLabV3's ASPP pooling BatchNorm fails on a batch of 1 (found by the VOC rehearsal: 3 images, batch 2);
+    a real split of N = 1 mod batch ended an epoch that way. Training drops that batch; evaluation keeps it."""
+    from src.data.dense import build_dense_loader
+
+    lc = OmegaConf.create({"batch_size": 2, "eval_batch_size": 2, "shuffle": True, "drop_last": False,
+                           "augment": "none"})
+    split = seg_ds.split("train").select(torch.arange(5))
+    sizes = lambda train: [len(b.inputs) for b in build_dense_loader(lc, split, "segmentation", train).iter_epoch(0)]
+    assert sizes(True) == [2, 2] and sizes(False) == [2, 2, 1]
+    assert [len(b.inputs) for b in build_dense_loader(lc, seg_ds.split("train").select(torch.arange(4)),
+                                                      "segmentation", True).iter_epoch(0)] == [2, 2]
+    from src.models.dense import build_segmenter
+
+    model = build_segmenter(create_model("resnet8", ImageInputs(10, 1, [0.3], [0.38])), 11, "deeplabv3",
+                            channels=1).train()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        model(torch.rand(1, 1, 32, 32))  # what the dropped batch would have done
+
+
 def test_detection_split_without_boxes_and_out_of_range_masks_are_refused(seg_ds):
     ds = build_dataset(canvas_cfg("detection"), None)
     s = ds.split("test")

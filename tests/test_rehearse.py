@@ -41,6 +41,27 @@ def test_the_rehearsal_data_is_in_the_real_formats(rehearsal):
         assert "head.weight" not in keys and f.get_tensor("pos_embed").shape[1] == 1 + (518 // 14) ** 2
 
 
+def test_the_dense_rehearsal_data_reads_back_as_the_presets_datasets(tmp_path):
+    """VOC2012 and COCO written by the rehearsal read back through the presets' own dataset nodes (21 VOC classes
+    with the 255 border, 80 COCO categories with sparse ids, crowd boxes left out)."""
+    from src.data import build_dataset
+    from src.data.dense import DenseLoader
+
+    rehearse.write_dense({"data": tmp_path})
+    for config, split, check in (("kdep/voc_seg", "train", "seg"), ("kdep/coco_det", "val2017", "det")):
+        cfg = rehearse.compose(config, [f"paths.data={tmp_path}"])
+        from src.experiments.kdep import downstream_dataset_cfg
+
+        ds = build_dataset(downstream_dataset_cfg(cfg.downstream[0]), cfg.paths)
+        b = next(iter(DenseLoader(ds.split(split), str(cfg.downstream[0].task), 8).iter_epoch(0)))
+        assert b.inputs.shape[-2:] == (int(cfg.downstream[0].dataset.image_size),) * 2
+        if check == "seg":
+            assert ds.info.num_classes == 21 and len(ds.split("train")) == 3 and len(ds.split("val")) == 2
+            assert set(b.targets.unique().tolist()) == {0, 1, 2, 3, 255}
+        else:
+            assert ds.info.num_classes == 80 and [len(t["labels"]) for t in b.targets] == [1, 1, 1]  # crowd: out
+
+
 @pytest.mark.parametrize("name", [r.name for r in rehearse.ROWS])
 def test_preset_rehearsal(rehearsal, name):
     out, paths = rehearsal

@@ -21,6 +21,7 @@ image and boxes. Evaluation batches are never augmented.
 from __future__ import annotations
 
 import json
+import logging
 import xml.etree.ElementTree as ET
 import zlib
 from pathlib import Path
@@ -35,6 +36,8 @@ from ..errors import UserError, check, closest
 from ..seeding import mix_seed
 from .datasets import BUILDERS, IMG_EXTENSIONS, Dataset, DatasetInfo, Split, set_channels, stratified_partition
 from .loaders import _OrderMixin, image_layout, resolve_device
+
+log = logging.getLogger(__name__)
 
 TASKS = ("classification", "segmentation", "detection")
 DENSE_TASKS = ("segmentation", "detection")
@@ -463,6 +466,13 @@ def build_dense_loader(cfg, split: Split, task: str, train: bool, seed: int = 0,
     if train:
         check(bs * world_size <= len(split), f"loader.batch_size={bs} is larger than the {len(split)} samples of "
                                              f"split '{split.name}': lower finetune.loader.batch_size")
-    return DenseLoader(split, task, bs, shuffle=bool(cfg.shuffle) and train, drop_last=bool(cfg.drop_last) and train,
+    drop_last = bool(cfg.drop_last) and train
+    if train and not drop_last and (len(split) // world_size) % bs == 1:
+        # a last training batch of one sample: the heads' BatchNorm (DeepLabV3's ASPP pooling, 1x1 features) cannot
+        # normalise one value per channel and fails mid-epoch; torchvision's references drop it the same way
+        log.info("%s: the last training batch of each epoch (1 of %d samples) is dropped: BatchNorm needs 2",
+                 split.name, len(split))
+        drop_last = True
+    return DenseLoader(split, task, bs, shuffle=bool(cfg.shuffle) and train, drop_last=drop_last,
                        augment=train and cfg.augment != "none", seed=seed, device=device, rank=rank,
                        world_size=world_size, channels_last=channels_last)
