@@ -289,6 +289,7 @@ class Row:
     also: Sequence[int] = ()  # resolutions the models may also see (a dense row's distillation, when it runs)
     run_in: Optional[str] = None  # run in that row's run dir (as the README says: re-use its finished stages)
     metric: Optional[str] = None  # a KDEP dense downstream's metric every init must report (miou, map)
+    cached: Sequence[str] = ()  # models `prepare` ran (save_features) that the row's own run must only read back
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -311,18 +312,24 @@ def _w(p, key) -> str:
     return str(p["weights"] / f"{key}.safetensors")
 
 
-def write_betons(p: Dict[str, Path], row: "Row" = None, out: Path = None) -> None:
-    """`<data>/ffcv/imagenet_{train,test}.beton` with README's ImageNet command (--max-res 256, proportion mode,
-    JPEG quality 90, half compressed), as `loader=ffcv` finds them (loader.ffcv_dir = ${paths.data}/ffcv)."""
+def script(name: str):
+    """scripts/<name>.py as a module (its functions, without running it)."""
     import importlib.util
 
-    out = p["data"] / "ffcv"
-    if all((out / f"imagenet_{s}.beton.sha256.json").is_file() for s in ("train", "test")):
-        return
-    spec = importlib.util.spec_from_file_location("scripts_write_ffcv", ROOT / "scripts" / "write_ffcv.py")
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", ROOT / "scripts" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
+    return mod
+
+
+def write_betons(p: Dict[str, Path], row: "Row" = None, out: Path = None) -> None:
+    """`<data>/ffcv/imagenet_{train,test}.beton` with README's ImageNet command (--max-res 256, proportion mode,
+    JPEG quality 90, half compressed), as `loader=ffcv` finds them (loader.ffcv_dir = ${paths.data}/ffcv)."""
+    out = p["data"] / "ffcv"
+    if all((out / f"imagenet_{s}.beton.sha256.json").is_file() for s in ("train", "test")):
+        return
+    mod = script("write_ffcv")
     # __wrapped__: the main without run_script's exit, so a UserError stays this row's one line
     rc = mod.main.__wrapped__([
         "dataset=imagenet", "dataset.num_classes=10", f"paths.data={p['data']}", "--splits", "train", "test",
@@ -445,6 +452,14 @@ def write_coco(root: Path, per_split: int = 3, classes: int = 80, seed: int = 0)
     return coco
 
 
+def save_features_first(p: Dict[str, Path], row: "Row", out: Path) -> None:
+    """The README's two AFT commands: scripts/save_features.py with the row's config fills the output cache, then
+    the row's main_aft run reads the features back (its feature model must not run: `Row.cached`)."""
+    run_dir = out / "runs" / f"{row.name}_save_features"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    script("save_features").save(compose(row.config, [*_common(p, out, row), *row.overrides(p)]), run_dir=run_dir)
+
+
 def write_dense(p: Dict[str, Path], row: "Row" = None, out: Path = None) -> None:
     """VOC2012 and COCO 2017 under paths.data where KDEP's dense presets look for them, written once."""
     if not (p["data"] / "VOCdevkit" / "VOC2012" / "ImageSets" / "Main" / "val.txt").is_file():
@@ -533,7 +548,8 @@ ROWS = [
                    "features=[{name: dinov2, arch: vit_base_patch14_dinov2, pretrained: false, checkpoint: "
                    f"{_w(p, 'dinov2')}, kwargs: {{img_size: 224}}}}]", "loader.batch_size=4",
                    "loader.eval_batch_size=25", "trainer.max_steps=2", "trainer.eval_every_steps=2"],
-        224, 100, "vit_small_patch16_224", CIFAR100_MEAN, train=100, split="test"),
+        224, 100, "vit_small_patch16_224", CIFAR100_MEAN, train=100, split="test", prepare=save_features_first,
+        cached=("vit_base_patch14_dinov2",)),
     Row("kdep_imagenet_r50_r18", "kdep/imagenet_r50_r18", "kdep", _kdep,
         224, 10, "resnet50", IMAGENET_MEAN, train=TRAIN_PER_CLASS * 10, augment="rrc_flip"),
     # its dense downstreams: DeepLabV3 on VOC2012 at 473 px, Faster R-CNN + FPN on COCO at 800 px
@@ -707,6 +723,11 @@ def check(row: Row, seen: Seen, summary: dict) -> List[str]:
     if row.augment is not None and row.augment not in {a for _, a in seen.train_loaders}:
         bad.append(f"aug: training loaders augmented with {sorted({a for _, a in seen.train_loaders})}, the preset "
                    f"says {row.augment}")
+    ran = [a for a in row.cached if a in seen.heads]
+    if ran:
+        bad.append(f"cache: {', '.join(ran)} ran again although save_features had stored its features")
+    if row.cached and not summary.get("feature_cache"):
+        bad.append("cache: the run read no feature file from the cache save_features filled")
     for name, res in (summary.get("downstream") or {}).items() if row.metric else ():
         got = {i: res.get(f"{i}/{row.metric}") for i in summary.get("inits", [])}
         if not got or not all(isinstance(v, float) and math.isfinite(v) for v in got.values()):
