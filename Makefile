@@ -60,15 +60,16 @@ test: $(STAMP)
 test-trained: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m trained
 
-# every family's claims over 3 seeds, one suite after the other (scripts/reproduce.py's SUITES): the digits suite
-# (results/digits/REPORT.md, ~26 min on 2 cores), the text suite (results/rotten_tomatoes/, ~12 min), then KDEP's
-# dense downstreams (results/digits_dense/, segmentation mIoU and detection mAP / AP50)
+# every family's claims over 3 seeds, one suite after the other (scripts/reproduce.py's SUITES), into the untracked
+# outputs/reproduce/: the digits suite (~26 min on 2 cores), the text suite (~12 min), then KDEP's dense downstreams
+# (segmentation mIoU and detection mAP / AP50, ~16 min); the committed results/<suite>/ reports are refreshed with
+# `python scripts/reproduce.py --out results/<folder>`
 reproduce: $(STAMP)
 	$(VENV)/bin/python scripts/reproduce.py
 	$(VENV)/bin/python scripts/reproduce.py --suite text
 	$(VENV)/bin/python scripts/reproduce.py --suite dense
 
-# every full-scale preset for 2 steps at its real resolution on small data in the real formats (17 rows, ~4 min on
+# every full-scale preset for 2 steps at its real resolution on small data in the real formats (19 rows, ~4 min on
 # 2 cores); the table lands in outputs/rehearsal/rehearsal.md. `make test` runs the same rows (pytest -m rehearse).
 rehearse: $(STAMP)
 	$(VENV)/bin/python scripts/rehearse.py --out outputs/rehearsal
